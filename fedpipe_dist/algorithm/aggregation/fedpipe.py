@@ -1,0 +1,61 @@
+"""FedPipe's aggregation (Sec. III-F, Eqn 9-12): a weighted sum of each server's product B_i A_i.
+
+    dW^m = sum_i w_i * dW_i^m,   dW_i^m = (alpha / r_i) B_i^m A_i^m,   w_i = (|D_i|/b_i) / sum_j (|D_j|/b_j)
+
+Servers may use different ranks for the same weight; the sum of products is still exact in factored form
+by stacking (FLoRA's identity):  sum_i w_i B_i A_i = [w_1 B_1 | ... | w_N B_N] @ [A_1; ...; A_N].
+Factors here already carry LoRA's alpha/r (see LoRAAdapters.factors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # site key -> (B [out, r] incl. alpha/r, A [r, in])
+
+
+@dataclass
+class ClientUpdate:
+    client: int
+    n_samples: int  # |D_i|: the client's training-set size
+    batch_size: int  # b_i
+    factors: Factors
+
+
+def aggregation_weights(n_samples: list[int], batch_sizes: list[int]) -> list[float]:
+    """w_i proportional to |D_i| / b_i (Eqn 10), normalized to sum to one over the contributing clients.
+
+    Both inputs are known from the plan on every rank, so every rank computes the same weights.
+    """
+    raw = [n / b for n, b in zip(n_samples, batch_sizes)]
+    total = sum(raw)
+    if total <= 0:
+        raise ValueError("aggregation weights sum to zero: every client reported |D_i| = 0")
+    return [r / total for r in raw]
+
+
+def aggregate_factored(updates: list[ClientUpdate], weights: list[float]) -> Factors:
+    """Stacked factors (B_stack [out, sum r], A_stack [sum r, in]) whose product is the merged update."""
+    stacks: dict[str, tuple[list, list]] = {}
+    for u, w in zip(updates, weights):
+        for key, (b, a) in u.factors.items():
+            bs, as_ = stacks.setdefault(key, ([], []))
+            bs.append(b * w)
+            as_.append(a)
+    return {k: (torch.cat(bs, dim=1), torch.cat(as_, dim=0)) for k, (bs, as_) in stacks.items()}
+
+
+def factored_to_dense(factored: Factors) -> dict[str, torch.Tensor]:
+    return {k: b @ a for k, (b, a) in factored.items()}
+
+
+def dense_sum(updates: list[ClientUpdate], weights: list[float]) -> dict[str, torch.Tensor]:
+    """sum_i w_i B_i A_i formed densely, one [out, in] matrix per weight (the dense transport's payload)."""
+    out: dict[str, torch.Tensor] = {}
+    for u, w in zip(updates, weights):
+        for key, (b, a) in u.factors.items():
+            d = (b @ a) * w
+            out[key] = out[key] + d if key in out else d
+    return out

@@ -1,0 +1,60 @@
+"""Command line: `fedpipe run JOB.yaml [dotted.key=value ...]` (also `python -m fedpipe_dist ...`).
+
+Exit codes: 0 success, 2 bad input (job file, override, data, model path), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError, UserInputError, load_job
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedpipe", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a federated fine-tuning job (under torchrun/srun/mpirun or alone)")
+    run.add_argument("job", help="YAML job file, e.g. jobs/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rounds=3 train.lr=1e-3")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    check = sub.add_parser("check", help="validate a job file and overrides, print the resolved config")
+    check.add_argument("job")
+    check.add_argument("overrides", nargs="*")
+    return p
+
+
+def _rank_prefix() -> str:
+    r = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("OMPI_COMM_WORLD_RANK")
+    return f"[rank {r}] " if r not in (None, "0") else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_job(args.job, args.overrides)
+        if args.command == "check":
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        from .runtime.launch import make_comm
+        from .runtime.server import run_job
+
+        comm = make_comm(cfg.comm)
+        try:
+            run_job(cfg, comm, show_progress=not args.no_progress)
+        finally:
+            comm.close()
+        return 0
+    except (ConfigError, UserInputError) as e:
+        print(f"{_rank_prefix()}fedpipe: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{_rank_prefix()}fedpipe: interrupted; results.h5 holds every round finished so far",
+              file=sys.stderr)
+        return 130

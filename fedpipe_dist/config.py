@@ -1,0 +1,383 @@
+"""Job configuration: YAML job files + dotted overrides, validated into keyword-only dataclasses.
+
+    cfg = load_job("jobs/quickstart.yaml", ["rounds=3", "clients.slowdown=[1,2,2,3]"])
+
+Every error is a ConfigError whose message names the offending key (as a dotted path) and says how to
+fix it; the CLI turns it into exit code 2. Values in overrides are parsed as YAML, so lists and dicts
+work. Unknown keys are refused with a "did you mean" hint, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A job file or override is wrong. The message says which key and how to fix it."""
+
+
+class UserInputError(ValueError):
+    """Bad input other than config keys (data file, model path, empty data). Exit code 2."""
+
+
+METHODS = ("fedpipe",)  # grows as aggregators are registered (see algorithm/aggregation)
+TARGETS = ("q", "k", "v", "o")
+PRECISIONS = ("fp32", "fp16", "bf16", "nf8", "nf4")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which causal LM to fine-tune."""
+
+    name_or_path: str = "tiny-gpt2"
+    """Built-in tiny config (tiny-gpt2, tiny-llama; random init, offline), a local HF folder, or a hub name."""
+    max_length: int = 128
+    """Tokens per example (prompt + target); longer examples are truncated."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the base is loaded in (quantized bases come from clients.precision)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training/eval data and how it is split over the edge servers."""
+
+    name: Literal["synthetic-e2e", "e2e"] = "synthetic-e2e"
+    train_path: Optional[str] = None
+    """Local CSV (columns mr,ref) or null: synthetic data for synthetic-e2e, the hub's e2e_nlg for e2e."""
+    eval_path: Optional[str] = None
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = 0.5
+    """Concentration of the Dirichlet split over the partition key (smaller = more skewed)."""
+    max_train_samples: Optional[int] = None
+    """Use only the first N training rows (after a seeded shuffle); null = all."""
+    synthetic_train_size: int = 2000
+    synthetic_eval_size: int = 200
+
+
+@dataclass(kw_only=True)
+class ClientsConfig:
+    """The edge servers and their heterogeneity profiles."""
+
+    n: int = 4
+    """Edge servers (clients). May exceed the world size: several virtual servers then share a rank."""
+    fraction: float = 1.0
+    """Fraction sampled each round (seeded)."""
+    memory_gb: Any = 24.0
+    """Per-server memory budget: a number, a list of n numbers, or a draw such as {uniform: [12, 24]}."""
+    slowdown: Any = 1.0
+    """Per-server compute slowdown (1 = as measured): a number, a list of n, or {uniform: [1, 3]}."""
+    precision: Any = "auto"
+    """auto (most bits that fit memory_gb) or one of fp32/fp16/bf16/nf8/nf4, or a list of n of those."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Local training on each edge server."""
+
+    local_steps: int = 10
+    lr: float = 2.0e-4
+    weight_decay: float = 0.0
+    batch_min: int = 1
+    batch_max: int = 8
+    max_grad_norm: float = 1.0
+    """Clip adapter gradients to this norm (0 = off)."""
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapters on the attention projections."""
+
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    """Which of q, k, v, o may get adapters."""
+    ranks: list[int] = field(default_factory=lambda: [16, 12, 8, 4, 2])
+    """Candidate ranks (high to low) the planner may choose from."""
+    rank: int = 4
+    """Rank used when every server gets the same configuration (the paper's default: 4)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = 0.0
+
+
+@dataclass(kw_only=True)
+class AggregationConfig:
+    transport: Literal["factored", "dense"] = "factored"
+    """factored: clients send B, A and rank 0 stacks them (exact); dense: weighted reduce of dW at rank 0."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 1
+    """Evaluate after every k-th round (the last round is always evaluated)."""
+    max_samples: Optional[int] = 256
+    """Evaluate on the first N eval examples; null = all."""
+    batch_size: int = 16
+
+
+@dataclass(kw_only=True)
+class CommConfig:
+    backend: Literal["auto", "torch", "local"] = "auto"
+    """auto: torch.distributed when launched by torchrun/srun/mpirun with world size > 1, else in-process."""
+    timeout_s: float = 600.0
+    """Timeout of every collective."""
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    dir: str = "runs/quickstart"
+    overwrite: bool = False
+    """Replace an existing results.h5 in dir (otherwise a run refuses to touch it)."""
+    save_final: bool = True
+    """Write <dir>/final/ (merged model + tokenizer) at the end."""
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A whole federated fine-tuning job. See jobs/quickstart.yaml for a documented example."""
+
+    method: str = "fedpipe"
+    rounds: int = 20
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation across fields
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: JobConfig) -> None:
+    _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {list(METHODS)}")
+    _check(cfg.rounds >= 1, "rounds", f"must be >= 1 (got {cfg.rounds})")
+    _check(cfg.model.max_length >= 8, "model.max_length", f"must be >= 8 (got {cfg.model.max_length})")
+    c = cfg.clients
+    _check(c.n >= 1, "clients.n", f"must be >= 1 (got {c.n})")
+    _check(0.0 < c.fraction <= 1.0, "clients.fraction", f"must be in (0, 1] (got {c.fraction})")
+    per_client_values(c.memory_gb, c.n, "clients.memory_gb", seed=cfg.seed, positive=True)
+    per_client_values(c.slowdown, c.n, "clients.slowdown", seed=cfg.seed, positive=True)
+    if isinstance(c.precision, list):
+        _check(len(c.precision) == c.n, "clients.precision",
+               f"has {len(c.precision)} entries but clients.n={c.n}; give {c.n} values or 'auto'")
+        for p in c.precision:
+            _check(p in PRECISIONS, "clients.precision", f"unknown precision {p!r}; choose from {PRECISIONS}")
+    else:
+        _check(c.precision == "auto" or c.precision in PRECISIONS, "clients.precision",
+               f"must be 'auto', one of {PRECISIONS}, or a list of {c.n} of those (got {c.precision!r})")
+    t = cfg.train
+    _check(t.local_steps >= 1, "train.local_steps", f"must be >= 1 (got {t.local_steps})")
+    _check(t.lr > 0, "train.lr", f"must be > 0 (got {t.lr})")
+    _check(1 <= t.batch_min <= t.batch_max, "train.batch_min",
+           f"need 1 <= batch_min <= batch_max (got {t.batch_min}, {t.batch_max})")
+    lo = cfg.lora
+    _check(len(lo.targets) > 0, "lora.targets", "must name at least one of q, k, v, o")
+    for tname in lo.targets:
+        _check(tname in TARGETS, "lora.targets", f"unknown target {tname!r}; choose from {list(TARGETS)}")
+    _check(len(set(lo.targets)) == len(lo.targets), "lora.targets", "lists a target twice")
+    _check(len(lo.ranks) > 0 and all(r >= 1 for r in lo.ranks), "lora.ranks", "must be a list of ranks >= 1")
+    _check(lo.rank >= 1, "lora.rank", f"must be >= 1 (got {lo.rank})")
+    _check(lo.alpha > 0, "lora.alpha", f"must be > 0 (got {lo.alpha})")
+    _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1) (got {lo.dropout})")
+    _check(cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    _check(cfg.eval.every >= 1, "eval.every", "must be >= 1")
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")
+    if cfg.data.name == "synthetic-e2e":
+        _check(cfg.data.synthetic_train_size >= 1, "data.synthetic_train_size", "must be >= 1")
+        _check(cfg.data.synthetic_eval_size >= 1, "data.synthetic_eval_size", "must be >= 1")
+
+
+def per_client_values(spec: Any, n: int, key: str, *, seed: int, positive: bool = False) -> list[float]:
+    """Expand a per-server setting: a number, a list of n numbers, or a draw {uniform: [lo, hi]}."""
+    import numpy as np
+
+    if isinstance(spec, bool):
+        raise ConfigError(f"{key}: expected a number, a list of {n} numbers or {{uniform: [lo, hi]}}")
+    if isinstance(spec, (int, float)):
+        vals = [float(spec)] * n
+    elif isinstance(spec, list):
+        if len(spec) != n:
+            raise ConfigError(f"{key}: has {len(spec)} entries but clients.n={n}; give {n} values, one "
+                              "number for all, or a draw such as {uniform: [12, 24]}")
+        try:
+            vals = [float(v) for v in spec]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: every entry must be a number (got {spec!r})") from None
+    elif isinstance(spec, dict) and set(spec) == {"uniform"}:
+        bounds = spec["uniform"]
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
+                and bounds[0] <= bounds[1]):
+            raise ConfigError(f"{key}: uniform needs [lo, hi] with lo <= hi (got {bounds!r})")
+        # A draw is part of the job: seeded by the job seed and the key, identical on every rank.
+        rng = np.random.default_rng([seed, sum(map(ord, key))])
+        vals = [float(v) for v in rng.uniform(bounds[0], bounds[1], size=n)]
+    else:
+        raise ConfigError(f"{key}: expected a number, a list of {n} numbers or a draw such as "
+                          f"{{uniform: [12, 24]}} (got {spec!r})")
+    if positive and any(v <= 0 for v in vals):
+        raise ConfigError(f"{key}: values must be > 0 (got {vals})")
+    return vals
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from nested dicts, with typed coercion and helpful unknown-key errors
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}{extra}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list such as [a, b] (got {value!r})")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of keys (got {value!r})")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer (got {value!r})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '2e-4' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number (got {value!r})")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string (got {value!r})")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # a bug in this file, not the job
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown key '{prefix}{k}': {hint}valid keys here are {names}")
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        raise ConfigError(f"{prefix or 'job'}: {e}") from None
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override (value parsed as YAML) to a nested dict in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form dotted.key=value (e.g. train.lr=1e-3)")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r}: empty key; write it as dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.__class__.__name__}); "
+                          "quote strings and write lists as [a, b]") from None
+    node = tree
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if p not in node or node[p] is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise ConfigError(f"override {key}: '{p}' is a value, not a group of keys")
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a YAML job file (or start from defaults when path is None) and apply overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"job file {str(p)!r} does not exist; pass a YAML file such as jobs/quickstart.yaml")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"job file {str(p)!r} is not UTF-8 text; save it as UTF-8 YAML") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"job file {str(p)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"job file {str(p)!r} must hold a mapping of keys at the top (got "
+                              f"{type(loaded).__name__})")
+        tree = loaded
+    for o in overrides:
+        apply_override(tree, o)
+    return _build(JobConfig, tree)
+
+
+def job_from_dict(tree: dict) -> JobConfig:
+    """Rebuild a JobConfig from its to_dict() form (e.g. the config_json attribute of results.h5)."""
+    return _build(JobConfig, tree)

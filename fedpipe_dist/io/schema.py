@@ -1,0 +1,41 @@
+"""Names and shapes in results.h5 (see docs/hdf5_schema.md). Analysis code reads these names only."""
+
+SCHEMA_VERSION = 1
+
+ROOT_ATTRS = ("schema_version", "method", "model", "dataset", "world_size", "n_clients", "config_json",
+              "finished")
+
+# rounds/: one row per completed round. Row 0 is the base model before any training (eval only).
+ROUND_FIELDS = {
+    "round": "i4",
+    "wall_s": "f8",  # wall-clock of the round on rank 0 (plan, local training, exchange, merge, eval)
+    "agg_s": "f8",  # rank 0's aggregation compute (stacking or dense sum, packing)
+    "wait_s": "f8",  # rank 0's time blocked on receiving updates from other ranks (stragglers)
+    "train_loss": "f8",  # mean over completed clients of their mean local training loss
+    "eval_loss": "f8",  # mean target-token cross-entropy on the eval set (NaN when not evaluated)
+    "eval_ppl": "f8",
+    "bytes_up": "i8",  # payload bytes of all client uploads this round
+    "bytes_down": "i8",  # payload bytes of the merged update times the servers that receive it
+    "n_selected": "i4",
+    "under_training_rate": "f8",  # fraction of selected servers that did not complete their plan
+}
+
+# clients/: arrays [round row, client].
+CLIENT_FIELDS = {
+    "selected": "i1",
+    "completed": "i1",
+    "batch_size": "i4",
+    "local_steps": "i4",
+    "samples": "i8",  # training examples processed this round
+    "local_s": "f8",  # local training wall-clock
+    "peak_mem_bytes": "i8",  # CUDA: peak allocated during local training; CPU: process peak RSS
+    "trainable_params": "i8",
+    "quant_bits": "i4",  # bits per base weight (32 fp32, 16 fp16/bf16, 8 nf8, 4 nf4)
+    "bytes_up": "i8",
+    "train_loss": "f8",
+}
+CLIENT_LAYER_FIELDS = {"ranks": "i4", "importance": "f8"}  # [round row, client, layer, 4] (q, k, v, o)
+
+PROFILE_FIELDS = {"tflops": "f8", "mem_budget_bytes": "i8", "slowdown": "f8"}
+
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "nf8": 8, "nf4": 4}

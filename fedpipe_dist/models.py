@@ -1,0 +1,134 @@
+"""Loading causal LMs: built-in tiny configs (offline), local Hugging Face folders, or hub names.
+
+The built-in models are random-initialized (seeded) GPT-2 and Llama configurations small enough for a
+laptop, paired with a byte-level tokenizer that needs no download. Everything else goes through
+`AutoModelForCausalLM.from_pretrained`, so any HF causal LM with GPT-2-style (c_attn/c_proj) or
+Llama-style (q_proj/k_proj/v_proj/o_proj) attention works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import UserInputError
+
+TINY_CONFIGS = {
+    # Two layers, hidden 64: a forward+backward step takes milliseconds on one CPU core.
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.3,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "tiny-llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=172, max_position_embeddings=512,
+                       tie_word_embeddings=True, initializer_range=0.1),
+}
+
+
+def byte_level_tokenizer():
+    """A 259-token byte-level tokenizer (3 specials + 256 bytes) built offline; saves as tokenizer.json.
+
+    Written here (with the `tokenizers` library) because the built-in models must run without any hub
+    access; every byte string round-trips, so no text is ever out of vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())):
+        vocab[ch] = i + 3
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=512)
+
+
+def tiny_config(name: str, vocab_size: int, bos: int, eos: int, pad: int):
+    from transformers import AutoConfig
+
+    spec = dict(TINY_CONFIGS[name])
+    model_type = spec.pop("model_type")
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos,
+                                pad_token_id=pad, **spec)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(name_or_path: str):
+    if name_or_path in TINY_CONFIGS:
+        return byte_level_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise UserInputError(_model_path_message(name_or_path, e)) from None
+    if tok.pad_token_id is None:
+        # Causal LMs (GPT-2, LLaMA) ship without a pad token; padding positions carry no loss anyway.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def _model_path_message(name_or_path: str, err: Exception) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name_or_path, list(TINY_CONFIGS), n=1, cutoff=0.7)
+    if close:
+        return (f"model.name_or_path: {name_or_path!r} is neither a model folder nor a built-in model; "
+                f"did you mean {close[0]!r}?")
+    looks_local = os.sep in name_or_path or name_or_path.startswith(".") or Path(name_or_path).exists()
+    if looks_local:
+        return (f"model.name_or_path: {name_or_path!r} is not a loadable Hugging Face model folder "
+                f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]}). Point it at a folder with "
+                "config.json, weights and tokenizer files, or use a built-in model: "
+                f"{sorted(TINY_CONFIGS)}")
+    return (f"model.name_or_path: could not load {name_or_path!r} from the Hugging Face hub "
+            f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]}). Without network access, download "
+            f"it elsewhere and pass its local folder, or use a built-in model: {sorted(TINY_CONFIGS)}")
+
+
+def load_model(name_or_path: str, *, seed: int = 0, dtype: str = "float32", tokenizer=None):
+    """Return a causal LM on CPU in `dtype`. Built-in tiny models are initialized from `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    if name_or_path in TINY_CONFIGS:
+        tok = tokenizer or byte_level_tokenizer()
+        config = tiny_config(name_or_path, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        # Seed locally so every rank builds the identical base without touching the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+        model = model.to(_dtype(dtype))
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_dtype(dtype))
+        except (OSError, ValueError) as e:
+            raise UserInputError(_model_path_message(name_or_path, e)) from None
+    model.requires_grad_(False)
+    return model
+
+
+def meta_model(name_or_path: str):
+    """The model's structure on the meta device: shapes without weights (planning, byte counts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name_or_path in TINY_CONFIGS:
+        tok = byte_level_tokenizer()
+        config = tiny_config(name_or_path, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:
+            raise UserInputError(_model_path_message(name_or_path, e)) from None
+    return model_from_config(config)
+
+
+def model_from_config(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,89 @@
+"""Local training on one edge server: fresh adapters per the round's plan, trained on private data only."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..adapters.lora import LoRAAdapters
+from ..adapters.sites import Site
+from ..algorithm.aggregation import ClientUpdate
+from ..algorithm.planner import ClientPlan
+from ..config import JobConfig
+from ..data.tokenize import TokenizedSet, collate
+from ..metrics.perplexity import lm_loss
+
+
+@dataclass
+class ClientStats:
+    client: int
+    completed: bool
+    batch_size: int
+    local_steps: int
+    samples: int
+    local_s: float
+    peak_mem_bytes: int
+    trainable_params: int
+    train_loss: float
+    bytes_up: int = 0
+
+
+def client_seed(seed: int, round_idx: int, client: int) -> int:
+    """One integer seed per (job, round, client), independent of which rank hosts the client."""
+    return int(np.random.SeedSequence([seed, round_idx, client]).generate_state(1)[0])
+
+
+def _batches(n: int, b: int, rng: np.random.Generator):
+    """Endless batches of b indices: reshuffle each pass; a shard smaller than b is sampled with repeats."""
+    while True:
+        perm = rng.permutation(n)
+        if n < b:
+            yield rng.choice(n, size=b, replace=True)
+            continue
+        for start in range(0, n - b + 1, b):
+            yield perm[start:start + b]
+
+
+def _peak_mem(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
+                 round_idx: int, pad_id: int, device: torch.device) -> tuple[ClientUpdate, ClientStats]:
+    """Train fresh adapters on this client's shard for cfg.train.local_steps and return their factors."""
+    seed = client_seed(cfg.seed, round_idx, plan.client)
+    gen = torch.Generator().manual_seed(seed)
+    adapters = LoRAAdapters(sites, plan.ranks, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, generator=gen,
+                            device=device)
+    opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    batches = _batches(len(data), plan.batch_size, np.random.default_rng(seed))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    losses = []
+    t0 = time.perf_counter()
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), adapters.attach(model):
+        torch.manual_seed(seed)  # dropout masks depend on the client and round only
+        for _ in range(cfg.train.local_steps):
+            batch = collate(data, next(batches), pad_id).to(device)
+            loss = lm_loss(model, batch)
+            loss.backward()
+            if cfg.train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.train.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    model.eval()
+    stats = ClientStats(
+        client=plan.client, completed=True, batch_size=plan.batch_size, local_steps=cfg.train.local_steps,
+        samples=cfg.train.local_steps * plan.batch_size, local_s=time.perf_counter() - t0,
+        peak_mem_bytes=_peak_mem(device), trainable_params=adapters.trainable_parameters(),
+        train_loss=float(np.mean(losses)))
+    update = ClientUpdate(plan.client, len(data), plan.batch_size, adapters.factors())
+    return update, stats

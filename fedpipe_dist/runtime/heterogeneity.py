@@ -1,0 +1,41 @@
+"""Server profiles: measured compute, memory budget, and the job's heterogeneity settings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..config import JobConfig, per_client_values
+
+
+@dataclass
+class ServerProfile:
+    client: int
+    tflops: float  # measured matmul throughput on this rank, divided by the server's slowdown
+    mem_budget_bytes: int
+    slowdown: float
+
+
+def measure_tflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 512, reps: int = 7) -> float:
+    """Median throughput of an n x n matmul at the training dtype (TFLOP/s)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])  # the first call warms up
+    return 2 * n**3 / times[len(times) // 2] / 1e12
+
+
+def client_profiles(cfg: JobConfig, measured_tflops: list[float], owner) -> list[ServerProfile]:
+    """One profile per edge server: its host rank's measured speed / its slowdown, and its memory budget."""
+    n = cfg.clients.n
+    mem = per_client_values(cfg.clients.memory_gb, n, "clients.memory_gb", seed=cfg.seed)
+    slow = per_client_values(cfg.clients.slowdown, n, "clients.slowdown", seed=cfg.seed)
+    return [ServerProfile(c, measured_tflops[owner(c)] / slow[c], int(mem[c] * 2**30), slow[c]) for c in range(n)]

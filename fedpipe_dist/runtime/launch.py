@@ -1,0 +1,67 @@
+"""Launcher detection: map torchrun / srun / mpirun environment variables to rank, world size, device."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..config import CommConfig, UserInputError
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # torchrun | slurm | mpi | single
+
+
+def detect_launch(env: dict[str, str] | None = None) -> LaunchInfo:
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (and anything that sets the torch env vars)
+        return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                          "slurm")
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return LaunchInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "mpi")
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        return LaunchInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0)), "mpi")
+    return LaunchInfo(0, 1, 0, "single")
+
+
+def device_for(info: LaunchInfo) -> torch.device:
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        torch.cuda.set_device(info.local_rank % n)
+        return torch.device("cuda", info.local_rank % n)
+    return torch.device("cpu")
+
+
+def make_comm(cfg: CommConfig, info: LaunchInfo | None = None):
+    """The communicator for this process, per comm.backend and the launcher."""
+    from ..comm.local import LocalComm
+
+    info = info or detect_launch()
+    device = device_for(info)
+    backend = cfg.backend
+    if backend == "local" or (backend == "auto" and info.world_size == 1):
+        if info.world_size > 1:
+            raise UserInputError(f"comm.backend=local runs one process, but the launcher started "
+                                 f"{info.world_size}; use comm.backend=auto or torch")
+        return LocalComm(device)
+    if info.launcher != "torchrun":
+        # srun/mpirun give rank and size but no rendezvous address; export the torch variables.
+        for k in ("MASTER_ADDR", "MASTER_PORT"):
+            if k not in os.environ:
+                raise UserInputError(f"launched by {info.launcher} without {k}; export MASTER_ADDR (first "
+                                     "node's host name) and MASTER_PORT, or launch with torchrun")
+        os.environ.setdefault("RANK", str(info.rank))
+        os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    from ..comm.torch_dist import TorchDistComm
+
+    return TorchDistComm(timeout_s=cfg.timeout_s, device=device if device.type == "cuda" else None)

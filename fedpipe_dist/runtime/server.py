@@ -1,0 +1,341 @@
+"""The round engine: one process per rank, each hosting one or more edge servers; rank 0 is also central.
+
+    torchrun --standalone --nproc_per_node=4 -m fedpipe_dist run jobs/quickstart.yaml
+    python -m fedpipe_dist run jobs/quickstart.yaml          # world size 1: one process plays every server
+
+Per round: sample servers -> plan -> local training of fresh adapters -> exchange (factored stacking or
+dense weighted reduce at rank 0) -> every rank merges the same update into its base -> rank 0 evaluates
+and appends the round to results.h5. Client c lives on rank c % world_size; its data never leaves it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapters.sites import Site, add_to_base, find_sites, n_layers
+from ..algorithm.aggregation import ClientUpdate, aggregate_factored, aggregation_weights, dense_sum
+from ..algorithm.planner import ClientPlan, sample_clients, uniform_plan
+from ..comm.base import Communicator, nbytes
+from ..comm.payload import (dense_layout, factor_layout, layout_numel, pack, pack_dense, stacked_layout,
+                            unpack, unpack_dense)
+from ..config import ConfigError, JobConfig, UserInputError
+from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
+from ..io.hdf5 import ResultsWriter
+from ..io.schema import PRECISION_BITS
+from ..metrics.perplexity import evaluate
+from ..models import load_model, load_tokenizer
+from .client import ClientStats, train_client
+from .heterogeneity import client_profiles, measure_tflops
+
+
+class Log:
+    """The single rank-0 sink for human-readable progress (a tqdm bar plus lines printed above it)."""
+
+    def __init__(self, enabled: bool, total: int, show_bar: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and show_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="rounds", unit="round", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def step(self, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _agree(comm: Communicator, fn):
+    """Run fn on rank 0; if it raises a user error, every rank raises it too (so no rank waits forever)."""
+    err, result = None, None
+    if comm.rank == 0:
+        try:
+            result = fn()
+        except (ConfigError, UserInputError) as e:
+            err = str(e)
+    err = comm.broadcast_object(err)
+    if err is not None:
+        raise UserInputError(err)
+    return result
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    results = out / "results.h5"
+    if results.exists() and not overwrite:
+        raise UserInputError(f"output.dir: {str(out)!r} already holds results.h5 from an earlier run; choose a new "
+                             "output.dir, or set output.overwrite=true to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"output.dir: {str(out)!r} exists and is not a folder; choose another output.dir")
+
+
+def _base_checksum(model) -> float:
+    return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+
+
+@dataclass
+class RunSummary:
+    results_path: Path
+    final_dir: Path | None
+    eval_loss: list[float]
+
+
+def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -> RunSummary | None:
+    """Run the whole job on this rank. Returns the summary on rank 0, None elsewhere."""
+    rank0 = comm.rank == 0
+    device = comm.device
+    out_dir = Path(cfg.output.dir)
+    n = cfg.clients.n
+    _agree(comm, lambda: _check_output_dir(out_dir, cfg.output.overwrite))
+    precisions = cfg.clients.precision if isinstance(cfg.clients.precision, list) else [cfg.clients.precision] * n
+    if any(p not in ("auto", "fp32") for p in precisions):
+        raise UserInputError("clients.precision: quantized and half-precision bases are not available in this "
+                             "version; use clients.precision=auto (fp32) or fp32")
+
+    # ---- model, adapter sites, data (each rank keeps only its own servers' shards) --------------------
+    tok = load_tokenizer(cfg.model.name_or_path)
+    model = load_model(cfg.model.name_or_path, seed=cfg.seed, dtype=cfg.model.dtype, tokenizer=tok).to(device)
+    model.eval()
+    sites = [s for s in find_sites(model) if s.kind in cfg.lora.targets]
+    site_by_key = {s.key: s for s in sites}
+    checks = comm.all_gather_object(_base_checksum(model))
+    if any(abs(c - checks[0]) > 1e-6 * max(1.0, abs(checks[0])) for c in checks):
+        raise RuntimeError(f"ranks loaded different base models (parameter checksums {checks}); every rank "
+                           "must see the same model.name_or_path and seed")
+
+    def owner(c: int) -> int:
+        return c % comm.world_size
+
+    pairs = load_train_pairs(cfg)
+    if cfg.data.max_train_samples is not None:
+        keep = np.random.default_rng([cfg.seed, 7]).permutation(len(pairs))[: cfg.data.max_train_samples]
+        pairs = [pairs[i] for i in sorted(keep)]
+    shard_idx = partition([partition_key(src) for src, _ in pairs], n, scheme=cfg.data.partition,
+                          alpha=cfg.data.dirichlet_alpha, seed=cfg.seed)
+    shard_sizes = [len(ix) for ix in shard_idx]
+    my_clients = [c for c in range(n) if owner(c) == comm.rank]
+    shards = {c: tokenize_pairs(tok, [format_example(*pairs[i]) for i in shard_idx[c]], cfg.model.max_length)
+              for c in my_clients}
+    del pairs
+    pad_id = tok.pad_token_id
+
+    def load_eval():
+        ev = load_eval_pairs(cfg)
+        order = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))
+        if cfg.eval.max_samples is not None:
+            order = order[: cfg.eval.max_samples]
+        return tokenize_pairs(tok, [format_example(*ev[i]) for i in order], cfg.model.max_length)
+
+    eval_set = _agree(comm, load_eval)
+
+    def run_eval() -> dict:
+        return evaluate(model, eval_set, batch_size=cfg.eval.batch_size, pad_id=pad_id, device=device)
+
+    # ---- profiles: measured compute per rank, heterogeneity per server ----------------------------------
+    measured = comm.all_gather_object(measure_tflops(device))
+    profiles = client_profiles(cfg, measured, owner)
+
+    # ---- results file (rank 0) and the untrained base as row 0 ------------------------------------------
+    L = n_layers(sites)
+    writer = None
+    eval_losses: list[float] = []
+    if rank0:
+        if out_dir.exists() and cfg.output.overwrite:
+            (out_dir / "results.h5").unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "final", ignore_errors=True)
+        writer = ResultsWriter(out_dir / "results.h5", n_clients=n, n_layers=L, attrs={
+            "method": cfg.method, "model": cfg.model.name_or_path, "dataset": cfg.data.name,
+            "world_size": comm.world_size, "n_clients": n, "config_json": cfg.to_json()})
+        writer.write_profile({"tflops": [p.tflops for p in profiles],
+                              "mem_budget_bytes": [p.mem_budget_bytes for p in profiles],
+                              "slowdown": [p.slowdown for p in profiles]})
+        ev = run_eval()
+        eval_losses.append(ev["loss"])
+        writer.append_round(_round_row(0, eval=ev, n_selected=0), {})
+        Log(True, 0, show_bar=False)(f"fedpipe: {cfg.method} on {cfg.model.name_or_path} ({len(sites)} adapter sites), {n} servers on "
+            f"{comm.world_size} rank(s), {cfg.rounds} rounds -> {out_dir / 'results.h5'}")
+        Log(True, 0, show_bar=False)(f"round 0 (base model): eval loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}")
+    log = Log(rank0, cfg.rounds, show_bar=show_progress)
+
+    # ---- rounds -------------------------------------------------------------------------------------------
+    for t in range(1, cfg.rounds + 1):
+        t_round = time.perf_counter()
+        selected = sample_clients(n, cfg.clients.fraction, seed=cfg.seed, round_idx=t)
+        plans = uniform_plan(sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,
+                             batch_size=cfg.train.batch_max)
+        updates: dict[int, ClientUpdate] = {}
+        stats: dict[int, ClientStats] = {}
+        for c in selected:
+            if owner(c) == comm.rank:
+                updates[c], stats[c] = train_client(model, sites, plans[c], shards[c], cfg, round_idx=t,
+                                                    pad_id=pad_id, device=device)
+        contributors = selected  # every selected server completes its plan (no deadlines yet)
+        weights = aggregation_weights([shard_sizes[c] for c in contributors],
+                                      [plans[c].batch_size for c in contributors])
+        exchange = _exchange_factored if cfg.aggregation.transport == "factored" else _exchange_dense
+        deltas, traffic = exchange(comm, sites, plans, contributors, weights, updates, owner)
+        for key, delta in deltas.items():
+            add_to_base(model, site_by_key[key], delta)
+        for c in stats:
+            stats[c].bytes_up = traffic["client_bytes_up"][c]
+
+        gathered = comm.gather_object(list(stats.values()))
+        if rank0:
+            all_stats = {s.client: s for part in gathered for s in part}
+            ev = run_eval() if (t % cfg.eval.every == 0 or t == cfg.rounds) else None
+            if ev is not None:
+                eval_losses.append(ev["loss"])
+            row = _round_row(t, eval=ev, n_selected=len(selected), n_clients=n, stats=all_stats,
+                             traffic=traffic, wall_s=time.perf_counter() - t_round)
+            writer.append_round(row, _client_arrays(n, L, sites, plans, selected, all_stats))
+            log.step(loss=f"{row['eval_loss']:.4f}" if ev else "-")
+    log.close()
+
+    # ---- finish: export the merged model, mark the file finished --------------------------------------------
+    final_dir = None
+    if rank0:
+        if cfg.output.save_final:
+            final_dir = out_dir / "final"
+            tmp = out_dir / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            shutil.rmtree(final_dir, ignore_errors=True)
+            tmp.rename(final_dir)
+        writer.finish({"loss": eval_losses[-1], "ppl": math.exp(min(eval_losses[-1], 50.0))})
+        log(f"done: eval loss {eval_losses[0]:.4f} -> {eval_losses[-1]:.4f}; results in {out_dir}")
+    comm.barrier()
+    return RunSummary(out_dir / "results.h5", final_dir, eval_losses) if rank0 else None
+
+
+# ---- exchange: how updates travel to rank 0 and back ------------------------------------------------------
+
+
+def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, weights, updates, owner):
+    """Clients send (B, A); rank 0 stacks [w_i B_i] and [A_i] and broadcasts the stack (exact, Eqn 12)."""
+    layouts = {c: factor_layout(sites, plans[c].ranks) for c in contributors}
+    client_bytes = {c: layout_numel(layouts[c]) * 4 for c in contributors}  # fp32 payload
+    down_layout = stacked_layout(sites, [plans[c].ranks for c in contributors])
+    wait_s = agg_s = 0.0
+    if comm.rank == 0:
+        received = []
+        for c in contributors:  # per-source order matches each sender's ascending client order
+            if owner(c) == 0:
+                received.append(updates[c])
+            else:
+                buf = torch.empty(layout_numel(layouts[c]), device=comm.device)
+                t0 = time.perf_counter()
+                comm.recv(buf, src=owner(c))
+                wait_s += time.perf_counter() - t0
+                received.append(ClientUpdate(c, 0, plans[c].batch_size, unpack(buf, layouts[c])))
+        t0 = time.perf_counter()
+        stacked = aggregate_factored(received, weights)
+        down = pack(stacked, down_layout, device=comm.device)
+        agg_s = time.perf_counter() - t0
+    else:
+        for c in contributors:
+            if owner(c) == comm.rank:
+                comm.send(pack(updates[c].factors, layouts[c], device=comm.device), dst=0)
+        down = torch.empty(layout_numel(down_layout), device=comm.device)
+    comm.broadcast(down, src=0)
+    merged = unpack(down, down_layout)
+    deltas = {k: b @ a for k, (b, a) in merged.items()}
+    traffic = {"client_bytes_up": client_bytes, "bytes_down_payload": nbytes(down), "wait_s": wait_s,
+               "agg_s": agg_s}
+    return deltas, traffic
+
+
+def _exchange_dense(comm, sites, plans: list[ClientPlan], contributors, weights, updates, owner):
+    """Each rank forms sum_i w_i B_i A_i for its own clients; a SUM reduce to rank 0, then a broadcast."""
+    keys = {k for c in contributors for k, r in plans[c].ranks.items() if r > 0}
+    layout = dense_layout(sites, keys)
+    numel_of = {s.key: s.numel for s in sites}
+    client_bytes = {c: 4 * sum(numel_of[k] for k, r in plans[c].ranks.items() if r > 0 and k in numel_of)
+                    for c in contributors}
+    w = dict(zip(contributors, weights))
+    mine = [c for c in contributors if owner(c) == comm.rank]
+    t0 = time.perf_counter()
+    buf = pack_dense(dense_sum([updates[c] for c in mine], [w[c] for c in mine]), layout, device=comm.device)
+    agg_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    comm.reduce_sum(buf, dst=0)
+    wait_s = time.perf_counter() - t0 if comm.rank == 0 else 0.0
+    comm.broadcast(buf, src=0)
+    deltas = unpack_dense(buf, layout)
+    traffic = {"client_bytes_up": client_bytes, "bytes_down_payload": nbytes(buf), "wait_s": wait_s,
+               "agg_s": agg_s}
+    return deltas, traffic
+
+
+# ---- HDF5 rows --------------------------------------------------------------------------------------------
+
+
+def _round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0, stats: dict | None = None,
+               traffic: dict | None = None, wall_s: float = 0.0) -> dict:
+    stats = stats or {}
+    done = [s for s in stats.values() if s.completed]
+    row = {
+        "round": t,
+        "wall_s": wall_s,
+        "agg_s": traffic["agg_s"] if traffic else 0.0,
+        "wait_s": traffic["wait_s"] if traffic else 0.0,
+        "train_loss": float(np.mean([s.train_loss for s in done])) if done else math.nan,
+        "eval_loss": eval["loss"] if eval else math.nan,
+        "eval_ppl": eval["ppl"] if eval else math.nan,
+        "bytes_up": int(sum(traffic["client_bytes_up"].values())) if traffic else 0,
+        "bytes_down": 0,
+        "n_selected": n_selected,
+        "under_training_rate": (1.0 - len(done) / n_selected) if n_selected else math.nan,
+    }
+    if traffic:
+        # Every server (selected or not) must receive the merged update to stay in sync.
+        row["bytes_down"] = int(traffic["bytes_down_payload"]) * n_clients
+    return row
+
+
+def _client_arrays(n: int, L: int, sites: list[Site], plans: list[ClientPlan], selected: list[int],
+                   stats: dict[int, ClientStats]) -> dict[str, np.ndarray]:
+    a = {name: np.zeros(n, dtype=np.int64) for name in
+         ("selected", "completed", "batch_size", "local_steps", "samples", "peak_mem_bytes", "trainable_params",
+          "quant_bits", "bytes_up")}
+    a["local_s"] = np.full(n, np.nan)
+    a["train_loss"] = np.full(n, np.nan)
+    a["ranks"] = np.zeros((n, L, 4), dtype=np.int32)
+    a["importance"] = np.full((n, L, 4), np.nan)
+    for c in range(n):
+        a["quant_bits"][c] = PRECISION_BITS.get(plans[c].precision, 32)
+        a["batch_size"][c] = plans[c].batch_size
+        a["ranks"][c] = plans[c].rank_matrix(sites) if c in selected else 0
+    for c in selected:
+        a["selected"][c] = 1
+        s = stats.get(c)
+        if s is None:
+            continue
+        a["completed"][c] = int(s.completed)
+        a["local_steps"][c] = s.local_steps
+        a["samples"][c] = s.samples
+        a["local_s"][c] = s.local_s
+        a["peak_mem_bytes"][c] = s.peak_mem_bytes
+        a["trainable_params"][c] = s.trainable_params
+        a["bytes_up"][c] = s.bytes_up
+        a["train_loss"][c] = s.train_loss
+    return a
