@@ -39,10 +39,13 @@ from .heterogeneity import client_profiles, measure_tflops
 class Log:
     """The single rank-0 sink for human-readable progress (a tqdm bar plus lines printed above it)."""
 
-    def __init__(self, enabled: bool, total: int, show_bar: bool = True):
+    def __init__(self, enabled: bool, show_bar: bool = True):
         self.enabled = enabled
+        self.show_bar = show_bar
         self.bar = None
-        if enabled and show_bar:
+
+    def open_bar(self, total: int) -> None:
+        if self.enabled and self.show_bar:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc="rounds", unit="round", file=sys.stderr, dynamic_ncols=True)
@@ -157,6 +160,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     # ---- results file (rank 0) and the untrained base as row 0 ------------------------------------------
     L = n_layers(sites)
     writer = None
+    log = Log(rank0, show_bar=show_progress)
     eval_losses: list[float] = []
     if rank0:
         if out_dir.exists() and cfg.output.overwrite:
@@ -171,10 +175,10 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         ev = run_eval()
         eval_losses.append(ev["loss"])
         writer.append_round(_round_row(0, eval=ev, n_selected=0), {})
-        Log(True, 0, show_bar=False)(f"fedpipe: {cfg.method} on {cfg.model.name_or_path} ({len(sites)} adapter sites), {n} servers on "
+        log(f"fedpipe: {cfg.method} on {cfg.model.name_or_path} ({len(sites)} adapter sites), {n} servers on "
             f"{comm.world_size} rank(s), {cfg.rounds} rounds -> {out_dir / 'results.h5'}")
-        Log(True, 0, show_bar=False)(f"round 0 (base model): eval loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}")
-    log = Log(rank0, cfg.rounds, show_bar=show_progress)
+        log(f"round 0 (base model): eval loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}")
+    log.open_bar(cfg.rounds)
 
     # ---- rounds -------------------------------------------------------------------------------------------
     for t in range(1, cfg.rounds + 1):
