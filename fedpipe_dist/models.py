@@ -17,7 +17,11 @@ from .config import UserInputError
 
 TINY_CONFIGS = {
     # Two layers, hidden 64: a forward+backward step takes milliseconds on one CPU core.
-    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.3,
+    # initializer_range 0.1 instead of HF's 0.02: with 0.02 the (tied, frozen) LM head's logits span only
+    # about +-1.5 after the final norm, so no attention adapter can make the random base predict a peaked
+    # distribution and eval loss stalls near uniform (measured: 5.58 -> 5.07 in 10 rounds vs 6.12 -> 3.72
+    # in 5 rounds with 0.1).
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.1,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     "tiny-llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=172, max_position_embeddings=512,
