@@ -2,6 +2,9 @@
 
 Crash safety: the file is opened, appended to and closed once per round, so between rounds it is a
 complete, consistent HDF5 file; a `kill -9` during a round leaves every earlier round readable.
+HDF5's file locking is off on both sides: with it on, a notebook holding the file open for reading would
+make the running job's next append fail. Only rank 0 of one run ever writes (the run refuses an output.dir
+that already holds results.h5), so the lock guards nothing here.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class ResultsWriter:
         self.n_layers = n_layers
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".h5.tmp")
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", locking=False) as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["finished"] = False
             for k, v in attrs.items():
@@ -48,7 +51,7 @@ class ResultsWriter:
         tmp.replace(self.path)  # the file appears complete or not at all
 
     def write_profile(self, values: dict[str, list]) -> None:
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             for name, dt in PROFILE_FIELDS.items():
                 if name in f["profile"]:
                     del f["profile"][name]
@@ -59,7 +62,7 @@ class ResultsWriter:
         missing = set(ROUND_FIELDS) - set(row)
         if missing:
             raise KeyError(f"round row lacks {sorted(missing)}")
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             g = f["rounds"]
             i = g["round"].shape[0]
             for name in ROUND_FIELDS:
@@ -74,7 +77,7 @@ class ResultsWriter:
             f.flush()
 
     def finish(self, eval_metrics: dict[str, float]) -> None:
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             for k, v in eval_metrics.items():
                 f["eval"].attrs[k] = v
             f.attrs["finished"] = True
@@ -85,7 +88,7 @@ class Results:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        with h5py.File(self.path, "r") as f:
+        with h5py.File(self.path, "r", locking=False) as f:
             self.attrs = {k: _py(v) for k, v in f.attrs.items()}
             self.rounds = {k: f["rounds"][k][()] for k in f["rounds"]}
             self.clients = {k: f["clients"][k][()] for k in f["clients"]}

@@ -1,0 +1,34 @@
+"""Shared helpers for the tests (not a test module)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path | None:
+    """../shared/data beside the checkout, or FEDPIPE_SHARED_DATA; None when absent."""
+    p = Path(os.environ.get("FEDPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+    return p if (p / "models" / "stories260K-hf" / "config.json").is_file() else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "fedpipe_dist", *args]
