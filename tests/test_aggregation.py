@@ -8,7 +8,7 @@ import torch
 from fedpipe_dist.adapters.sites import Site
 from fedpipe_dist.algorithm.aggregation import (ClientUpdate, aggregate_factored, aggregation_weights, dense_sum,
                                                 factored_to_dense)
-from fedpipe_dist.comm.payload import (dense_layout, factor_layout, layout_numel, pack, pack_dense, stacked_layout,
+from fedpipe_dist.comm.payload import (dense_layout, downlink_is_dense, factor_layout, layout_numel, pack, pack_dense, stacked_layout,
                                        unpack, unpack_dense)
 
 
@@ -82,3 +82,11 @@ def test_unpack_rejects_wrong_size():
         assert "layout needs" in str(e)
     else:
         raise AssertionError("a payload of the wrong size was accepted")
+
+
+def test_downlink_picks_the_smaller_exact_form():
+    sites = _sites()  # q: 12 x 10 (break-even rank 120/22 = 5.45), v: 6 x 10 (60/16 = 3.75)
+    # stacked ranks 5 on q and 3 on v: 5*22 + 3*16 = 158 values < 120 + 60 dense
+    assert not downlink_is_dense(stacked_layout(sites, [{"0.q": 5, "0.v": 3}]))
+    # ranks 6 and 4: 6*22 + 4*16 = 196 > 180
+    assert downlink_is_dense(stacked_layout(sites, [{"0.q": 2, "0.v": 2}, {"0.q": 4, "0.v": 2}]))

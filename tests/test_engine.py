@@ -72,10 +72,11 @@ def _final_params(path):
     return dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
 
 
-def test_factored_and_dense_transport_give_same_model(tmp_path):
+@pytest.mark.parametrize("rank", [4, 16])  # 3 x 4 < 32: stacked downlink; 3 x 16 > 32: dense downlink
+def test_factored_and_dense_transport_give_same_model(tmp_path, rank):
     p = {}
     for transport in ("factored", "dense"):
-        cfg = _job(tmp_path / transport, f"aggregation.transport={transport}", "rounds=1",
+        cfg = _job(tmp_path / transport, f"aggregation.transport={transport}", "rounds=1", f"lora.rank={rank}",
                    "clients.n=3", "clients.memory_gb=24", "clients.slowdown=1")
         run_job(cfg, LocalComm(), show_progress=False)
         p[transport] = _final_params(tmp_path / transport / "final")

@@ -30,6 +30,16 @@ def stacked_layout(sites: list[Site], rank_list: list[dict[str, int]]) -> Layout
     return out
 
 
+def downlink_is_dense(stacked: Layout) -> bool:
+    """Whether the merged update is smaller sent dense than as stacked factors.
+
+    The stack carries rank sum_i r_i per weight, so it beats dense [out, in] only while
+    sum_i r_i < out * in / (out + in); past that (many clients, small layers) dense is smaller. Both are
+    exact, and every rank decides the same way from the plans alone.
+    """
+    return sum(b[0] * a[1] for _, b, a in stacked) < layout_numel(stacked)
+
+
 def layout_numel(layout: Layout) -> int:
     return sum(b[0] * b[1] + a[0] * a[1] for _, b, a in layout)
 

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from ..adapters.sites import Site, add_to_base, find_sites, n_layers
-from ..algorithm.aggregation import ClientUpdate, aggregate_factored, aggregation_weights, dense_sum
+from ..algorithm.aggregation import (ClientUpdate, aggregate_factored, aggregation_weights, dense_sum,
+                                     factored_to_dense)
 from ..algorithm.planner import ClientPlan, sample_clients, uniform_plan
 from ..comm.base import Communicator, nbytes
-from ..comm.payload import (dense_layout, factor_layout, layout_numel, pack, pack_dense, stacked_layout,
-                            unpack, unpack_dense)
+from ..comm.payload import (dense_layout, downlink_is_dense, factor_layout, layout_numel, pack, pack_dense,
+                            stacked_layout, unpack, unpack_dense)
 from ..config import ConfigError, JobConfig, UserInputError
 from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
 from ..io.hdf5 import ResultsWriter
@@ -235,10 +236,13 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
 
 
 def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, weights, updates, owner):
-    """Clients send (B, A); rank 0 stacks [w_i B_i] and [A_i] and broadcasts the stack (exact, Eqn 12)."""
+    """Clients send (B, A); rank 0 stacks [w_i B_i] and [A_i] (exact, Eqn 12) and broadcasts the stack, or
+    its dense product when that is smaller."""
     layouts = {c: factor_layout(sites, plans[c].ranks) for c in contributors}
     client_bytes = {c: layout_numel(layouts[c]) * 4 for c in contributors}  # fp32 payload
     down_layout = stacked_layout(sites, [plans[c].ranks for c in contributors])
+    # The merged update goes down in whichever exact form is smaller (see downlink_is_dense).
+    dense_down = dense_layout(sites, {k for k, _, _ in down_layout}) if downlink_is_dense(down_layout) else None
     wait_s = agg_s = 0.0
     if comm.rank == 0:
         received = []
@@ -253,16 +257,22 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, weigh
                 received.append(ClientUpdate(c, 0, plans[c].batch_size, unpack(buf, layouts[c])))
         t0 = time.perf_counter()
         stacked = aggregate_factored(received, weights)
-        down = pack(stacked, down_layout, device=comm.device)
+        if dense_down:
+            down = pack_dense(factored_to_dense(stacked), dense_down, device=comm.device)
+        else:
+            down = pack(stacked, down_layout, device=comm.device)
         agg_s = time.perf_counter() - t0
     else:
         for c in contributors:
             if owner(c) == comm.rank:
                 comm.send(pack(updates[c].factors, layouts[c], device=comm.device), dst=0)
-        down = torch.empty(layout_numel(down_layout), device=comm.device)
+        numel = sum(o * i for _, (o, i) in dense_down) if dense_down else layout_numel(down_layout)
+        down = torch.empty(numel, device=comm.device)
     comm.broadcast(down, src=0)
-    merged = unpack(down, down_layout)
-    deltas = {k: b @ a for k, (b, a) in merged.items()}
+    if dense_down:
+        deltas = unpack_dense(down, dense_down)
+    else:
+        deltas = {k: b @ a for k, (b, a) in unpack(down, down_layout).items()}
     traffic = {"client_bytes_up": client_bytes, "bytes_down_payload": nbytes(down), "wait_s": wait_s,
                "agg_s": agg_s}
     return deltas, traffic
