@@ -32,8 +32,23 @@ def _rank_prefix() -> str:
     return f"[rank {r}] " if r not in (None, "0") else ""
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, allowing options anywhere: `run JOB --no-progress k=v` as well as `run --no-progress JOB k=v`.
+
+    argparse stops filling a nargs='*' positional at the first option, so overrides after an option come
+    back as extras; they are appended in order. Anything else left over is still an error (exit 2).
+    """
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)} (overrides are written dotted.key=value)")
+    args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         cfg = load_job(args.job, args.overrides)
         if args.command == "check":

@@ -9,9 +9,12 @@ work. Unknown keys are refused with a "did you mean" hint, never ignored.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +25,15 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A job file or override is wrong. The message says which key and how to fix it."""
+    """A job file or override is wrong. The message says which key and how to fix it.
+
+    `key` (when known) is the dotted key at fault; load_job uses it to say whether the job file or an
+    override set it.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class UserInputError(ValueError):
@@ -172,12 +183,15 @@ class JobConfig:
 
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
-        raise ConfigError(f"{key}: {msg}")
+        raise ConfigError(f"{key}: {msg}", key=key)
 
 
 def validate(cfg: JobConfig) -> None:
     _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {list(METHODS)}")
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1 (got {cfg.rounds})")
+    # Seeds feed numpy SeedSequence (no negatives) and torch.manual_seed (at most 64 bits).
+    _check(0 <= cfg.seed < 2**32, "seed",
+           f"must be an integer in [0, 2**32) (got {cfg.seed}); set e.g. seed=0")
     _check(cfg.model.max_length >= 8, "model.max_length", f"must be >= 8 (got {cfg.model.max_length})")
     c = cfg.clients
     _check(c.n >= 1, "clients.n", f"must be >= 1 (got {c.n})")
@@ -195,8 +209,10 @@ def validate(cfg: JobConfig) -> None:
     t = cfg.train
     _check(t.local_steps >= 1, "train.local_steps", f"must be >= 1 (got {t.local_steps})")
     _check(t.lr > 0, "train.lr", f"must be > 0 (got {t.lr})")
-    _check(1 <= t.batch_min <= t.batch_max, "train.batch_min",
-           f"need 1 <= batch_min <= batch_max (got {t.batch_min}, {t.batch_max})")
+    _check(t.batch_min >= 1, "train.batch_min", f"must be >= 1 (got {t.batch_min})")
+    _check(t.batch_max >= t.batch_min, "train.batch_max",
+           f"must be >= train.batch_min={t.batch_min} (got {t.batch_max}); raise train.batch_max or lower "
+           "train.batch_min")
     lo = cfg.lora
     _check(len(lo.targets) > 0, "lora.targets", "must name at least one of q, k, v, o")
     for tname in lo.targets:
@@ -207,6 +223,11 @@ def validate(cfg: JobConfig) -> None:
     _check(lo.alpha > 0, "lora.alpha", f"must be > 0 (got {lo.alpha})")
     _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1) (got {lo.dropout})")
     _check(cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    _check(cfg.data.max_train_samples is None or cfg.data.max_train_samples >= 1, "data.max_train_samples",
+           f"must be >= 1, or null for every row (got {cfg.data.max_train_samples}); an empty training set "
+           "cannot be split over the clients")
+    _check(cfg.eval.max_samples is None or cfg.eval.max_samples >= 1, "eval.max_samples",
+           f"must be >= 1, or null for every eval example (got {cfg.eval.max_samples})")
     _check(cfg.eval.every >= 1, "eval.every", "must be >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")
@@ -220,30 +241,38 @@ def per_client_values(spec: Any, n: int, key: str, *, seed: int, positive: bool 
     import numpy as np
 
     if isinstance(spec, bool):
-        raise ConfigError(f"{key}: expected a number, a list of {n} numbers or {{uniform: [lo, hi]}}")
+        raise ConfigError(f"{key}: expected a number, a list of {n} numbers or {{uniform: [lo, hi]}} "
+                          f"(got {spec!r})", key=key)
     if isinstance(spec, (int, float)):
         vals = [float(spec)] * n
     elif isinstance(spec, list):
         if len(spec) != n:
             raise ConfigError(f"{key}: has {len(spec)} entries but clients.n={n}; give {n} values, one "
-                              "number for all, or a draw such as {uniform: [12, 24]}")
+                              "number for all, or a draw such as {uniform: [12, 24]}", key=key)
         try:
+            if any(isinstance(v, bool) for v in spec):
+                raise TypeError
             vals = [float(v) for v in spec]
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: every entry must be a number (got {spec!r})") from None
+            raise ConfigError(f"{key}: every entry must be a number (got {spec!r})", key=key) from None
     elif isinstance(spec, dict) and set(spec) == {"uniform"}:
         bounds = spec["uniform"]
-        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
+        if not (isinstance(bounds, list) and len(bounds) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                        for b in bounds)
                 and bounds[0] <= bounds[1]):
-            raise ConfigError(f"{key}: uniform needs [lo, hi] with lo <= hi (got {bounds!r})")
+            raise ConfigError(f"{key}: uniform needs two numbers [lo, hi] with lo <= hi (got {bounds!r}); "
+                              "write it as {uniform: [12, 24]}", key=key)
         # A draw is part of the job: seeded by the job seed and the key, identical on every rank.
         rng = np.random.default_rng([seed, sum(map(ord, key))])
         vals = [float(v) for v in rng.uniform(bounds[0], bounds[1], size=n)]
     else:
         raise ConfigError(f"{key}: expected a number, a list of {n} numbers or a draw such as "
-                          f"{{uniform: [12, 24]}} (got {spec!r})")
+                          f"{{uniform: [12, 24]}} (got {spec!r})", key=key)
+    if not all(math.isfinite(v) for v in vals):
+        raise ConfigError(f"{key}: values must be finite numbers (got {vals})", key=key)
     if positive and any(v <= 0 for v in vals):
-        raise ConfigError(f"{key}: values must be > 0 (got {vals})")
+        raise ConfigError(f"{key}: values must be > 0 (got {vals})", key=key)
     return vals
 
 
@@ -253,6 +282,10 @@ def per_client_values(spec: Any, n: int, key: str, *, seed: int, positive: bool 
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+# YAML 1.1 (PyYAML) reads 1e3 or 2e-4 (no dot in the mantissa) as strings, not numbers.
+_SCI_INT = re.compile(r"^[+-]?\d+(\.\d*)?[eE][+-]?\d+$")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -271,45 +304,101 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[-1] if errors else f"{key}: bad value {value!r}")
+        msg = errors[-1] if errors else f"{key}: bad value {value!r}"
+        if type(None) in args:
+            msg += "; or null for the default behaviour"
+        raise ConfigError(msg, key=key)
     if origin is Literal:
         if value not in args:
             hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}{extra}")
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}{extra}", key=key)
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list such as [a, b] (got {value!r})")
+            raise ConfigError(f"{key}: expected a list such as [a, b] (got {value!r}); write it as "
+                              f"{key}=[a, b]", key=key)
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of keys (got {value!r})")
+            names = [f.name for f in dataclasses.fields(tp) if f.init]
+            raise ConfigError(f"{key}: is a group of settings, not a value (got {value!r}); set its keys "
+                              f"instead, e.g. {key}.{names[0]}=..., choosing from {names}", key=key)
         return _build(tp, value, key + ".")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false (got {value!r})")
+        raise ConfigError(f"{key}: expected true or false (got {value!r}); set {key}=true or {key}=false",
+                          key=key)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer (got {value!r})")
+        if isinstance(value, str) and _SCI_INT.match(value.strip()) and float(value).is_integer():
+            return int(float(value))
+        raise ConfigError(f"{key}: expected an integer (got {value!r}); set it to a whole number such as 8",
+                          key=key)
     if tp is float:
+        num = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '2e-4' as a string
+            num = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads '2e-4' as a string
             try:
-                return float(value)
+                num = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number (got {value!r})")
+        if num is None:
+            raise ConfigError(f"{key}: expected a number (got {value!r}); set it to a number such as 0.5 or "
+                              "1e-3", key=key)
+        if not math.isfinite(num):
+            raise ConfigError(f"{key}: must be a finite number (got {value!r}); set it to a number such as "
+                              "0.5", key=key)
+        return num
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string (got {value!r})")
+        if value is None:
+            raise ConfigError(f"{key}: is empty; set it to a text value (write {key}=VALUE with no space "
+                              "around '=')", key=key)
+        if isinstance(value, int) and not isinstance(value, bool):  # a folder named 2024 is still a name
+            return str(value)
+        leaf = key.rsplit(".", 1)[-1]
+        raise ConfigError(f"{key}: expected text (got {value!r}); quote it so YAML reads it as text: "
+                          f"{leaf}: '{value}' in a job file, \"{key}='{value}'\" on the command line",
+                          key=key)
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # a bug in this file, not the job
+
+
+def _all_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the job (e.g. 'train.lr'), for suggestions across groups."""
+    cls = cls or JobConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(_all_keys(hints[f.name], prefix + f.name + "."))
+    return out
+
+
+def _suggest(name: str, names: list[str], prefix: str) -> list[str]:
+    """Likely intended dotted keys for an unknown key `prefix + name`."""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    if close:  # a typo of a key in the same group (train.lrr -> train.lr)
+        return [prefix + close[0]]
+    everywhere = _all_keys()
+    same_leaf = [k for k in everywhere if k.rsplit(".", 1)[-1] == name and k != prefix + name]
+    if same_leaf:  # the right key in the wrong group (lr -> train.lr)
+        return same_leaf[:3]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if close:
+        return [prefix + close[0]]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in everywhere}
+    close = difflib.get_close_matches(name, list(leaves), n=1, cutoff=0.8)
+    return [leaves[close[0]]] if close else []
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
@@ -318,9 +407,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for k, v in data.items():
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
-            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
-            raise ConfigError(f"unknown key '{prefix}{k}': {hint}valid keys here are {names}")
+            close = _suggest(str(k), names, prefix)
+            hint = ("did you mean " + " or ".join(f"'{c}'" for c in close) + "? ") if close else ""
+            raise ConfigError(f"unknown key '{prefix}{k}': {hint}valid keys here are {names}",
+                              key=f"{prefix}{k}")
         kwargs[k] = _coerce(v, hints[k], prefix + k)
     try:
         return cls(**kwargs)
@@ -328,54 +418,98 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'job'}: {e}") from None
 
 
-def apply_override(tree: dict, override: str) -> None:
-    """Apply one `dotted.key=value` override (value parsed as YAML) to a nested dict in place."""
+def _split_override(override: str) -> tuple[str, str]:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form dotted.key=value (e.g. train.lr=1e-3)")
     key, raw = override.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {override!r}: empty key; write it as dotted.key=value")
+    return key, raw
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override (value parsed as YAML) to a nested dict in place."""
+    key, raw = _split_override(override)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.__class__.__name__}); "
-                          "quote strings and write lists as [a, b]") from None
+                          "quote strings and write lists as [a, b]", key=key) from None
     node = tree
     parts = key.split(".")
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         if p not in node or node[p] is None:
             node[p] = {}
         if not isinstance(node[p], dict):
-            raise ConfigError(f"override {key}: '{p}' is a value, not a group of keys")
+            group = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {key}: '{group}' is a value, not a group of keys; set it directly "
+                              f"as {group}=VALUE", key=group)
         node = node[p]
     node[parts[-1]] = value
+
+
+def _yaml_error_hint(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return (f"{problem}{where}. Fix the syntax there: indent nested keys with spaces (not tabs), write "
+            "'key: value' with a space after ':', and quote text that contains ':' or '#'")
 
 
 def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Read a YAML job file (or start from defaults when path is None) and apply overrides."""
     tree: dict = {}
+    file_tree: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"job file {str(p)!r} is a folder; pass a YAML file such as "
+                              "jobs/quickstart.yaml")
         if not p.is_file():
-            raise ConfigError(f"job file {str(p)!r} does not exist; pass a YAML file such as jobs/quickstart.yaml")
+            raise ConfigError(f"job file {str(p)!r} does not exist; pass a YAML file such as "
+                              "jobs/quickstart.yaml")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"job file {str(p)!r} is not UTF-8 text; save it as UTF-8 YAML") from None
+        except OSError as e:
+            raise ConfigError(f"job file {str(p)!r} cannot be read ({e.strerror}); check its "
+                              "permissions") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"job file {str(p)!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"job file {str(p)!r} is not valid YAML: {_yaml_error_hint(e)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"job file {str(p)!r} must hold a mapping of keys at the top (got "
-                              f"{type(loaded).__name__})")
+                              f"{type(loaded).__name__}); write it as 'key: value' lines, e.g. 'rounds: 10'")
         tree = loaded
+        file_tree = copy.deepcopy(loaded)
     for o in overrides:
         apply_override(tree, o)
-    return _build(JobConfig, tree)
+    try:
+        return _build(JobConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{_origin(e.key, path, file_tree, overrides)}", key=e.key) from None
+
+
+def _origin(key: str | None, path: str | Path | None, file_tree: dict, overrides) -> str:
+    """' (from the override ...)' or ' (in job file ...)': where the offending key was set, if known."""
+    if not key:
+        return ""
+    base = key.split("[", 1)[0]
+    for o in reversed(list(overrides)):
+        okey = o.split("=", 1)[0].strip()
+        if okey == base or okey.startswith(base + ".") or base.startswith(okey + "."):
+            return f" (from the override {o!r})"
+    node: Any = file_tree
+    for part in base.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return ""
+        node = node[part]
+    return f" (in job file {str(path)!r})"
 
 
 def job_from_dict(tree: dict) -> JobConfig:

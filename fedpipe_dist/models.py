@@ -8,6 +8,7 @@ Llama-style (q_proj/k_proj/v_proj/o_proj) attention works.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def load_tokenizer(name_or_path: str):
         return byte_level_tokenizer()
     from transformers import AutoTokenizer
 
+    check_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
@@ -77,22 +79,62 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def _model_path_message(name_or_path: str, err: Exception) -> str:
-    import difflib
+def _looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub id ('org/name'): absolute, ./ ../ ~, several '/' parts, or existing."""
+    if Path(name_or_path).expanduser().exists():
+        return True
+    if name_or_path.startswith((".", "~", "/")) or (os.sep != "/" and os.sep in name_or_path):
+        return True
+    return name_or_path.count("/") > 1
 
+
+def check_model_path(name_or_path: str) -> None:
+    """Refuse a local model path that cannot hold a model before any library sees it.
+
+    Hugging Face reads a missing folder as a malformed hub id and an empty folder as a tokenizer problem;
+    both messages hide the real mistake, so the common cases are named here first.
+    """
+    if name_or_path in TINY_CONFIGS:
+        return
+    fix = ("point model.name_or_path at a Hugging Face model folder (config.json, weights, tokenizer "
+           f"files), e.g. one written by save_pretrained, or use a built-in model: {sorted(TINY_CONFIGS)}")
+    if not name_or_path.strip():
+        raise UserInputError(f"model.name_or_path: is empty; {fix}")
+    if not _looks_local(name_or_path):
+        close = difflib.get_close_matches(name_or_path, list(TINY_CONFIGS), n=1, cutoff=0.8)
+        if close and "/" not in name_or_path:  # a typo of a built-in: fail now, not after hub retries
+            raise UserInputError(f"model.name_or_path: {name_or_path!r} is neither a model folder nor a "
+                                 f"built-in model; did you mean {close[0]!r}? Set "
+                                 f"model.name_or_path={close[0]}")
+        return  # a hub id: from_pretrained decides, _model_path_message explains failures
+    p = Path(name_or_path).expanduser()
+    if not p.exists():
+        close = difflib.get_close_matches(name_or_path, list(TINY_CONFIGS), n=1, cutoff=0.7)
+        extra = f" (did you mean the built-in {close[0]!r}?)" if close else ""
+        raise UserInputError(f"model.name_or_path: folder {name_or_path!r} does not exist{extra}; {fix}")
+    if not p.is_dir():
+        raise UserInputError(f"model.name_or_path: {name_or_path!r} is a file, not a model folder; {fix}")
+    if not (p / "config.json").is_file():
+        contents = sorted(x.name for x in p.iterdir())
+        what = "is empty" if not contents else f"has no config.json (it holds {contents[:8]})"
+        raise UserInputError(f"model.name_or_path: folder {name_or_path!r} {what}, so it is not a model "
+                             f"folder; {fix}")
+
+
+def _model_path_message(name_or_path: str, err: Exception) -> str:
     close = difflib.get_close_matches(name_or_path, list(TINY_CONFIGS), n=1, cutoff=0.7)
     if close:
         return (f"model.name_or_path: {name_or_path!r} is neither a model folder nor a built-in model; "
                 f"did you mean {close[0]!r}?")
-    looks_local = os.sep in name_or_path or name_or_path.startswith(".") or Path(name_or_path).exists()
-    if looks_local:
+    detail = f"{err.__class__.__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    if _looks_local(name_or_path):
         return (f"model.name_or_path: {name_or_path!r} is not a loadable Hugging Face model folder "
-                f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]}). Point it at a folder with "
-                "config.json, weights and tokenizer files, or use a built-in model: "
-                f"{sorted(TINY_CONFIGS)}")
-    return (f"model.name_or_path: could not load {name_or_path!r} from the Hugging Face hub "
-            f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]}). Without network access, download "
-            f"it elsewhere and pass its local folder, or use a built-in model: {sorted(TINY_CONFIGS)}")
+                f"({detail}). Point it at a folder with config.json, weights and tokenizer files, or use a "
+                f"built-in model: {sorted(TINY_CONFIGS)}")
+    return (f"model.name_or_path: could not load {name_or_path!r} from the Hugging Face hub ({detail}), and "
+            "no local folder of that name exists. Check the spelling; without network access, download it "
+            "elsewhere and point model.name_or_path at its local folder, or use a built-in model: "
+            f"{sorted(TINY_CONFIGS)}")
 
 
 def load_model(name_or_path: str, *, seed: int = 0, dtype: str = "float32", tokenizer=None):
@@ -108,6 +150,7 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: str = "float32", toke
             model = AutoModelForCausalLM.from_config(config)
         model = model.to(_dtype(dtype))
     else:
+        check_model_path(name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_dtype(dtype))
         except (OSError, ValueError) as e:
@@ -124,6 +167,7 @@ def meta_model(name_or_path: str):
         tok = byte_level_tokenizer()
         config = tiny_config(name_or_path, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     else:
+        check_model_path(name_or_path)
         try:
             config = AutoConfig.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:

@@ -125,3 +125,22 @@ def test_refuses_to_overwrite_results(tmp_path):
         run_job(cfg, LocalComm(), show_progress=False)
     assert (tmp_path / "x" / "results.h5").read_bytes() == before
     assert math.isfinite(Results(tmp_path / "x" / "results.h5").last_eval_loss())
+
+
+@pytest.mark.shared_data
+def test_stories260k_on_real_e2e_subset(tmp_path):
+    """The pretrained Llama-architecture stories260K on real E2E rows: one round lowers the dev loss."""
+    from ._util import shared_data
+
+    root = shared_data()
+    if root is None:
+        pytest.skip("needs ../shared/data (or FEDPIPE_SHARED_DATA) with models/stories260K-hf and e2e/")
+    cfg = load_job("jobs/e2e_stories260k.yaml", [
+        f"model.name_or_path={root / 'models' / 'stories260K-hf'}", f"data.train_path={root / 'e2e' / 'trainset.csv'}",
+        f"data.eval_path={root / 'e2e' / 'devset.csv'}", "data.max_train_samples=400", "eval.max_samples=64",
+        "rounds=1", "train.local_steps=5", f"output.dir={tmp_path}"])
+    summary = run_job(cfg, LocalComm(), show_progress=False)
+    r = Results(summary.results_path)
+    assert r.attrs["dataset"] == "e2e" and r.n_rounds == 1
+    assert r.rounds["eval_loss"][1] < r.rounds["eval_loss"][0]
+    assert (r.clients["ranks"][1] == 8).all()  # 5 layers x q, k, v, o at lora.rank 8

@@ -15,18 +15,25 @@ from ..config import UserInputError
 
 def read_e2e_csv(path: str | Path, key: str) -> list[tuple[str, str]]:
     """(mr, ref) rows of an E2E CSV. `key` names the setting in messages (e.g. data.train_path)."""
-    p = Path(path)
+    p = Path(path).expanduser()
+    what = "training" if "train" in key else "eval"
+    fix = f"point {key} at an E2E CSV with a header row mr,ref, e.g. trainset.csv from the E2E dataset"
+    if p.is_dir():
+        raise UserInputError(f"{key}: {str(p)!r} is a folder, not a CSV file; {fix}")
     if not p.is_file():
-        raise UserInputError(f"{key}: file {str(p)!r} does not exist; point {key} at an E2E CSV "
-                             "(columns mr,ref), e.g. trainset.csv from the E2E dataset")
+        raise UserInputError(f"{key}: file {str(p)!r} does not exist; {fix}")
     try:
-        with p.open(newline="", encoding="utf-8") as f:
+        with p.open(newline="", encoding="utf-8-sig") as f:  # -sig: tolerate the BOM spreadsheets write
             reader = csv.DictReader(f)
-            cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-            if "mr" not in cols or "ref" not in cols:
-                raise UserInputError(f"{key}: {str(p)!r} has columns {reader.fieldnames}; an E2E CSV needs a "
-                                     "header row with the columns mr,ref")
-            names = dict(zip(cols, reader.fieldnames or []))
+            if reader.fieldnames is None:
+                raise UserInputError(f"{key}: {str(p)!r} is empty (no header row); {fix}")
+            cols = [(c or "").strip().lower() for c in reader.fieldnames]
+            missing = [c for c in ("mr", "ref") if c not in cols]
+            if missing:
+                raise UserInputError(f"{key}: {str(p)!r} has columns {reader.fieldnames} and lacks "
+                                     f"{' and '.join(missing)}; an E2E CSV needs a header row with the "
+                                     f"columns mr,ref: rename its columns to mr,ref or {fix}")
+            names = dict(zip(cols, reader.fieldnames))
             rows, skipped = [], 0
             for row in reader:
                 mr = (row.get(names["mr"]) or "").strip()
@@ -39,10 +46,17 @@ def read_e2e_csv(path: str | Path, key: str) -> list[tuple[str, str]]:
         raise UserInputError(f"{key}: {str(p)!r} is not UTF-8 ({e.reason} at byte {e.start}); re-save it "
                              "as UTF-8") from None
     except csv.Error as e:
-        raise UserInputError(f"{key}: {str(p)!r} is not a readable CSV ({e})") from None
+        raise UserInputError(f"{key}: {str(p)!r} is not a readable CSV ({e}); {fix}") from None
+    except OSError as e:
+        raise UserInputError(f"{key}: {str(p)!r} cannot be read ({e.strerror}); check its permissions or "
+                             f"{fix}") from None
     if not rows:
-        raise UserInputError(f"{key}: {str(p)!r} holds no usable rows ({skipped} rows with an empty mr or "
-                             "ref); the training and eval sets must not be empty")
+        if skipped == 0:
+            why = "has a header row but no data rows"
+        else:
+            why = f"has {skipped} row(s), but every one has an empty mr or ref"
+        raise UserInputError(f"{key}: {str(p)!r} {why}, so the {what} set would be empty; add rows with both "
+                             f"mr and ref filled in, or {fix}")
     return rows
 
 

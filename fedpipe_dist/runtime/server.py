@@ -107,6 +107,9 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     """Run the whole job on this rank. Returns the summary on rank 0, None elsewhere."""
     rank0 = comm.rank == 0
     device = comm.device
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress display per job: ours, on rank 0
     out_dir = Path(cfg.output.dir)
     n = cfg.clients.n
     _agree(comm, lambda: _check_output_dir(out_dir, cfg.output.overwrite))
