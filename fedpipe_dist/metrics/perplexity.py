@@ -31,5 +31,10 @@ def evaluate(model, data: TokenizedSet, *, batch_size: int, pad_id: int, device=
         total += lm_loss(model, batch, reduction="sum").item()
         count += int((batch.labels[:, 1:] != IGNORE).sum())
     model.train(was_training)
-    loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
+    return summarize(total, count)
+
+
+def summarize(loss_sum: float, tokens: int) -> dict:
+    """Mean loss per target token and perplexity from a summed loss (e.g. added up over ranks)."""
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_sum": loss_sum, "tokens": tokens}

@@ -31,7 +31,7 @@ from ..config import ConfigError, JobConfig, UserInputError
 from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
 from ..io.hdf5 import ResultsWriter
 from ..io.schema import PRECISION_BITS
-from ..metrics.perplexity import evaluate
+from ..metrics.perplexity import evaluate, summarize
 from ..models import load_model, load_tokenizer
 from .client import ClientStats, train_client
 from .heterogeneity import client_profiles, measure_tflops
@@ -145,17 +145,19 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     del pairs
     pad_id = tok.pad_token_id
 
-    def load_eval():
-        ev = load_eval_pairs(cfg)
-        order = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))
-        if cfg.eval.max_samples is not None:
-            order = order[: cfg.eval.max_samples]
-        return tokenize_pairs(tok, [format_example(*ev[i]) for i in order], cfg.model.max_length)
-
-    eval_set = _agree(comm, load_eval)
+    # The eval set is public held-out data: every rank scores a strided slice, and the sums are added up.
+    ev = load_eval_pairs(cfg)
+    order = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))
+    if cfg.eval.max_samples is not None:
+        order = order[: cfg.eval.max_samples]
+    eval_slice = tokenize_pairs(tok, [format_example(*ev[i]) for i in order[comm.rank::comm.world_size]],
+                                cfg.model.max_length)
+    del ev
 
     def run_eval() -> dict:
-        return evaluate(model, eval_set, batch_size=cfg.eval.batch_size, pad_id=pad_id, device=device)
+        part = evaluate(model, eval_slice, batch_size=cfg.eval.batch_size, pad_id=pad_id, device=device)
+        parts = comm.all_gather_object((part["loss_sum"], part["tokens"]))
+        return summarize(sum(p[0] for p in parts), sum(p[1] for p in parts))
 
     # ---- profiles: measured compute per rank, heterogeneity per server ----------------------------------
     measured = comm.all_gather_object(measure_tflops(device))
@@ -165,7 +167,8 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     L = n_layers(sites)
     writer = None
     log = Log(rank0, show_bar=show_progress)
-    eval_losses: list[float] = []
+    ev0 = run_eval()  # the untrained base, on every rank (the eval is shared)
+    eval_losses: list[float] = [ev0["loss"]]
     if rank0:
         if out_dir.exists() and cfg.output.overwrite:
             (out_dir / "results.h5").unlink(missing_ok=True)
@@ -176,12 +179,10 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         writer.write_profile({"tflops": [p.tflops for p in profiles],
                               "mem_budget_bytes": [p.mem_budget_bytes for p in profiles],
                               "slowdown": [p.slowdown for p in profiles]})
-        ev = run_eval()
-        eval_losses.append(ev["loss"])
-        writer.append_round(_round_row(0, eval=ev, n_selected=0), {})
+        writer.append_round(_round_row(0, eval=ev0, n_selected=0), {})
         log(f"fedpipe: {cfg.method} on {cfg.model.name_or_path} ({len(sites)} adapter sites), {n} servers on "
             f"{comm.world_size} rank(s), {cfg.rounds} rounds -> {out_dir / 'results.h5'}")
-        log(f"round 0 (base model): eval loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}")
+        log(f"round 0 (base model): eval loss {ev0['loss']:.4f}, ppl {ev0['ppl']:.2f}")
     log.open_bar(cfg.rounds)
 
     # ---- rounds -------------------------------------------------------------------------------------------
@@ -207,11 +208,11 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             stats[c].bytes_up = traffic["client_bytes_up"][c]
 
         gathered = comm.gather_object(list(stats.values()))
+        ev = run_eval() if (t % cfg.eval.every == 0 or t == cfg.rounds) else None
+        if ev is not None:
+            eval_losses.append(ev["loss"])
         if rank0:
             all_stats = {s.client: s for part in gathered for s in part}
-            ev = run_eval() if (t % cfg.eval.every == 0 or t == cfg.rounds) else None
-            if ev is not None:
-                eval_losses.append(ev["loss"])
             row = _round_row(t, eval=ev, n_selected=len(selected), n_clients=n, stats=all_stats,
                              traffic=traffic, wall_s=time.perf_counter() - t_round)
             writer.append_round(row, _client_arrays(n, L, sites, plans, selected, all_stats))
