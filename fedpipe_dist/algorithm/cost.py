@@ -1,0 +1,110 @@
+"""Cost model of a plan: FLOPs per training sample (f_c in Eqn 2e) and peak memory of a local step.
+
+The paper's f_c charges only the adapters; here it includes the frozen model's own forward and backward,
+which dominates and does not depend on the ranks (NOTES.md, open points). Shapes come from a model
+(meta-device is enough), so the model works for LLaMA2-7B without weights.
+
+FLOPs per token (one multiply-add = 2 FLOPs):
+  frozen linear layers, forward                  2 * P_lin
+  frozen linear layers, backward (input grads)   2 * P_lin          (no weight grads: the base is frozen)
+  attention core (QK^T, AV), forward             4 * T * d_attn per layer, backward twice that
+  LoRA adapter of rank r on a site [out, in]     forward 2 r (in+out); backward 4 r (in+out) (grads of
+                                                 the input, A and B): 6 r (in+out) in all
+Memory of a local step (bytes):
+  base weights at the server's precision (NF-k: k bits + one fp32 absmax per block of 64)
+  adapters: fp32 weight + grad + two AdamW moments = 16 bytes per adapter parameter
+  activations kept for backward: per layer and token about (ACT_D * d_model + ACT_FF * d_ff) floats,
+  plus the attention probabilities (heads x T per token) and the logits (3 copies of vocab per token).
+The activation constants are calibrated against measurement (benchmarks/cost_model.py reports the error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..adapters.sites import Site
+
+BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "nf8": 8, "nf4": 4}
+NF_BLOCK = 64
+ACT_D = 12  # residual, norms, q/k/v/o inputs and outputs, MLP input: floats per token per layer x d_model
+ACT_FF = 3  # MLP up/gate/activation outputs: floats per token per layer x d_ff
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layers: int
+    d_model: int
+    d_ff: int
+    n_heads: int
+    d_attn: int  # width of the attention core (n_heads * head_dim)
+    vocab: int
+    linear_params: int  # parameters in all matmul weights (attention, MLP, LM head), frozen
+    total_params: int  # everything stored in the base (embeddings counted once when tied)
+    sites: tuple[Site, ...]
+
+
+def model_shape(model: nn.Module, sites: list[Site]) -> ModelShape:
+    """Read the shapes the cost model needs from an HF causal LM (real or on the meta device)."""
+    from transformers.pytorch_utils import Conv1D
+
+    cfg = model.config
+    d = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    linear = 0
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, Conv1D)):
+            linear += mod.weight.numel()
+    seen, total = set(), 0
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return ModelShape(layers, d, d_ff, heads, heads * head_dim, cfg.vocab_size, linear, total, tuple(sites))
+
+
+def base_flops_per_sample(shape: ModelShape, seq_len: int) -> float:
+    T = seq_len
+    linear = 4.0 * shape.linear_params * T  # forward + input-gradient backward
+    attention = 3 * 4.0 * T * T * shape.d_attn * shape.n_layers  # forward + 2x backward
+    return linear + attention
+
+
+def adapter_flops_per_sample(site: Site, rank: int, seq_len: int) -> float:
+    return 6.0 * rank * (site.in_features + site.out_features) * seq_len
+
+
+def flops_per_sample(shape: ModelShape, ranks: dict[str, int], seq_len: int) -> float:
+    """f_c: FLOPs of one training sample under a plan (base + every adapter at its rank)."""
+    by_key = {s.key: s for s in shape.sites}
+    return base_flops_per_sample(shape, seq_len) + sum(
+        adapter_flops_per_sample(by_key[k], r, seq_len) for k, r in ranks.items() if r > 0 and k in by_key)
+
+
+def adapter_params(shape: ModelShape, ranks: dict[str, int]) -> int:
+    by_key = {s.key: s for s in shape.sites}
+    return sum(r * (by_key[k].in_features + by_key[k].out_features) for k, r in ranks.items() if r > 0)
+
+
+def base_weight_bytes(shape: ModelShape, precision: str) -> float:
+    bits = BITS[precision]
+    if precision.startswith("nf"):
+        return shape.total_params * (bits / 8 + 4 / NF_BLOCK)  # codes + one fp32 absmax per block
+    return shape.total_params * bits / 8
+
+
+def activation_bytes(shape: ModelShape, batch: int, seq_len: int, act_bytes: int = 4) -> float:
+    T = seq_len
+    per_token_layer = ACT_D * shape.d_model + ACT_FF * shape.d_ff + shape.n_heads * T
+    logits = 3 * shape.vocab
+    return batch * T * (shape.n_layers * per_token_layer + logits) * act_bytes
+
+
+def memory_bytes(shape: ModelShape, *, precision: str, ranks: dict[str, int], batch: int, seq_len: int) -> float:
+    """Predicted peak memory of a local training step."""
+    return (base_weight_bytes(shape, precision) + 16 * adapter_params(shape, ranks)
+            + activation_bytes(shape, batch, seq_len))
