@@ -61,10 +61,12 @@ class ModelConfig:
 class DataConfig:
     """Training/eval data and how it is split over the edge servers."""
 
-    name: Literal["synthetic-e2e", "e2e"] = "synthetic-e2e"
+    name: Literal["synthetic-e2e", "e2e", "alpaca"] = "synthetic-e2e"
     train_path: Optional[str] = None
-    """Local CSV (columns mr,ref) or null: synthetic data for synthetic-e2e, the hub's e2e_nlg for e2e."""
+    """Local file or null for the name's default source: synthetic data (synthetic-e2e), the hub's e2e_nlg
+    (e2e, CSV with columns mr,ref when local), the hub's tatsu-lab/alpaca (alpaca, JSON/JSONL when local)."""
     eval_path: Optional[str] = None
+    """Local eval file; null = the default source's dev split (alpaca: a seeded 2% held out of train)."""
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = 0.5
     """Concentration of the Dirichlet split over the partition key (smaller = more skewed)."""
@@ -86,6 +88,10 @@ class ClientsConfig:
     """Per-server memory budget: a number, a list of n numbers, or a draw such as {uniform: [12, 24]}."""
     slowdown: Any = 1.0
     """Per-server compute slowdown (1 = as measured): a number, a list of n, or {uniform: [1, 3]}."""
+    speed: Literal["median", "per_rank"] = "median"
+    """Base compute of each server before its slowdown: median (every rank takes the median of all ranks'
+    measurements: identical hardware, heterogeneity from clients.slowdown alone, reproducible plans) or
+    per_rank (each rank's own measurement: a cluster whose machines really differ)."""
     precision: Any = "auto"
     """auto (most bits that fit memory_gb) or one of fp32/fp16/bf16/nf8/nf4, or a list of n of those."""
 
@@ -101,6 +107,29 @@ class TrainConfig:
     batch_max: int = 8
     max_grad_norm: float = 1.0
     """Clip adapter gradients to this norm (0 = off)."""
+    deadline_s: Optional[float] = None
+    """Round deadline for local training; a server still training then stops, is counted as
+    under-trained, and its update is left out of the round. null = no deadline."""
+
+
+@dataclass(kw_only=True)
+class PlanConfig:
+    """How each round's per-server configuration is chosen (Sec. III-C/D, Algorithm 1)."""
+
+    mode: Literal["fedpipe", "uniform"] = "fedpipe"
+    """fedpipe: batch from compute ratios, weights and ranks by importance under a FLOPs budget;
+    uniform: every server gets lora.rank on every target and batch train.batch_max (fixed-rank LoRA)."""
+    importance: Literal["platon", "fixed", "random"] = "platon"
+    """platon: Eqn 3-7 scores; fixed: a fixed order (q, v, k, o); random: a seeded random order per round."""
+    granularity: Literal["type", "layer"] = "type"
+    """type: one choice per weight type across all layers (the paper); layer: per (layer, weight)."""
+    step_time_s: Optional[float] = None
+    """Time budget of one local step. null = what the fastest server needs for uniform LoRA (lora.rank on
+    every target, batch_max): FedPipe then gets fixed-rank LoRA's time per round on the fastest server."""
+    lam1: float = 0.85
+    """EMA factor of the smoothed sensitivity (Eqn 5)."""
+    lam2: float = 0.95
+    """EMA factor of the uncertainty (Eqn 6)."""
 
 
 @dataclass(kw_only=True)
@@ -162,6 +191,7 @@ class JobConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     comm: CommConfig = field(default_factory=CommConfig)
@@ -228,6 +258,13 @@ def validate(cfg: JobConfig) -> None:
            "cannot be split over the clients")
     _check(cfg.eval.max_samples is None or cfg.eval.max_samples >= 1, "eval.max_samples",
            f"must be >= 1, or null for every eval example (got {cfg.eval.max_samples})")
+    _check(t.deadline_s is None or t.deadline_s > 0, "train.deadline_s",
+           f"must be > 0 seconds, or null for no deadline (got {t.deadline_s})")
+    pl = cfg.plan
+    _check(0 < pl.lam1 < 1, "plan.lam1", f"must be in (0, 1) (got {pl.lam1}); PLATON uses 0.85")
+    _check(0 < pl.lam2 < 1, "plan.lam2", f"must be in (0, 1) (got {pl.lam2}); PLATON uses 0.95")
+    _check(pl.step_time_s is None or pl.step_time_s > 0, "plan.step_time_s",
+           f"must be > 0 seconds, or null for the automatic budget (got {pl.step_time_s})")
     _check(cfg.eval.every >= 1, "eval.every", "must be >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")

@@ -41,8 +41,9 @@ def test_four_gloo_ranks_two_rounds_match_one_process(tmp_path):
     np.testing.assert_allclose(d.rounds["eval_loss"], s.rounds["eval_loss"], rtol=1e-5)
     np.testing.assert_allclose(d.clients["train_loss"][1:], s.clients["train_loss"][1:], rtol=1e-5)
     assert (d.clients["ranks"] == s.clients["ranks"]).all()
-    # Dense uploads are d_out x d_in per adapted weight: 8 weights of 64 x 64 in fp32.
-    assert (d.clients["bytes_up"][1:] == 8 * 64 * 64 * 4).all()
+    # Dense uploads are d_out x d_in per adapted weight (all 64 x 64 here) in fp32.
+    adapted = (d.clients["ranks"][1:] > 0).sum(axis=(2, 3))
+    assert (d.clients["bytes_up"][1:] == adapted * 64 * 64 * 4).all() and adapted.min() > 0
     assert d.rounds["eval_loss"][-1] < d.rounds["eval_loss"][0]
 
 

@@ -49,10 +49,11 @@ def test_run_writes_schema_and_loadable_final(tmp_path):
             assert f["profile"][name].shape == (4,), name
         assert list(f["rounds"]["round"][()]) == [0, 1, 2]
     r = Results(summary.results_path)
-    assert (r.clients["ranks"][1:] == 4).all() and (r.clients["completed"][1:] == 1).all()
-    # bytes_up per client = fp32 factors: rank 4 x (in + out) over 2 layers x (q,k,v,o), each 64 x 64.
-    assert (r.clients["bytes_up"][1:] == 4 * 4 * (64 + 64) * 8).all()
-    assert (r.rounds["bytes_up"][1:] == 4 * 4 * 4 * 128 * 8).all()
+    ranks = r.clients["ranks"][1:]
+    assert (r.clients["completed"][1:] == 1).all() and (ranks.sum(axis=(2, 3)) > 0).all()
+    # bytes_up per client = fp32 factors: sum of r x (in + out) over adapted sites, all 64 x 64 here.
+    assert (r.clients["bytes_up"][1:] == 4 * (64 + 64) * ranks.sum(axis=(2, 3))).all()
+    assert (r.rounds["bytes_up"][1:] == r.clients["bytes_up"][1:].sum(axis=1)).all()
     assert list(r.profile["slowdown"]) == [1, 1.5, 2, 3]
 
     # final/ is a plain HF folder whose eval loss equals the last recorded one.
@@ -77,6 +78,7 @@ def test_factored_and_dense_transport_give_same_model(tmp_path, rank):
     p = {}
     for transport in ("factored", "dense"):
         cfg = _job(tmp_path / transport, f"aggregation.transport={transport}", "rounds=1", f"lora.rank={rank}",
+                   "plan.mode=uniform",
                    "clients.n=3", "clients.memory_gb=24", "clients.slowdown=1")
         run_job(cfg, LocalComm(), show_progress=False)
         p[transport] = _final_params(tmp_path / transport / "final")
@@ -91,7 +93,8 @@ def test_factored_and_dense_transport_give_same_model(tmp_path, rank):
 
 
 def test_one_client_full_participation_equals_its_own_merge(tmp_path):
-    cfg = _job(tmp_path / "one", "clients.n=1", "clients.memory_gb=24", "clients.slowdown=1", "rounds=1")
+    cfg = _job(tmp_path / "one", "clients.n=1", "clients.memory_gb=24", "clients.slowdown=1", "rounds=1",
+               "plan.mode=uniform")
     run_job(cfg, LocalComm(), show_progress=False)
     merged = _final_params(tmp_path / "one" / "final")
 
@@ -143,4 +146,7 @@ def test_stories260k_on_real_e2e_subset(tmp_path):
     r = Results(summary.results_path)
     assert r.attrs["dataset"] == "e2e" and r.n_rounds == 1
     assert r.rounds["eval_loss"][1] < r.rounds["eval_loss"][0]
-    assert (r.clients["ranks"][1] == 8).all()  # 5 layers x q, k, v, o at lora.rank 8
+    ranks = r.clients["ranks"][1]  # [client, layer, 4]
+    assert set(np.unique(ranks)) <= {0, 16, 12, 8, 4, 2} and (ranks.sum(axis=2) > 0).all()
+    # The FLOPs budget is uniform LoRA's (rank 8 on q, k, v, o): at most 32 rank units per layer.
+    assert (ranks.sum(axis=2) <= 4 * 8).all()

@@ -2,7 +2,8 @@
 
 A plan is data, shared by every rank: each rank computes the same plans from the same inputs
 (deterministically), so no plan ever has to be sent. The uniform planner gives every server the same
-configuration (fixed-rank LoRA); FedPipe's Algorithm 1 plugs in beside it.
+configuration (fixed-rank LoRA); `fedpipe_plan` is FedPipe's Algorithm 1: batch sizes from compute ratios, then weights and ranks by
+importance under each server's FLOPs budget, and the most bits of base precision that fit its memory.
 """
 
 from __future__ import annotations
@@ -43,3 +44,117 @@ def sample_clients(n_clients: int, fraction: float, *, seed: int, round_idx: int
         return list(range(n_clients))
     rng = np.random.default_rng([seed, round_idx, 0x5A])
     return sorted(int(c) for c in rng.choice(n_clients, size=k, replace=False))
+
+
+# ---- FedPipe's planner (Sec. III-D, Algorithm 1) -----------------------------------------------------------
+
+PRECISION_ORDER = ("fp32", "fp16", "nf8", "nf4")  # most bits first: precision=auto takes the first that fits
+TIE_ORDER = {"q": 0, "v": 1, "k": 2, "o": 3}  # equal scores: LoRA's finding that W_q, W_v matter most
+
+
+@dataclass
+class ServerBudget:
+    """What the planner knows of one server: measured compute and its memory budget."""
+
+    flops_per_s: float
+    mem_bytes: float
+
+
+@dataclass
+class PlanInfo:
+    """The planner's reasoning for one server, for HDF5, `fedpipe plan` and tests."""
+
+    budget_flops: float  # FLOPs this server may spend per local step
+    step_flops: float  # FLOPs of one step under the plan: b * f_c
+    predicted_step_s: float
+    predicted_mem_bytes: float
+    fits: bool  # within both the FLOPs budget and the memory budget
+
+
+def stage1_batch(flops_per_s: list[float], b_min: int, b_max: int) -> list[int]:
+    """Stage 1: b_i from the capability ratio u_i = C_i / max_j C_j.
+
+    The paper rounds u_i * b_max; we take the floor, so that no server's batch exceeds its share of the
+    fastest server's step time (rounding up would make it a straggler by design). Clipped to b_min.
+    """
+    top = max(flops_per_s)
+    return [max(b_min, min(b_max, int(np.floor(c / top * b_max + 1e-9)))) for c in flops_per_s]
+
+
+def _items(sites: list[Site], targets: list[str], granularity: str) -> list[tuple[tuple, list[Site]]]:
+    """Units the greedy search picks: one per weight type (all layers) or one per (layer, weight)."""
+    chosen = [s for s in sites if s.kind in targets]
+    if granularity == "type":
+        return [((TIE_ORDER[k], -1), [s for s in chosen if s.kind == k]) for k in sorted(set(s.kind for s in chosen),
+                                                                                      key=TIE_ORDER.get)]
+    return [((TIE_ORDER[s.kind], s.layer), [s]) for s in chosen]
+
+
+def greedy_ranks(items, item_scores: list[float], candidate_ranks: list[int], budget: float, cost) -> dict[str, int]:
+    """Algorithm 1, stage 2: most important item first, the highest candidate rank whose cost fits the
+    remaining budget; an item with no fitting rank gets no adapter. `cost(sites, r)` is FLOPs per sample."""
+    order = sorted(range(len(items)), key=lambda i: (-item_scores[i], items[i][0]))
+    ranks: dict[str, int] = {}
+    remaining = budget
+    for i in order:
+        sites = items[i][1]
+        for r in sorted(set(candidate_ranks), reverse=True):
+            c = cost(sites, r)
+            if c <= remaining:
+                remaining -= c
+                for s in sites:
+                    ranks[s.key] = r
+                break
+    return ranks
+
+
+def item_scores(items, scores: np.ndarray) -> list[float]:
+    """Mean importance over an item's sites (scores [layer, 4] in q, k, v, o order)."""
+    return [float(np.mean([scores[s.layer, KIND_INDEX[s.kind]] for s in sites])) for _, sites in items]
+
+
+def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *, targets: list[str],
+                 candidate_ranks: list[int], ref_rank: int, b_min: int, b_max: int, seq_len: int,
+                 step_time_s: float | None, granularity: str = "type",
+                 precision: str | list[str] = "auto") -> tuple[list[ClientPlan], list[PlanInfo]]:
+    """Per-server plans for one round.
+
+    Budget: every server may spend tau seconds per local step, C_i,max = flops_per_s_i * tau. By default
+    tau is the fastest server's step time for uniform LoRA (ref_rank on every target, batch b_max), so a
+    round costs what fixed-rank LoRA costs on the fastest server. Per sample the adapters get
+    min(C_i,max / b_i - base, A_ref), A_ref being the fastest server's per-sample adapter budget: a server
+    with more compute then never gets a smaller total rank (the floor in stage 1 would otherwise hand a
+    slower server more per-sample slack).
+    """
+    from .cost import adapter_flops_per_sample, base_flops_per_sample, flops_per_sample, memory_bytes
+
+    sites = list(shape.sites)
+    items = _items(sites, targets, granularity)
+    base = base_flops_per_sample(shape, seq_len)
+    speeds = [s.flops_per_s for s in servers]
+    top = max(speeds)
+    if step_time_s is None:
+        ref = {s.key: ref_rank for s in sites if s.kind in targets}
+        step_time_s = b_max * flops_per_sample(shape, ref, seq_len) / top
+    a_ref = top * step_time_s / b_max - base
+
+    def cost(item_sites, r):
+        return sum(adapter_flops_per_sample(s, r, seq_len) for s in item_sites)
+
+    batches = stage1_batch(speeds, b_min, b_max)
+    plans, infos = [], []
+    for c, (srv, b) in enumerate(zip(servers, batches)):
+        budget = srv.flops_per_s * step_time_s
+        while b > b_min and b * base > budget:  # the frozen model alone must fit the step budget
+            b -= 1
+        adapter_budget = min(budget / b - base, a_ref)
+        ranks = greedy_ranks(items, item_scores(items, scores[c]), candidate_ranks, adapter_budget, cost)
+        fixed = precision[c] if isinstance(precision, list) else precision
+        options = PRECISION_ORDER if fixed == "auto" else (fixed,)
+        mems = {p: memory_bytes(shape, precision=p, ranks=ranks, batch=b, seq_len=seq_len) for p in options}
+        prec = next((p for p in options if mems[p] <= srv.mem_bytes), options[-1])
+        step = b * flops_per_sample(shape, ranks, seq_len)
+        fits = step <= budget * (1 + 1e-9) and mems[prec] <= srv.mem_bytes
+        plans.append(ClientPlan(c, b, ranks, prec))
+        infos.append(PlanInfo(budget, step, step / srv.flops_per_s, mems[prec], fits))
+    return plans, infos

@@ -27,12 +27,15 @@ CLIENT_FIELDS = {
     "batch_size": "i4",
     "local_steps": "i4",
     "samples": "i8",  # training examples processed this round
-    "local_s": "f8",  # local training wall-clock
+    "local_s": "f8",  # local training wall-clock (slowdown waits included)
+    "wait_s": "f8",  # idle until the slowest selected server finished: max_j local_s_j - local_s_i
     "peak_mem_bytes": "i8",  # CUDA: peak allocated during local training; CPU: process peak RSS
     "trainable_params": "i8",
     "quant_bits": "i4",  # bits per base weight (32 fp32, 16 fp16/bf16, 8 nf8, 4 nf4)
     "bytes_up": "i8",
     "train_loss": "f8",
+    "pred_step_s": "f8",  # the cost model's step time for the plan (FLOPs / measured speed)
+    "pred_mem_bytes": "i8",  # the memory model's peak for the plan
 }
 CLIENT_LAYER_FIELDS = {"ranks": "i4", "importance": "f8"}  # [round row, client, layer, 4] (q, k, v, o)
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..adapters.lora import LoRAAdapters
-from ..adapters.sites import Site
+from ..adapters.lora import LoRAAdapters, _pkey
+from ..adapters.sites import KIND_INDEX, Site, n_layers
+from ..algorithm.importance import mean_singular_value, sensitivity_of
 from ..algorithm.aggregation import ClientUpdate
 from ..algorithm.planner import ClientPlan
 from ..config import JobConfig
@@ -30,6 +31,8 @@ class ClientStats:
     trainable_params: int
     train_loss: float
     bytes_up: int = 0
+    sensitivity: np.ndarray | None = None  # [layer, 4] Eqn 4, mean over the round's steps; NaN = no adapter
+    singular: np.ndarray | None = None  # [layer, 4] mean singular value of (alpha/r) B A after training
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
@@ -55,8 +58,14 @@ def _peak_mem(device: torch.device) -> int:
 
 
 def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
-                 round_idx: int, pad_id: int, device: torch.device) -> tuple[ClientUpdate, ClientStats]:
-    """Train fresh adapters on this client's shard for cfg.train.local_steps and return their factors."""
+                 round_idx: int, pad_id: int, device: torch.device, slowdown: float = 1.0,
+                 deadline_s: float | None = None) -> tuple[ClientUpdate, ClientStats]:
+    """Train fresh adapters on this client's shard for cfg.train.local_steps and return their factors.
+
+    A slowdown s > 1 makes the server really slower: after each step it waits (s - 1) times the step's
+    own duration, so wall-clock, straggler wait and deadlines are measured, not computed. With a deadline,
+    training stops once it is passed and the client counts as not completed.
+    """
     seed = client_seed(cfg.seed, round_idx, plan.client)
     gen = torch.Generator().manual_seed(seed)
     adapters = LoRAAdapters(sites, plan.ranks, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, generator=gen,
@@ -65,25 +74,46 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     batches = _batches(len(data), plan.batch_size, np.random.default_rng(seed))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    L = n_layers(sites)
+    sens_sum = np.zeros((L, 4))
     losses = []
+    completed = True
     t0 = time.perf_counter()
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), adapters.attach(model):
         torch.manual_seed(seed)  # dropout masks depend on the client and round only
         for _ in range(cfg.train.local_steps):
+            if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
+                completed = False
+                break
+            t_step = time.perf_counter()
             batch = collate(data, next(batches), pad_id).to(device)
             loss = lm_loss(model, batch)
             loss.backward()
+            for s in adapters.sites:  # Eqn 4 on the raw gradients, before clipping and the update
+                sens_sum[s.layer, KIND_INDEX[s.kind]] += sensitivity_of([adapters.A[_pkey(s)], adapters.B[_pkey(s)]])
             if cfg.train.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.train.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if slowdown > 1.0:
+                time.sleep((slowdown - 1.0) * (time.perf_counter() - t_step))
     model.eval()
+    sensitivity = np.full((L, 4), np.nan)
+    singular = np.full((L, 4), np.nan)
+    factors = adapters.factors()
+    for s in adapters.sites:
+        j = KIND_INDEX[s.kind]
+        sensitivity[s.layer, j] = sens_sum[s.layer, j] / max(len(losses), 1)
+        singular[s.layer, j] = mean_singular_value(*factors[s.key])
     stats = ClientStats(
-        client=plan.client, completed=True, batch_size=plan.batch_size, local_steps=cfg.train.local_steps,
-        samples=cfg.train.local_steps * plan.batch_size, local_s=time.perf_counter() - t0,
+        client=plan.client, completed=completed, batch_size=plan.batch_size, local_steps=len(losses),
+        samples=len(losses) * plan.batch_size, local_s=time.perf_counter() - t0,
         peak_mem_bytes=_peak_mem(device), trainable_params=adapters.trainable_parameters(),
-        train_loss=float(np.mean(losses)))
-    update = ClientUpdate(plan.client, len(data), plan.batch_size, adapters.factors())
+        train_loss=float(np.mean(losses)) if losses else float("nan"),
+        sensitivity=sensitivity, singular=singular)
+    update = ClientUpdate(plan.client, len(data), plan.batch_size, factors)
     return update, stats

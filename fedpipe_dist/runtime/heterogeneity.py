@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import JobConfig, per_client_values
@@ -34,8 +35,11 @@ def measure_tflops(device: torch.device, dtype: torch.dtype = torch.float32, n: 
 
 
 def client_profiles(cfg: JobConfig, measured_tflops: list[float], owner) -> list[ServerProfile]:
-    """One profile per edge server: its host rank's measured speed / its slowdown, and its memory budget."""
+    """One profile per edge server: its host rank's measured speed (or the median, see clients.speed) / its
+    slowdown, and its memory budget."""
     n = cfg.clients.n
+    if cfg.clients.speed == "median":  # identical hardware: measurement noise must not change the plans
+        measured_tflops = [float(np.median(measured_tflops))] * len(measured_tflops)
     mem = per_client_values(cfg.clients.memory_gb, n, "clients.memory_gb", seed=cfg.seed)
     slow = per_client_values(cfg.clients.slowdown, n, "clients.slowdown", seed=cfg.seed)
     return [ServerProfile(c, measured_tflops[owner(c)] / slow[c], int(mem[c] * 2**30), slow[c]) for c in range(n)]

@@ -23,7 +23,8 @@ import torch
 from ..adapters.sites import Site, add_to_base, find_sites, n_layers
 from ..algorithm.aggregation import (ClientUpdate, aggregate_factored, aggregation_weights, dense_sum,
                                      factored_to_dense)
-from ..algorithm.planner import ClientPlan, sample_clients, uniform_plan
+from ..algorithm.cost import model_shape
+from ..algorithm.planner import ClientPlan, sample_clients
 from ..comm.base import Communicator, nbytes
 from ..comm.payload import (dense_layout, downlink_is_dense, factor_layout, layout_numel, pack, pack_dense,
                             stacked_layout, unpack, unpack_dense)
@@ -35,6 +36,7 @@ from ..metrics.perplexity import evaluate, summarize
 from ..models import load_model, load_tokenizer
 from .client import ClientStats, train_client
 from .heterogeneity import client_profiles, measure_tflops
+from .planning import RoundPlanner
 
 
 class Log:
@@ -83,6 +85,16 @@ def _agree(comm: Communicator, fn):
     return result
 
 
+_NO_QUANT = ("clients.precision: quantized and half-precision bases are not available in this version; use "
+             "clients.precision=auto or fp32, and give every server enough clients.memory_gb for an fp32 base")
+
+
+def _refuse_unbuilt_precisions(plans: list[ClientPlan], runnable: list[int]) -> None:
+    low = sorted({plans[c].precision for c in runnable} - {"fp32"})
+    if low:
+        raise UserInputError(f"{_NO_QUANT} (the planner chose {low} to fit clients.memory_gb)")
+
+
 def _check_output_dir(out: Path, overwrite: bool) -> None:
     results = out / "results.h5"
     if results.exists() and not overwrite:
@@ -115,8 +127,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     _agree(comm, lambda: _check_output_dir(out_dir, cfg.output.overwrite))
     precisions = cfg.clients.precision if isinstance(cfg.clients.precision, list) else [cfg.clients.precision] * n
     if any(p not in ("auto", "fp32") for p in precisions):
-        raise UserInputError("clients.precision: quantized and half-precision bases are not available in this "
-                             "version; use clients.precision=auto (fp32) or fp32")
+        raise UserInputError(_NO_QUANT)
 
     # ---- model, adapter sites, data (each rank keeps only its own servers' shards) --------------------
     tok = load_tokenizer(cfg.model.name_or_path)
@@ -160,8 +171,15 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         return summarize(sum(p[0] for p in parts), sum(p[1] for p in parts))
 
     # ---- profiles: measured compute per rank, heterogeneity per server ----------------------------------
-    measured = comm.all_gather_object(measure_tflops(device))
+    # One rank at a time, so that ranks sharing a machine do not slow each other's measurement down.
+    mine = None
+    for r in range(comm.world_size):
+        if r == comm.rank:
+            mine = measure_tflops(device)
+        comm.barrier()
+    measured = comm.all_gather_object(mine)
     profiles = client_profiles(cfg, measured, owner)
+    planner = RoundPlanner(cfg, model_shape(model, sites), sites, profiles, hosted=my_clients)
 
     # ---- results file (rank 0) and the untrained base as row 0 ------------------------------------------
     L = n_layers(sites)
@@ -189,23 +207,33 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     for t in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
         selected = sample_clients(n, cfg.clients.fraction, seed=cfg.seed, round_idx=t)
-        plans = uniform_plan(sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,
-                             batch_size=cfg.train.batch_max)
+        plans, infos, scores = planner.plan(comm, t)
+        # A plan that does not fit the server's memory (or FLOPs) budget is not run: under-training.
+        runnable = [c for c in selected if infos[c].fits]
+        _refuse_unbuilt_precisions(plans, runnable)
         updates: dict[int, ClientUpdate] = {}
         stats: dict[int, ClientStats] = {}
-        for c in selected:
+        for c in runnable:
             if owner(c) == comm.rank:
                 updates[c], stats[c] = train_client(model, sites, plans[c], shards[c], cfg, round_idx=t,
-                                                    pad_id=pad_id, device=device)
-        contributors = selected  # every selected server completes its plan (no deadlines yet)
-        weights = aggregation_weights([shard_sizes[c] for c in contributors],
-                                      [plans[c].batch_size for c in contributors])
-        exchange = _exchange_factored if cfg.aggregation.transport == "factored" else _exchange_dense
-        deltas, traffic = exchange(comm, sites, plans, contributors, weights, updates, owner)
+                                                    pad_id=pad_id, device=device, slowdown=profiles[c].slowdown,
+                                                    deadline_s=cfg.train.deadline_s)
+                planner.observe(c, stats[c].sensitivity, stats[c].singular)
+        done: dict[int, bool] = {}
+        for part in comm.all_gather_object({c: st.completed for c, st in stats.items()}):
+            done.update(part)
+        contributors = [c for c in runnable if done[c]]
+        if contributors:
+            weights = aggregation_weights([shard_sizes[c] for c in contributors],
+                                          [plans[c].batch_size for c in contributors])
+            exchange = _exchange_factored if cfg.aggregation.transport == "factored" else _exchange_dense
+            deltas, traffic = exchange(comm, sites, plans, contributors, weights, updates, owner)
+        else:  # nobody finished: the base stays as it is this round
+            deltas, traffic = {}, {"client_bytes_up": {}, "bytes_down_payload": 0, "wait_s": 0.0, "agg_s": 0.0}
         for key, delta in deltas.items():
             add_to_base(model, site_by_key[key], delta)
         for c in stats:
-            stats[c].bytes_up = traffic["client_bytes_up"][c]
+            stats[c].bytes_up = traffic["client_bytes_up"].get(c, 0)
 
         gathered = comm.gather_object(list(stats.values()))
         ev = run_eval() if (t % cfg.eval.every == 0 or t == cfg.rounds) else None
@@ -215,7 +243,11 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             all_stats = {s.client: s for part in gathered for s in part}
             row = _round_row(t, eval=ev, n_selected=len(selected), n_clients=n, stats=all_stats,
                              traffic=traffic, wall_s=time.perf_counter() - t_round)
-            writer.append_round(row, _client_arrays(n, L, sites, plans, selected, all_stats))
+            arrays = _client_arrays(n, L, sites, plans, selected, all_stats)
+            arrays["importance"] = scores
+            arrays["pred_step_s"] = np.array([i.predicted_step_s for i in infos])
+            arrays["pred_mem_bytes"] = np.array([i.predicted_mem_bytes for i in infos], dtype=np.int64)
+            writer.append_round(row, arrays)
             log.step(loss=f"{row['eval_loss']:.4f}" if ev else "-")
     log.close()
 
@@ -336,6 +368,7 @@ def _client_arrays(n: int, L: int, sites: list[Site], plans: list[ClientPlan], s
          ("selected", "completed", "batch_size", "local_steps", "samples", "peak_mem_bytes", "trainable_params",
           "quant_bits", "bytes_up")}
     a["local_s"] = np.full(n, np.nan)
+    a["wait_s"] = np.full(n, np.nan)
     a["train_loss"] = np.full(n, np.nan)
     a["ranks"] = np.zeros((n, L, 4), dtype=np.int32)
     a["importance"] = np.full((n, L, 4), np.nan)
@@ -356,4 +389,8 @@ def _client_arrays(n: int, L: int, sites: list[Site], plans: list[ClientPlan], s
         a["trainable_params"][c] = s.trainable_params
         a["bytes_up"][c] = s.bytes_up
         a["train_loss"][c] = s.train_loss
+    # Straggler wait: how long each server idles until the slowest selected one has finished.
+    t_max = max((s.local_s for s in stats.values()), default=0.0)
+    for c, s in stats.items():
+        a["wait_s"][c] = t_max - s.local_s
     return a

@@ -1,0 +1,67 @@
+"""Per-round planning inside a run: importance state per hosted server, score exchange, the planner call.
+
+Every rank ends up with the same plans: the importance scores of all servers are all-gathered (an
+[layer, 4] array each), and the planner is a pure function of scores, profiles and the job.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..adapters.sites import Site, n_layers
+from ..algorithm.cost import ModelShape, flops_per_sample, memory_bytes
+from ..algorithm.importance import ImportanceState
+from ..algorithm.planner import ClientPlan, PlanInfo, ServerBudget, fedpipe_plan, uniform_plan
+from ..config import JobConfig
+from .heterogeneity import ServerProfile
+
+
+class RoundPlanner:
+    def __init__(self, cfg: JobConfig, shape: ModelShape, sites: list[Site], profiles: list[ServerProfile],
+                 hosted: list[int]):
+        self.cfg = cfg
+        self.shape = shape
+        self.sites = sites
+        self.L = n_layers(sites)
+        self.servers = [ServerBudget(p.tflops * 1e12, p.mem_budget_bytes) for p in profiles]
+        self.states = {c: ImportanceState(self.L, cfg.plan.lam1, cfg.plan.lam2) for c in hosted}
+
+    def scores(self, comm, round_idx: int) -> np.ndarray:
+        """[client, layer, 4] importance used to plan this round (identical on every rank)."""
+        n, p = self.cfg.clients.n, self.cfg.plan
+        if p.importance == "platon":
+            local = {c: st.scores() for c, st in self.states.items()}
+            merged: dict[int, np.ndarray] = {}
+            for part in comm.all_gather_object(local):
+                merged.update(part)
+            return np.stack([merged[c] for c in range(n)])
+        if p.importance == "random":  # ablation: a fresh seeded order every round
+            return np.random.default_rng([self.cfg.seed, round_idx, 0xA11]).random((n, self.L, 4))
+        return np.zeros((n, self.L, 4))  # fixed: ties everywhere, so the order q, v, k, o decides
+
+    def plan(self, comm, round_idx: int) -> tuple[list[ClientPlan], list[PlanInfo], np.ndarray]:
+        cfg = self.cfg
+        n, T = cfg.clients.n, cfg.model.max_length
+        if cfg.plan.mode == "uniform":
+            plans = uniform_plan(self.sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,
+                                 batch_size=cfg.train.batch_max, precision="fp32")
+            infos = []
+            for pl, srv in zip(plans, self.servers):
+                step = pl.batch_size * flops_per_sample(self.shape, pl.ranks, T)
+                mem = memory_bytes(self.shape, precision=pl.precision, ranks=pl.ranks, batch=pl.batch_size,
+                                   seq_len=T)
+                infos.append(PlanInfo(math.inf, step, step / srv.flops_per_s, mem, mem <= srv.mem_bytes))
+            return plans, infos, np.full((n, self.L, 4), np.nan)
+        scores = self.scores(comm, round_idx)
+        precision = cfg.clients.precision
+        plans, infos = fedpipe_plan(
+            self.shape, self.servers, list(scores), targets=cfg.lora.targets, candidate_ranks=cfg.lora.ranks,
+            ref_rank=cfg.lora.rank, b_min=cfg.train.batch_min, b_max=cfg.train.batch_max, seq_len=T,
+            step_time_s=cfg.plan.step_time_s, granularity=cfg.plan.granularity, precision=precision)
+        return plans, infos, scores
+
+    def observe(self, client: int, sensitivity: np.ndarray, singular: np.ndarray) -> None:
+        """Fold a hosted server's round measurements into its importance state (Eqn 5-7)."""
+        self.states[client].update(sensitivity, singular)
