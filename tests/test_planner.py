@@ -1,0 +1,119 @@
+"""Layer: algorithm/planner and algorithm/cost (Algorithm 1), pure functions in one process, no weights.
+
+Run: .venv/bin/python -m pytest tests/test_planner.py -q
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedpipe_dist.adapters.sites import find_sites
+from fedpipe_dist.algorithm.cost import (adapter_flops_per_sample, base_flops_per_sample, flops_per_sample,
+                                         memory_bytes, model_shape)
+from fedpipe_dist.algorithm.planner import ServerBudget, fedpipe_plan, greedy_ranks, stage1_batch
+from fedpipe_dist.models import model_from_config
+
+RANKS = [16, 12, 8, 4, 2]
+
+
+@pytest.fixture(scope="module")
+def shape():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=4,
+                      intermediate_size=172, vocab_size=512, tie_word_embeddings=True)  # stories260K's shape
+    model = model_from_config(cfg)
+    return model_shape(model, find_sites(model))
+
+
+def test_cost_model_by_hand(shape):
+    q = [s for s in shape.sites if s.key == "0.q"][0]
+    assert adapter_flops_per_sample(q, 4, 10) == 6 * 4 * (64 + 64) * 10
+    # Linear params: 5 layers x (q 64x64 + k 32x64 + v 32x64 + o 64x64 + 3 MLP 64x172) + lm_head 512x64
+    lin = 5 * (4096 + 2048 + 2048 + 4096 + 3 * 64 * 172) + 512 * 64
+    assert shape.linear_params == lin
+    assert base_flops_per_sample(shape, 10) == 4 * lin * 10 + 3 * 4 * 10 * 10 * 64 * 5
+    assert flops_per_sample(shape, {"0.q": 4}, 10) == base_flops_per_sample(shape, 10) + 6 * 4 * 128 * 10
+    # fp32 base, no adapters, batch 1, T 1: weights + one token's activations and logits.
+    assert memory_bytes(shape, precision="fp32", ranks={}, batch=1, seq_len=1) == (
+        4 * shape.total_params + 4 * (5 * (12 * 64 + 3 * 172 + 8 * 1) + 3 * 512))
+
+
+def test_stage1_batch_by_hand():
+    assert stage1_batch([4.0, 2.0, 1.0, 3.0], 1, 8) == [8, 4, 2, 6]
+    assert stage1_batch([3.0, 2.0, 1.0], 2, 8) == [8, 5, 2]  # floor(5.33) = 5; floor(2.67) = 2
+    assert stage1_batch([100.0, 1.0], 2, 8) == [8, 2]  # clipped to b_min
+
+
+def test_greedy_takes_most_important_first_and_highest_fitting_rank():
+    items = [((0, -1), ["q"]), ((1, -1), ["v"]), ((2, -1), ["k"])]
+
+    class S:
+        def __init__(self, key):
+            self.key = key
+
+    items = [(order, [S(k) for k in keys]) for order, keys in items]
+
+    def cost(sites, r):
+        return 10.0 * r
+
+    # budget 200: k (most important) gets 16 (160), then q: 4 (40) fits exactly, then nothing is left for v.
+    ranks = greedy_ranks(items, [0.2, 0.1, 0.9], RANKS, 200.0, cost)
+    assert ranks == {"k": 16, "q": 4}
+    # ties fall back to the item order (q, v, k)
+    assert greedy_ranks(items, [0.0, 0.0, 0.0], RANKS, 280.0, cost) == {"q": 16, "v": 12}
+
+
+def _plan(shape, speeds, scores=None, mem=1e12, **kw):
+    n = len(speeds)
+    scores = scores if scores is not None else [np.zeros((5, 4))] * n
+    args = dict(targets=["q", "k", "v", "o"], candidate_ranks=RANKS, ref_rank=8, b_min=1, b_max=8, seq_len=64,
+                step_time_s=None)
+    args.update(kw)
+    return fedpipe_plan(shape, [ServerBudget(s, mem) for s in speeds], scores, **args)
+
+
+def test_fastest_server_gets_uniform_lora_cost_and_importance_decides(shape):
+    scores = np.zeros((5, 4))
+    scores[:, 1] = 1.0  # k matters most
+    plans, infos = _plan(shape, [1e10, 5e9], [scores, np.zeros((5, 4))])
+    assert plans[0].batch_size == 8 and plans[1].batch_size == 4
+    assert plans[0].ranks["0.k"] == 16 and plans[1].ranks.get("0.k", 0) == 0  # server 1 ties: q, v first
+    assert plans[1].ranks["0.q"] == 16 and plans[1].ranks["0.v"] == 16
+    assert all(i.fits for i in infos)
+    # The budget is uniform LoRA's step at rank 8 on the fastest server.
+    uniform = {s.key: 8 for s in shape.sites}
+    assert infos[0].budget_flops == pytest.approx(8 * flops_per_sample(shape, uniform, 64))
+
+
+def test_precision_is_the_most_bits_that_fit(shape):
+    plans, _ = _plan(shape, [1e10])
+    need = {p: memory_bytes(shape, precision=p, ranks=plans[0].ranks, batch=8, seq_len=64)
+            for p in ("fp32", "fp16", "nf8", "nf4")}
+    assert need["fp32"] > need["fp16"] > need["nf8"] > need["nf4"]
+    for prec in ("fp32", "fp16", "nf8", "nf4"):  # a budget just above each precision's need picks it
+        plans, infos = _plan(shape, [1e10], mem=need[prec] + 1)
+        assert plans[0].precision == prec and infos[0].fits
+    plans, infos = _plan(shape, [1e10], mem=1.0)  # nothing fits: flagged, never silently run
+    assert not infos[0].fits
+
+
+@settings(max_examples=60, deadline=None)
+@given(speeds=st.lists(st.floats(min_value=1e8, max_value=1e11), min_size=2, max_size=8),
+       seed=st.integers(0, 1000), b_min=st.integers(1, 3), granularity=st.sampled_from(["type", "layer"]))
+def test_plans_fit_their_budget_and_are_monotone_in_compute(shape, speeds, seed, b_min, granularity):
+    rng = np.random.default_rng(seed)
+    common = rng.random((5, 4))  # the same importance for everyone: only compute differs
+    plans, infos = _plan(shape, speeds, [common] * len(speeds), b_min=b_min, granularity=granularity)
+    base = base_flops_per_sample(shape, 64)
+    for p, i in zip(plans, infos):
+        if i.fits:
+            assert i.step_flops <= i.budget_flops * (1 + 1e-9)
+        else:  # only when even the frozen model at b_min does not fit the step budget
+            assert p.batch_size == b_min and b_min * base > i.budget_flops
+    order = np.argsort(speeds)
+    for lo, hi in zip(order[:-1], order[1:]):
+        if speeds[hi] > speeds[lo]:
+            assert plans[hi].batch_size >= plans[lo].batch_size
+            assert sum(plans[hi].ranks.values()) >= sum(plans[lo].ranks.values())
