@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="YAML job file, e.g. jobs/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rounds=3 train.lr=1e-3")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    plan = sub.add_parser("plan", help="print round 1's plan for every server (no weights, no training)")
+    plan.add_argument("job")
+    plan.add_argument("overrides", nargs="*")
     check = sub.add_parser("check", help="validate a job file and overrides, print the resolved config")
     check.add_argument("job")
     check.add_argument("overrides", nargs="*")
@@ -55,6 +58,16 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        if args.command == "plan":
+            from .runtime.planning import plan_table
+
+            table, _, infos = plan_table(cfg, log=lambda m: print(m, file=sys.stderr))
+            print(table)
+            bad = [i for i, info in enumerate(infos) if not info.fits]
+            if bad:
+                print(f"fedpipe: servers {bad} have no plan that fits their budgets; they would under-train "
+                      "(raise clients.memory_gb or plan.step_time_s, or lower train.batch_min)", file=sys.stderr)
             return 0
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         from .runtime.launch import make_comm

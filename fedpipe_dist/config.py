@@ -88,6 +88,9 @@ class ClientsConfig:
     """Per-server memory budget: a number, a list of n numbers, or a draw such as {uniform: [12, 24]}."""
     slowdown: Any = 1.0
     """Per-server compute slowdown (1 = as measured): a number, a list of n, or {uniform: [1, 3]}."""
+    tflops: Any = None
+    """Declared compute of each server before its slowdown (TFLOP/s: a number or a list of n); null = measured
+    on each rank. Used by `fedpipe plan` to plan for hardware you are not on."""
     speed: Literal["median", "per_rank"] = "median"
     """Base compute of each server before its slowdown: median (every rank takes the median of all ranks'
     measurements: identical hardware, heterogeneity from clients.slowdown alone, reproducible plans) or
@@ -228,6 +231,8 @@ def validate(cfg: JobConfig) -> None:
     _check(0.0 < c.fraction <= 1.0, "clients.fraction", f"must be in (0, 1] (got {c.fraction})")
     per_client_values(c.memory_gb, c.n, "clients.memory_gb", seed=cfg.seed, positive=True)
     per_client_values(c.slowdown, c.n, "clients.slowdown", seed=cfg.seed, positive=True)
+    if c.tflops is not None:
+        per_client_values(c.tflops, c.n, "clients.tflops", seed=cfg.seed, positive=True)
     if isinstance(c.precision, list):
         _check(len(c.precision) == c.n, "clients.precision",
                f"has {len(c.precision)} entries but clients.n={c.n}; give {c.n} values or 'auto'")

@@ -159,19 +159,43 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: str = "float32", toke
     return model
 
 
-def meta_model(name_or_path: str):
-    """The model's structure on the meta device: shapes without weights (planning, byte counts)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+# Published architecture configs of the paper's models, so that planning (shapes only, no weights) works
+# without hub access. Values from the models' config.json on the Hugging Face hub.
+KNOWN_SHAPES = {
+    "meta-llama/Llama-2-7b-hf": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
+                                     vocab_size=32000, max_position_embeddings=4096),
+    "gpt2-medium": dict(model_type="gpt2", n_embd=1024, n_layer=24, n_head=16, vocab_size=50257, n_positions=1024),
+    "gpt2-large": dict(model_type="gpt2", n_embd=1280, n_layer=36, n_head=20, vocab_size=50257, n_positions=1024),
+}
+
+
+def meta_model(name_or_path: str, *, log=None):
+    """The model's structure on the meta device: shapes without weights (planning, byte counts).
+
+    A hub name whose config cannot be fetched (no network) falls back to KNOWN_SHAPES when listed there;
+    `log` is told when that happens.
+    """
+    from transformers import AutoConfig
 
     if name_or_path in TINY_CONFIGS:
         tok = byte_level_tokenizer()
         config = tiny_config(name_or_path, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     else:
         check_model_path(name_or_path)
-        try:
-            config = AutoConfig.from_pretrained(name_or_path)
-        except (OSError, ValueError) as e:
-            raise UserInputError(_model_path_message(name_or_path, e)) from None
+        try:  # a local folder or the local hub cache: no network round-trips
+            config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        except (OSError, ValueError):
+            if name_or_path in KNOWN_SHAPES:  # the shape is all planning needs: skip the hub's retries
+                spec = dict(KNOWN_SHAPES[name_or_path])
+                config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+                if log:
+                    log(f"note: {name_or_path} is not cached here; using its published shape (no weights needed)")
+            else:
+                try:
+                    config = AutoConfig.from_pretrained(name_or_path)
+                except (OSError, ValueError) as e:
+                    raise UserInputError(_model_path_message(name_or_path, e)) from None
     return model_from_config(config)
 
 

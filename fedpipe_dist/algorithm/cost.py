@@ -104,7 +104,8 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, act_bytes: int
     return batch * T * (shape.n_layers * per_token_layer + logits) * act_bytes
 
 
-def memory_bytes(shape: ModelShape, *, precision: str, ranks: dict[str, int], batch: int, seq_len: int) -> float:
-    """Predicted peak memory of a local training step."""
+def memory_bytes(shape: ModelShape, *, precision: str, ranks: dict[str, int], batch: int, seq_len: int,
+                 act_bytes: int = 4) -> float:
+    """Predicted peak memory of a local training step (act_bytes: 4 for fp32 compute, 2 for bf16/fp16)."""
     return (base_weight_bytes(shape, precision) + 16 * adapter_params(shape, ranks)
-            + activation_bytes(shape, batch, seq_len))
+            + activation_bytes(shape, batch, seq_len, act_bytes))

@@ -115,8 +115,8 @@ def item_scores(items, scores: np.ndarray) -> list[float]:
 
 def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *, targets: list[str],
                  candidate_ranks: list[int], ref_rank: int, b_min: int, b_max: int, seq_len: int,
-                 step_time_s: float | None, granularity: str = "type",
-                 precision: str | list[str] = "auto") -> tuple[list[ClientPlan], list[PlanInfo]]:
+                 step_time_s: float | None, granularity: str = "type", precision: str | list[str] = "auto",
+                 act_bytes: int = 4) -> tuple[list[ClientPlan], list[PlanInfo]]:
     """Per-server plans for one round.
 
     Budget: every server may spend tau seconds per local step, C_i,max = flops_per_s_i * tau. By default
@@ -147,12 +147,19 @@ def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *
         budget = srv.flops_per_s * step_time_s
         while b > b_min and b * base > budget:  # the frozen model alone must fit the step budget
             b -= 1
-        adapter_budget = min(budget / b - base, a_ref)
-        ranks = greedy_ranks(items, item_scores(items, scores[c]), candidate_ranks, adapter_budget, cost)
         fixed = precision[c] if isinstance(precision, list) else precision
         options = PRECISION_ORDER if fixed == "auto" else (fixed,)
-        mems = {p: memory_bytes(shape, precision=p, ranks=ranks, batch=b, seq_len=seq_len) for p in options}
-        prec = next((p for p in options if mems[p] <= srv.mem_bytes), options[-1])
+        importance = item_scores(items, scores[c])
+        while True:  # if no precision fits the memory budget, a smaller batch may
+            adapter_budget = min(budget / b - base, a_ref)
+            ranks = greedy_ranks(items, importance, candidate_ranks, adapter_budget, cost)
+            mems = {p: memory_bytes(shape, precision=p, ranks=ranks, batch=b, seq_len=seq_len, act_bytes=act_bytes)
+                    for p in options}
+            prec = next((p for p in options if mems[p] <= srv.mem_bytes), None)
+            if prec is not None or b <= b_min:
+                break
+            b -= 1
+        prec = prec or options[-1]
         step = b * flops_per_sample(shape, ranks, seq_len)
         fits = step <= budget * (1 + 1e-9) and mems[prec] <= srv.mem_bytes
         plans.append(ClientPlan(c, b, ranks, prec))

@@ -6,8 +6,10 @@ prompt the model conditions on and the target it is trained to produce (the loss
 
 from __future__ import annotations
 
-from ..config import JobConfig
-from .e2e import load_e2e_hub, partition_key, read_e2e_csv
+from ..config import JobConfig, UserInputError
+from . import alpaca
+from .e2e import load_e2e_hub, read_e2e_csv
+from .e2e import partition_key as e2e_partition_key
 from .partition import partition
 from .synthetic import synthetic_e2e
 from .tokenize import Batch, TokenizedSet, collate, tokenize_pairs
@@ -19,12 +21,42 @@ SEPARATOR = " =>"
 
 
 def format_example(source: str, reference: str) -> tuple[str, str]:
-    """(prompt, target): 'name[..], eatType[..] =>' and ' The text.' (EOS is appended at tokenization)."""
+    """(prompt, target). E2E: 'name[..], eatType[..] =>' and ' The text.'; Alpaca pairs come already
+    templated (the source ends in '### Response:\n'). EOS is appended at tokenization."""
+    if source.endswith("### Response:\n"):
+        return source, reference
     return source + SEPARATOR, " " + reference
+
+
+def partition_key(source: str) -> str:
+    """The label a Dirichlet split draws over: E2E's food type, or Alpaca's task kind."""
+    if source.endswith("### Response:\n"):
+        return alpaca.partition_key(source)
+    return e2e_partition_key(source)
+
+
+def _alpaca_split(cfg: JobConfig) -> tuple[list, list]:
+    """Alpaca has one split: a seeded 2% (at least one record) is held out for eval when no eval_path."""
+    import numpy as np
+
+    d = cfg.data
+    pairs = (alpaca.read_alpaca_file(d.train_path, "data.train_path") if d.train_path
+             else alpaca.load_alpaca_hub(alpaca.HUB_DEFAULT, "data.train_path"))
+    if d.eval_path:
+        return pairs, alpaca.read_alpaca_file(d.eval_path, "data.eval_path")
+    if len(pairs) < 2:
+        raise UserInputError("data.train_path: an Alpaca file needs at least 2 records to hold one out for eval; "
+                             "add records or set data.eval_path")
+    order = np.random.default_rng([cfg.seed, 3]).permutation(len(pairs))
+    n_eval = max(1, len(pairs) // 50)
+    held = set(order[:n_eval].tolist())
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 
 
 def load_train_pairs(cfg: JobConfig) -> list[tuple[str, str]]:
     d = cfg.data
+    if d.name == "alpaca":
+        return _alpaca_split(cfg)[0]
     if d.name == "synthetic-e2e" and d.train_path is None:
         return synthetic_e2e(d.synthetic_train_size, seed=cfg.seed)
     if d.train_path is not None:
@@ -34,6 +66,8 @@ def load_train_pairs(cfg: JobConfig) -> list[tuple[str, str]]:
 
 def load_eval_pairs(cfg: JobConfig) -> list[tuple[str, str]]:
     d = cfg.data
+    if d.name == "alpaca":
+        return _alpaca_split(cfg)[1]
     if d.name == "synthetic-e2e" and d.eval_path is None:
         # A different seed stream than training, so eval examples are held out.
         return synthetic_e2e(d.synthetic_eval_size, seed=10_000 + cfg.seed)

@@ -40,6 +40,10 @@ def client_profiles(cfg: JobConfig, measured_tflops: list[float], owner) -> list
     n = cfg.clients.n
     if cfg.clients.speed == "median":  # identical hardware: measurement noise must not change the plans
         measured_tflops = [float(np.median(measured_tflops))] * len(measured_tflops)
+    if cfg.clients.tflops is not None:
+        base = per_client_values(cfg.clients.tflops, n, "clients.tflops", seed=cfg.seed)
+    else:
+        base = [measured_tflops[owner(c)] for c in range(n)]
     mem = per_client_values(cfg.clients.memory_gb, n, "clients.memory_gb", seed=cfg.seed)
     slow = per_client_values(cfg.clients.slowdown, n, "clients.slowdown", seed=cfg.seed)
-    return [ServerProfile(c, measured_tflops[owner(c)] / slow[c], int(mem[c] * 2**30), slow[c]) for c in range(n)]
+    return [ServerProfile(c, base[c] / slow[c], int(mem[c] * 2**30), slow[c]) for c in range(n)]

@@ -27,6 +27,7 @@ class RoundPlanner:
         self.L = n_layers(sites)
         self.servers = [ServerBudget(p.tflops * 1e12, p.mem_budget_bytes) for p in profiles]
         self.states = {c: ImportanceState(self.L, cfg.plan.lam1, cfg.plan.lam2) for c in hosted}
+        self.act_bytes = 4 if cfg.model.dtype == "float32" else 2
 
     def scores(self, comm, round_idx: int) -> np.ndarray:
         """[client, layer, 4] importance used to plan this round (identical on every rank)."""
@@ -51,7 +52,7 @@ class RoundPlanner:
             for pl, srv in zip(plans, self.servers):
                 step = pl.batch_size * flops_per_sample(self.shape, pl.ranks, T)
                 mem = memory_bytes(self.shape, precision=pl.precision, ranks=pl.ranks, batch=pl.batch_size,
-                                   seq_len=T)
+                                   seq_len=T, act_bytes=self.act_bytes)
                 infos.append(PlanInfo(math.inf, step, step / srv.flops_per_s, mem, mem <= srv.mem_bytes))
             return plans, infos, np.full((n, self.L, 4), np.nan)
         scores = self.scores(comm, round_idx)
@@ -59,9 +60,46 @@ class RoundPlanner:
         plans, infos = fedpipe_plan(
             self.shape, self.servers, list(scores), targets=cfg.lora.targets, candidate_ranks=cfg.lora.ranks,
             ref_rank=cfg.lora.rank, b_min=cfg.train.batch_min, b_max=cfg.train.batch_max, seq_len=T,
-            step_time_s=cfg.plan.step_time_s, granularity=cfg.plan.granularity, precision=precision)
+            step_time_s=cfg.plan.step_time_s, granularity=cfg.plan.granularity, precision=precision,
+            act_bytes=self.act_bytes)
         return plans, infos, scores
 
     def observe(self, client: int, sensitivity: np.ndarray, singular: np.ndarray) -> None:
         """Fold a hosted server's round measurements into its importance state (Eqn 5-7)."""
         self.states[client].update(sensitivity, singular)
+
+
+def plan_table(cfg: JobConfig, log=print) -> tuple[str, list[ClientPlan], list[PlanInfo]]:
+    """`fedpipe plan`: round 1's plan for every server from a meta-device model (no weights, no training)."""
+    from ..adapters.sites import KINDS, find_sites
+    from ..comm.local import LocalComm
+    from ..models import meta_model
+    from .heterogeneity import client_profiles, measure_tflops
+
+    import torch
+
+    model = meta_model(cfg.model.name_or_path, log=log)
+    sites = [s for s in find_sites(model) if s.kind in cfg.lora.targets]
+    measured = [0.0] if cfg.clients.tflops is not None else [measure_tflops(torch.device("cpu"))]
+    profiles = client_profiles(cfg, measured, owner=lambda c: 0)
+    from ..algorithm.cost import model_shape
+
+    planner = RoundPlanner(cfg, model_shape(model, sites), sites, profiles, hosted=list(range(cfg.clients.n)))
+    plans, infos, _ = planner.plan(LocalComm(), 1)
+    L = n_layers(sites)
+    head = ("| server | slowdown | TFLOP/s | memory GB | batch | precision | " + " | ".join(f"r_{k}" for k in KINDS)
+            + " | adapter params | step s (pred) | memory GB (pred) | fits |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    from ..algorithm.cost import adapter_params
+
+    for prof, pl, info in zip(profiles, plans, infos):
+        m = pl.rank_matrix(sites)
+        cols = []
+        for j in range(4):  # one rank per type when uniform across layers, else min-max and the layer count
+            col = m[:, j]
+            cols.append(str(col[0]) if (col == col[0]).all() else f"{col.min()}-{col.max()} ({(col > 0).sum()}/{L})")
+        lines.append(f"| {pl.client} | {prof.slowdown:.2f} | {prof.tflops:.3g} | {prof.mem_budget_bytes / 2**30:.1f} | "
+                     f"{pl.batch_size} | {pl.precision} | " + " | ".join(cols) + f" | "
+                     f"{adapter_params(planner.shape, pl.ranks):,} | {info.predicted_step_s:.3g} | "
+                     f"{info.predicted_mem_bytes / 2**30:.2f} | {'yes' if info.fits else 'NO'} |")
+    return "\n".join(lines), plans, infos

@@ -1,0 +1,60 @@
+"""Layer: planning inside real runs (world size 1) and the `fedpipe plan` command; seconds to a minute.
+
+Run: .venv/bin/python -m pytest tests/test_planning_run.py -q
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+
+from fedpipe_dist.adapters.sites import KINDS
+from fedpipe_dist.algorithm.planner import TIE_ORDER
+from fedpipe_dist.comm.local import LocalComm
+from fedpipe_dist.config import load_job
+from fedpipe_dist.io.hdf5 import Results
+from fedpipe_dist.runtime.server import run_job
+
+from ._util import REPO, subprocess_env
+
+
+def test_plan_command_for_llama2_7b_without_weights():
+    p = subprocess.run([sys.executable, "-m", "fedpipe_dist", "plan", "jobs/alpaca_llama2_7b.yaml"], cwd=REPO,
+                       env=subprocess_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and not line.startswith("| server")]
+    assert len(rows) == 16
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[-1] == "yes"  # every plan fits its memory and FLOPs budget
+        assert cells[5] in ("fp32", "fp16", "nf8", "nf4") and int(cells[4]) >= 1
+        assert float(cells[-2]) <= float(cells[3])  # predicted memory within the server's budget (GB)
+
+
+def test_run_records_plans_and_weights_follow_importance(tmp_path):
+    cfg = load_job("jobs/quickstart.yaml", [
+        "rounds=4", "train.local_steps=4", "data.synthetic_train_size=160", "data.synthetic_eval_size=16",
+        "model.max_length=96", "eval.max_samples=16", "eval.every=4", f"output.dir={tmp_path}"])
+    run_job(cfg, LocalComm(), show_progress=False)
+    r = Results(tmp_path / "results.h5")
+    c = r.clients
+    rounds = slice(1, None)
+    for name in ("batch_size", "ranks", "importance", "quant_bits", "local_s", "completed", "wait_s"):
+        assert name in c
+    assert (c["batch_size"][rounds] == [8, 5, 4, 2]).all()  # floor(8 / slowdown) for slowdowns 1, 1.5, 2, 3
+    assert (c["quant_bits"][rounds] == 32).all() and (c["completed"][rounds] == 1).all()
+    assert np.isfinite(c["local_s"][rounds]).all() and (c["wait_s"][rounds] >= 0).all()
+    # Round 1 has no measurements: equal scores, so the tie order (q, v first) decides.
+    assert (c["importance"][1] == 0).all()
+    assert (c["ranks"][1][:, :, 0] > 0).all() and (c["ranks"][1][:, :, 2] > 0).all()
+    # Later rounds: the weight types chosen are the most important ones (type granularity: layer means).
+    changed = False
+    for t in range(2, r.rounds["round"].shape[0]):
+        for k in range(cfg.clients.n):
+            imp = c["importance"][t, k].mean(axis=0)  # per type q, k, v, o
+            chosen = {KINDS[j] for j in range(4) if c["ranks"][t, k][:, j].max() > 0}
+            order = sorted(KINDS, key=lambda m: (-imp[KINDS.index(m)], TIE_ORDER[m]))
+            assert chosen == set(order[: len(chosen)]), (t, k, imp, chosen)
+            prev = {KINDS[j] for j in range(4) if c["ranks"][t - 1, k][:, j].max() > 0}
+            changed |= chosen != prev
+    assert changed, "the importance order never changed the chosen weights"
