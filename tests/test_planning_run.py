@@ -58,3 +58,28 @@ def test_run_records_plans_and_weights_follow_importance(tmp_path):
             prev = {KINDS[j] for j in range(4) if c["ranks"][t - 1, k][:, j].max() > 0}
             changed |= chosen != prev
     assert changed, "the importance order never changed the chosen weights"
+
+
+SMALL = ["rounds=2", "train.local_steps=3", "data.synthetic_train_size=96", "data.synthetic_eval_size=16",
+         "model.max_length=96", "eval.max_samples=16"]
+
+
+def test_server_whose_plan_does_not_fit_memory_under_trains(tmp_path):
+    cfg = load_job("jobs/quickstart.yaml", [*SMALL, "clients.memory_gb=[24, 24, 24, 0.0001]", f"output.dir={tmp_path}"])
+    run_job(cfg, LocalComm(), show_progress=False)
+    r = Results(tmp_path / "results.h5")
+    assert (r.clients["selected"][1:] == 1).all()
+    assert (r.clients["completed"][1:] == [1, 1, 1, 0]).all()
+    assert (r.rounds["under_training_rate"][1:] == 0.25).all()
+    assert (r.clients["bytes_up"][1:, 3] == 0).all() and (r.clients["bytes_up"][1:, :3] > 0).all()
+    assert r.rounds["eval_loss"][-1] < r.rounds["eval_loss"][0]  # the other three still train the model
+
+
+def test_missed_deadline_is_under_training_and_leaves_the_base_alone(tmp_path):
+    # A deadline shorter than one step: every server stops early and counts as under-trained.
+    cfg = load_job("jobs/quickstart.yaml", [*SMALL, "train.deadline_s=1e-6", f"output.dir={tmp_path}"])
+    run_job(cfg, LocalComm(), show_progress=False)
+    r = Results(tmp_path / "results.h5")
+    assert (r.clients["completed"][1:] == 0).all() and (r.clients["local_steps"][1:] < 3).all()
+    assert (r.rounds["under_training_rate"][1:] == 1.0).all() and (r.rounds["bytes_up"][1:] == 0).all()
+    np.testing.assert_allclose(r.rounds["eval_loss"], r.rounds["eval_loss"][0], rtol=1e-6)

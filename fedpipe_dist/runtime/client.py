@@ -59,12 +59,14 @@ def _peak_mem(device: torch.device) -> int:
 
 def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
                  round_idx: int, pad_id: int, device: torch.device, slowdown: float = 1.0,
-                 deadline_s: float | None = None) -> tuple[ClientUpdate, ClientStats]:
+                 deadline_s: float | None = None, mem_budget_bytes: int | None = None
+                 ) -> tuple[ClientUpdate, ClientStats]:
     """Train fresh adapters on this client's shard for cfg.train.local_steps and return their factors.
 
     A slowdown s > 1 makes the server really slower: after each step it waits (s - 1) times the step's
     own duration, so wall-clock, straggler wait and deadlines are measured, not computed. With a deadline,
-    training stops once it is passed and the client counts as not completed.
+    training stops once it is passed and the client counts as not completed. On CUDA the server's memory
+    budget caps this process's allocations (torch's per-process memory fraction).
     """
     seed = client_seed(cfg.seed, round_idx, plan.client)
     gen = torch.Generator().manual_seed(seed)
@@ -73,6 +75,9 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batches = _batches(len(data), plan.batch_size, np.random.default_rng(seed))
     if device.type == "cuda":
+        if mem_budget_bytes:  # enforce the server's memory budget on this GPU (an OOM is a real failure)
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, mem_budget_bytes / total), device)
         torch.cuda.reset_peak_memory_stats(device)
     L = n_layers(sites)
     sens_sum = np.zeros((L, 4))
@@ -105,9 +110,9 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     sensitivity = np.full((L, 4), np.nan)
     singular = np.full((L, 4), np.nan)
     factors = adapters.factors()
-    for s in adapters.sites:
+    for s in adapters.sites if losses else []:  # no step ran (deadline already passed): nothing measured
         j = KIND_INDEX[s.kind]
-        sensitivity[s.layer, j] = sens_sum[s.layer, j] / max(len(losses), 1)
+        sensitivity[s.layer, j] = sens_sum[s.layer, j] / len(losses)
         singular[s.layer, j] = mean_singular_value(*factors[s.key])
     stats = ClientStats(
         client=plan.client, completed=completed, batch_size=plan.batch_size, local_steps=len(losses),

@@ -217,7 +217,8 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             if owner(c) == comm.rank:
                 updates[c], stats[c] = train_client(model, sites, plans[c], shards[c], cfg, round_idx=t,
                                                     pad_id=pad_id, device=device, slowdown=profiles[c].slowdown,
-                                                    deadline_s=cfg.train.deadline_s)
+                                                    deadline_s=cfg.train.deadline_s,
+                                                    mem_budget_bytes=profiles[c].mem_budget_bytes)
                 planner.observe(c, stats[c].sensitivity, stats[c].singular)
         done: dict[int, bool] = {}
         for part in comm.all_gather_object({c: st.completed for c, st in stats.items()}):
