@@ -117,3 +117,31 @@ def test_plans_fit_their_budget_and_are_monotone_in_compute(shape, speeds, seed,
         if speeds[hi] > speeds[lo]:
             assert plans[hi].batch_size >= plans[lo].batch_size
             assert sum(plans[hi].ranks.values()) >= sum(plans[lo].ranks.values())
+
+
+def test_ablation_switches(shape):
+    """plan.importance=fixed keeps the tie order; random redraws it each round; uniform is fixed-rank LoRA."""
+    from fedpipe_dist.comm.local import LocalComm
+    from fedpipe_dist.config import load_job
+    from fedpipe_dist.runtime.heterogeneity import ServerProfile
+    from fedpipe_dist.runtime.planning import RoundPlanner
+
+    profiles = [ServerProfile(c, 0.1 / s, 24 * 2**30, s) for c, s in enumerate([1, 1.5, 2, 3])]
+
+    def chosen(importance, mode="fedpipe", rounds=range(1, 7)):
+        cfg = load_job("jobs/quickstart.yaml", [f"plan.importance={importance}", f"plan.mode={mode}",
+                                                "model.max_length=64"])
+        rp = RoundPlanner(cfg, shape, list(shape.sites), profiles, hosted=[0, 1, 2, 3])
+        out = []
+        for t in rounds:
+            plans, _, _ = rp.plan(LocalComm(), t)
+            out.append(tuple(sorted({k.split(".")[1] for k, r in plans[0].ranks.items() if r > 0})))
+        return out, plans
+
+    fixed, _ = chosen("fixed")
+    assert set(fixed) == {("q", "v")}  # the budget of rank-8 LoRA on four weights: q and v at 16
+    rand, _ = chosen("random")
+    assert len(set(rand)) > 1  # a different random order shows up over six rounds
+    uni, plans = chosen("platon", mode="uniform")
+    assert set(uni) == {("k", "o", "q", "v")} and {p.batch_size for p in plans} == {8}
+    assert all(set(p.ranks.values()) == {8} for p in plans)
