@@ -1,0 +1,114 @@
+"""NormalFloat-k quantization (QLoRA's NF construction generalized to k = 2..8), blockwise absmax scales.
+
+Codebook (the construction bitsandbytes ships for NF4, `create_normal_map`): 2^(k-1) positive values
+Q(p) for p evenly spaced from `offset` down to 0.5, 2^(k-1) - 1 negative ones mirrored the same way, and an
+exact 0; normalized to [-1, 1]. The offset puts the outermost quantiles halfway between the last two
+(2^k + 1)-quantile points on each side, as QLoRA's 0.9677 does for k = 4. The issue's Eqn 8 form
+1/2 (Q(i/(2^k+1)) + Q((i+1)/(2^k+1))) is the symmetric variant without an exact zero; QLoRA's released code
+and bitsandbytes use the asymmetric one above, and so do we (our NF4 equals bitsandbytes' table).
+
+Written here rather than taken from bitsandbytes because bitsandbytes has only NF4 (its 8-bit path is
+LLM.int8, another scheme) and its codebook builder needs scipy; tests check our NF4 against it.
+Codes are packed 2 per byte for k = 4, 4 per byte for k = 2, 1 per byte otherwise (k = 3, 5, 6, 7 keep
+one byte per code: simple and exact, at the cost of the unused bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def nf_codebook(k: int) -> torch.Tensor:
+    """The 2^k NormalFloat values, sorted ascending, with an exact 0 and max 1 (float32)."""
+    if not 2 <= k <= 8:
+        raise ValueError(f"NF-k needs 2 <= k <= 8 (got {k})")
+    n_pos, n_neg = 2 ** (k - 1), 2 ** (k - 1) - 1
+    offset = 1 - 0.5 * (1 / (2 * (2 * n_neg + 1)) + 1 / (2 * 2 * n_pos))
+    ndtri = torch.special.ndtri
+    pos = ndtri(torch.linspace(offset, 0.5, n_pos + 1, dtype=torch.float64)[:-1])
+    neg = -ndtri(torch.linspace(offset, 0.5, n_neg + 1, dtype=torch.float64)[:-1])
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (values / values.max()).float()
+
+
+def _pack(codes: torch.Tensor, k: int) -> torch.Tensor:
+    per = {4: 2, 2: 4}.get(k, 1)
+    if per == 1:
+        return codes.to(torch.uint8)
+    pad = (-codes.numel()) % per
+    c = torch.cat([codes.flatten(), codes.new_zeros(pad)]).to(torch.uint8).view(-1, per)
+    out = torch.zeros(c.shape[0], dtype=torch.uint8, device=codes.device)
+    for j in range(per):  # first code in the high bits, as bitsandbytes does for NF4
+        out |= c[:, j] << (k * (per - 1 - j))
+    return out
+
+
+def _unpack(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    per = {4: 2, 2: 4}.get(k, 1)
+    if per == 1:
+        return packed[:n].long()
+    mask = (1 << k) - 1
+    parts = [(packed >> (k * (per - 1 - j))) & mask for j in range(per)]
+    return torch.stack(parts, dim=1).flatten()[:n].long()
+
+
+@dataclass
+class QuantizedTensor:
+    """A k-bit NormalFloat tensor: packed codes, one absmax per block (optionally itself quantized)."""
+
+    codes: torch.Tensor  # uint8, packed
+    absmax: torch.Tensor  # fp32 [n_blocks], or uint8 codes when double-quantized
+    shape: tuple
+    k: int
+    block_size: int
+    dq_scale: torch.Tensor | None = None  # double quantization: fp32 scale per 256 absmax values
+    dq_offset: float = 0.0
+
+    def nbytes(self) -> int:
+        n = self.codes.numel() * self.codes.element_size() + self.absmax.numel() * self.absmax.element_size()
+        return n + (self.dq_scale.numel() * 4 + 4 if self.dq_scale is not None else 0)
+
+
+DQ_BLOCK = 256
+
+
+def quantize_nf(w: torch.Tensor, k: int = 4, block_size: int = 64, double_quant: bool = False) -> QuantizedTensor:
+    """Blockwise absmax NF-k quantization of any tensor (flattened in row-major order)."""
+    flat = w.detach().float().flatten()
+    n = flat.numel()
+    pad = (-n) % block_size
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    cb = nf_codebook(k).to(flat.device)
+    codes = torch.bucketize(scaled, (cb[1:] + cb[:-1]) / 2).flatten()[:n]  # nearest codebook value
+    qt = QuantizedTensor(_pack(codes, k), absmax, tuple(w.shape), k, block_size)
+    if double_quant:  # QLoRA's second level: 8-bit scales for the absmax values, 256 per block
+        offset = float(absmax.mean())
+        a = absmax - offset
+        pad2 = (-a.numel()) % DQ_BLOCK
+        ab = torch.cat([a, a.new_zeros(pad2)]).view(-1, DQ_BLOCK)
+        scale = ab.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        q8 = torch.round(ab / scale[:, None]).clamp(-127, 127).to(torch.int16) + 128
+        qt.absmax, qt.dq_scale, qt.dq_offset = q8.flatten()[: a.numel()].to(torch.uint8), scale, offset
+    return qt
+
+
+def dequantize_nf(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n = 1
+    for s in qt.shape:
+        n *= s
+    codes = _unpack(qt.codes, qt.k, n)
+    absmax = qt.absmax
+    if qt.dq_scale is not None:
+        m = absmax.numel()
+        pad2 = (-m) % DQ_BLOCK
+        a = torch.cat([absmax.float() - 128, absmax.new_zeros(pad2).float()]).view(-1, DQ_BLOCK)
+        absmax = (a * qt.dq_scale[:, None]).flatten()[:m] + qt.dq_offset
+    cb = nf_codebook(qt.k).to(codes.device)
+    vals = cb[codes]
+    pad = (-n) % qt.block_size
+    vals = torch.cat([vals, vals.new_zeros(pad)]).view(-1, qt.block_size) * absmax[:, None]
+    return vals.flatten()[:n].view(qt.shape).to(dtype)
