@@ -1,0 +1,87 @@
+"""Layer: algorithm/quantization (NF-k) and the QuantLinear layer, one process, seconds.
+
+Run: .venv/bin/python -m pytest tests/test_quantization.py -q
+"""
+
+import pytest
+import torch
+
+from fedpipe_dist.adapters.lora import LoRAAdapters, _pkey
+from fedpipe_dist.adapters.sites import Site
+from fedpipe_dist.algorithm.quantization import dequantize_nf, nf_codebook, quantize_nf
+from fedpipe_dist.quantized import QuantLinear, dense_linear
+
+
+@pytest.mark.parametrize("k", range(2, 9))
+def test_codebook_shape(k):
+    cb = nf_codebook(k)
+    assert cb.numel() == 2**k
+    assert (cb.diff() > 0).all()  # sorted, distinct
+    assert (cb == 0).sum() == 1 and cb.max() == 1.0 and cb.min() == -1.0
+    # symmetric construction: 2^(k-1) positive and 2^(k-1) - 1 negative values
+    assert (cb > 0).sum() == 2 ** (k - 1) and (cb < 0).sum() == 2 ** (k - 1) - 1
+
+
+def test_nf4_codebook_matches_qlora_constants():
+    # QLoRA's published NF4 table (bitsandbytes functional.py), to 4 decimals.
+    ref = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
+           0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]
+    torch.testing.assert_close(nf_codebook(4), torch.tensor(ref), atol=1e-4, rtol=0)
+
+
+# Stated bounds on ||dequant(quant(W)) - W|| / ||W|| for N(0, 1) weights, block 64 (measured: 0.565,
+# 0.197, 0.092, 0.049, 0.030, 0.020, 0.014 for k = 2..8).
+@pytest.mark.parametrize("k,bound", [(2, 0.60), (3, 0.21), (4, 0.10), (5, 0.055), (6, 0.033), (7, 0.022),
+                                     (8, 0.016)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_round_trip_error_on_gaussian_weights(k, bound, double_quant):
+    w = torch.randn(512, 256, generator=torch.Generator().manual_seed(0))
+    q = quantize_nf(w, k, 64, double_quant)
+    rel = float((dequantize_nf(q) - w).norm() / w.norm())
+    assert rel < bound, rel
+    # storage: k bits per weight packed for k = 2, 4, 8; one byte per code otherwise; plus the scales
+    assert q.codes.numel() == w.numel() * {2: 2, 4: 4, 8: 8}.get(k, 8) // 8
+
+
+def test_nf4_equals_bitsandbytes():
+    F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    torch.testing.assert_close(nf_codebook(4), F.get_4bit_type("nf4", device="cpu"), atol=1e-6, rtol=0)
+    w = torch.randn(192, 64, generator=torch.Generator().manual_seed(1))
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    ours = quantize_nf(w, 4, 64)
+    assert torch.equal(packed.flatten(), ours.codes)  # same codes, same packing
+    torch.testing.assert_close(dequantize_nf(ours), F.dequantize_4bit(packed, state), atol=1e-6, rtol=0)
+
+
+def test_quant_linear_backward_equals_dense_linear_with_dequantized_weight():
+    g = torch.Generator().manual_seed(2)
+    base = torch.nn.Linear(64, 48)
+    q = QuantLinear.from_module(base, k=4)
+    ref = dense_linear(q.dequantized(), base.bias)
+    ref.requires_grad_(False)
+    x1 = torch.randn(3, 5, 64, generator=g, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    site = Site(0, "q", "", 0, 48, 64, "linear")
+    outs = []
+    for layer, x in ((q, x1), (ref, x2)):
+        ad = LoRAAdapters([site], {site.key: 4}, alpha=8, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            ad.B[_pkey(site)].normal_(generator=torch.Generator().manual_seed(4))
+        h = layer.register_forward_hook(ad._make_hook([site]))
+        y = layer(x)
+        h.remove()
+        (y.square().sum()).backward()
+        outs.append((y.detach(), x.grad, ad.A[_pkey(site)].grad, ad.B[_pkey(site)].grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(not p.requires_grad for p in q.parameters())  # the base is frozen
+
+
+def test_quant_linear_from_conv1d_keeps_the_layout():
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(48, 64)  # nf=48 outputs, nx=64 inputs; weight [64, 48]
+    q = QuantLinear.from_module(conv, k=8)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(q(x), conv(x), rtol=0.05, atol=0.02)
+    assert q.weight_nbytes() < conv.weight.numel() * 4 * 0.3
