@@ -85,3 +85,55 @@ def test_quant_linear_from_conv1d_keeps_the_layout():
     x = torch.randn(2, 64)
     torch.testing.assert_close(q(x), conv(x), rtol=0.05, atol=0.02)
     assert q.weight_nbytes() < conv.weight.numel() * 4 * 0.3
+
+
+def _lora_sized_update(w, rank, rel, gen):
+    """A rank-r update with ||dW|| = rel * ||W|| (NOTES.md: LoRA updates are about 1.4 % of ||W||)."""
+    b, a = torch.randn(w.shape[0], rank, generator=gen), torch.randn(rank, w.shape[1], generator=gen)
+    scale = rel * w.norm() / (b @ a).norm()
+    return b * scale, a
+
+
+def test_paper_merge_rule_loses_the_update_on_nf4():
+    """The flaw NOTES.md measured: W <- quant(W + dW) on an NF4 base keeps only a few % of dW."""
+    from fedpipe_dist.algorithm.merge import absorbed_fraction
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(256, 256, generator=g) * 0.02
+    w0 = dequantize_nf(quantize_nf(w, 4, 64))
+    b, a = _lora_sized_update(w, 8, 0.014, g)
+    w1 = dequantize_nf(quantize_nf(w0 + b @ a, 4, 64))
+    assert absorbed_fraction(w0, w1, b @ a) < 0.2
+
+
+@pytest.mark.parametrize("rounds", [3, 40])  # 3: stays low-rank; 40: past the break-even, dense bf16
+def test_residual_merge_absorbs_every_round(rounds):
+    from fedpipe_dist.algorithm.merge import MergedResidual, absorbed_fraction
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(128, 96, generator=g) * 0.02
+    w0 = dequantize_nf(quantize_nf(w, 4, 64))  # frozen NF4 base
+    res = MergedResidual(128, 96)
+    total = torch.zeros_like(w)
+    fractions = []
+    for t in range(rounds):
+        b, a = _lora_sized_update(w, 4, 0.014, g)
+        before = w0 + res.dense()
+        res.add(b, a, rows=None)
+        fractions.append(absorbed_fraction(before, w0 + res.dense(), b @ a))
+        total += b @ a
+    assert min(fractions) > 0.99, min(fractions)
+    assert (res.D is not None) == (rounds == 40)
+    rel = float((res.dense() - total).norm() / total.norm())
+    assert rel < 0.01
+    x = torch.randn(5, 96, generator=g)
+    torch.testing.assert_close(res.matmul(x), x @ res.dense().t(), rtol=1e-4, atol=1e-6)
+
+
+def test_residual_slices_only_touch_their_rows():
+    from fedpipe_dist.algorithm.merge import MergedResidual
+
+    res = MergedResidual(12, 4)
+    res.add(torch.ones(4, 1), torch.ones(1, 4), rows=(4, 8))
+    d = res.dense()
+    assert (d[4:8] == 1).all() and (d[:4] == 0).all() and (d[8:] == 0).all()
