@@ -35,9 +35,11 @@ def test_cost_model_by_hand(shape):
     assert shape.linear_params == lin
     assert base_flops_per_sample(shape, 10) == 4 * lin * 10 + 3 * 4 * 10 * 10 * 64 * 5
     assert flops_per_sample(shape, {"0.q": 4}, 10) == base_flops_per_sample(shape, 10) + 6 * 4 * 128 * 10
-    # fp32 base, no adapters, batch 1, T 1: weights + one token's activations and logits.
+    # fp32 base, no adapters, batch 1, T 1: weights + one token's activations (gated MLP: 7 per d_model,
+    # 3 per d_ff; sdpa keeps no attention probabilities) and 3 copies of the logits, +10 % backward peak.
+    assert not shape.eager_attention and (shape.act_d, shape.act_ff) == (7, 3)
     assert memory_bytes(shape, precision="fp32", ranks={}, batch=1, seq_len=1) == (
-        4 * shape.total_params + 4 * (5 * (12 * 64 + 3 * 172 + 8 * 1) + 3 * 512))
+        4 * shape.total_params + 1.10 * 4 * (5 * (7 * 64 + 3 * 172) + 3 * 512))
 
 
 def test_stage1_batch_by_hand():
