@@ -70,6 +70,7 @@ from fedpipe_dist.data import format_example  # noqa: E402
 from fedpipe_dist.data.synthetic import synthetic_e2e  # noqa: E402
 from fedpipe_dist.data.tokenize import TokenizedSet, collate, tokenize_pairs  # noqa: E402
 from fedpipe_dist.metrics.perplexity import lm_loss  # noqa: E402
+from fedpipe_dist.runtime.client import batch_indices  # noqa: E402
 
 CONFIG_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads",
                "n_head", "num_key_value_heads", "intermediate_size", "n_inner", "vocab_size",
@@ -215,17 +216,6 @@ def fixed_length_set(tok, seq_len: int, n: int, seed: int) -> TokenizedSet:
     return ts
 
 
-def batches(n: int, b: int, rng: np.random.Generator):
-    """Endless batches of b indices, reshuffled each pass (as runtime/client.py's _batches)."""
-    while True:
-        perm = rng.permutation(n)
-        if n < b:
-            yield rng.choice(n, size=b, replace=True)
-            continue
-        for start in range(0, n - b + 1, b):
-            yield perm[start:start + b]
-
-
 class Trainer:
     """One variant's adapters, optimizer and batch stream, set up as train_client sets them up."""
 
@@ -237,7 +227,7 @@ class Trainer:
                                      generator=gen)
         self.opt = torch.optim.AdamW(self.adapters.parameters(), lr=cfg.train.lr,
                                      weight_decay=cfg.train.weight_decay)
-        self.batches = batches(len(data), self.plan.batch_size, np.random.default_rng(seed))
+        self.batches = batch_indices(len(data), self.plan.batch_size, np.random.default_rng(seed))
         self.data, self.cfg, self.pad_id = data, cfg, pad_id
 
     def step(self, model) -> tuple[float, float, float]:

@@ -40,7 +40,7 @@ def client_seed(seed: int, round_idx: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client]).generate_state(1)[0])
 
 
-def _batches(n: int, b: int, rng: np.random.Generator):
+def batch_indices(n: int, b: int, rng: np.random.Generator):
     """Endless batches of b indices: reshuffle each pass; a shard smaller than b is sampled with repeats."""
     while True:
         perm = rng.permutation(n)
@@ -73,7 +73,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     adapters = LoRAAdapters(sites, plan.ranks, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, generator=gen,
                             device=device)
     opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    batches = _batches(len(data), plan.batch_size, np.random.default_rng(seed))
+    batches = batch_indices(len(data), plan.batch_size, np.random.default_rng(seed))
     if device.type == "cuda":
         if mem_budget_bytes:  # enforce the server's memory budget on this GPU (an OOM is a real failure)
             total = torch.cuda.get_device_properties(device).total_memory
