@@ -34,7 +34,15 @@ def measure_tflops(device: torch.device, dtype: torch.dtype = torch.float32, n: 
     return 2 * n**3 / times[len(times) // 2] / 1e12
 
 
-def client_profiles(cfg: JobConfig, measured_tflops: list[float], owner) -> list[ServerProfile]:
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The accelerator's total memory (None on CPU, where the job's clients.memory_gb is the budget)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return None
+
+
+def client_profiles(cfg: JobConfig, measured_tflops: list[float], owner,
+                    device_mem: list[int | None] | None = None) -> list[ServerProfile]:
     """One profile per edge server: its host rank's measured speed (or the median, see clients.speed) / its
     slowdown, and its memory budget."""
     n = cfg.clients.n
@@ -46,4 +54,7 @@ def client_profiles(cfg: JobConfig, measured_tflops: list[float], owner) -> list
         base = [measured_tflops[owner(c)] for c in range(n)]
     mem = per_client_values(cfg.clients.memory_gb, n, "clients.memory_gb", seed=cfg.seed)
     slow = per_client_values(cfg.clients.slowdown, n, "clients.slowdown", seed=cfg.seed)
-    return [ServerProfile(c, base[c] / slow[c], int(mem[c] * 2**30), slow[c]) for c in range(n)]
+    budgets = [int(mem[c] * 2**30) for c in range(n)]
+    if device_mem is not None:  # CUDA: the job's budget, capped by what the host GPU really has
+        budgets = [min(b, device_mem[owner(c)]) if device_mem[owner(c)] else b for c, b in enumerate(budgets)]
+    return [ServerProfile(c, base[c] / slow[c], budgets[c], slow[c]) for c in range(n)]

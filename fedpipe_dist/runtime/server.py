@@ -35,7 +35,7 @@ from ..io.schema import PRECISION_BITS
 from ..metrics.perplexity import evaluate, summarize
 from ..models import load_model, load_tokenizer
 from .client import ClientStats, train_client
-from .heterogeneity import client_profiles, measure_tflops
+from .heterogeneity import client_profiles, device_memory_bytes, measure_tflops
 from .planning import RoundPlanner
 
 
@@ -175,10 +175,10 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     mine = None
     for r in range(comm.world_size):
         if r == comm.rank:
-            mine = measure_tflops(device)
+            mine = (measure_tflops(device), device_memory_bytes(device))
         comm.barrier()
     measured = comm.all_gather_object(mine)
-    profiles = client_profiles(cfg, measured, owner)
+    profiles = client_profiles(cfg, [m[0] for m in measured], owner, device_mem=[m[1] for m in measured])
     planner = RoundPlanner(cfg, model_shape(model, sites), sites, profiles, hosted=my_clients)
 
     # ---- results file (rank 0) and the untrained base as row 0 ------------------------------------------
