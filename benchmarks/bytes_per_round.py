@@ -47,12 +47,24 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout without i
     sys.path.insert(0, str(REPO))
 
 from fedpipe_dist.adapters.sites import KINDS, find_sites, n_layers  # noqa: E402
-from fedpipe_dist.algorithm.aggregation import (ClientUpdate, aggregate_factored,  # noqa: E402
-                                                aggregation_weights, dense_sum, factored_to_dense)
+from fedpipe_dist.algorithm.aggregation import (  # noqa: E402
+    ClientUpdate,
+    aggregate_factored,
+    aggregation_weights,
+    dense_sum,
+    factored_to_dense,
+)
 from fedpipe_dist.algorithm.planner import uniform_plan  # noqa: E402
 from fedpipe_dist.comm.base import nbytes  # noqa: E402
-from fedpipe_dist.comm.payload import (dense_layout, downlink_is_dense, factor_layout,  # noqa: E402
-                                       layout_numel, pack, pack_dense, stacked_layout)
+from fedpipe_dist.comm.payload import (  # noqa: E402
+    dense_layout,
+    downlink_is_dense,
+    factor_layout,
+    layout_numel,
+    pack,
+    pack_dense,
+    stacked_layout,
+)
 from fedpipe_dist.models import model_from_config  # noqa: E402
 
 MODELS = ("stories260K", "gpt2-medium", "llama2-7b")

@@ -61,8 +61,14 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout without i
 
 from fedpipe_dist.adapters.lora import LoRAAdapters, _pkey  # noqa: E402
 from fedpipe_dist.adapters.sites import KINDS, find_sites  # noqa: E402
-from fedpipe_dist.algorithm.cost import (activation_bytes, adapter_params,  # noqa: E402
-                                         base_weight_bytes, flops_per_sample, memory_bytes, model_shape)
+from fedpipe_dist.algorithm.cost import (  # noqa: E402
+    activation_bytes,
+    adapter_params,
+    base_weight_bytes,
+    flops_per_sample,
+    memory_bytes,
+    model_shape,
+)
 from fedpipe_dist.algorithm.importance import sensitivity_of  # noqa: E402
 from fedpipe_dist.algorithm.planner import uniform_plan  # noqa: E402
 from fedpipe_dist.config import JobConfig  # noqa: E402

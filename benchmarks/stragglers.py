@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
         res[mode]["time_to_target_s"] = time_to_loss(res[mode], target)
     doc = {"benchmark": "stragglers", "common_overrides": COMMON + args.extra, "rounds": args.rounds,
            "nproc": args.nproc, "target_eval_loss": target, "runs": res,
-           "idle_ratio_fedpipe_over_uniform": res["fedpipe"]["mean_idle_fraction"] / res["uniform"]["mean_idle_fraction"],
+           "idle_ratio_fedpipe_over_uniform":
+               res["fedpipe"]["mean_idle_fraction"] / res["uniform"]["mean_idle_fraction"],
            "time_to_target_ratio_uniform_over_fedpipe":
                res["uniform"]["time_to_target_s"] / res["fedpipe"]["time_to_target_s"]}
     print(f"batches: fedpipe {res['fedpipe']['batch_size']}, uniform {res['uniform']['batch_size']}")

@@ -6,10 +6,24 @@ Run: .venv/bin/python -m pytest tests/test_aggregation.py -q
 import torch
 
 from fedpipe_dist.adapters.sites import Site
-from fedpipe_dist.algorithm.aggregation import (ClientUpdate, aggregate_factored, aggregation_weights, dense_sum,
-                                                factored_to_dense)
-from fedpipe_dist.comm.payload import (dense_layout, downlink_is_dense, factor_layout, layout_numel, pack, pack_dense, stacked_layout,
-                                       unpack, unpack_dense)
+from fedpipe_dist.algorithm.aggregation import (
+    ClientUpdate,
+    aggregate_factored,
+    aggregation_weights,
+    dense_sum,
+    factored_to_dense,
+)
+from fedpipe_dist.comm.payload import (
+    dense_layout,
+    downlink_is_dense,
+    factor_layout,
+    layout_numel,
+    pack,
+    pack_dense,
+    stacked_layout,
+    unpack,
+    unpack_dense,
+)
 
 
 def _sites():
@@ -21,7 +35,8 @@ def _update(client, ranks, n_samples, batch, gen):
     for s in _sites():
         r = ranks.get(s.key, 0)
         if r:
-            factors[s.key] = (torch.randn(s.out_features, r, generator=gen), torch.randn(r, s.in_features, generator=gen))
+            factors[s.key] = (torch.randn(s.out_features, r, generator=gen),
+                              torch.randn(r, s.in_features, generator=gen))
     return ClientUpdate(client, n_samples, batch, factors)
 
 

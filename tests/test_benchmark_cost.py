@@ -88,8 +88,8 @@ def test_tiny_llama_run(tmp_path, capsys):
     (point,) = doc["memory"]["points"]
     assert (point["batch"], point["seq_len"], point["targets"], point["rank"]) == (2, 16, "qkvo", 4)
     assert point["attn"] == "sdpa"
-    from fedpipe_dist.algorithm.cost import memory_bytes, model_shape
     from fedpipe_dist.adapters.sites import find_sites
+    from fedpipe_dist.algorithm.cost import memory_bytes, model_shape
 
     model, _ = bench.build("tiny-llama", seed=0)
     sites = find_sites(model)

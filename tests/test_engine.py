@@ -14,9 +14,22 @@ from fedpipe_dist.adapters.sites import add_to_base, find_sites
 from fedpipe_dist.algorithm.planner import uniform_plan
 from fedpipe_dist.comm.local import LocalComm
 from fedpipe_dist.config import load_job
-from fedpipe_dist.data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
+from fedpipe_dist.data import (
+    format_example,
+    load_eval_pairs,
+    load_train_pairs,
+    partition,
+    partition_key,
+    tokenize_pairs,
+)
 from fedpipe_dist.io.hdf5 import Results
-from fedpipe_dist.io.schema import CLIENT_FIELDS, CLIENT_LAYER_FIELDS, PROFILE_FIELDS, ROOT_ATTRS, ROUND_FIELDS
+from fedpipe_dist.io.schema import (
+    CLIENT_FIELDS,
+    CLIENT_LAYER_FIELDS,
+    PROFILE_FIELDS,
+    ROOT_ATTRS,
+    ROUND_FIELDS,
+)
 from fedpipe_dist.metrics.perplexity import evaluate
 from fedpipe_dist.models import load_model, load_tokenizer
 from fedpipe_dist.runtime.client import train_client

@@ -6,8 +6,12 @@ Run: .venv/bin/python -m pytest tests/test_importance.py -q
 import numpy as np
 import torch
 
-from fedpipe_dist.algorithm.importance import (ImportanceState, combine_scores, mean_singular_value,
-                                               sensitivity_of)
+from fedpipe_dist.algorithm.importance import (
+    ImportanceState,
+    combine_scores,
+    mean_singular_value,
+    sensitivity_of,
+)
 
 
 def test_mean_singular_value_of_a_known_product():

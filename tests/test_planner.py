@@ -9,8 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpipe_dist.adapters.sites import find_sites
-from fedpipe_dist.algorithm.cost import (adapter_flops_per_sample, base_flops_per_sample, flops_per_sample,
-                                         memory_bytes, model_shape)
+from fedpipe_dist.algorithm.cost import (
+    adapter_flops_per_sample,
+    base_flops_per_sample,
+    flops_per_sample,
+    memory_bytes,
+    model_shape,
+)
 from fedpipe_dist.algorithm.planner import ServerBudget, fedpipe_plan, greedy_ranks, stage1_batch
 from fedpipe_dist.models import model_from_config
 

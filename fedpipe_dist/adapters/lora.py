@@ -61,7 +61,8 @@ class LoRAAdapters(nn.Module):
             by_module[s.module_name].append(s)
         for name, sites in by_module.items():
             module = model.get_submodule(name)
-            self._handles.append(module.register_forward_hook(self._make_hook(sorted(sites, key=lambda s: s.out_start))))
+            hook = self._make_hook(sorted(sites, key=lambda s: s.out_start))
+            self._handles.append(module.register_forward_hook(hook))
         return self
 
     def detach(self) -> None:

@@ -2,8 +2,9 @@
 
 A plan is data, shared by every rank: each rank computes the same plans from the same inputs
 (deterministically), so no plan ever has to be sent. The uniform planner gives every server the same
-configuration (fixed-rank LoRA); `fedpipe_plan` is FedPipe's Algorithm 1: batch sizes from compute ratios, then weights and ranks by
-importance under each server's FLOPs budget, and the most bits of base precision that fit its memory.
+configuration (fixed-rank LoRA); `fedpipe_plan` is FedPipe's Algorithm 1: batch sizes from compute
+ratios, then weights and ranks by importance under each server's FLOPs budget, and the most bits of
+base precision that fit its memory.
 """
 
 from __future__ import annotations

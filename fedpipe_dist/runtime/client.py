@@ -11,8 +11,8 @@ import torch
 
 from ..adapters.lora import LoRAAdapters, _pkey
 from ..adapters.sites import KIND_INDEX, Site, n_layers
-from ..algorithm.importance import mean_singular_value, sensitivity_of
 from ..algorithm.aggregation import ClientUpdate
+from ..algorithm.importance import mean_singular_value, sensitivity_of
 from ..algorithm.planner import ClientPlan
 from ..config import JobConfig
 from ..data.tokenize import TokenizedSet, collate

@@ -71,12 +71,12 @@ class RoundPlanner:
 
 def plan_table(cfg: JobConfig, log=print) -> tuple[str, list[ClientPlan], list[PlanInfo]]:
     """`fedpipe plan`: round 1's plan for every server from a meta-device model (no weights, no training)."""
+    import torch
+
     from ..adapters.sites import KINDS, find_sites
     from ..comm.local import LocalComm
     from ..models import meta_model
     from .heterogeneity import client_profiles, measure_tflops
-
-    import torch
 
     model = meta_model(cfg.model.name_or_path, log=log)
     sites = [s for s in find_sites(model) if s.kind in cfg.lora.targets]

@@ -21,13 +21,27 @@ import numpy as np
 import torch
 
 from ..adapters.sites import Site, add_to_base, find_sites, n_layers
-from ..algorithm.aggregation import (ClientUpdate, aggregate_factored, aggregation_weights, dense_sum,
-                                     factored_to_dense)
+from ..algorithm.aggregation import (
+    ClientUpdate,
+    aggregate_factored,
+    aggregation_weights,
+    dense_sum,
+    factored_to_dense,
+)
 from ..algorithm.cost import model_shape
 from ..algorithm.planner import ClientPlan, sample_clients
 from ..comm.base import Communicator, nbytes
-from ..comm.payload import (dense_layout, downlink_is_dense, factor_layout, layout_numel, pack, pack_dense,
-                            stacked_layout, unpack, unpack_dense)
+from ..comm.payload import (
+    dense_layout,
+    downlink_is_dense,
+    factor_layout,
+    layout_numel,
+    pack,
+    pack_dense,
+    stacked_layout,
+    unpack,
+    unpack_dense,
+)
 from ..config import ConfigError, JobConfig, UserInputError
 from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
 from ..io.hdf5 import ResultsWriter
