@@ -98,11 +98,16 @@ def combine_scores(sv: np.ndarray, phi: np.ndarray) -> np.ndarray:
     return np.where(measured, s, s[measured].mean())
 
 
-def sensitivity_of(params: list[torch.Tensor]) -> float:
-    """Eqn 4 for one adapter: mean |w * grad| over all entries of its parameters (A and B)."""
-    total, count = 0.0, 0
+def sensitivity_of(params: list[torch.Tensor]) -> torch.Tensor:
+    """Eqn 4 for one adapter: mean |w * grad| over all entries of its parameters (A and B).
+
+    A 0-d tensor on the parameters' device: callers add it up over steps and read it once, so the
+    training loop does not wait on the device for every adapter at every step.
+    """
+    total = torch.zeros((), device=params[0].device)
+    count = 0
     for p in params:
         if p.grad is not None:
-            total += float((p.detach() * p.grad.detach()).abs().sum())
+            total = total + (p.detach() * p.grad.detach()).abs().sum().float()
         count += p.numel()
     return total / max(count, 1)

@@ -6,6 +6,8 @@ prompt the model conditions on and the target it is trained to produce (the loss
 
 from __future__ import annotations
 
+import functools
+
 from ..config import JobConfig, UserInputError
 from . import alpaca
 from .e2e import load_e2e_hub, read_e2e_csv
@@ -37,17 +39,21 @@ def partition_key(source: str) -> str:
 
 def _alpaca_split(cfg: JobConfig) -> tuple[list, list]:
     """Alpaca has one split: a seeded 2% (at least one record) is held out for eval when no eval_path."""
+    return _alpaca_split_cached(cfg.data.train_path, cfg.data.eval_path, cfg.seed)
+
+
+@functools.lru_cache(maxsize=2)  # train and eval pairs come from one read of the file
+def _alpaca_split_cached(train_path: str | None, eval_path: str | None, seed: int) -> tuple[list, list]:
     import numpy as np
 
-    d = cfg.data
-    pairs = (alpaca.read_alpaca_file(d.train_path, "data.train_path") if d.train_path
+    pairs = (alpaca.read_alpaca_file(train_path, "data.train_path") if train_path
              else alpaca.load_alpaca_hub(alpaca.HUB_DEFAULT, "data.train_path"))
-    if d.eval_path:
-        return pairs, alpaca.read_alpaca_file(d.eval_path, "data.eval_path")
+    if eval_path:
+        return pairs, alpaca.read_alpaca_file(eval_path, "data.eval_path")
     if len(pairs) < 2:
         raise UserInputError("data.train_path: an Alpaca file needs at least 2 records to hold one out for eval; "
                              "add records or set data.eval_path")
-    order = np.random.default_rng([cfg.seed, 3]).permutation(len(pairs))
+    order = np.random.default_rng([seed, 3]).permutation(len(pairs))
     n_eval = max(1, len(pairs) // 50)
     held = set(order[:n_eval].tolist())
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]

@@ -80,7 +80,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
             torch.cuda.set_per_process_memory_fraction(min(1.0, mem_budget_bytes / total), device)
         torch.cuda.reset_peak_memory_stats(device)
     L = n_layers(sites)
-    sens_sum = np.zeros((L, 4))
+    sens_sum = {s.key: torch.zeros((), device=device) for s in adapters.sites}  # Eqn 4, summed over steps
     losses = []
     completed = True
     t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
             loss = lm_loss(model, batch)
             loss.backward()
             for s in adapters.sites:  # Eqn 4 on the raw gradients, before clipping and the update
-                sens_sum[s.layer, KIND_INDEX[s.kind]] += sensitivity_of([adapters.A[_pkey(s)], adapters.B[_pkey(s)]])
+                sens_sum[s.key] += sensitivity_of([adapters.A[_pkey(s)], adapters.B[_pkey(s)]])
             if cfg.train.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.train.max_grad_norm)
             opt.step()
@@ -112,7 +112,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     factors = adapters.factors()
     for s in adapters.sites if losses else []:  # no step ran (deadline already passed): nothing measured
         j = KIND_INDEX[s.kind]
-        sensitivity[s.layer, j] = sens_sum[s.layer, j] / len(losses)
+        sensitivity[s.layer, j] = float(sens_sum[s.key]) / len(losses)
         singular[s.layer, j] = mean_singular_value(*factors[s.key])
     stats = ClientStats(
         client=plan.client, completed=completed, batch_size=plan.batch_size, local_steps=len(losses),

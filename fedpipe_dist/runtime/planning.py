@@ -74,6 +74,7 @@ def plan_table(cfg: JobConfig, log=print) -> tuple[str, list[ClientPlan], list[P
     import torch
 
     from ..adapters.sites import KINDS, find_sites
+    from ..algorithm.cost import adapter_params, model_shape
     from ..comm.local import LocalComm
     from ..models import meta_model
     from .heterogeneity import client_profiles, measure_tflops
@@ -82,7 +83,6 @@ def plan_table(cfg: JobConfig, log=print) -> tuple[str, list[ClientPlan], list[P
     sites = [s for s in find_sites(model) if s.kind in cfg.lora.targets]
     measured = [0.0] if cfg.clients.tflops is not None else [measure_tflops(torch.device("cpu"))]
     profiles = client_profiles(cfg, measured, owner=lambda c: 0)
-    from ..algorithm.cost import model_shape
 
     planner = RoundPlanner(cfg, model_shape(model, sites), sites, profiles, hosted=list(range(cfg.clients.n)))
     plans, infos, _ = planner.plan(LocalComm(), 1)
@@ -90,8 +90,6 @@ def plan_table(cfg: JobConfig, log=print) -> tuple[str, list[ClientPlan], list[P
     head = ("| server | slowdown | TFLOP/s | memory GB | batch | precision | " + " | ".join(f"r_{k}" for k in KINDS)
             + " | adapter params | step s (pred) | memory GB (pred) | fits |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    from ..algorithm.cost import adapter_params
-
     for prof, pl, info in zip(profiles, plans, infos):
         m = pl.rank_matrix(sites)
         cols = []
