@@ -43,6 +43,7 @@ class UserInputError(ValueError):
 METHODS = ("fedpipe",)  # grows as aggregators are registered (see algorithm/aggregation)
 TARGETS = ("q", "k", "v", "o")
 PRECISIONS = ("fp32", "fp16", "bf16", "nf8", "nf4")
+BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # block sizes bitsandbytes' NF4 supports on CPU and CUDA
 
 
 @dataclass(kw_only=True)
@@ -96,7 +97,8 @@ class ClientsConfig:
     measurements: identical hardware, heterogeneity from clients.slowdown alone, reproducible plans) or
     per_rank (each rank's own measurement: a cluster whose machines really differ)."""
     precision: Any = "auto"
-    """auto (most bits that fit memory_gb) or one of fp32/fp16/bf16/nf8/nf4, or a list of n of those."""
+    """Base precision of each server: auto (the most bits that fit memory_gb, chosen by the planner for
+    round 1 and kept for the run) or one of fp32/fp16/bf16/nf8/nf4, or a list of n of those."""
 
 
 @dataclass(kw_only=True)
@@ -157,7 +159,25 @@ class AggregationConfig:
 
 
 @dataclass(kw_only=True)
+class QuantConfig:
+    """How quantized bases are stored (docs/quantization.md)."""
+
+    block_size: int = 64
+    """Weights per absmax scale (QLoRA: 64)."""
+    double_quant: bool = False
+    """Quantize the absmax scales too (8-bit, blocks of 256): about 0.37 fewer bits per weight."""
+    backend: Literal["auto", "bitsandbytes", "native"] = "auto"
+    """NF4 through bitsandbytes (auto: when it is installed and supports block_size) or our own NF-k code
+    (byte-identical NF4); NF8 is always ours (bitsandbytes has none)."""
+    measure_absorbed: bool = True
+    """Measure each round which share of the merged update the stored weights took up (HDF5 absorbed)."""
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
+    precision: str = "auto"
+    """Base precision of the evaluated and exported model: auto (the lowest precision any server trains
+    on, so that no number flatters the quantized servers) or fp32/fp16/bf16/nf8/nf4."""
     every: int = 1
     """Evaluate after every k-th round (the last round is always evaluated)."""
     max_samples: Optional[int] = 256
@@ -196,6 +216,7 @@ class JobConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -270,6 +291,13 @@ def validate(cfg: JobConfig) -> None:
     _check(0 < pl.lam2 < 1, "plan.lam2", f"must be in (0, 1) (got {pl.lam2}); PLATON uses 0.95")
     _check(pl.step_time_s is None or pl.step_time_s > 0, "plan.step_time_s",
            f"must be > 0 seconds, or null for the automatic budget (got {pl.step_time_s})")
+    _check(cfg.eval.precision == "auto" or cfg.eval.precision in PRECISIONS, "eval.precision",
+           f"must be 'auto' or one of {PRECISIONS} (got {cfg.eval.precision!r})")
+    q = cfg.quant
+    _check(q.block_size >= 2, "quant.block_size", f"must be >= 2 (got {q.block_size}); QLoRA uses 64")
+    if q.backend == "bitsandbytes":
+        _check(q.block_size in BNB_BLOCKS, "quant.block_size",
+               f"bitsandbytes supports {list(BNB_BLOCKS)} (got {q.block_size}); pick one, or set quant.backend=native")
     _check(cfg.eval.every >= 1, "eval.every", "must be >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")

@@ -12,6 +12,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from fedpipe_dist.io.hdf5 import Results
 
@@ -79,3 +80,27 @@ def test_kill9_in_round3_keeps_rounds_1_and_2(tmp_path):
     assert np.isfinite(r.rounds["eval_loss"]).all()
     assert r.clients["selected"].shape == (3, 4) and (r.clients["completed"][1:] == 1).all()
     assert not (out / "final").exists()
+
+
+def test_four_ranks_with_fp32_fp16_nf8_nf4_bases(tmp_path):
+    """Issue 4, acceptance 3: one server per rank, each on its own base precision; the merged update is
+    kept by every base, HDF5 records each server's bits and peak memory, final/ is a plain HF model."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "mixed"
+    _run(torchrun_cmd(4, "run", "jobs/quickstart.yaml", *SMALL, "rounds=2", "clients.precision=[fp32,fp16,nf8,nf4]",
+                      f"output.dir={out}", "--no-progress"))
+    r = Results(out / "results.h5")
+    assert r.attrs["finished"] and r.attrs["world_size"] == 4 and r.n_rounds == 2
+    assert r.attrs["eval_precision"] == "nf4"  # auto: the lowest precision any server trains on
+    assert (r.clients["quant_bits"][1:] == [32, 16, 8, 4]).all()
+    assert (r.clients["peak_mem_bytes"][1:] > 0).all()
+    assert (r.clients["completed"][1:] == 1).all()
+    assert (r.clients["absorbed"][1:] >= 0.99).all() and (r.rounds["absorbed_min"][1:] >= 0.99).all()
+    extra = r.clients["extra_bytes_per_param"][1:]
+    assert (extra[:, 0] == 0).all() and (extra[:, 1:] > 0).all()  # only the non-fp32 bases keep a residual
+    b = r.profile["base_weight_bytes"]
+    assert b[0] > b[1] > b[2] > b[3]
+    assert r.rounds["eval_loss"][-1] < r.rounds["eval_loss"][0]
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert all(p.dtype == torch.float32 for p in model.parameters())

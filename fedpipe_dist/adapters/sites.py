@@ -74,6 +74,17 @@ def find_sites(model: nn.Module) -> list[Site]:
     return sites
 
 
+_BLOCK = re.compile(r"(^|\.)(h|layers|layer|blocks)\.\d+\.")
+
+
+def is_block_linear(name: str, module: nn.Module) -> bool:
+    """A matmul weight inside a transformer block (attention or MLP): what a quantized base quantizes.
+    Embeddings, norms and the LM head are outside the blocks and stay as loaded."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D)) and _BLOCK.search(name) is not None
+
+
 def n_layers(sites: list[Site]) -> int:
     return 1 + max(s.layer for s in sites)
 

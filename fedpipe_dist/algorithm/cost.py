@@ -11,7 +11,9 @@ FLOPs per token (one multiply-add = 2 FLOPs):
   LoRA adapter of rank r on a site [out, in]     forward 2 r (in+out); backward 4 r (in+out) (grads of
                                                  the input, A and B): 6 r (in+out) in all
 Memory of a local step (bytes):
-  base weights at the server's precision (NF-k: k bits + one fp32 absmax per block of 64)
+  base weights: the block linears (attention and MLP) at the server's precision (NF-k: k bits + one fp32
+  absmax per block of 64), everything else (embeddings, norms, LM head) as loaded (runtime/bases.py)
+  merged-update residual of a non-fp32 base: at most 2 bytes per adapted parameter (algorithm/merge.py)
   adapters: fp32 weight + grad + two AdamW moments = 16 bytes per adapter parameter
   activations kept for backward: per layer and token about (act_d * d_model + act_ff * d_ff) floats,
   the attention probabilities (heads x T per token) only under eager attention (sdpa keeps none), and
@@ -49,6 +51,7 @@ class ModelShape:
     linear_params: int  # parameters in all matmul weights (attention, MLP, LM head), frozen
     total_params: int  # everything stored in the base (embeddings counted once when tied)
     sites: tuple[Site, ...]
+    block_linear_params: int = -1  # matmul weights inside the blocks: what a quantized base quantizes
     act_d: int = 7  # activation floats per token and layer, per d_model and per d_ff (ACT_CONSTANTS)
     act_ff: int = 3
     eager_attention: bool = False  # eager attention keeps the heads x T probabilities for backward
@@ -64,10 +67,14 @@ def model_shape(model: nn.Module, sites: list[Site]) -> ModelShape:
     heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
     head_dim = getattr(cfg, "head_dim", None) or d // heads
-    linear = 0
-    for mod in model.modules():
+    from ..adapters.sites import is_block_linear
+
+    linear = block = 0
+    for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, Conv1D)):
             linear += mod.weight.numel()
+            if is_block_linear(name, mod):
+                block += mod.weight.numel()
     seen, total = set(), 0
     for p in model.parameters():  # parameters() yields a tied tensor once
         if id(p) not in seen:
@@ -76,7 +83,7 @@ def model_shape(model: nn.Module, sites: list[Site]) -> ModelShape:
     act_d, act_ff = ACT_CONSTANTS["gpt2" if cfg.model_type == "gpt2" else "gated"]
     eager = getattr(cfg, "_attn_implementation", None) == "eager"
     return ModelShape(layers, d, d_ff, heads, heads * head_dim, cfg.vocab_size, linear, total, tuple(sites),
-                      act_d, act_ff, eager)
+                      block, act_d, act_ff, eager)
 
 
 def base_flops_per_sample(shape: ModelShape, seq_len: int) -> float:
@@ -102,11 +109,17 @@ def adapter_params(shape: ModelShape, ranks: dict[str, int]) -> int:
     return sum(r * (by_key[k].in_features + by_key[k].out_features) for k, r in ranks.items() if r > 0)
 
 
-def base_weight_bytes(shape: ModelShape, precision: str) -> float:
-    bits = BITS[precision]
-    if precision.startswith("nf"):
-        return shape.total_params * (bits / 8 + 4 / NF_BLOCK)  # codes + one fp32 absmax per block
-    return shape.total_params * bits / 8
+def base_weight_bytes(shape: ModelShape, precision: str, rest_bytes: int = 4) -> float:
+    """The base at `precision`: block linears at that precision, the rest at rest_bytes per parameter."""
+    block = shape.block_linear_params if shape.block_linear_params >= 0 else shape.total_params
+    rest = shape.total_params - block
+    per = BITS[precision] / 8 + (4 / NF_BLOCK if precision.startswith("nf") else 0)  # NF-k: + an fp32 absmax a block
+    return block * per + rest * rest_bytes
+
+
+def residual_bytes(shape: ModelShape, precision: str) -> float:
+    """The merged-update residual a non-fp32 base keeps: at most 2 bytes per adapted parameter."""
+    return 0.0 if precision == "fp32" else 2.0 * sum(s.numel for s in shape.sites)
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq_len: int, act_bytes: int = 4) -> float:
@@ -120,5 +133,6 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, act_bytes: int
 def memory_bytes(shape: ModelShape, *, precision: str, ranks: dict[str, int], batch: int, seq_len: int,
                  act_bytes: int = 4) -> float:
     """Predicted peak memory of a local training step (act_bytes: 4 for fp32 compute, 2 for bf16/fp16)."""
-    return (base_weight_bytes(shape, precision) + 16 * adapter_params(shape, ranks)
+    return (base_weight_bytes(shape, precision, act_bytes) + residual_bytes(shape, precision)
+            + 16 * adapter_params(shape, ranks)
             + activation_bytes(shape, batch, seq_len, act_bytes))

@@ -91,9 +91,12 @@ def _items(sites: list[Site], targets: list[str], granularity: str) -> list[tupl
     return [((TIE_ORDER[s.kind], s.layer), [s]) for s in chosen]
 
 
-def greedy_ranks(items, item_scores: list[float], candidate_ranks: list[int], budget: float, cost) -> dict[str, int]:
+def greedy_ranks(items, item_scores: list[float], candidate_ranks: list[int], budget: float, cost,
+                 tol: float = 0.0) -> dict[str, int]:
     """Algorithm 1, stage 2: most important item first, the highest candidate rank whose cost fits the
-    remaining budget; an item with no fitting rank gets no adapter. `cost(sites, r)` is FLOPs per sample."""
+    remaining budget; an item with no fitting rank gets no adapter. `cost(sites, r)` is FLOPs per sample.
+    `tol` (FLOPs) absorbs floating-point noise in the budget: a rank that exactly spends it must fit
+    whatever the rounding (the default budget is often exactly some ranks' cost)."""
     order = sorted(range(len(items)), key=lambda i: (-item_scores[i], items[i][0]))
     ranks: dict[str, int] = {}
     remaining = budget
@@ -101,7 +104,7 @@ def greedy_ranks(items, item_scores: list[float], candidate_ranks: list[int], bu
         sites = items[i][1]
         for r in sorted(set(candidate_ranks), reverse=True):
             c = cost(sites, r)
-            if c <= remaining:
+            if c <= remaining + tol:
                 remaining -= c
                 for s in sites:
                     ranks[s.key] = r
@@ -117,7 +120,8 @@ def item_scores(items, scores: np.ndarray) -> list[float]:
 def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *, targets: list[str],
                  candidate_ranks: list[int], ref_rank: int, b_min: int, b_max: int, seq_len: int,
                  step_time_s: float | None, granularity: str = "type", precision: str | list[str] = "auto",
-                 act_bytes: int = 4) -> tuple[list[ClientPlan], list[PlanInfo]]:
+                 act_bytes: int = 4, auto_options: tuple[str, ...] = PRECISION_ORDER
+                 ) -> tuple[list[ClientPlan], list[PlanInfo]]:
     """Per-server plans for one round.
 
     Budget: every server may spend tau seconds per local step, C_i,max = flops_per_s_i * tau. By default
@@ -149,11 +153,12 @@ def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *
         while b > b_min and b * base > budget:  # the frozen model alone must fit the step budget
             b -= 1
         fixed = precision[c] if isinstance(precision, list) else precision
-        options = PRECISION_ORDER if fixed == "auto" else (fixed,)
+        options = auto_options if fixed == "auto" else (fixed,)
         importance = item_scores(items, scores[c])
         while True:  # if no precision fits the memory budget, a smaller batch may
             adapter_budget = min(budget / b - base, a_ref)
-            ranks = greedy_ranks(items, importance, candidate_ranks, adapter_budget, cost)
+            # budget / b - base cancels most digits (base dominates): tolerate that much rounding
+            ranks = greedy_ranks(items, importance, candidate_ranks, adapter_budget, cost, tol=1e-9 * (base + a_ref))
             mems = {p: memory_bytes(shape, precision=p, ranks=ranks, batch=b, seq_len=seq_len, act_bytes=act_bytes)
                     for p in options}
             prec = next((p for p in options if mems[p] <= srv.mem_bytes), None)

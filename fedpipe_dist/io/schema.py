@@ -1,9 +1,9 @@
 """Names and shapes in results.h5 (see docs/hdf5_schema.md). Analysis code reads these names only."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes
 
 ROOT_ATTRS = ("schema_version", "method", "model", "dataset", "world_size", "n_clients", "config_json",
-              "finished")
+              "finished", "eval_precision", "base_params")
 
 # rounds/: one row per completed round. Row 0 is the base model before any training (eval only).
 ROUND_FIELDS = {
@@ -18,6 +18,7 @@ ROUND_FIELDS = {
     "bytes_down": "i8",  # payload bytes of the merged update times the servers that receive it
     "n_selected": "i4",
     "under_training_rate": "f8",  # fraction of selected servers that did not complete their plan
+    "absorbed_min": "f8",  # lowest absorbed fraction over the bases in use this round (NaN: nothing merged)
 }
 
 # clients/: arrays [round row, client].
@@ -36,9 +37,14 @@ CLIENT_FIELDS = {
     "train_loss": "f8",
     "pred_step_s": "f8",  # the cost model's step time for the plan (FLOPs / measured speed)
     "pred_mem_bytes": "i8",  # the memory model's peak for the plan
+    # Share of the round's merged update ||dW||^2 that this server's stored weights took up:
+    # 1 - ||(W_after - W_before) - dW||^2 / ||dW||^2 over all adapted sites (NaN when not measured).
+    "absorbed": "f8",
+    "extra_bytes_per_param": "f8",  # the merged-update residual's bytes / base parameters (0 for fp32)
 }
 CLIENT_LAYER_FIELDS = {"ranks": "i4", "importance": "f8"}  # [round row, client, layer, 4] (q, k, v, o)
 
-PROFILE_FIELDS = {"tflops": "f8", "mem_budget_bytes": "i8", "slowdown": "f8"}
+PROFILE_FIELDS = {"tflops": "f8", "mem_budget_bytes": "i8", "slowdown": "f8",
+                  "base_weight_bytes": "i8"}  # measured storage of the server's base at its precision
 
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "nf8": 8, "nf4": 4}

@@ -51,9 +51,30 @@ def batch_indices(n: int, b: int, rng: np.random.Generator):
             yield perm[start:start + b]
 
 
-def _peak_mem(device: torch.device) -> int:
+def _reset_peak_mem(device: torch.device) -> bool:
+    """Start a fresh peak: CUDA's allocator statistics, or Linux's resident-set high-water mark."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0: VmHWM := current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mem(device: torch.device, reset_ok: bool) -> int:
+    """CUDA: peak bytes allocated by this process since the reset. CPU: the process's peak resident set
+    since the reset (VmHWM: everything the rank holds, its other bases included), or, where the peak cannot
+    be reset, since the process started (ru_maxrss)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    if reset_ok:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
@@ -78,7 +99,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
         if mem_budget_bytes:  # enforce the server's memory budget on this GPU (an OOM is a real failure)
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, mem_budget_bytes / total), device)
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_ok = _reset_peak_mem(device)
     L = n_layers(sites)
     sens_sum = {s.key: torch.zeros((), device=device) for s in adapters.sites}  # Eqn 4, summed over steps
     losses = []
@@ -117,7 +138,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     stats = ClientStats(
         client=plan.client, completed=completed, batch_size=plan.batch_size, local_steps=len(losses),
         samples=len(losses) * plan.batch_size, local_s=time.perf_counter() - t0,
-        peak_mem_bytes=_peak_mem(device), trainable_params=adapters.trainable_parameters(),
+        peak_mem_bytes=_peak_mem(device, reset_ok), trainable_params=adapters.trainable_parameters(),
         train_loss=float(np.mean(losses)) if losses else float("nan"),
         sensitivity=sensitivity, singular=singular)
     update = ClientUpdate(plan.client, len(data), plan.batch_size, factors)

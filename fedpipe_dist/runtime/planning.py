@@ -13,7 +13,7 @@ import numpy as np
 from ..adapters.sites import Site, n_layers
 from ..algorithm.cost import ModelShape, flops_per_sample, memory_bytes
 from ..algorithm.importance import ImportanceState
-from ..algorithm.planner import ClientPlan, PlanInfo, ServerBudget, fedpipe_plan, uniform_plan
+from ..algorithm.planner import PRECISION_ORDER, ClientPlan, PlanInfo, ServerBudget, fedpipe_plan, uniform_plan
 from ..config import JobConfig
 from .heterogeneity import ServerProfile
 
@@ -28,6 +28,25 @@ class RoundPlanner:
         self.servers = [ServerBudget(p.tflops * 1e12, p.mem_budget_bytes) for p in profiles]
         self.states = {c: ImportanceState(self.L, cfg.plan.lam1, cfg.plan.lam2) for c in hosted}
         self.act_bytes = 4 if cfg.model.dtype == "float32" else 2
+        # precision=auto picks from these; a model loaded in 16 bits has no fp32 base to offer.
+        self.native = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype]
+        self.auto_options = PRECISION_ORDER if self.native == "fp32" else (self.native, "nf8", "nf4")
+        self.pinned: list[str] | None = None  # each server's base precision, fixed after round 1
+
+    def pin_precisions(self, comm) -> list[str]:
+        """Each server's base precision for the whole run: the job's list, or the planner's round-1 choice.
+
+        A server's memory does not change between rounds, and its base is quantized once when it loads
+        (as QLoRA does); re-quantizing whenever a plan's ranks moved the memory estimate would cost a copy
+        of the weights per change and gain nothing, so later rounds plan with this precision fixed (a plan
+        that no longer fits then lowers the batch, or counts as under-training).
+        """
+        plans, _, _ = self.plan(comm, 1)
+        self.pinned = [p.precision for p in plans]
+        return list(self.pinned)
+
+    def _precisions(self) -> str | list[str]:
+        return self.pinned if self.pinned is not None else self.cfg.clients.precision
 
     def scores(self, comm, round_idx: int) -> np.ndarray:
         """[client, layer, 4] importance used to plan this round (identical on every rank)."""
@@ -46,8 +65,13 @@ class RoundPlanner:
         cfg = self.cfg
         n, T = cfg.clients.n, cfg.model.max_length
         if cfg.plan.mode == "uniform":
+            # Fixed-rank LoRA does not adapt precision: the model as loaded unless the job names one.
+            prec = self._precisions()
+            prec = [(self.native if p == "auto" else p) for p in (prec if isinstance(prec, list) else [prec] * n)]
             plans = uniform_plan(self.sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,
-                                 batch_size=cfg.train.batch_max, precision="fp32")
+                                 batch_size=cfg.train.batch_max)
+            for pl, p in zip(plans, prec):
+                pl.precision = p
             infos = []
             for pl, srv in zip(plans, self.servers):
                 step = pl.batch_size * flops_per_sample(self.shape, pl.ranks, T)
@@ -56,12 +80,12 @@ class RoundPlanner:
                 infos.append(PlanInfo(math.inf, step, step / srv.flops_per_s, mem, mem <= srv.mem_bytes))
             return plans, infos, np.full((n, self.L, 4), np.nan)
         scores = self.scores(comm, round_idx)
-        precision = cfg.clients.precision
+        precision = self._precisions()
         plans, infos = fedpipe_plan(
             self.shape, self.servers, list(scores), targets=cfg.lora.targets, candidate_ranks=cfg.lora.ranks,
             ref_rank=cfg.lora.rank, b_min=cfg.train.batch_min, b_max=cfg.train.batch_max, seq_len=T,
             step_time_s=cfg.plan.step_time_s, granularity=cfg.plan.granularity, precision=precision,
-            act_bytes=self.act_bytes)
+            act_bytes=self.act_bytes, auto_options=self.auto_options)
         return plans, infos, scores
 
     def observe(self, client: int, sensitivity: np.ndarray, singular: np.ndarray) -> None:

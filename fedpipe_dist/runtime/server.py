@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapters.sites import Site, add_to_base, find_sites, n_layers
+from ..adapters.sites import Site, find_sites, n_layers
 from ..algorithm.aggregation import (
     ClientUpdate,
     aggregate_factored,
@@ -48,6 +48,7 @@ from ..io.hdf5 import ResultsWriter
 from ..io.schema import PRECISION_BITS
 from ..metrics.perplexity import evaluate, summarize
 from ..models import load_model, load_tokenizer
+from .bases import RankBases, lowest_precision
 from .client import ClientStats, train_client
 from .heterogeneity import client_profiles, device_memory_bytes, measure_tflops
 from .planning import RoundPlanner
@@ -99,16 +100,6 @@ def _agree(comm: Communicator, fn):
     return result
 
 
-_NO_QUANT = ("clients.precision: quantized and half-precision bases are not available in this version; use "
-             "clients.precision=auto or fp32, and give every server enough clients.memory_gb for an fp32 base")
-
-
-def _refuse_unbuilt_precisions(plans: list[ClientPlan], runnable: list[int]) -> None:
-    low = sorted({plans[c].precision for c in runnable} - {"fp32"})
-    if low:
-        raise UserInputError(f"{_NO_QUANT} (the planner chose {low} to fit clients.memory_gb)")
-
-
 def _check_output_dir(out: Path, overwrite: bool) -> None:
     results = out / "results.h5"
     if results.exists() and not overwrite:
@@ -139,13 +130,11 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     out_dir = Path(cfg.output.dir)
     n = cfg.clients.n
     _agree(comm, lambda: _check_output_dir(out_dir, cfg.output.overwrite))
-    precisions = cfg.clients.precision if isinstance(cfg.clients.precision, list) else [cfg.clients.precision] * n
-    if any(p not in ("auto", "fp32") for p in precisions):
-        raise UserInputError(_NO_QUANT)
-
     # ---- model, adapter sites, data (each rank keeps only its own servers' shards) --------------------
     tok = load_tokenizer(cfg.model.name_or_path)
-    model = load_model(cfg.model.name_or_path, seed=cfg.seed, dtype=cfg.model.dtype, tokenizer=tok).to(device)
+    # Kept on the CPU until the bases are built: a quantized server never holds the full-width model on
+    # its device (each block weight is moved there, quantized, and only its codes stay).
+    model = load_model(cfg.model.name_or_path, seed=cfg.seed, dtype=cfg.model.dtype, tokenizer=tok)
     model.eval()
     sites = [s for s in find_sites(model) if s.kind in cfg.lora.targets]
     site_by_key = {s.key: s for s in sites}
@@ -180,6 +169,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     del ev
 
     def run_eval() -> dict:
+        bases.use(eval_precision)
         part = evaluate(model, eval_slice, batch_size=cfg.eval.batch_size, pad_id=pad_id, device=device)
         parts = comm.all_gather_object((part["loss_sum"], part["tokens"]))
         return summarize(sum(p[0] for p in parts), sum(p[1] for p in parts))
@@ -195,6 +185,17 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     profiles = client_profiles(cfg, [m[0] for m in measured], owner, device_mem=[m[1] for m in measured])
     planner = RoundPlanner(cfg, model_shape(model, sites), sites, profiles, hosted=my_clients)
 
+    # ---- bases: every server's precision is fixed for the run; one view per precision this rank needs -----
+    precisions = planner.pin_precisions(comm)
+    eval_precision = lowest_precision(precisions) if cfg.eval.precision == "auto" else cfg.eval.precision
+    needed = {precisions[c] for c in my_clients} | {eval_precision}
+    bases = RankBases(model, sites, needed, device=device, block_size=cfg.quant.block_size,
+                      double_quant=cfg.quant.double_quant, backend=cfg.quant.backend)
+    model.to(device)
+    view_bytes: dict[str, int] = {}
+    for part in comm.all_gather_object({p: bases.base_bytes(p) for p in bases.views}):
+        view_bytes.update(part)
+
     # ---- results file (rank 0) and the untrained base as row 0 ------------------------------------------
     L = n_layers(sites)
     writer = None
@@ -207,14 +208,19 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             shutil.rmtree(out_dir / "final", ignore_errors=True)
         writer = ResultsWriter(out_dir / "results.h5", n_clients=n, n_layers=L, attrs={
             "method": cfg.method, "model": cfg.model.name_or_path, "dataset": cfg.data.name,
-            "world_size": comm.world_size, "n_clients": n, "config_json": cfg.to_json()})
+            "world_size": comm.world_size, "n_clients": n, "config_json": cfg.to_json(),
+            "eval_precision": eval_precision, "base_params": bases.base_params})
         writer.write_profile({"tflops": [p.tflops for p in profiles],
                               "mem_budget_bytes": [p.mem_budget_bytes for p in profiles],
-                              "slowdown": [p.slowdown for p in profiles]})
+                              "slowdown": [p.slowdown for p in profiles],
+                              "base_weight_bytes": [view_bytes[p] for p in precisions]})
         writer.append_round(_round_row(0, eval=ev0, n_selected=0), {})
         log(f"fedpipe: {cfg.method} on {cfg.model.name_or_path} ({len(sites)} adapter sites), {n} servers on "
             f"{comm.world_size} rank(s), {cfg.rounds} rounds -> {out_dir / 'results.h5'}")
-        log(f"round 0 (base model): eval loss {ev0['loss']:.4f}, ppl {ev0['ppl']:.2f}")
+        counts = {p: precisions.count(p) for p in dict.fromkeys(precisions)}
+        log("bases: " + ", ".join(f"{k} x {p} ({view_bytes[p] / 2**20:.1f} MiB)" for p, k in counts.items())
+            + f"; evaluated and exported at {eval_precision}")
+        log(f"round 0 (base model at {eval_precision}): eval loss {ev0['loss']:.4f}, ppl {ev0['ppl']:.2f}")
     log.open_bar(cfg.rounds)
 
     # ---- rounds -------------------------------------------------------------------------------------------
@@ -224,11 +230,11 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         plans, infos, scores = planner.plan(comm, t)
         # A plan that does not fit the server's memory (or FLOPs) budget is not run: under-training.
         runnable = [c for c in selected if infos[c].fits]
-        _refuse_unbuilt_precisions(plans, runnable)
         updates: dict[int, ClientUpdate] = {}
         stats: dict[int, ClientStats] = {}
         for c in runnable:
             if owner(c) == comm.rank:
+                bases.use(plans[c].precision)
                 updates[c], stats[c] = train_client(model, sites, plans[c], shards[c], cfg, round_idx=t,
                                                     pad_id=pad_id, device=device, slowdown=profiles[c].slowdown,
                                                     deadline_s=cfg.train.deadline_s,
@@ -245,20 +251,28 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             deltas, traffic = exchange(comm, sites, plans, contributors, weights, updates, owner)
         else:  # nobody finished: the base stays as it is this round
             deltas, traffic = {}, {"client_bytes_up": {}, "bytes_down_payload": 0, "wait_s": 0.0, "agg_s": 0.0}
-        for key, delta in deltas.items():
-            add_to_base(model, site_by_key[key], delta)
+        absorbed = bases.merge(deltas, site_by_key, measure=cfg.quant.measure_absorbed)
+        extra = {p: bases.extra_bytes(p) for p in bases.views}
         for c in stats:
             stats[c].bytes_up = traffic["client_bytes_up"].get(c, 0)
 
-        gathered = comm.gather_object(list(stats.values()))
+        gathered = comm.gather_object((list(stats.values()), absorbed, extra))
         ev = run_eval() if (t % cfg.eval.every == 0 or t == cfg.rounds) else None
         if ev is not None:
             eval_losses.append(ev["loss"])
         if rank0:
-            all_stats = {s.client: s for part in gathered for s in part}
+            all_stats = {s.client: s for part in gathered for s in part[0]}
+            absorbed_by, extra_by = {}, {}
+            for _, a, e in gathered:
+                absorbed_by.update(a)
+                extra_by.update(e)
             row = _round_row(t, eval=ev, n_selected=len(selected), n_clients=n, stats=all_stats,
                              traffic=traffic, wall_s=time.perf_counter() - t_round)
+            in_use = set(precisions) | {eval_precision}
+            row["absorbed_min"] = min(absorbed_by[p] for p in in_use) if deltas else math.nan
             arrays = _client_arrays(n, L, sites, plans, selected, all_stats)
+            arrays["absorbed"] = np.array([absorbed_by[p] if deltas else math.nan for p in precisions])
+            arrays["extra_bytes_per_param"] = np.array([extra_by[p] / bases.base_params for p in precisions])
             arrays["importance"] = scores
             arrays["pred_step_s"] = np.array([i.predicted_step_s for i in infos])
             arrays["pred_mem_bytes"] = np.array([i.predicted_mem_bytes for i in infos], dtype=np.int64)
@@ -273,7 +287,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             final_dir = out_dir / "final"
             tmp = out_dir / "final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
+            bases.export(eval_precision).save_pretrained(tmp)  # plain HF modules: dequant(W0) + D
             tok.save_pretrained(tmp)
             shutil.rmtree(final_dir, ignore_errors=True)
             tmp.rename(final_dir)
@@ -323,7 +337,7 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, weigh
     if dense_down:
         deltas = unpack_dense(down, dense_down)
     else:
-        deltas = {k: b @ a for k, (b, a) in unpack(down, down_layout).items()}
+        deltas = unpack(down, down_layout)  # factors (B, A): a low-rank residual keeps them as they are
     traffic = {"client_bytes_up": client_bytes, "bytes_down_payload": nbytes(down), "wait_s": wait_s,
                "agg_s": agg_s}
     return deltas, traffic
@@ -360,6 +374,7 @@ def _round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0
     done = [s for s in stats.values() if s.completed]
     row = {
         "round": t,
+        "absorbed_min": math.nan,
         "wall_s": wall_s,
         "agg_s": traffic["agg_s"] if traffic else 0.0,
         "wait_s": traffic["wait_s"] if traffic else 0.0,
