@@ -357,10 +357,27 @@ def _reset_hwm() -> bool:
         return False
 
 
-def memory_child(spec: dict) -> dict:
-    """Runs in a fresh process: peak tensor bytes of one training step for one point."""
+def profiled_peak_bytes(fn) -> int:
+    """Peak of the bytes torch's CPU allocator handed out while fn() ran and had not freed again
+    (torch.profiler with profile_memory: "Total Allocated" of its [memory] events, less what was live at
+    the window's start)."""
     from torch.profiler import ProfilerActivity, profile
 
+    with tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"]
+                  if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    if not events:
+        raise RuntimeError("the profiler recorded no CPU memory events")
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]  # live in the window's table at its start
+    return max(e["Total Allocated"] for e in events) - start
+
+
+def memory_child(spec: dict) -> dict:
+    """Runs in a fresh process: peak tensor bytes of one training step for one point."""
     torch.set_num_threads(spec["threads"])
     v = Variant(**{k: spec[k] for k in ("batch", "seq_len", "targets", "rank", "attn")})
     model, tok = build(spec["model"], seed=spec["seed"], attn=v.attn, stories_path=spec.get("stories_path"),
@@ -382,17 +399,7 @@ def memory_child(spec: dict) -> dict:
         _reset_hwm()
         tr.step(model)
         rss_peak = _status_kib("VmHWM")
-        with tempfile.TemporaryDirectory() as tmp:
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                tr.step(model)
-            trace = Path(tmp) / "trace.json"
-            prof.export_chrome_trace(str(trace))
-            events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"]
-                      if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    if not events:
-        raise RuntimeError("the profiler recorded no CPU memory events")
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]  # live in the window's table at its start
-    window_peak = max(e["Total Allocated"] for e in events) - start
+        window_peak = profiled_peak_bytes(lambda: tr.step(model))
     return dict(static_bytes=base + adapters + moments, base_bytes=base, adapter_bytes=adapters,
                 adamw_moment_bytes=moments, window_peak_bytes=window_peak,
                 total_bytes=base + adapters + moments + window_peak,

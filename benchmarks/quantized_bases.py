@@ -48,7 +48,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:  # run as a plain script from a checkout
         sys.path.insert(0, str(p))
 
-from cost_model import Trainer, Variant, build, fixed_length_set  # noqa: E402
+from cost_model import Trainer, Variant, build, fixed_length_set, profiled_peak_bytes  # noqa: E402
 
 from fedpipe_dist.adapters.sites import find_sites  # noqa: E402
 from fedpipe_dist.config import JobConfig  # noqa: E402
@@ -88,8 +88,6 @@ def block_bytes(bases: RankBases, precision: str) -> int:
 
 
 def memory_child(spec: dict) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     torch.set_num_threads(spec["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = make(spec["model"], spec["seed"], spec["stories_path"])
@@ -120,15 +118,7 @@ def memory_child(spec: dict) -> dict:
         adapters = sum(t.numel() * t.element_size() for t in tr.adapters.parameters())
         moments = sum(t.numel() * t.element_size() for st in tr.opt.state.values() for t in st.values()
                       if torch.is_tensor(t))
-        with tempfile.TemporaryDirectory() as tmp:
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                tr.step(model)
-            trace = Path(tmp) / "trace.json"
-            prof.export_chrome_trace(str(trace))
-            events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"]
-                      if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]
-    window = max(e["Total Allocated"] for e in events) - start
+        window = profiled_peak_bytes(lambda: tr.step(model))
     static = out["base_bytes"] + out["residual_bytes"] + adapters + moments
     out.update(peak_bytes=static + window, static_bytes=static, step_window_bytes=window,
                how="static tensor bytes + torch.profiler peak of CPU allocations during the step")
@@ -234,10 +224,11 @@ def markdown(doc: dict) -> str:
             step = f"{s['median_s']:.4f} ({s['ratio_to_fp32']:.2f})" if s else "-"
             loss = (f"{e['eval_loss_round0']:.4f} -> {e['eval_loss']:.4f} ({100 * e['loss_vs_fp32']:+.2f} %)"
                     if e else "-")
+            absorbed = f"{e['absorbed_min']:.6f}" if e else "-"
             lines.append(f"| {p} | {_mib(m.get('base_bytes'))}{rel('base_bytes')} | "
                          f"{_mib(m.get('block_bytes'))}{rel('block_bytes')} | {resid} | "
                          f"{_mib(m.get('peak_bytes'))}{rel('peak_bytes')} | {step} | {loss} | "
-                         f"{e.get('absorbed_min', float('nan')):.6f} |")
+                         f"{absorbed} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -293,6 +293,14 @@ def validate(cfg: JobConfig) -> None:
            f"must be > 0 seconds, or null for the automatic budget (got {pl.step_time_s})")
     _check(cfg.eval.precision == "auto" or cfg.eval.precision in PRECISIONS, "eval.precision",
            f"must be 'auto' or one of {PRECISIONS} (got {cfg.eval.precision!r})")
+    if cfg.model.dtype != "float32":  # an fp32 base is the model's own fp32 weights: none when loaded in 16 bits
+        asked = c.precision if isinstance(c.precision, list) else [c.precision]
+        _check("fp32" not in asked, "clients.precision",
+               f"fp32 bases need model.dtype=float32 (it is {cfg.model.dtype}); set model.dtype=float32, or use "
+               "fp16, bf16, nf8, nf4 or auto")
+        _check(cfg.eval.precision != "fp32", "eval.precision",
+               f"fp32 needs model.dtype=float32 (it is {cfg.model.dtype}); set model.dtype=float32, or use auto "
+               "or a 16/8/4-bit precision")
     q = cfg.quant
     _check(q.block_size >= 2, "quant.block_size", f"must be >= 2 (got {q.block_size}); QLoRA uses 64")
     if q.backend == "bitsandbytes":

@@ -180,6 +180,23 @@ def test_out_of_range_values_name_their_key(override, key):
     assert _error(override).startswith(f"{key}: must be")
 
 
+@pytest.mark.parametrize("override, key, says", [
+    ("clients.precision=[fp32,nf4,nf4,fp8]", "clients.precision", "unknown precision 'fp8'"),
+    ("clients.precision=[fp32,nf4]", "clients.precision", "has 2 entries but clients.n=4"),
+    ("eval.precision=int8", "eval.precision", "must be 'auto' or one of"),
+    ("quant.block_size=1", "quant.block_size", "must be >= 2"),
+])
+def test_bad_precision_settings_name_their_key(override, key, says):
+    msg = _error(override)
+    assert msg.startswith(f"{key}: ") and says in msg, msg
+
+
+def test_fp32_base_needs_an_fp32_model():
+    msg = _error("model.dtype=bfloat16", "clients.precision=fp32")
+    assert msg.startswith("clients.precision: fp32 bases need model.dtype=float32"), msg
+    assert "eval.precision: fp32 needs" in _error("model.dtype=bfloat16", "eval.precision=fp32")
+
+
 def test_malformed_overrides():
     assert "not of the form dotted.key=value" in _error("rounds")
     assert "empty key" in _error("=3")

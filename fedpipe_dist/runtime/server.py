@@ -269,7 +269,8 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             row = _round_row(t, eval=ev, n_selected=len(selected), n_clients=n, stats=all_stats,
                              traffic=traffic, wall_s=time.perf_counter() - t_round)
             in_use = set(precisions) | {eval_precision}
-            row["absorbed_min"] = min(absorbed_by[p] for p in in_use) if deltas else math.nan
+            # NaN when nothing was merged or quant.measure_absorbed is off (np.min keeps the NaN)
+            row["absorbed_min"] = float(np.min([absorbed_by[p] for p in in_use])) if deltas else math.nan
             arrays = _client_arrays(n, L, sites, plans, selected, all_stats)
             arrays["absorbed"] = np.array([absorbed_by[p] if deltas else math.nan for p in precisions])
             arrays["extra_bytes_per_param"] = np.array([extra_by[p] / bases.base_params for p in precisions])
