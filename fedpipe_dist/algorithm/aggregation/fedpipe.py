@@ -9,19 +9,9 @@ Factors here already carry LoRA's alpha/r (see LoRAAdapters.factors).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # site key -> (B [out, r] incl. alpha/r, A [r, in])
-
-
-@dataclass
-class ClientUpdate:
-    client: int
-    n_samples: int  # |D_i|: the client's training-set size
-    batch_size: int  # b_i
-    factors: Factors
+from .base import Aggregate, Aggregator, ClientUpdate, Factors, register
 
 
 def aggregation_weights(n_samples: list[int], batch_sizes: list[int]) -> list[float]:
@@ -59,3 +49,16 @@ def dense_sum(updates: list[ClientUpdate], weights: list[float]) -> dict[str, to
             d = (b @ a) * w
             out[key] = out[key] + d if key in out else d
     return out
+
+
+@register
+class FedPipeAggregator(Aggregator):
+    """Eqn 9-12: weights |D_i| / b_i, the exact weighted sum of products, merged into every base."""
+
+    name = "fedpipe"
+
+    def weights(self, updates: list[ClientUpdate]) -> list[float]:
+        return aggregation_weights([u.n_samples for u in updates], [u.batch_size for u in updates])
+
+    def aggregate(self, updates, weights, state=None) -> Aggregate:
+        return Aggregate(merge=aggregate_factored(updates, weights))
