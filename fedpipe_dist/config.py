@@ -40,7 +40,9 @@ class UserInputError(ValueError):
     """Bad input other than config keys (data file, model path, empty data). Exit code 2."""
 
 
-METHODS = ("fedpipe",)  # grows as aggregators are registered (see algorithm/aggregation)
+# Methods the round engine runs (algorithm/aggregation has the math of each); ft and fedadapter: issue 5.
+METHODS = ("fedpipe", "lora", "flora", "flexlora", "hetlora")
+HETERO_RANK_METHODS = ("flora", "flexlora", "hetlora")  # one rank per server (lora.client_ranks)
 TARGETS = ("q", "k", "v", "o")
 PRECISIONS = ("fp32", "fp16", "bf16", "nf8", "nf4")
 BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # block sizes bitsandbytes' NF4 supports on CPU and CUDA
@@ -147,9 +149,22 @@ class LoraConfig:
     """Candidate ranks (high to low) the planner may choose from."""
     rank: int = 4
     """Rank used when every server gets the same configuration (the paper's default: 4)."""
+    client_ranks: Optional[list[int]] = None
+    """Per-server rank for the heterogeneous-rank baselines (flora, flexlora, hetlora): a list of n, or null =
+    by compute: the largest of lora.ranks not above max(lora.ranks) x C_i / max_j C_j (at least the smallest)."""
     alpha: float = 16.0
     """LoRA scaling numerator: the update is (alpha / r) * B @ A."""
     dropout: float = 0.0
+
+
+@dataclass(kw_only=True)
+class HetLoRAConfig:
+    """HetLoRA's rank self-pruning (Cho et al. 2024), used by method=hetlora."""
+
+    gamma: float = 0.9
+    """Keep floor(gamma * r) ranks when pruning; the trailing ranks are regularized. 1 = no pruning."""
+    reg: float = 1.0e-3
+    """Weight of the regularizer ||B[:, k:]|| * ||A[k:]|| added to the local loss."""
 
 
 @dataclass(kw_only=True)
@@ -216,6 +231,7 @@ class JobConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     comm: CommConfig = field(default_factory=CommConfig)
@@ -243,6 +259,17 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: JobConfig) -> None:
     _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {list(METHODS)}")
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1 (got {cfg.rounds})")
+    if cfg.method not in ("fedpipe", "flora"):
+        _check(cfg.aggregation.transport == "factored", "aggregation.transport",
+               f"method {cfg.method} keeps a global adapter built from every client's factors, so it needs "
+               "aggregation.transport=factored")
+    _check(0 < cfg.hetlora.gamma <= 1, "hetlora.gamma", f"must be in (0, 1] (got {cfg.hetlora.gamma})")
+    _check(cfg.hetlora.reg >= 0, "hetlora.reg", f"must be >= 0 (got {cfg.hetlora.reg})")
+    if cfg.lora.client_ranks is not None:
+        _check(len(cfg.lora.client_ranks) == cfg.clients.n and all(isinstance(r, int) and r >= 1
+                                                                    for r in cfg.lora.client_ranks),
+               "lora.client_ranks", f"must be a list of {cfg.clients.n} ranks >= 1, or null (got "
+               f"{cfg.lora.client_ranks})")
     # Seeds feed numpy SeedSequence (no negatives) and torch.manual_seed (at most 64 bits).
     _check(0 <= cfg.seed < 2**32, "seed",
            f"must be an integer in [0, 2**32) (got {cfg.seed}); set e.g. seed=0")

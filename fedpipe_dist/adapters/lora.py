@@ -31,7 +31,10 @@ class LoRAAdapters(nn.Module):
 
     def __init__(self, sites: list[Site], ranks: dict[str, int], *, alpha: float, dropout: float = 0.0,
                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32,
+                 init: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """`init`: site.key -> (B', A') to start from instead of (0, kaiming) — a global adapter the method
+        keeps (FedAvg of factors, HetLoRA, FlexLoRA); B' carries alpha/r like `factors()` returns it."""
         super().__init__()
         self.alpha = float(alpha)
         self.dropout = float(dropout)
@@ -44,8 +47,15 @@ class LoRAAdapters(nn.Module):
             a = torch.empty(r, s.in_features, dtype=torch.float32)
             # peft's LoRA init: A ~ kaiming-uniform, B = 0, so dW = 0 at the start of every round.
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            b = torch.zeros(s.out_features, r)
+            if init is not None and s.key in init:
+                b0, a0 = init[s.key]
+                if tuple(b0.shape) != (s.out_features, r) or tuple(a0.shape) != (r, s.in_features):
+                    raise ValueError(f"{s.key}: start factors {tuple(b0.shape)}, {tuple(a0.shape)} do not fit rank {r}")
+                # copies: training must never write into the global adapter the factors came from
+                b, a = b0.detach().float().cpu() / (self.alpha / r), a0.detach().float().cpu().clone()
             self.A[_pkey(s)] = nn.Parameter(a.to(device=device, dtype=dtype))
-            self.B[_pkey(s)] = nn.Parameter(torch.zeros(s.out_features, r, device=device, dtype=dtype))
+            self.B[_pkey(s)] = nn.Parameter(b.to(device=device, dtype=dtype))
         self._handles: list = []
 
     def scale(self, site: Site) -> float:
@@ -108,3 +118,49 @@ class LoRAAdapters(nn.Module):
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class FixedUpdates:
+    """Frozen updates added to the outputs of adapted modules: y += x @ dW^T per site, with dW given as
+    factors (B, A) or dense [out, in]. Evaluates W0 + dW without touching the base (methods that keep a
+    global adapter instead of merging it every round).
+
+        with FixedUpdates(sites, updates).attach(model):
+            loss = ...
+    """
+
+    def __init__(self, sites: list[Site], updates: dict):
+        self.sites = [s for s in sites if s.key in updates]
+        self.updates = updates
+        self._handles: list = []
+
+    def attach(self, model: nn.Module) -> "FixedUpdates":
+        by_module: dict[str, list[Site]] = defaultdict(list)
+        for s in self.sites:
+            by_module[s.module_name].append(s)
+        for name, sites in by_module.items():
+            self._handles.append(model.get_submodule(name).register_forward_hook(self._make_hook(sites)))
+        return self
+
+    def _make_hook(self, sites: list[Site]):
+        def hook(module, args, output):
+            x = args[0]
+            out = output.clone()
+            for s in sites:
+                u = self.updates[s.key]
+                if torch.is_tensor(u):
+                    d = x @ u.to(x.dtype).t()
+                else:
+                    d = (x @ u[1].to(x.dtype).t()) @ u[0].to(x.dtype).t()
+                out[..., s.out_start:s.out_end] += d.to(out.dtype)
+            return out
+
+        return hook
+
+    def __enter__(self) -> "FixedUpdates":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

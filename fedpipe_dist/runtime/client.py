@@ -33,6 +33,7 @@ class ClientStats:
     bytes_up: int = 0
     sensitivity: np.ndarray | None = None  # [layer, 4] Eqn 4, mean over the round's steps; NaN = no adapter
     singular: np.ndarray | None = None  # [layer, 4] mean singular value of (alpha/r) B A after training
+    prune_norm: float = float("nan")  # HetLoRA: sum over sites of ||B[:, k:]|| ||A[k:]|| after training
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
@@ -78,9 +79,18 @@ def _peak_mem(device: torch.device, reset_ok: bool) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def _prune_term(adapters: LoRAAdapters, gamma: float) -> torch.Tensor:
+    """HetLoRA's regularizer summed over the adapted sites (algorithm/aggregation/hetlora.py)."""
+    from ..algorithm.aggregation.hetlora import prune_regularizer
+
+    terms = [prune_regularizer(adapters.B[_pkey(s)], adapters.A[_pkey(s)], gamma) for s in adapters.sites]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
 def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
                  round_idx: int, pad_id: int, device: torch.device, slowdown: float = 1.0,
-                 deadline_s: float | None = None, mem_budget_bytes: int | None = None
+                 deadline_s: float | None = None, mem_budget_bytes: int | None = None,
+                 start: dict | None = None, prune: tuple[float, float] | None = None
                  ) -> tuple[ClientUpdate, ClientStats]:
     """Train fresh adapters on this client's shard for cfg.train.local_steps and return their factors.
 
@@ -88,11 +98,13 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     own duration, so wall-clock, straggler wait and deadlines are measured, not computed. With a deadline,
     training stops once it is passed and the client counts as not completed. On CUDA the server's memory
     budget caps this process's allocations (torch's per-process memory fraction).
+    `start`: factors the adapters start from (methods with a global adapter); `prune`: HetLoRA's
+    (gamma, reg): reg * ||B[:, k:]|| ||A[k:]|| (k = floor(gamma r)) joins the loss of every step.
     """
     seed = client_seed(cfg.seed, round_idx, plan.client)
     gen = torch.Generator().manual_seed(seed)
     adapters = LoRAAdapters(sites, plan.ranks, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, generator=gen,
-                            device=device)
+                            device=device, init=start)
     opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batches = batch_indices(len(data), plan.batch_size, np.random.default_rng(seed))
     if device.type == "cuda":
@@ -115,7 +127,10 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
             t_step = time.perf_counter()
             batch = collate(data, next(batches), pad_id).to(device)
             loss = lm_loss(model, batch)
-            loss.backward()
+            objective = loss
+            if prune is not None and prune[1] > 0:
+                objective = loss + prune[1] * _prune_term(adapters, prune[0])
+            objective.backward()
             for s in adapters.sites:  # Eqn 4 on the raw gradients, before clipping and the update
                 sens_sum[s.key] += sensitivity_of([adapters.A[_pkey(s)], adapters.B[_pkey(s)]])
             if cfg.train.max_grad_norm > 0:
@@ -135,11 +150,12 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
         j = KIND_INDEX[s.kind]
         sensitivity[s.layer, j] = float(sens_sum[s.key]) / len(losses)
         singular[s.layer, j] = mean_singular_value(*factors[s.key])
+    prune_norm = float(_prune_term(adapters, prune[0]).detach()) if prune is not None else float("nan")
     stats = ClientStats(
         client=plan.client, completed=completed, batch_size=plan.batch_size, local_steps=len(losses),
         samples=len(losses) * plan.batch_size, local_s=time.perf_counter() - t0,
         peak_mem_bytes=_peak_mem(device, reset_ok), trainable_params=adapters.trainable_parameters(),
         train_loss=float(np.mean(losses)) if losses else float("nan"),
-        sensitivity=sensitivity, singular=singular)
+        sensitivity=sensitivity, singular=singular, prune_norm=prune_norm)
     update = ClientUpdate(plan.client, len(data), plan.batch_size, factors)
     return update, stats

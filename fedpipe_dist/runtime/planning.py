@@ -32,6 +32,7 @@ class RoundPlanner:
         self.native = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype]
         self.auto_options = PRECISION_ORDER if self.native == "fp32" else (self.native, "nf8", "nf4")
         self.pinned: list[str] | None = None  # each server's base precision, fixed after round 1
+        self.client_ranks = initial_client_ranks(cfg, [srv.flops_per_s for srv in self.servers])
 
     def pin_precisions(self, comm) -> list[str]:
         """Each server's base precision for the whole run: the job's list, or the planner's round-1 choice.
@@ -64,14 +65,16 @@ class RoundPlanner:
     def plan(self, comm, round_idx: int) -> tuple[list[ClientPlan], list[PlanInfo], np.ndarray]:
         cfg = self.cfg
         n, T = cfg.clients.n, cfg.model.max_length
-        if cfg.plan.mode == "uniform":
-            # Fixed-rank LoRA does not adapt precision: the model as loaded unless the job names one.
+        if cfg.plan.mode == "uniform" or cfg.method != "fedpipe":
+            # The baselines (and FedPipe's uniform ablation) do not adapt: batch_max, every target at the
+            # server's rank (client_ranks), the base as loaded unless the job names a precision.
             prec = self._precisions()
             prec = [(self.native if p == "auto" else p) for p in (prec if isinstance(prec, list) else [prec] * n)]
             plans = uniform_plan(self.sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,
                                  batch_size=cfg.train.batch_max)
-            for pl, p in zip(plans, prec):
+            for pl, p, r in zip(plans, prec, self.client_ranks):
                 pl.precision = p
+                pl.ranks = {k: r for k in pl.ranks}
             infos = []
             for pl, srv in zip(plans, self.servers):
                 step = pl.batch_size * flops_per_sample(self.shape, pl.ranks, T)
@@ -91,6 +94,21 @@ class RoundPlanner:
     def observe(self, client: int, sensitivity: np.ndarray, singular: np.ndarray) -> None:
         """Fold a hosted server's round measurements into its importance state (Eqn 5-7)."""
         self.states[client].update(sensitivity, singular)
+
+
+def initial_client_ranks(cfg: JobConfig, flops: list[float]) -> list[int]:
+    """Each server's LoRA rank for the non-FedPipe methods. lora (and FedPipe's uniform ablation): lora.rank
+    everywhere. flora, flexlora, hetlora: lora.client_ranks, or by compute: the largest of lora.ranks not
+    above max(lora.ranks) x C_i / max_j C_j, at least the smallest (a tiering like those papers' setups)."""
+    from ..config import HETERO_RANK_METHODS
+
+    n = cfg.clients.n
+    if cfg.method not in HETERO_RANK_METHODS:
+        return [cfg.lora.rank] * n
+    if cfg.lora.client_ranks is not None:
+        return list(cfg.lora.client_ranks)
+    cands, top = sorted(set(cfg.lora.ranks)), max(flops)
+    return [max([r for r in cands if r <= cands[-1] * f / top + 1e-9], default=cands[0]) for f in flops]
 
 
 def plan_table(cfg: JobConfig, log=print) -> tuple[str, list[ClientPlan], list[PlanInfo]]:

@@ -20,14 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..adapters.lora import FixedUpdates
 from ..adapters.sites import Site, find_sites, n_layers
-from ..algorithm.aggregation import (
-    ClientUpdate,
-    aggregate_factored,
-    aggregation_weights,
-    dense_sum,
-    factored_to_dense,
-)
+from ..algorithm.aggregation import ClientUpdate, dense_sum, get_aggregator
+from ..algorithm.aggregation.hetlora import pruned_rank
 from ..algorithm.cost import model_shape
 from ..algorithm.planner import ClientPlan, sample_clients
 from ..comm.base import Communicator, nbytes
@@ -170,7 +166,8 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
 
     def run_eval() -> dict:
         bases.use(eval_precision)
-        part = evaluate(model, eval_slice, batch_size=cfg.eval.batch_size, pad_id=pad_id, device=device)
+        with FixedUpdates(sites, global_state).attach(model):  # a kept global adapter: W0 + dW_g
+            part = evaluate(model, eval_slice, batch_size=cfg.eval.batch_size, pad_id=pad_id, device=device)
         parts = comm.all_gather_object((part["loss_sum"], part["tokens"]))
         return summarize(sum(p[0] for p in parts), sum(p[1] for p in parts))
 
@@ -195,6 +192,11 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     view_bytes: dict[str, int] = {}
     for part in comm.all_gather_object({p: bases.base_bytes(p) for p in bases.views}):
         view_bytes.update(part)
+
+    # ---- the method: how updates are combined, and what clients start from ---------------------------------
+    aggregator = get_aggregator(cfg.method)
+    global_state: dict = {}  # the global adapter of lora / flexlora / hetlora (identical on every rank)
+    prune_norms: dict[int, float] = {}  # hetlora: each server's pruned-part norm in its last round
 
     # ---- results file (rank 0) and the untrained base as row 0 ------------------------------------------
     L = n_layers(sites)
@@ -235,22 +237,44 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         for c in runnable:
             if owner(c) == comm.rank:
                 bases.use(plans[c].precision)
+                start = None
+                if aggregator.keeps_global_adapter:
+                    start = {k: f for k, r in plans[c].ranks.items() if r > 0
+                             for f in [aggregator.client_start(global_state, k, r)] if f is not None}
+                prune = (cfg.hetlora.gamma, cfg.hetlora.reg) if cfg.method == "hetlora" else None
                 updates[c], stats[c] = train_client(model, sites, plans[c], shards[c], cfg, round_idx=t,
                                                     pad_id=pad_id, device=device, slowdown=profiles[c].slowdown,
                                                     deadline_s=cfg.train.deadline_s,
-                                                    mem_budget_bytes=profiles[c].mem_budget_bytes)
+                                                    mem_budget_bytes=profiles[c].mem_budget_bytes,
+                                                    start=start, prune=prune)
                 planner.observe(c, stats[c].sensitivity, stats[c].singular)
-        done: dict[int, bool] = {}
-        for part in comm.all_gather_object({c: st.completed for c, st in stats.items()}):
+        done: dict[int, tuple[bool, float]] = {}
+        for part in comm.all_gather_object({c: (st.completed, st.prune_norm) for c, st in stats.items()}):
             done.update(part)
-        contributors = [c for c in runnable if done[c]]
+        contributors = [c for c in runnable if done[c][0]]
+        deltas: dict = {}
         if contributors:
-            weights = aggregation_weights([shard_sizes[c] for c in contributors],
-                                          [plans[c].batch_size for c in contributors])
-            exchange = _exchange_factored if cfg.aggregation.transport == "factored" else _exchange_dense
-            deltas, traffic = exchange(comm, sites, plans, contributors, weights, updates, owner)
+            # Weights known from the plan on every rank (|D_i|, b_i); HetLoRA's depend on the updates and
+            # are formed at rank 0 inside the factored exchange.
+            weights = aggregator.weights([ClientUpdate(c, shard_sizes[c], plans[c].batch_size, {})
+                                          for c in contributors]) if cfg.method != "hetlora" else None
+            if cfg.aggregation.transport == "factored":
+                result, traffic = _exchange_factored(comm, sites, plans, contributors, weights, updates, owner,
+                                                     aggregator, shard_sizes)
+            else:
+                result, traffic = _exchange_dense(comm, sites, plans, contributors, weights, updates, owner)
+            if aggregator.keeps_global_adapter:
+                global_state = result  # clients start from it next round; the base stays W0 until the end
+            else:
+                deltas = result
         else:  # nobody finished: the base stays as it is this round
-            deltas, traffic = {}, {"client_bytes_up": {}, "bytes_down_payload": 0, "wait_s": 0.0, "agg_s": 0.0}
+            traffic = {"client_bytes_up": {}, "bytes_down_payload": 0, "wait_s": 0.0, "agg_s": 0.0}
+        if cfg.method == "hetlora":  # rank self-pruning: every rank updates every server's rank alike
+            for c in contributors:
+                norm = done[c][1]
+                planner.client_ranks[c] = pruned_rank(planner.client_ranks[c], cfg.hetlora.gamma, norm,
+                                                      prune_norms.get(c))
+                prune_norms[c] = norm
         absorbed = bases.merge(deltas, site_by_key, measure=cfg.quant.measure_absorbed)
         extra = {p: bases.extra_bytes(p) for p in bases.views}
         for c in stats:
@@ -282,6 +306,9 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     log.close()
 
     # ---- finish: export the merged model, mark the file finished --------------------------------------------
+    if global_state:  # the kept global adapter joins the base once, for the export
+        bases.merge(global_state, site_by_key, measure=False)
+        global_state = {}
     final_dir = None
     if rank0:
         if cfg.output.save_final:
@@ -301,14 +328,27 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
 # ---- exchange: how updates travel to rank 0 and back ------------------------------------------------------
 
 
-def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, weights, updates, owner):
-    """Clients send (B, A); rank 0 stacks [w_i B_i] and [A_i] (exact, Eqn 12) and broadcasts the stack, or
-    its dense product when that is smaller."""
+def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, weights, updates, owner, aggregator,
+                       shard_sizes):
+    """Clients send (B, A); rank 0 runs the method's aggregator and broadcasts its result.
+
+    Merging methods (fedpipe, flora): the stack [w_i B_i], [A_i] (exact, Eqn 12), or its dense product when
+    that is smaller; returns the update to merge. Global-adapter methods: lora / hetlora broadcast factors
+    at the largest contributing rank per weight, flexlora the dense dW_g; returns that global adapter.
+    `weights` None: the aggregator forms them at rank 0 from the received updates (HetLoRA)."""
     layouts = {c: factor_layout(sites, plans[c].ranks) for c in contributors}
     client_bytes = {c: layout_numel(layouts[c]) * 4 for c in contributors}  # fp32 payload
-    down_layout = stacked_layout(sites, [plans[c].ranks for c in contributors])
-    # The merged update goes down in whichever exact form is smaller (see downlink_is_dense).
-    dense_down = dense_layout(sites, {k for k, _, _ in down_layout}) if downlink_is_dense(down_layout) else None
+    if aggregator.keeps_global_adapter:
+        keys = {k for c in contributors for k, r in plans[c].ranks.items() if r > 0}
+        if aggregator.name == "flexlora":
+            down_layout, dense_down = [], dense_layout(sites, keys)
+        else:  # factors at the largest rank of any contributor, per weight
+            r_max = {k: max(plans[c].ranks.get(k, 0) for c in contributors) for k in keys}
+            down_layout, dense_down = factor_layout(sites, r_max), None
+    else:
+        down_layout = stacked_layout(sites, [plans[c].ranks for c in contributors])
+        # The merged update goes down in whichever exact form is smaller (see downlink_is_dense).
+        dense_down = dense_layout(sites, {k for k, _, _ in down_layout}) if downlink_is_dense(down_layout) else None
     wait_s = agg_s = 0.0
     if comm.rank == 0:
         received = []
@@ -320,13 +360,15 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, weigh
                 t0 = time.perf_counter()
                 comm.recv(buf, src=owner(c))
                 wait_s += time.perf_counter() - t0
-                received.append(ClientUpdate(c, 0, plans[c].batch_size, unpack(buf, layouts[c])))
+                received.append(ClientUpdate(c, shard_sizes[c], plans[c].batch_size, unpack(buf, layouts[c])))
         t0 = time.perf_counter()
-        stacked = aggregate_factored(received, weights)
+        agg = aggregator.aggregate(received, weights if weights is not None else aggregator.weights(received))
+        result = agg.state if aggregator.keeps_global_adapter else agg.merge
         if dense_down:
-            down = pack_dense(factored_to_dense(stacked), dense_down, device=comm.device)
+            dense = {k: v if torch.is_tensor(v) else v[0] @ v[1] for k, v in result.items()}
+            down = pack_dense(dense, dense_down, device=comm.device)
         else:
-            down = pack(stacked, down_layout, device=comm.device)
+            down = pack(result, down_layout, device=comm.device)
         agg_s = time.perf_counter() - t0
     else:
         for c in contributors:
