@@ -55,8 +55,9 @@ def run_method(args, method: str, out: Path) -> float:
     job, extra = job_args(args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={args.ranks}",
            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "-m", "fedpipe_dist", "run", job,
-           *extra, f"method={method}", f"rounds={args.rounds}", f"clients.n={args.ranks}", f"eval.every={args.rounds}",
-           f"output.dir={out}", "output.overwrite=true", "--no-progress", *args.overrides]
+           *extra, f"method={method}", f"rounds={args.rounds}", f"clients.n={args.ranks}",
+           f"eval.every={args.eval_every}", f"output.dir={out}", "output.overwrite=true", "--no-progress",
+           *args.overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -76,16 +77,28 @@ def summarize(path: Path) -> dict:
                 bytes_down=float(r.rounds["bytes_down"][rows].mean()),
                 eval_loss0=float(r.rounds["eval_loss"][0]), eval_loss=r.last_eval_loss(),
                 ppl=float(np.exp(r.last_eval_loss())), wall_s=float(r.rounds["wall_s"][rows].sum()),
-                under_training=float(1 - done.sum() / max(1, sel.sum())), rounds=r.n_rounds)
+                under_training=float(1 - done.sum() / max(1, sel.sum())), rounds=r.n_rounds,
+                curve_wall_s=np.cumsum(r.rounds["wall_s"]).tolist(), curve_loss=r.rounds["eval_loss"].tolist())
+
+
+def loss_at(s: dict, t: float) -> float:
+    """The last eval loss recorded by wall-clock t (rank 0's cumulative round time)."""
+    best = s["eval_loss0"]
+    for w, loss in zip(s["curve_wall_s"], s["curve_loss"]):
+        if w <= t + 1e-9 and np.isfinite(loss):
+            best = loss
+    return best
 
 
 def markdown(doc: dict) -> str:
+    t_min = min(s["wall_s"] for s in doc["methods"].values())
     lines = ["| method | trainable params / server | MiB up / round | MiB down / round | eval loss R0 -> R | "
-             "PPL | wall-clock s | under-training |", "|---|---|---|---|---|---|---|---|"]
+             f"PPL | wall-clock s | eval loss at {t_min:.0f} s | under-training |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, s in doc["methods"].items():
         lines.append(f"| {m} | {s['trainable_params']:,.0f} | {s['bytes_up'] / 2**20:.3f} | "
                      f"{s['bytes_down'] / 2**20:.3f} | {s['eval_loss0']:.4f} -> {s['eval_loss']:.4f} | "
-                     f"{s['ppl']:.2f} | {s['wall_s']:.1f} | {s['under_training']:.2f} |")
+                     f"{s['ppl']:.2f} | {s['wall_s']:.1f} | {loss_at(s, t_min):.4f} | {s['under_training']:.2f} |")
     return "\n".join(lines)
 
 
@@ -99,6 +112,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--train-samples", type=int, default=4000)
     ap.add_argument("--eval-samples", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=1, help="evaluate every k rounds (curves for the "
+                    "equal-wall-clock column)")
     ap.add_argument("--runs", default=str(REPO / "benchmarks" / "out" / "compare_methods"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "compare_methods.json"))
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every method's job")

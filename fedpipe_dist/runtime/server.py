@@ -254,10 +254,10 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         contributors = [c for c in runnable if done[c][0]]
         deltas: dict = {}
         if contributors:
-            # Weights known from the plan on every rank (|D_i|, b_i); HetLoRA's depend on the updates and
-            # are formed at rank 0 inside the factored exchange.
-            weights = aggregator.weights([ClientUpdate(c, shard_sizes[c], plans[c].batch_size, {})
-                                          for c in contributors]) if cfg.method != "hetlora" else None
+            # Weights from the plan (|D_i|, b_i), the same on every rank; weights that depend on the updates
+            # themselves (HetLoRA's) are formed at rank 0 inside the factored exchange.
+            weights = None if aggregator.weights_from_updates else aggregator.weights(
+                [ClientUpdate(c, shard_sizes[c], plans[c].batch_size, {}) for c in contributors])
             if cfg.aggregation.transport == "factored":
                 result, traffic = _exchange_factored(comm, sites, plans, contributors, weights, updates, owner,
                                                      aggregator, shard_sizes)

@@ -37,6 +37,7 @@ class Aggregate:
 class Aggregator:
     name = ""
     keeps_global_adapter = False  # True: clients start from `client_start` instead of fresh adapters
+    weights_from_updates = False  # True: weights depend on the factors themselves, so only rank 0 forms them
 
     def weights(self, updates: list[ClientUpdate]) -> list[float]:
         """Default FedAvg weighting: |D_i| / sum_j |D_j|."""

@@ -44,6 +44,7 @@ def pruned_rank(rank: int, gamma: float, norm_now: float, norm_before: float | N
 class HetLoRA(Aggregator):
     name = "hetlora"
     keeps_global_adapter = True
+    weights_from_updates = True
 
     def weights(self, updates):
         norms = [math.sqrt(sum(float((b @ a).square().sum()) for b, a in u.factors.values())) for u in updates]
