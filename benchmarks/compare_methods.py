@@ -18,26 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for p in (REPO, REPO / "benchmarks"):
+    if str(p) not in sys.path:  # run as a plain script from a checkout
+        sys.path.insert(0, str(p))
+
+from _jobs import torchrun_job  # noqa: E402
 
 from fedpipe_dist.config import METHODS  # noqa: E402
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_args(args) -> tuple[str, list[str]]:
@@ -53,17 +47,9 @@ def job_args(args) -> tuple[str, list[str]]:
 
 def run_method(args, method: str, out: Path) -> float:
     job, extra = job_args(args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={args.ranks}",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "-m", "fedpipe_dist", "run", job,
-           *extra, f"method={method}", f"rounds={args.rounds}", f"clients.n={args.ranks}",
-           f"eval.every={args.eval_every}", f"output.dir={out}", "output.overwrite=true", "--no-progress",
-           *args.overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
+    return torchrun_job(args.ranks, [job, *extra, f"method={method}", f"rounds={args.rounds}",
+                                     f"clients.n={args.ranks}", f"eval.every={args.eval_every}", f"output.dir={out}",
+                                     "output.overwrite=true", *args.overrides], method)
 
 
 def summarize(path: Path) -> dict:

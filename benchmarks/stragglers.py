@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from _jobs import torchrun_job  # noqa: E402
 
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
 
@@ -45,15 +44,8 @@ def idle_fraction(local_s: np.ndarray) -> float:
 
 
 def run(mode: str, out: Path, rounds: int, nproc: int, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fedpipe_dist", "run", "jobs/quickstart.yaml", *COMMON, f"rounds={rounds}", f"plan.mode={mode}",
-           f"output.dir={out}", "output.overwrite=true", "--no-progress", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{mode} run failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return time.perf_counter() - t0
+    return torchrun_job(nproc, ["jobs/quickstart.yaml", *COMMON, f"rounds={rounds}", f"plan.mode={mode}",
+                                f"output.dir={out}", "output.overwrite=true", *extra], f"{mode} run")
 
 
 def summarize(path: Path) -> dict:

@@ -1,0 +1,24 @@
+"""Running a real `fedpipe run` job under torchrun from a benchmark script (one place for the command line)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun_job(nproc: int, job_args: list[str], label: str) -> float:
+    """`torchrun --standalone --nproc_per_node=nproc -m fedpipe_dist run *job_args` (gloo on CPU, one thread per
+    rank); returns its wall-clock seconds, or stops the benchmark with the job's stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "fedpipe_dist", "run", *job_args, "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{label} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return time.perf_counter() - t0
