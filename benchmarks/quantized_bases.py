@@ -77,13 +77,6 @@ def fill_residual(bases: RankBases, sites, seed: int) -> None:
     bases.merge(deltas, {s.key: s for s in sites}, measure=False)
 
 
-def block_bytes(bases: RankBases, precision: str) -> int:
-    view = bases.views[precision]
-    if precision == "fp32":
-        return sum(m.weight.numel() * m.weight.element_size() for m in view.values())
-    return sum(m.weight_nbytes() for m in view.values())
-
-
 # ---- memory: one subprocess per precision ---------------------------------------------------------------
 
 
@@ -102,7 +95,7 @@ def memory_child(spec: dict) -> dict:
     tr.adapters.to(device)
     tr.opt = torch.optim.AdamW(tr.adapters.parameters(), lr=1e-4)
     model.train()
-    out = dict(base_bytes=bases.base_bytes(p), block_bytes=block_bytes(bases, p),
+    out = dict(base_bytes=bases.base_bytes(p), block_bytes=bases.block_weight_bytes(p),
                residual_bytes=bases.residual_bytes(), base_params=bases.base_params, device=device.type)
     with tr.adapters.attach(model):
         tr.step(model)  # AdamW moments, kernels

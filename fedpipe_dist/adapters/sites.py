@@ -89,12 +89,18 @@ def n_layers(sites: list[Site]) -> int:
     return 1 + max(s.layer for s in sites)
 
 
-def base_weight_slice(model: nn.Module, site: Site) -> torch.Tensor:
-    """The site's weight as a [out, in] view-or-copy (a copy for Conv1D, whose storage is transposed)."""
-    w = model.get_submodule(site.module_name).weight
+def weight_slice(module: nn.Module, site: Site) -> torch.Tensor:
+    """The site's weight in `module` (nn.Linear or Conv1D) as an [out, in] view: writes reach the module's
+    storage (for Conv1D, whose storage is [in, out], it is a transposed view)."""
+    w = module.weight
     if site.layout == "linear":
         return w[site.out_start:site.out_end, :]
     return w[:, site.out_start:site.out_end].t()
+
+
+def base_weight_slice(model: nn.Module, site: Site) -> torch.Tensor:
+    """The site's weight in the model as installed, [out, in] (a view, see weight_slice)."""
+    return weight_slice(model.get_submodule(site.module_name), site)
 
 
 @torch.no_grad()

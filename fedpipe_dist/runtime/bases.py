@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters.sites import Site, is_block_linear
+from ..adapters.sites import Site, is_block_linear, weight_slice
+from ..algorithm.aggregation.base import to_dense
 from ..algorithm.merge import MergedResidual
 from ..config import UserInputError
 from ..quantized import QuantLinear, linear_weight
@@ -107,16 +108,18 @@ class RankBases:
             _set_module(self.model, n, mod)
         self.current = precision
 
+    def block_weight_bytes(self, precision: str) -> int:
+        """Measured storage of the block linears' weights W0 at `precision` (codes and scales, or matrices)."""
+        view = self.views[precision].values()
+        if precision == "fp32":
+            return _tensor_bytes(m.weight for m in view)
+        return sum(m.weight_nbytes() for m in view)
+
     def base_bytes(self, precision: str) -> int:
         """Measured storage of the whole base at `precision`: W0 of the block linears at that precision plus
         everything else (embeddings, norms, LM head, biases) as loaded; the residual is not included."""
-        view = self.views[precision]
-        if precision == "fp32":
-            block = _tensor_bytes(t for m in view.values() for t in (m.weight, m.bias))
-        else:
-            block = sum(m.weight_nbytes() + (0 if m.bias is None else m.bias.numel() * m.bias.element_size())
-                        for m in view.values())
-        return block + self._rest_bytes
+        biases = _tensor_bytes(m.bias for m in self.views[precision].values())
+        return self.block_weight_bytes(precision) + biases + self._rest_bytes
 
     def residual_bytes(self) -> int:
         return sum(r.nbytes() for r in self.residuals.values())
@@ -138,11 +141,11 @@ class RankBases:
         energy = 0.0
         for key, d in deltas.items():
             s = site_by_key[key]
-            dense = d if torch.is_tensor(d) else d[0] @ d[1]
+            dense = to_dense(d)
             if measure:
                 energy += float(dense.double().square().sum())
             if "fp32" in self.views:
-                w = self._fp32_slice(s)
+                w = weight_slice(self.views["fp32"][s.module_name], s)
                 before = w.clone() if measure else None
                 w += dense.to(device=w.device, dtype=w.dtype)
                 if measure:
@@ -162,13 +165,6 @@ class RankBases:
             e = err["fp32" if p == "fp32" else "residual"]
             out[p] = 1.0 - e / energy if measure and energy > 0 else float("nan")
         return out
-
-    def _fp32_slice(self, s: Site) -> torch.Tensor:
-        """A writable view of the site's weight in the fp32 modules, [out, in] (or its transpose's view)."""
-        w = self.views["fp32"][s.module_name].weight
-        if s.layout == "linear":
-            return w[s.out_start:s.out_end, :]
-        return w[:, s.out_start:s.out_end].t()  # a view: writes go to Conv1D's [in, out] storage
 
     # ---- export --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -23,6 +23,7 @@ import torch
 from ..adapters.lora import FixedUpdates
 from ..adapters.sites import Site, find_sites, n_layers
 from ..algorithm.aggregation import ClientUpdate, dense_sum, get_aggregator
+from ..algorithm.aggregation.base import to_dense
 from ..algorithm.aggregation.hetlora import pruned_rank
 from ..algorithm.cost import model_shape
 from ..algorithm.planner import ClientPlan, sample_clients
@@ -365,8 +366,7 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, weigh
         agg = aggregator.aggregate(received, weights if weights is not None else aggregator.weights(received))
         result = agg.state if aggregator.keeps_global_adapter else agg.merge
         if dense_down:
-            dense = {k: v if torch.is_tensor(v) else v[0] @ v[1] for k, v in result.items()}
-            down = pack_dense(dense, dense_down, device=comm.device)
+            down = pack_dense({k: to_dense(v) for k, v in result.items()}, dense_down, device=comm.device)
         else:
             down = pack(result, down_layout, device=comm.device)
         agg_s = time.perf_counter() - t0

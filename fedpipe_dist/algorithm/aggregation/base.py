@@ -55,10 +55,12 @@ class Aggregator:
 
     def global_delta(self, agg: Aggregate) -> dict[str, torch.Tensor]:
         """The global model's change this aggregate stands for, dense [out, in] per weight."""
-        out = {}
-        for key, d in (agg.merge or agg.state).items():
-            out[key] = d if torch.is_tensor(d) else d[0] @ d[1]
-        return out
+        return {key: to_dense(d) for key, d in (agg.merge or agg.state).items()}
+
+
+def to_dense(d) -> torch.Tensor:
+    """An update given dense [out, in] or as factors (B [out, r], A [r, in]), as the dense matrix."""
+    return d if torch.is_tensor(d) else d[0] @ d[1]
 
 
 REGISTRY: dict[str, type[Aggregator]] = {}
