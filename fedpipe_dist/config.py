@@ -40,8 +40,9 @@ class UserInputError(ValueError):
     """Bad input other than config keys (data file, model path, empty data). Exit code 2."""
 
 
-# Methods the round engine runs (algorithm/aggregation has the math of each); ft and fedadapter: issue 5.
-METHODS = ("fedpipe", "lora", "flora", "flexlora", "hetlora")
+# Methods the round engine runs (algorithm/aggregation has the math of each; docs/methods.md).
+METHODS = ("fedpipe", "ft", "lora", "fedadapter", "flora", "flexlora", "hetlora")
+ADAPTER_FREE_METHODS = ("ft", "fedadapter")  # no LoRA: full fine-tuning, Houlsby adapters
 HETERO_RANK_METHODS = ("flora", "flexlora", "hetlora")  # one rank per server (lora.client_ranks)
 TARGETS = ("q", "k", "v", "o")
 PRECISIONS = ("fp32", "fp16", "bf16", "nf8", "nf4")
@@ -168,6 +169,25 @@ class HetLoRAConfig:
 
 
 @dataclass(kw_only=True)
+class FedAdapterConfig:
+    """FedAdapter's progressive adapter configuration (algorithm/aggregation/fedadapter.py), method=fedadapter."""
+
+    depth: int = 2
+    """Layers (from the top) that start with Houlsby adapters."""
+    width: int = 8
+    """Starting bottleneck width."""
+    depth_step: int = 2
+    """A deeper trial configuration adds this many layers."""
+    width_mult: int = 2
+    """A wider trial configuration multiplies the width by this."""
+    max_width: int = 64
+    period: int = 5
+    """Every period-th round is a trial round (current vs deeper vs wider on groups of servers); 0 = never."""
+    trial_eval_samples: int = 128
+    """Eval examples each trial configuration is scored on."""
+
+
+@dataclass(kw_only=True)
 class AggregationConfig:
     transport: Literal["factored", "dense"] = "factored"
     """factored: clients send B, A and rank 0 stacks them (exact); dense: weighted reduce of dW at rank 0."""
@@ -232,6 +252,7 @@ class JobConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
+    fedadapter: FedAdapterConfig = field(default_factory=FedAdapterConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     comm: CommConfig = field(default_factory=CommConfig)
@@ -259,10 +280,26 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: JobConfig) -> None:
     _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {list(METHODS)}")
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1 (got {cfg.rounds})")
-    if cfg.method not in ("fedpipe", "flora"):
+    if cfg.method not in ("fedpipe", "flora", *ADAPTER_FREE_METHODS):
         _check(cfg.aggregation.transport == "factored", "aggregation.transport",
                f"method {cfg.method} keeps a global adapter built from every client's factors, so it needs "
                "aggregation.transport=factored")
+    if cfg.method == "ft":  # every weight trains: it must be the model's own fp32 weights
+        _check(cfg.model.dtype == "float32", "model.dtype",
+               f"method ft trains every weight in place, which needs model.dtype=float32 (got {cfg.model.dtype})")
+        asked = cfg.clients.precision if isinstance(cfg.clients.precision, list) else [cfg.clients.precision]
+        _check(all(p in ("auto", "fp32") for p in asked), "clients.precision",
+               f"method ft cannot train a quantized or 16-bit frozen base (got {cfg.clients.precision}); set "
+               "clients.precision=auto or fp32")
+        _check(cfg.eval.precision in ("auto", "fp32"), "eval.precision",
+               f"method ft evaluates its fp32 weights (got {cfg.eval.precision}); set eval.precision=auto or fp32")
+    fa = cfg.fedadapter
+    for key in ("depth", "width", "depth_step", "max_width", "trial_eval_samples"):
+        _check(getattr(fa, key) >= 1, f"fedadapter.{key}", f"must be >= 1 (got {getattr(fa, key)})")
+    _check(fa.width_mult >= 1, "fedadapter.width_mult", f"must be >= 1 (got {fa.width_mult})")
+    _check(fa.period >= 0, "fedadapter.period", f"must be >= 0 (0 = no trials; got {fa.period})")
+    _check(fa.width <= fa.max_width, "fedadapter.width",
+           f"starts above fedadapter.max_width={fa.max_width} (got {fa.width})")
     _check(0 < cfg.hetlora.gamma <= 1, "hetlora.gamma", f"must be in (0, 1] (got {cfg.hetlora.gamma})")
     _check(cfg.hetlora.reg >= 0, "hetlora.reg", f"must be >= 0 (got {cfg.hetlora.reg})")
     if cfg.lora.client_ranks is not None:

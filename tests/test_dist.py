@@ -106,17 +106,23 @@ def test_four_ranks_with_fp32_fp16_nf8_nf4_bases(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-@pytest.mark.parametrize("method", ["hetlora", "flexlora"])
+@pytest.mark.parametrize("method", ["hetlora", "flexlora", "ft", "fedadapter"])
 def test_global_adapter_methods_on_four_ranks_match_one_process(tmp_path, method):
-    """The global adapter travels rank 0 -> all ranks (factors at the largest rank, or dense for FlexLoRA);
-    4 ranks and 1 process give the same losses, ranks (HetLoRA's pruning included) and bytes."""
+    """The global adapter travels rank 0 -> all ranks (factors at the largest rank, or dense for FlexLoRA;
+    ft and fedadapter: a reduce of per-rank FedAvg partial sums, fedadapter's trial groups side by side);
+    4 ranks and 1 process give the same losses, ranks (HetLoRA's pruning included), configurations and bytes."""
     extra = [*SMALL, "rounds=3", f"method={method}", "lora.client_ranks=[8,4,4,2]", "hetlora.gamma=0.5",
              "hetlora.reg=0.05"]
+    if method == "fedadapter":  # tiny-gpt2 has 2 layers: start at depth 1 so a deeper trial exists; trial round 2
+        extra += ["fedadapter.depth=1", "fedadapter.width=4", "fedadapter.period=2"]
     _run(torchrun_cmd(4, "run", "jobs/quickstart.yaml", *extra, f"output.dir={tmp_path / 'dist'}", "--no-progress"))
     _run([sys.executable, "-m", "fedpipe_dist", "run", "jobs/quickstart.yaml", *extra,
           f"output.dir={tmp_path / 'single'}", "--no-progress"])
     d, s = Results(tmp_path / "dist" / "results.h5"), Results(tmp_path / "single" / "results.h5")
     np.testing.assert_allclose(d.rounds["eval_loss"], s.rounds["eval_loss"], rtol=1e-5)
-    assert (d.clients["ranks"] == s.clients["ranks"]).all()
+    for name in ("ranks", "adapter_depth", "adapter_width", "trainable_params", "bytes_up"):
+        assert (d.clients[name] == s.clients[name]).all(), name
     assert (d.rounds["bytes_down"] == s.rounds["bytes_down"]).all()
     assert d.rounds["eval_loss"][-1] < d.rounds["eval_loss"][0]
+    if method == "fedadapter":
+        assert sorted(d.clients["adapter_depth"][2]) == [1, 1, 1, 2]  # round 2: one server tried deeper

@@ -122,12 +122,15 @@ def residual_bytes(shape: ModelShape, precision: str) -> float:
     return 0.0 if precision == "fp32" else 2.0 * sum(s.numel for s in shape.sites)
 
 
-def activation_bytes(shape: ModelShape, batch: int, seq_len: int, act_bytes: int = 4) -> float:
+def activation_bytes(shape: ModelShape, batch: int, seq_len: int, act_bytes: int = 4,
+                     layers: int | None = None) -> float:
+    """Activations kept for backward; `layers`: how many (top) layers backward goes through (all by default)."""
     T = seq_len
+    layers = shape.n_layers if layers is None else layers
     per_token_layer = (shape.act_d * shape.d_model + shape.act_ff * shape.d_ff
                        + (shape.n_heads * T if shape.eager_attention else 0))
     logits = 3 * shape.vocab
-    return ACT_PEAK * batch * T * (shape.n_layers * per_token_layer + logits) * act_bytes
+    return ACT_PEAK * batch * T * (layers * per_token_layer + logits) * act_bytes
 
 
 def memory_bytes(shape: ModelShape, *, precision: str, ranks: dict[str, int], batch: int, seq_len: int,
@@ -136,3 +139,43 @@ def memory_bytes(shape: ModelShape, *, precision: str, ranks: dict[str, int], ba
     return (base_weight_bytes(shape, precision, act_bytes) + residual_bytes(shape, precision)
             + 16 * adapter_params(shape, ranks)
             + activation_bytes(shape, batch, seq_len, act_bytes))
+
+
+# ---- the baselines that are not LoRA ------------------------------------------------------------------------
+# Full fine-tuning (method ft): every weight trains, so backward also forms the weight gradients
+# (2 * P_lin FLOPs per token more), and every parameter carries a gradient and two AdamW moments.
+
+
+def ft_flops_per_sample(shape: ModelShape, seq_len: int) -> float:
+    return base_flops_per_sample(shape, seq_len) + 2.0 * shape.linear_params * seq_len
+
+
+def ft_memory_bytes(shape: ModelShape, *, batch: int, seq_len: int, act_bytes: int = 4) -> float:
+    """fp32 weights + gradients + two AdamW moments (16 B per parameter), and the activations."""
+    return 16.0 * shape.total_params + activation_bytes(shape, batch, seq_len, act_bytes)
+
+
+# Houlsby adapters (method fedadapter, adapters/houlsby.py) in the top `depth` layers at bottleneck `width`:
+# the forward runs every layer, backward only the LM head and the top layers (nothing below them needs a
+# gradient), and each of the two adapters per layer costs 2 matmuls of width x d_model.
+
+
+def houlsby_params(shape: ModelShape, depth: int, width: int) -> int:
+    return 2 * min(depth, shape.n_layers) * (2 * width * shape.d_model + width + shape.d_model)
+
+
+def houlsby_flops_per_sample(shape: ModelShape, depth: int, width: int, seq_len: int) -> float:
+    T, L = seq_len, shape.n_layers
+    d = min(depth, L)
+    block = shape.block_linear_params if shape.block_linear_params >= 0 else shape.linear_params
+    head = shape.linear_params - block
+    forward = 2.0 * shape.linear_params * T + 4.0 * T * T * shape.d_attn * L
+    backward = 2.0 * (block * d / L + head) * T + 8.0 * T * T * shape.d_attn * d
+    adapters = 2 * d * 12.0 * width * shape.d_model * T  # forward 4 w d, backward 8 w d per adapter and token
+    return forward + backward + adapters
+
+
+def houlsby_memory_bytes(shape: ModelShape, *, precision: str, depth: int, width: int, batch: int, seq_len: int,
+                         act_bytes: int = 4) -> float:
+    return (base_weight_bytes(shape, precision, act_bytes) + 16 * houlsby_params(shape, depth, width)
+            + activation_bytes(shape, batch, seq_len, act_bytes, layers=min(depth, shape.n_layers)))

@@ -1,6 +1,6 @@
 """Names and shapes in results.h5 (see docs/hdf5_schema.md). Analysis code reads these names only."""
 
-SCHEMA_VERSION = 2  # 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes
+SCHEMA_VERSION = 3  # 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes; 3: adapter_depth/width
 
 ROOT_ATTRS = ("schema_version", "method", "model", "dataset", "world_size", "n_clients", "config_json",
               "finished", "eval_precision", "base_params")
@@ -41,6 +41,8 @@ CLIENT_FIELDS = {
     # 1 - ||(W_after - W_before) - dW||^2 / ||dW||^2 over all adapted sites (NaN when not measured).
     "absorbed": "f8",
     "extra_bytes_per_param": "f8",  # the merged-update residual's bytes / base parameters (0 for fp32)
+    "adapter_depth": "i4",  # fedadapter: top layers with Houlsby adapters this server trained (0: other methods)
+    "adapter_width": "i4",  # fedadapter: their bottleneck width
 }
 CLIENT_LAYER_FIELDS = {"ranks": "i4", "importance": "f8"}  # [round row, client, layer, 4] (q, k, v, o)
 

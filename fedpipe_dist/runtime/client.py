@@ -87,6 +87,56 @@ def _prune_term(adapters: LoRAAdapters, gamma: float) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: ClientPlan, cfg: JobConfig, *,
+               seed: int, pad_id: int, device: torch.device, slowdown: float, deadline_s: float | None,
+               extra_loss=None, after_backward=None) -> tuple[list[float], bool]:
+    """The local loop every method shares: seeded batches, AdamW on `params`, gradient clipping, the
+    server's slowdown and the round deadline. `extra_loss()` joins the objective (HetLoRA's regularizer);
+    `after_backward()` sees the raw gradients (FedPipe's sensitivity). Returns the step losses and whether
+    the plan completed before the deadline."""
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    batches = batch_indices(len(data), plan.batch_size, np.random.default_rng(seed))
+    losses: list[float] = []
+    completed = True
+    t0 = time.perf_counter()
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # dropout masks depend on the client and round only
+            for _ in range(cfg.train.local_steps):
+                if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
+                    completed = False
+                    break
+                t_step = time.perf_counter()
+                batch = collate(data, next(batches), pad_id).to(device)
+                loss = lm_loss(model, batch)
+                objective = loss if extra_loss is None else loss + extra_loss()
+                objective.backward()
+                if after_backward is not None:
+                    after_backward()
+                if cfg.train.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if slowdown > 1.0:
+                    time.sleep((slowdown - 1.0) * (time.perf_counter() - t_step))
+    finally:
+        model.eval()
+    return losses, completed
+
+
+def _budget_memory(device: torch.device, mem_budget_bytes: int | None) -> bool:
+    """On CUDA, cap this process's allocations at the server's budget (an OOM is a real failure); then
+    start a fresh peak-memory measurement."""
+    if device.type == "cuda" and mem_budget_bytes:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, mem_budget_bytes / total), device)
+    return _reset_peak_mem(device)
+
+
 def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
                  round_idx: int, pad_id: int, device: torch.device, slowdown: float = 1.0,
                  deadline_s: float | None = None, mem_budget_bytes: int | None = None,
@@ -105,44 +155,20 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     gen = torch.Generator().manual_seed(seed)
     adapters = LoRAAdapters(sites, plan.ranks, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, generator=gen,
                             device=device, init=start)
-    opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    batches = batch_indices(len(data), plan.batch_size, np.random.default_rng(seed))
-    if device.type == "cuda":
-        if mem_budget_bytes:  # enforce the server's memory budget on this GPU (an OOM is a real failure)
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, mem_budget_bytes / total), device)
-    reset_ok = _reset_peak_mem(device)
+    reset_ok = _budget_memory(device, mem_budget_bytes)
     L = n_layers(sites)
     sens_sum = {s.key: torch.zeros((), device=device) for s in adapters.sites}  # Eqn 4, summed over steps
-    losses = []
-    completed = True
+
+    def measure_sensitivity():  # Eqn 4 on the raw gradients, before clipping and the update
+        for s in adapters.sites:
+            sens_sum[s.key] += sensitivity_of([adapters.A[_pkey(s)], adapters.B[_pkey(s)]])
+
+    extra = (lambda: prune[1] * _prune_term(adapters, prune[0])) if prune is not None and prune[1] > 0 else None
     t0 = time.perf_counter()
-    model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), adapters.attach(model):
-        torch.manual_seed(seed)  # dropout masks depend on the client and round only
-        for _ in range(cfg.train.local_steps):
-            if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
-                completed = False
-                break
-            t_step = time.perf_counter()
-            batch = collate(data, next(batches), pad_id).to(device)
-            loss = lm_loss(model, batch)
-            objective = loss
-            if prune is not None and prune[1] > 0:
-                objective = loss + prune[1] * _prune_term(adapters, prune[0])
-            objective.backward()
-            for s in adapters.sites:  # Eqn 4 on the raw gradients, before clipping and the update
-                sens_sum[s.key] += sensitivity_of([adapters.A[_pkey(s)], adapters.B[_pkey(s)]])
-            if cfg.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.train.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if slowdown > 1.0:
-                time.sleep((slowdown - 1.0) * (time.perf_counter() - t_step))
-    model.eval()
+    with adapters.attach(model):
+        losses, completed = _run_steps(model, list(adapters.parameters()), data, plan, cfg, seed=seed,
+                                       pad_id=pad_id, device=device, slowdown=slowdown, deadline_s=deadline_s,
+                                       extra_loss=extra, after_backward=measure_sensitivity)
     sensitivity = np.full((L, 4), np.nan)
     singular = np.full((L, 4), np.nan)
     factors = adapters.factors()
@@ -151,11 +177,67 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
         sensitivity[s.layer, j] = float(sens_sum[s.key]) / len(losses)
         singular[s.layer, j] = mean_singular_value(*factors[s.key])
     prune_norm = float(_prune_term(adapters, prune[0]).detach()) if prune is not None else float("nan")
-    stats = ClientStats(
+    stats = _stats(plan, losses, completed, t0, device, reset_ok, adapters.trainable_parameters())
+    stats.sensitivity, stats.singular, stats.prune_norm = sensitivity, singular, prune_norm
+    return ClientUpdate(plan.client, len(data), plan.batch_size, factors), stats
+
+
+def _stats(plan: ClientPlan, losses: list[float], completed: bool, t0: float, device: torch.device,
+           reset_ok: bool, trainable: int) -> ClientStats:
+    return ClientStats(
         client=plan.client, completed=completed, batch_size=plan.batch_size, local_steps=len(losses),
         samples=len(losses) * plan.batch_size, local_s=time.perf_counter() - t0,
-        peak_mem_bytes=_peak_mem(device, reset_ok), trainable_params=adapters.trainable_parameters(),
-        train_loss=float(np.mean(losses)) if losses else float("nan"),
-        sensitivity=sensitivity, singular=singular, prune_norm=prune_norm)
-    update = ClientUpdate(plan.client, len(data), plan.batch_size, factors)
-    return update, stats
+        peak_mem_bytes=_peak_mem(device, reset_ok), trainable_params=trainable,
+        train_loss=float(np.mean(losses)) if losses else float("nan"))
+
+
+def model_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Every parameter of the model once (a tied embedding / LM head counts once), by name."""
+    return dict(model.named_parameters())  # named_parameters() already skips tied duplicates
+
+
+def train_full(model, plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *, round_idx: int, pad_id: int,
+               device: torch.device, slowdown: float = 1.0, deadline_s: float | None = None,
+               mem_budget_bytes: int | None = None) -> tuple[ClientUpdate, ClientStats]:
+    """Full fine-tuning (method ft): every parameter trains; the update is W_local - W_global per parameter.
+
+    The model is restored to the global weights afterwards, so the next server hosted on this rank starts
+    from the same model; the update is dense [shape of the parameter] per parameter name."""
+    seed = client_seed(cfg.seed, round_idx, plan.client)
+    params = model_parameters(model)
+    start = {k: p.detach().clone() for k, p in params.items()}
+    reset_ok = _budget_memory(device, mem_budget_bytes)
+    for p in params.values():
+        p.requires_grad_(True)
+    t0 = time.perf_counter()
+    try:
+        losses, completed = _run_steps(model, list(params.values()), data, plan, cfg, seed=seed, pad_id=pad_id,
+                                       device=device, slowdown=slowdown, deadline_s=deadline_s)
+        stats = _stats(plan, losses, completed, t0, device, reset_ok, sum(p.numel() for p in params.values()))
+        with torch.no_grad():
+            delta = {k: (p.detach() - start[k]).float().cpu() for k, p in params.items()}
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.requires_grad_(False)
+                p.copy_(start[k])
+    return ClientUpdate(plan.client, len(data), plan.batch_size, delta), stats
+
+
+def train_houlsby(model, points, state: dict, plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
+                  round_idx: int, pad_id: int, device: torch.device, slowdown: float = 1.0,
+                  deadline_s: float | None = None, mem_budget_bytes: int | None = None
+                  ) -> tuple[ClientUpdate, ClientStats]:
+    """FedAdapter's local training: the Houlsby adapters in `state` (the server's configuration, grown from
+    the global adapter) train on the shard; the update is their new state."""
+    from ..adapters.houlsby import HoulsbyAdapters
+
+    seed = client_seed(cfg.seed, round_idx, plan.client)
+    adapters = HoulsbyAdapters(points, state, device=device)
+    reset_ok = _budget_memory(device, mem_budget_bytes)
+    t0 = time.perf_counter()
+    with adapters.attach(model):
+        losses, completed = _run_steps(model, list(adapters.parameters()), data, plan, cfg, seed=seed,
+                                       pad_id=pad_id, device=device, slowdown=slowdown, deadline_s=deadline_s)
+    stats = _stats(plan, losses, completed, t0, device, reset_ok, adapters.trainable_parameters())
+    return ClientUpdate(plan.client, len(data), plan.batch_size, adapters.state()), stats

@@ -11,10 +11,18 @@ import math
 import numpy as np
 
 from ..adapters.sites import Site, n_layers
-from ..algorithm.cost import ModelShape, flops_per_sample, memory_bytes
+from ..algorithm.cost import (
+    ModelShape,
+    flops_per_sample,
+    ft_flops_per_sample,
+    ft_memory_bytes,
+    houlsby_flops_per_sample,
+    houlsby_memory_bytes,
+    memory_bytes,
+)
 from ..algorithm.importance import ImportanceState
 from ..algorithm.planner import PRECISION_ORDER, ClientPlan, PlanInfo, ServerBudget, fedpipe_plan, uniform_plan
-from ..config import JobConfig
+from ..config import ADAPTER_FREE_METHODS, JobConfig
 from .heterogeneity import ServerProfile
 
 
@@ -33,6 +41,8 @@ class RoundPlanner:
         self.auto_options = PRECISION_ORDER if self.native == "fp32" else (self.native, "nf8", "nf4")
         self.pinned: list[str] | None = None  # each server's base precision, fixed after round 1
         self.client_ranks = initial_client_ranks(cfg, [srv.flops_per_s for srv in self.servers])
+        # fedadapter: each server's (depth, width) this round; the engine sets them (trial groups differ)
+        self.adapter_configs = [(cfg.fedadapter.depth, cfg.fedadapter.width)] * cfg.clients.n
 
     def pin_precisions(self, comm) -> list[str]:
         """Each server's base precision for the whole run: the job's list, or the planner's round-1 choice.
@@ -72,14 +82,13 @@ class RoundPlanner:
             prec = [(self.native if p == "auto" else p) for p in (prec if isinstance(prec, list) else [prec] * n)]
             plans = uniform_plan(self.sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,
                                  batch_size=cfg.train.batch_max)
+            lora = cfg.method not in ADAPTER_FREE_METHODS
             for pl, p, r in zip(plans, prec, self.client_ranks):
                 pl.precision = p
-                pl.ranks = {k: r for k in pl.ranks}
+                pl.ranks = {k: r for k in pl.ranks} if lora else {}
             infos = []
-            for pl, srv in zip(plans, self.servers):
-                step = pl.batch_size * flops_per_sample(self.shape, pl.ranks, T)
-                mem = memory_bytes(self.shape, precision=pl.precision, ranks=pl.ranks, batch=pl.batch_size,
-                                   seq_len=T, act_bytes=self.act_bytes)
+            for c, (pl, srv) in enumerate(zip(plans, self.servers)):
+                step, mem = self._uniform_cost(c, pl)
                 infos.append(PlanInfo(math.inf, step, step / srv.flops_per_s, mem, mem <= srv.mem_bytes))
             return plans, infos, np.full((n, self.L, 4), np.nan)
         scores = self.scores(comm, round_idx)
@@ -90,6 +99,21 @@ class RoundPlanner:
             step_time_s=cfg.plan.step_time_s, granularity=cfg.plan.granularity, precision=precision,
             act_bytes=self.act_bytes, auto_options=self.auto_options)
         return plans, infos, scores
+
+    def _uniform_cost(self, c: int, pl: ClientPlan) -> tuple[float, float]:
+        """FLOPs of one local step and peak memory of a non-FedPipe plan, by method (algorithm/cost.py)."""
+        T, shape, b = self.cfg.model.max_length, self.shape, pl.batch_size
+        if self.cfg.method == "ft":
+            return b * ft_flops_per_sample(shape, T), ft_memory_bytes(shape, batch=b, seq_len=T,
+                                                                      act_bytes=self.act_bytes)
+        if self.cfg.method == "fedadapter":
+            d, w = self.adapter_configs[c]
+            return (b * houlsby_flops_per_sample(shape, d, w, T),
+                    houlsby_memory_bytes(shape, precision=pl.precision, depth=d, width=w, batch=b, seq_len=T,
+                                         act_bytes=self.act_bytes))
+        return (b * flops_per_sample(shape, pl.ranks, T),
+                memory_bytes(shape, precision=pl.precision, ranks=pl.ranks, batch=b, seq_len=T,
+                             act_bytes=self.act_bytes))
 
     def observe(self, client: int, sensitivity: np.ndarray, singular: np.ndarray) -> None:
         """Fold a hosted server's round measurements into its importance state (Eqn 5-7)."""

@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..adapters.houlsby import HoulsbyAdapters, find_adapter_points, init_state, save_adapter_state
 from ..adapters.lora import FixedUpdates
 from ..adapters.sites import Site, find_sites, n_layers
 from ..algorithm.aggregation import ClientUpdate, dense_sum, get_aggregator
 from ..algorithm.aggregation.base import to_dense
+from ..algorithm.aggregation.fedadapter import AdapterConfig, pick_config, trial_configs, trial_groups
 from ..algorithm.aggregation.hetlora import pruned_rank
-from ..algorithm.cost import model_shape
+from ..algorithm.cost import houlsby_flops_per_sample, model_shape
 from ..algorithm.planner import ClientPlan, sample_clients
 from ..comm.base import Communicator, nbytes
 from ..comm.payload import (
@@ -39,14 +41,14 @@ from ..comm.payload import (
     unpack,
     unpack_dense,
 )
-from ..config import ConfigError, JobConfig, UserInputError
+from ..config import ADAPTER_FREE_METHODS, ConfigError, JobConfig, UserInputError
 from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
 from ..io.hdf5 import ResultsWriter
 from ..io.schema import PRECISION_BITS
 from ..metrics.perplexity import evaluate, summarize
 from ..models import load_model, load_tokenizer
 from .bases import RankBases, lowest_precision
-from .client import ClientStats, train_client
+from .client import ClientStats, model_parameters, train_client, train_full, train_houlsby
 from .heterogeneity import client_profiles, device_memory_bytes, measure_tflops
 from .planning import RoundPlanner
 
@@ -163,12 +165,24 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         order = order[: cfg.eval.max_samples]
     eval_slice = tokenize_pairs(tok, [format_example(*ev[i]) for i in order[comm.rank::comm.world_size]],
                                 cfg.model.max_length)
+    trial_slice = None  # fedadapter: the examples trial configurations are scored on
+    if cfg.method == "fedadapter" and cfg.fedadapter.period > 0:
+        trial = order[: cfg.fedadapter.trial_eval_samples]
+        trial_slice = tokenize_pairs(tok, [format_example(*ev[i]) for i in trial[comm.rank::comm.world_size]],
+                                     cfg.model.max_length)
     del ev
 
-    def run_eval() -> dict:
+    def run_eval(adapter_state=None, data=None) -> dict:
+        """Eval loss of the model with the method's kept global adapter (or `adapter_state`) attached."""
         bases.use(eval_precision)
-        with FixedUpdates(sites, global_state).attach(model):  # a kept global adapter: W0 + dW_g
-            part = evaluate(model, eval_slice, batch_size=cfg.eval.batch_size, pad_id=pad_id, device=device)
+        state = global_state if adapter_state is None else adapter_state
+        if cfg.method == "fedadapter":
+            hooks = HoulsbyAdapters(points, state, device=device, trainable=False)
+        else:
+            hooks = FixedUpdates(sites, state)  # a kept LoRA-family global adapter: W0 + dW_g
+        with hooks.attach(model):
+            part = evaluate(model, eval_slice if data is None else data, batch_size=cfg.eval.batch_size,
+                            pad_id=pad_id, device=device)
         parts = comm.all_gather_object((part["loss_sum"], part["tokens"]))
         return summarize(sum(p[0] for p in parts), sum(p[1] for p in parts))
 
@@ -196,11 +210,19 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
 
     # ---- the method: how updates are combined, and what clients start from ---------------------------------
     aggregator = get_aggregator(cfg.method)
-    global_state: dict = {}  # the global adapter of lora / flexlora / hetlora (identical on every rank)
+    # The global adapter of lora / flexlora / hetlora (LoRA factors or dense dW) or fedadapter (Houlsby
+    # adapters), identical on every rank; merging methods (fedpipe, flora, ft) keep none.
+    global_state: dict = {}
     prune_norms: dict[int, float] = {}  # hetlora: each server's pruned-part norm in its last round
+    L = n_layers(sites)
+    points, adapter_config = [], None
+    if cfg.method == "fedadapter":  # one common starting adapter, drawn alike on every rank
+        points = find_adapter_points(model)
+        adapter_config = AdapterConfig(min(cfg.fedadapter.depth, L), cfg.fedadapter.width)
+        global_state = init_state(points, L, adapter_config.depth, adapter_config.width,
+                                  _generator(cfg.seed, 0, 0xFADA))
 
     # ---- results file (rank 0) and the untrained base as row 0 ------------------------------------------
-    L = n_layers(sites)
     writer = None
     log = Log(rank0, show_bar=show_progress)
     ev0 = run_eval()  # the untrained base, on every rank (the eval is shared)
@@ -230,6 +252,13 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     for t in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
         selected = sample_clients(n, cfg.clients.fraction, seed=cfg.seed, round_idx=t)
+        configs, group_of, starts = [], {}, []
+        if cfg.method == "fedadapter":  # which adapter configuration each server trains this round
+            configs, group_of, starts = _fedadapter_round(cfg, points, L, adapter_config, global_state,
+                                                          selected, t)
+            planner.adapter_configs = [(configs[group_of[c]].depth, configs[group_of[c]].width)
+                                       if c in group_of else (adapter_config.depth, adapter_config.width)
+                                       for c in range(n)]
         plans, infos, scores = planner.plan(comm, t)
         # A plan that does not fit the server's memory (or FLOPs) budget is not run: under-training.
         runnable = [c for c in selected if infos[c].fits]
@@ -238,23 +267,44 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         for c in runnable:
             if owner(c) == comm.rank:
                 bases.use(plans[c].precision)
+                common = dict(round_idx=t, pad_id=pad_id, device=device, slowdown=profiles[c].slowdown,
+                              deadline_s=cfg.train.deadline_s, mem_budget_bytes=profiles[c].mem_budget_bytes)
+                if cfg.method == "ft":
+                    updates[c], stats[c] = train_full(model, plans[c], shards[c], cfg, **common)
+                    continue
+                if cfg.method == "fedadapter":
+                    updates[c], stats[c] = train_houlsby(model, points, starts[group_of[c]], plans[c], shards[c],
+                                                         cfg, **common)
+                    continue
                 start = None
                 if aggregator.keeps_global_adapter:
                     start = {k: f for k, r in plans[c].ranks.items() if r > 0
                              for f in [aggregator.client_start(global_state, k, r)] if f is not None}
                 prune = (cfg.hetlora.gamma, cfg.hetlora.reg) if cfg.method == "hetlora" else None
-                updates[c], stats[c] = train_client(model, sites, plans[c], shards[c], cfg, round_idx=t,
-                                                    pad_id=pad_id, device=device, slowdown=profiles[c].slowdown,
-                                                    deadline_s=cfg.train.deadline_s,
-                                                    mem_budget_bytes=profiles[c].mem_budget_bytes,
-                                                    start=start, prune=prune)
+                updates[c], stats[c] = train_client(model, sites, plans[c], shards[c], cfg, start=start,
+                                                    prune=prune, **common)
                 planner.observe(c, stats[c].sensitivity, stats[c].singular)
         done: dict[int, tuple[bool, float]] = {}
         for part in comm.all_gather_object({c: (st.completed, st.prune_norm) for c, st in stats.items()}):
             done.update(part)
         contributors = [c for c in runnable if done[c][0]]
         deltas: dict = {}
-        if contributors:
+        if contributors and cfg.method in ADAPTER_FREE_METHODS:
+            # FedAvg of whole tensors (every parameter, or every adapter) per group of servers training one
+            # configuration (ft and a non-trial fedadapter round: one group).
+            groups = [[c for c in contributors if group_of[c] == g] for g in range(len(configs))] \
+                if configs else [contributors]
+            layouts = [_tensor_layout(starts[g]) for g in range(len(configs))] if configs else \
+                [_tensor_layout({k: p for k, p in model_parameters(model).items()})]
+            results, traffic = _exchange_fedavg(comm, groups, layouts, updates, owner, aggregator, plans,
+                                                shard_sizes)
+            if cfg.method == "ft":
+                _add_to_parameters(model, results[0])
+            else:
+                global_state, adapter_config = _fedadapter_choose(
+                    cfg, configs, results, global_state, adapter_config, run_eval, trial_slice, planner.shape,
+                    log, t)
+        elif contributors:
             # Weights from the plan (|D_i|, b_i), the same on every rank; weights that depend on the updates
             # themselves (HetLoRA's) are formed at rank 0 inside the factored exchange.
             weights = None if aggregator.weights_from_updates else aggregator.weights(
@@ -302,12 +352,15 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             arrays["importance"] = scores
             arrays["pred_step_s"] = np.array([i.predicted_step_s for i in infos])
             arrays["pred_mem_bytes"] = np.array([i.predicted_mem_bytes for i in infos], dtype=np.int64)
+            for c in group_of:  # fedadapter: the configuration each sampled server trained
+                arrays["adapter_depth"][c], arrays["adapter_width"][c] = configs[group_of[c]].depth, \
+                    configs[group_of[c]].width
             writer.append_round(row, arrays)
             log.step(loss=f"{row['eval_loss']:.4f}" if ev else "-")
     log.close()
 
     # ---- finish: export the merged model, mark the file finished --------------------------------------------
-    if global_state:  # the kept global adapter joins the base once, for the export
+    if global_state and cfg.method != "fedadapter":  # a kept LoRA global adapter joins the base once
         bases.merge(global_state, site_by_key, measure=False)
         global_state = {}
     final_dir = None
@@ -318,6 +371,8 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             shutil.rmtree(tmp, ignore_errors=True)
             bases.export(eval_precision).save_pretrained(tmp)  # plain HF modules: dequant(W0) + D
             tok.save_pretrained(tmp)
+            if cfg.method == "fedadapter":  # bottleneck adapters do not merge into weights: saved beside
+                save_adapter_state(tmp, global_state, adapter_config.depth, adapter_config.width)
             shutil.rmtree(final_dir, ignore_errors=True)
             tmp.rename(final_dir)
         writer.finish({"loss": eval_losses[-1], "ppl": math.exp(min(eval_losses[-1], 50.0))})
@@ -408,6 +463,113 @@ def _exchange_dense(comm, sites, plans: list[ClientPlan], contributors, weights,
     return deltas, traffic
 
 
+def _flat_items(d: dict, prefix: tuple = ()):
+    """(path, tensor) for every tensor in a nested dict, in the dict's order."""
+    for k, v in d.items():
+        if torch.is_tensor(v):
+            yield prefix + (k,), v
+        else:
+            yield from _flat_items(v, prefix + (k,))
+
+
+def _tensor_layout(d: dict) -> list[tuple[tuple, torch.Size]]:
+    return [(path, t.shape) for path, t in _flat_items(d)]
+
+
+def _exchange_fedavg(comm, groups: list[list[int]], layouts, updates, owner, aggregator, plans, shard_sizes):
+    """FedAvg of whole tensors (ft: every parameter; fedadapter: every adapter), one average per group.
+
+    The method's weighted sum is linear, so each rank forms it over its own servers of each group, the
+    partial sums travel in one buffer (the groups side by side) through a SUM reduce to rank 0, and the
+    result is broadcast. Returns one nested dict per group (None for a group nobody finished in)."""
+    weight_of: dict[int, float] = {}
+    for members in groups:
+        if members:
+            ws = aggregator.weights([ClientUpdate(c, shard_sizes[c], plans[c].batch_size, {}) for c in members])
+            weight_of.update(zip(members, ws))
+    t0 = time.perf_counter()
+    chunks = []
+    for members, layout in zip(groups, layouts):
+        mine = [c for c in members if owner(c) == comm.rank]
+        partial = {}
+        if mine:
+            agg = aggregator.aggregate([updates[c] for c in mine], [weight_of[c] for c in mine])
+            partial = dict(_flat_items(agg.merge or agg.state))
+        for path, shape in layout:
+            t = partial.get(path)
+            chunks.append(t.reshape(-1).float() if t is not None else torch.zeros(shape.numel()))
+    buf = torch.cat(chunks).to(comm.device)
+    agg_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    comm.reduce_sum(buf, dst=0)
+    wait_s = time.perf_counter() - t0 if comm.rank == 0 else 0.0
+    comm.broadcast(buf, src=0)
+    buf = buf.cpu()
+    results, offset = [], 0
+    for members, layout in zip(groups, layouts):
+        out: dict = {}
+        for path, shape in layout:
+            node = out
+            for k in path[:-1]:
+                node = node.setdefault(k, {})
+            node[path[-1]] = buf[offset:offset + shape.numel()].reshape(shape).clone()
+            offset += shape.numel()
+        results.append(out if members else None)
+    numel_of = [sum(shape.numel() for _, shape in layout) for layout in layouts]
+    client_bytes = {c: 4 * numel_of[g] for g, members in enumerate(groups) for c in members}
+    traffic = {"client_bytes_up": client_bytes, "bytes_down_payload": nbytes(buf), "wait_s": wait_s,
+               "agg_s": agg_s}
+    return results, traffic
+
+
+@torch.no_grad()
+def _add_to_parameters(model, delta: dict[str, torch.Tensor]) -> None:
+    """ft: every parameter moves by the averaged change (a tied embedding / LM head once)."""
+    for name, p in model_parameters(model).items():
+        p.add_(delta[name].to(device=p.device, dtype=p.dtype))
+
+
+# ---- FedAdapter's progressive configuration (algorithm/aggregation/fedadapter.py) -----------------------------
+
+
+def _generator(seed: int, round_idx: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, round_idx, salt]).generate_state(1)[0]))
+
+
+def _fedadapter_round(cfg: JobConfig, points, L: int, current: AdapterConfig, global_state: dict,
+                      selected: list[int], t: int):
+    """The configurations trained this round (a trial round: current, deeper, wider), each sampled
+    server's group, and each group's starting adapters (the global adapter grown to the configuration)."""
+    fa = cfg.fedadapter
+    trial = fa.period > 0 and t % fa.period == 0
+    configs = trial_configs(current, L, fa.depth_step, fa.width_mult, fa.max_width) if trial else [current]
+    groups = trial_groups(selected, len(configs))
+    configs = [cf for cf, members in zip(configs, groups) if members]  # fewer servers than configurations
+    groups = [members for members in groups if members]
+    group_of = {c: g for g, members in enumerate(groups) for c in members}
+    starts = [init_state(points, L, cf.depth, cf.width, _generator(cfg.seed, t, 0xFADA + g), base=global_state)
+              for g, cf in enumerate(configs)]
+    return configs, group_of, starts
+
+
+def _fedadapter_choose(cfg: JobConfig, configs, results, global_state, current, run_eval, trial_slice, shape,
+                       log, t: int):
+    """After the exchange: a normal round keeps its average; a trial round scores every group's average on
+    the trial examples and keeps the configuration with the best loss reduction per training FLOP."""
+    if len(configs) == 1:
+        return (results[0] if results[0] is not None else global_state), current
+    before = run_eval(global_state, trial_slice)["loss"]
+    losses = [run_eval(r, trial_slice)["loss"] if r is not None else math.nan for r in results]
+    cost = [houlsby_flops_per_sample(shape, cf.depth, cf.width, cfg.model.max_length) for cf in configs]
+    g = pick_config(before, losses, cost)
+    log(f"round {t}: fedadapter trial from loss {before:.4f}: " + ", ".join(
+        f"depth {cf.depth} width {cf.width} -> {loss:.4f}" for cf, loss in zip(configs, losses))
+        + f"; keeping depth {configs[g].depth} width {configs[g].width}")
+    if results[g] is None:
+        return global_state, current
+    return results[g], configs[g]
+
+
 # ---- HDF5 rows --------------------------------------------------------------------------------------------
 
 
@@ -439,7 +601,7 @@ def _client_arrays(n: int, L: int, sites: list[Site], plans: list[ClientPlan], s
                    stats: dict[int, ClientStats]) -> dict[str, np.ndarray]:
     a = {name: np.zeros(n, dtype=np.int64) for name in
          ("selected", "completed", "batch_size", "local_steps", "samples", "peak_mem_bytes", "trainable_params",
-          "quant_bits", "bytes_up")}
+          "quant_bits", "bytes_up", "adapter_depth", "adapter_width")}
     a["local_s"] = np.full(n, np.nan)
     a["wait_s"] = np.full(n, np.nan)
     a["train_loss"] = np.full(n, np.nan)
