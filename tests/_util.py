@@ -32,3 +32,20 @@ def subprocess_env(**extra) -> dict:
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "fedpipe_dist", *args]
+
+
+# A few-second in-process run of the quickstart job (tiny GPT-2, synthetic E2E): what the method tests run.
+SMALL_RUN = ["rounds=3", "train.local_steps=3", "train.batch_max=4", "data.synthetic_train_size=96",
+             "data.synthetic_eval_size=24", "model.max_length=96", "eval.max_samples=24", "clients.slowdown=1"]
+
+
+def run_small(tmp_path, name: str, *extra: str):
+    """Run jobs/quickstart.yaml with SMALL_RUN and `extra` into tmp_path/name; returns (cfg, Results)."""
+    from fedpipe_dist.comm.local import LocalComm
+    from fedpipe_dist.config import load_job
+    from fedpipe_dist.io.hdf5 import Results
+    from fedpipe_dist.runtime.server import run_job
+
+    cfg = load_job("jobs/quickstart.yaml", [*SMALL_RUN, f"output.dir={tmp_path / name}", *extra])
+    run_job(cfg, LocalComm(), show_progress=False)
+    return cfg, Results(tmp_path / name / "results.h5")

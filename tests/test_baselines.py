@@ -19,7 +19,6 @@ from fedpipe_dist.adapters.houlsby import (
 from fedpipe_dist.algorithm.aggregation import ClientUpdate, get_aggregator
 from fedpipe_dist.algorithm.aggregation.fedadapter import AdapterConfig, pick_config, trial_configs, trial_groups
 from fedpipe_dist.algorithm.cost import houlsby_flops_per_sample, houlsby_params
-from fedpipe_dist.comm.local import LocalComm
 from fedpipe_dist.config import ConfigError, load_job
 from fedpipe_dist.data import (
     format_example,
@@ -30,21 +29,11 @@ from fedpipe_dist.data import (
     tokenize_pairs,
 )
 from fedpipe_dist.data.tokenize import collate
-from fedpipe_dist.io.hdf5 import Results
 from fedpipe_dist.metrics.perplexity import evaluate, lm_loss
 from fedpipe_dist.models import load_model, load_tokenizer
 from fedpipe_dist.runtime.client import batch_indices, client_seed
-from fedpipe_dist.runtime.server import run_job
 
-SMALL = ["rounds=3", "train.local_steps=3", "train.batch_max=4", "data.synthetic_train_size=96",
-         "data.synthetic_eval_size=24", "model.max_length=96", "eval.max_samples=24", "clients.slowdown=1"]
-
-
-def _run(tmp_path, name, *extra):
-    cfg = load_job("jobs/quickstart.yaml", [*SMALL, f"output.dir={tmp_path / name}", *extra])
-    run_job(cfg, LocalComm(), show_progress=False)
-    return cfg, Results(tmp_path / name / "results.h5")
-
+from ._util import run_small as _run
 
 # ---- ft ---------------------------------------------------------------------------------------------------
 

@@ -7,22 +7,12 @@ Run: .venv/bin/python -m pytest tests/test_methods.py -q
 import numpy as np
 import pytest
 
-from fedpipe_dist.comm.local import LocalComm
 from fedpipe_dist.config import load_job
 from fedpipe_dist.data import format_example, load_eval_pairs, tokenize_pairs
-from fedpipe_dist.io.hdf5 import Results
 from fedpipe_dist.metrics.perplexity import evaluate
 from fedpipe_dist.runtime.planning import initial_client_ranks
-from fedpipe_dist.runtime.server import run_job
 
-SMALL = ["rounds=3", "train.local_steps=3", "train.batch_max=4", "data.synthetic_train_size=96",
-         "data.synthetic_eval_size=24", "model.max_length=96", "eval.max_samples=24", "clients.slowdown=1"]
-
-
-def _run(tmp_path, name, *extra):
-    cfg = load_job("jobs/quickstart.yaml", [*SMALL, f"output.dir={tmp_path / name}", *extra])
-    run_job(cfg, LocalComm(), show_progress=False)
-    return cfg, Results(tmp_path / name / "results.h5")
+from ._util import run_small as _run
 
 
 def test_flora_with_equal_ranks_is_fedpipe_with_a_uniform_plan(tmp_path):
