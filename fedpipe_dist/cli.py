@@ -1,4 +1,6 @@
-"""Command line: `fedpipe run JOB.yaml [dotted.key=value ...]` (also `python -m fedpipe_dist ...`).
+"""Command line: `fedpipe run JOB.yaml [dotted.key=value ...]` (also `python -m fedpipe_dist ...`), and
+`fedpipe plan`, `fedpipe check` (same arguments), `fedpipe eval FINAL_DIR` (E2E generation scores),
+`fedpipe report RUNS_DIR` (the paper's figures and tables from results.h5 files).
 
 Exit codes: 0 success, 2 bad input (job file, override, data, model path), 1 anything else.
 """
@@ -24,6 +26,20 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print round 1's plan for every server (no weights, no training)")
     plan.add_argument("job")
     plan.add_argument("overrides", nargs="*")
+    ev = sub.add_parser("eval", help="E2E generation and scoring (BLEU, NIST, METEOR, ROUGE-L, CIDEr) of a final/ "
+                        "model folder")
+    ev.add_argument("job", metavar="model_dir", help="a run's final/ folder (or any HF causal LM folder)")
+    ev.add_argument("overrides", nargs="*", help="generation.key=value overrides, e.g. generation.num_beams=4")
+    ev.add_argument("--data", help="E2E CSV with columns mr,ref (default: the run's generation.data_path or eval "
+                    "split)")
+    ev.add_argument("--max-mrs", type=int, help="score only the first N distinct MRs")
+    ev.add_argument("--out", help="where generations.txt goes when no results.h5 sits beside the folder")
+    ev.add_argument("--no-meteor", action="store_true", help="leave METEOR out (it needs java)")
+    rep = sub.add_parser("report", help="rebuild the paper's figures (PNG) and tables (Markdown) from the "
+                         "results.h5 files below a folder")
+    rep.add_argument("job", metavar="runs_dir", help="folder holding runs (any depth), e.g. runs/")
+    rep.add_argument("--out", help="where the PNGs and tables.md go (default: RUNS_DIR/report)")
+    rep.set_defaults(overrides=[])
     check = sub.add_parser("check", help="validate a job file and overrides, print the resolved config")
     check.add_argument("job")
     check.add_argument("overrides", nargs="*")
@@ -53,6 +69,28 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
+        if args.command == "eval":
+            from .runtime.evaluate import eval_command
+
+            if args.max_mrs is not None and args.max_mrs < 1:
+                raise UserInputError(f"--max-mrs must be >= 1 (got {args.max_mrs})")
+            eval_command(args.job, args.data, args.max_mrs, args.out, args.overrides, meteor=not args.no_meteor)
+            return 0
+        if args.command == "report":
+            from pathlib import Path
+
+            from .analysis import figures, load_runs
+
+            if not Path(args.job).is_dir():
+                raise UserInputError(f"fedpipe report: {args.job!r} is not a folder; give the folder your runs are in")
+            runs = load_runs(args.job)
+            if not runs:
+                raise UserInputError(f"fedpipe report: no results.h5 below {args.job!r}; run a job first "
+                                     "(fedpipe run JOB output.dir=...)")
+            out = Path(args.out or Path(args.job) / "report")
+            written = figures.write_report(runs, out, log=lambda m: print(m, file=sys.stderr))
+            print(f"report: {len(runs)} run(s) -> " + ", ".join(str(p) for p in written.values()))
+            return 0
         cfg = load_job(args.job, args.overrides)
         if args.command == "check":
             import yaml

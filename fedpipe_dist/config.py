@@ -221,6 +221,26 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class GenerationConfig:
+    """E2E generation and scoring at the end of a run (metrics/e2e.py, metrics/generate.py): beam search on
+    each distinct meaning representation, scored against all its references (BLEU, NIST, METEOR, ROUGE-L,
+    CIDEr); `fedpipe eval` does the same on a final/ folder."""
+
+    enabled: bool = False
+    data_path: Optional[str] = None
+    """E2E CSV (columns mr,ref) to generate for, e.g. testset_w_refs.csv; null = the eval split."""
+    max_mrs: Optional[int] = None
+    """Score only the first N distinct MRs (in file order); null = all."""
+    num_beams: int = 10
+    length_penalty: float = 0.8
+    no_repeat_ngram_size: int = 4
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    meteor: bool = True
+    """METEOR 1.5 needs java; false leaves it out (NaN) on machines without it."""
+
+
+@dataclass(kw_only=True)
 class CommConfig:
     backend: Literal["auto", "torch", "local"] = "auto"
     """auto: torch.distributed when launched by torchrun/srun/mpirun with world size > 1, else in-process."""
@@ -255,6 +275,7 @@ class JobConfig:
     fedadapter: FedAdapterConfig = field(default_factory=FedAdapterConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -293,6 +314,15 @@ def validate(cfg: JobConfig) -> None:
                "clients.precision=auto or fp32")
         _check(cfg.eval.precision in ("auto", "fp32"), "eval.precision",
                f"method ft evaluates its fp32 weights (got {cfg.eval.precision}); set eval.precision=auto or fp32")
+    g = cfg.generation
+    if g.enabled:
+        _check(cfg.data.name != "alpaca", "generation.enabled",
+               "E2E generation scoring needs E2E data (data.name e2e or synthetic-e2e); set generation.enabled=false")
+    for key in ("num_beams", "max_new_tokens", "batch_size"):
+        _check(getattr(g, key) >= 1, f"generation.{key}", f"must be >= 1 (got {getattr(g, key)})")
+    _check(g.no_repeat_ngram_size >= 0, "generation.no_repeat_ngram_size",
+           f"must be >= 0 (0 = off; got {g.no_repeat_ngram_size})")
+    _check(g.max_mrs is None or g.max_mrs >= 1, "generation.max_mrs", f"must be >= 1 or null (got {g.max_mrs})")
     fa = cfg.fedadapter
     for key in ("depth", "width", "depth_step", "max_width", "trial_eval_samples"):
         _check(getattr(fa, key) >= 1, f"fedadapter.{key}", f"must be >= 1 (got {getattr(fa, key)})")

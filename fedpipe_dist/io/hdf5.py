@@ -83,6 +83,18 @@ class ResultsWriter:
             f.attrs["finished"] = True
 
 
+def write_generation(path: str | Path, scores: dict[str, float], attrs: dict[str, Any]) -> None:
+    """E2E scores of a generation pass into eval/generation/ (attrs: the five metrics, source, n_mrs,
+    decoding settings); a later pass (e.g. `fedpipe eval` on the test set) replaces it."""
+    with h5py.File(path, "a", locking=False) as f:
+        ev = f.require_group("eval")
+        if "generation" in ev:
+            del ev["generation"]
+        g = ev.create_group("generation")
+        for k, v in {**scores, **attrs}.items():
+            g.attrs[k] = v
+
+
 class Results:
     """Read-only view of results.h5: `Results(path).rounds["eval_loss"]`, `.clients["ranks"]`, `.attrs`."""
 
@@ -94,6 +106,8 @@ class Results:
             self.clients = {k: f["clients"][k][()] for k in f["clients"]}
             self.profile = {k: f["profile"][k][()] for k in f["profile"]}
             self.eval = {k: _py(v) for k, v in f["eval"].attrs.items()}
+            gen = f["eval"].get("generation")
+            self.generation = {k: _py(v) for k, v in gen.attrs.items()} if gen is not None else {}
 
     @property
     def n_rounds(self) -> int:

@@ -45,6 +45,7 @@ from ..config import ADAPTER_FREE_METHODS, ConfigError, JobConfig, UserInputErro
 from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
 from ..io.hdf5 import ResultsWriter
 from ..io.schema import PRECISION_BITS
+from ..metrics.generate import generate, generation_pairs, write_generations
 from ..metrics.perplexity import evaluate, summarize
 from ..models import load_model, load_tokenizer
 from .bases import RankBases, lowest_precision
@@ -171,6 +172,15 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         trial_slice = tokenize_pairs(tok, [format_example(*ev[i]) for i in trial[comm.rank::comm.world_size]],
                                      cfg.model.max_length)
     del ev
+    gen_mrs, gen_refs = [], []  # E2E generation at the end: distinct MRs and all references of each
+    if cfg.generation.enabled:  # read now, so that a bad path fails before any training
+        from ..metrics.e2e import group_references
+        from ..metrics.generate import check_scoring_tools
+
+        check_scoring_tools()
+        gen_mrs, gen_refs = group_references(generation_pairs(cfg))
+        if cfg.generation.max_mrs is not None:
+            gen_mrs, gen_refs = gen_mrs[: cfg.generation.max_mrs], gen_refs[: cfg.generation.max_mrs]
 
     def run_eval(adapter_state=None, data=None) -> dict:
         """Eval loss of the model with the method's kept global adapter (or `adapter_state`) attached."""
@@ -375,10 +385,54 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
                 save_adapter_state(tmp, global_state, adapter_config.depth, adapter_config.width)
             shutil.rmtree(final_dir, ignore_errors=True)
             tmp.rename(final_dir)
+    if cfg.generation.enabled:
+        _generate_and_score(cfg, comm, model, tok, bases, eval_precision, points, global_state, gen_mrs, gen_refs,
+                            out_dir, log)
+    if rank0:
         writer.finish({"loss": eval_losses[-1], "ppl": math.exp(min(eval_losses[-1], 50.0))})
         log(f"done: eval loss {eval_losses[0]:.4f} -> {eval_losses[-1]:.4f}; results in {out_dir}")
     comm.barrier()
     return RunSummary(out_dir / "results.h5", final_dir, eval_losses) if rank0 else None
+
+
+def _all_metrics(scores: dict) -> dict:
+    """The five E2E metrics in their order; one left out (METEOR without java) is NaN, not absent."""
+    from ..metrics.e2e import METRICS
+
+    return {k: float(scores.get(k, math.nan)) for k in METRICS}
+
+
+def _generate_and_score(cfg, comm, model, tok, bases, eval_precision, points, global_state, mrs, refs, out_dir,
+                        log) -> None:
+    """Beam search on every distinct MR (a strided share per rank), scored at rank 0 against all references
+    of each MR; generations.txt beside results.h5 and the scores in eval/generation/."""
+    from contextlib import nullcontext
+
+    from ..io.hdf5 import write_generation
+    from ..metrics.e2e import score_e2e
+
+    bases.use(eval_precision)
+    hooks = HoulsbyAdapters(points, global_state, device=comm.device, trainable=False).attach(model) \
+        if cfg.method == "fedadapter" else nullcontext()
+    mine = list(range(comm.rank, len(mrs), comm.world_size))
+    log(f"generation: beam {cfg.generation.num_beams} on {len(mrs)} meaning representations")
+    t0 = time.perf_counter()
+    with hooks:
+        texts = generate(model, tok, [mrs[i] for i in mine], cfg.generation, device=comm.device)
+    by_index: dict[int, str] = {}
+    for part in comm.all_gather_object(dict(zip(mine, texts))):
+        by_index.update(part)
+    if comm.rank != 0:
+        return
+    hyps = [by_index[i] for i in range(len(mrs))]
+    write_generations(out_dir / "generations.txt", hyps)
+    scores = _all_metrics(score_e2e(hyps, refs, meteor=cfg.generation.meteor))
+    g = cfg.generation
+    write_generation(out_dir / "results.h5", scores, {
+        "source": g.data_path or "eval split", "n_mrs": len(mrs), "num_beams": g.num_beams,
+        "length_penalty": g.length_penalty, "no_repeat_ngram_size": g.no_repeat_ngram_size,
+        "generate_s": time.perf_counter() - t0})
+    log("E2E scores: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" ({out_dir / 'generations.txt'})")
 
 
 # ---- exchange: how updates travel to rank 0 and back ------------------------------------------------------

@@ -1,0 +1,124 @@
+"""Finding runs under a folder and saying what each one is, from its results.h5 alone.
+
+    runs = load_runs("runs")            # every results.h5 below the folder
+    runs[0].label, runs[0].setting      # "fedpipe", "hetero" | "ideal"
+
+A run's role in the paper's figures comes from its recorded job (root attr config_json):
+- setting: "ideal" when every server has the same compute (HDF5 profile slowdown 1) and memory, else "hetero";
+- ablation family: importance (fedpipe with plan.importance fixed/random vs platon), ranks (fedpipe with
+  plan.mode uniform vs fedpipe), precision (one clients.precision for every server).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..io.hdf5 import Results
+
+
+@dataclass
+class Run:
+    path: Path  # the results.h5
+    name: str  # folder relative to the searched root
+    results: Results
+    config: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return str(self.results.attrs.get("method", "?"))
+
+    @property
+    def setting(self) -> str:
+        prof = self.results.profile
+        slow, mem = prof.get("slowdown", np.ones(1)), prof.get("mem_budget_bytes", np.zeros(1))
+        return "ideal" if np.all(slow == 1.0) and len(set(np.asarray(mem).tolist())) == 1 else "hetero"
+
+    @property
+    def importance(self) -> str:
+        return self.config.get("plan", {}).get("importance", "platon")
+
+    @property
+    def plan_mode(self) -> str:
+        return self.config.get("plan", {}).get("mode", "fedpipe")
+
+    @property
+    def precision(self) -> str | None:
+        """The one base precision every server used (from HDF5 quant_bits and the job), or None if mixed."""
+        p = self.config.get("clients", {}).get("precision", "auto")
+        if isinstance(p, list):
+            return p[0] if len(set(p)) == 1 else None
+        if p != "auto":
+            return p
+        bits = set(self.results.clients["quant_bits"][1:].ravel().tolist()) if self.n_rounds else set()
+        return {32: "fp32", 16: "fp16", 8: "nf8", 4: "nf4"}.get(bits.pop()) if len(bits) == 1 else None
+
+    @property
+    def n_rounds(self) -> int:
+        return self.results.n_rounds
+
+    @property
+    def label(self) -> str:
+        """Short legend text: the method, plus what sets an ablation run apart."""
+        parts = [self.method]
+        if self.method == "fedpipe" and self.plan_mode == "uniform":
+            parts.append(f"fixed r{self.config.get('lora', {}).get('rank', '?')}")
+        if self.method == "fedpipe" and self.importance != "platon":
+            parts.append(f"{self.importance} weights")
+        return " ".join(parts)
+
+    # ---- numbers the figures and tables use ------------------------------------------------------------
+    def final_loss(self) -> float:
+        return self.results.last_eval_loss()
+
+    def final_ppl(self) -> float:
+        loss = self.final_loss()
+        return math.exp(min(loss, 50.0)) if np.isfinite(loss) else math.nan
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(round, cumulative wall-clock s, eval loss) at the evaluated rows, row 0 included."""
+        r = self.results.rounds
+        ok = np.isfinite(r["eval_loss"])
+        return r["round"][ok], np.cumsum(r["wall_s"])[ok], r["eval_loss"][ok]
+
+    def trainable_params(self) -> float:
+        """Mean trainable parameters per server that completed a round (NaN if none did)."""
+        c = self.results.clients
+        done = c["completed"][1:].astype(bool)
+        vals = c["trainable_params"][1:][done]
+        return float(vals.mean()) if vals.size else math.nan
+
+    def bytes_per_round(self) -> tuple[float, float]:
+        r = self.results.rounds
+        return float(r["bytes_up"][1:].mean()), float(r["bytes_down"][1:].mean())
+
+    def wall_s(self) -> float:
+        return float(self.results.rounds["wall_s"][1:].sum())
+
+    def under_training(self) -> float:
+        c = self.results.clients
+        sel, done = c["selected"][1:].astype(bool), c["completed"][1:].astype(bool)
+        return float(1 - done.sum() / max(1, sel.sum()))
+
+    def base_mib(self) -> float:
+        b = self.results.profile.get("base_weight_bytes")
+        return float(np.mean(b)) / 2**20 if b is not None and len(b) else math.nan
+
+
+def load_runs(root: str | Path) -> list[Run]:
+    """Every finished or partial run (a results.h5) below `root`, sorted by folder name."""
+    root = Path(root)
+    runs = []
+    for path in sorted(root.rglob("results.h5")):
+        try:
+            res = Results(path)
+        except (OSError, KeyError) as e:  # a file still being created, or not ours: say so and go on
+            print(f"analysis: skipping {path} ({e.__class__.__name__}: {e})")
+            continue
+        cfg = json.loads(res.attrs.get("config_json", "{}") or "{}")
+        runs.append(Run(path, str(path.parent.relative_to(root)) or ".", res, cfg))
+    return runs

@@ -1,0 +1,96 @@
+"""Layer: analysis/ and `fedpipe report`: the paper's figures and tables rebuilt from results.h5 files of
+short real runs (the session fixture `analysis_runs` in conftest.py), and the notebooks executed headless.
+Issue 6, acceptance 3.
+
+Run: .venv/bin/python -m pytest tests/test_analysis.py -q      (about 2 minutes: the runs, then the plots)
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from fedpipe_dist.analysis import figures, load_runs
+
+from ._util import REPO, subprocess_env
+
+
+def test_runs_are_classified_from_their_hdf5(analysis_runs):
+    runs = {r.name: r for r in load_runs(analysis_runs)}
+    assert len(runs) == 16
+    assert runs["hetero/ft"].setting == "hetero" and runs["ideal/ft"].setting == "ideal"
+    assert runs["ablation/importance_random"].importance == "random"
+    assert runs["ablation/fixed_rank4"].plan_mode == "uniform"
+    assert runs["ablation/precision_nf4"].precision == "nf4" and runs["ablation/precision_fp32"].precision == "fp32"
+    assert runs["hetero/ft"].trainable_params() > 10 * runs["hetero/lora"].trainable_params()  # 149,440 vs 8,192
+
+
+def test_tables_from_runs(analysis_runs):
+    runs = load_runs(analysis_runs)
+    t2, missing = figures.table2_methods(runs)
+    assert missing == []
+    rows = [line for line in t2.splitlines()[2:]]
+    assert [r.split("|")[1].strip() for r in rows] == list(figures.METHOD_ORDER)
+    abl, missing = figures.tables_ablations(runs)
+    assert missing == []
+    assert "| nf4 |" in abl["V"] and "| fp32 |" in abl["V"] and "1.000x" in abl["V"]  # fp32 is its own reference
+    first_cells = {r.split("|")[1].strip() for r in abl["III"].splitlines()}
+    assert {"platon", "fixed", "random"} <= first_cells
+
+
+def test_missing_runs_are_named_not_fatal(analysis_runs, tmp_path):
+    runs = [r for r in load_runs(analysis_runs) if r.name.startswith("hetero/")]
+    fig, missing = figures.fig13_quality(runs)
+    assert any("no ideal run for: fedpipe, ft, lora, fedadapter" in m for m in missing)
+    fig, missing = figures.fig16_ablations(runs)
+    assert any("weights" in m and "fixed, random" in m for m in missing)
+
+
+def test_fedpipe_report_writes_every_figure(analysis_runs, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "fedpipe_dist", "report", str(analysis_runs), "--out", str(tmp_path)],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    for name in figures.FIGURES:
+        png = tmp_path / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    text = (tmp_path / "tables.md").read_text()
+    assert "Table II" in text and "Table V" in text and "Missing runs" not in text
+
+
+def test_report_on_a_folder_without_runs_is_a_clear_error(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "fedpipe_dist", "report", str(tmp_path)], cwd=REPO,
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no results.h5" in p.stderr and "Traceback" not in p.stderr
+
+
+NOTEBOOKS = ["fig13_quality", "fig14_trainable", "fig15_convergence", "fig16_ablations", "tables"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_executes_headless_and_writes_its_output(analysis_runs, tmp_path, name):
+    nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (pip install -e .[test])")
+    nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (pip install -e .[test])")
+    pytest.importorskip("ipykernel", reason="ipykernel is not installed (pip install -e .[test])")
+    nb = nbformat.read(REPO / "analysis" / f"{name}.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    params[0].source = f"runs_dir = {str(analysis_runs)!r}\nout_dir = {str(tmp_path / 'out')!r}"
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "16 run(s)" in outputs and "Traceback" not in outputs
+    written = tmp_path / "out" / (f"{name}.png" if name != "tables" else "tables.md")
+    assert written.is_file() and written.stat().st_size > 1000
+
+
+def test_notebook_names_missing_runs(tmp_path):
+    """An empty folder of runs: the notebook still runs and says what is missing."""
+    nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (pip install -e .[test])")
+    nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (pip install -e .[test])")
+    pytest.importorskip("ipykernel", reason="ipykernel is not installed (pip install -e .[test])")
+    nb = nbformat.read(REPO / "analysis" / "fig13_quality.ipynb", as_version=4)
+    next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source = \
+        f"runs_dir = {str(tmp_path)!r}\nout_dir = {str(tmp_path / 'out')!r}"
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "0 run(s)" in outputs and "missing: no heterogeneous run for: fedpipe" in outputs
