@@ -9,8 +9,9 @@ the table is read back from those files alone.
 Columns (means over rounds 1..R unless said): trainable parameters per participating server and round;
 bytes up and down per round (the engine's counts: client uploads; the broadcast payload x servers);
 final eval loss and perplexity; wall-clock (sum of the rounds' wall_s on rank 0, slowdown waits included);
-under-training rate. Output: Markdown on stdout, JSON at --out (default benchmarks/out/compare_methods.json),
-and the runs' folders under --runs (default benchmarks/out/compare_methods/).
+under-training rate; with --generate-mrs N, the five E2E scores on the first N test-set MRs. Output:
+Markdown on stdout, JSON at --out (default benchmarks/out/compare_methods.json), and the runs' folders under
+--runs (default benchmarks/out/compare_methods/).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from _jobs import torchrun_job  # noqa: E402
 
 from fedpipe_dist.config import METHODS  # noqa: E402
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
+from fedpipe_dist.metrics.e2e import METRICS as E2E  # noqa: E402
 
 
 def job_args(args) -> tuple[str, list[str]]:
@@ -41,7 +43,10 @@ def job_args(args) -> tuple[str, list[str]]:
             f"model.name_or_path={root / 'models' / 'stories260K-hf'}",
             f"data.train_path={root / 'e2e' / 'trainset.csv'}",
             f"data.eval_path={root / 'e2e' / 'devset.csv'}", f"eval.max_samples={args.eval_samples}",
-            f"data.max_train_samples={args.train_samples}"]
+            f"data.max_train_samples={args.train_samples}", *(
+                [] if not args.generate_mrs else
+                ["generation.enabled=true", f"generation.data_path={root / 'e2e' / 'testset_w_refs.csv'}",
+                 f"generation.max_mrs={args.generate_mrs}"])]
     return "jobs/quickstart.yaml", []
 
 
@@ -64,6 +69,7 @@ def summarize(path: Path) -> dict:
                 eval_loss0=float(r.rounds["eval_loss"][0]), eval_loss=r.last_eval_loss(),
                 ppl=float(np.exp(r.last_eval_loss())), wall_s=float(r.rounds["wall_s"][rows].sum()),
                 under_training=float(1 - done.sum() / max(1, sel.sum())), rounds=r.n_rounds,
+                e2e={k: r.generation[k] for k in E2E if k in r.generation},
                 curve_wall_s=np.cumsum(r.rounds["wall_s"]).tolist(), curve_loss=r.rounds["eval_loss"].tolist())
 
 
@@ -78,13 +84,16 @@ def loss_at(s: dict, t: float) -> float:
 
 def markdown(doc: dict) -> str:
     t_min = min(s["wall_s"] for s in doc["methods"].values())
-    lines = ["| method | trainable params / server | MiB up / round | MiB down / round | eval loss R0 -> R | "
-             f"PPL | wall-clock s | eval loss at {t_min:.0f} s | under-training |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    e2e = [k for k in E2E if any(k in s.get("e2e", {}) for s in doc["methods"].values())]
+    head = ["method", "trainable params / server", "MiB up / round", "MiB down / round", "eval loss R0 -> R", "PPL",
+            *e2e, "wall-clock s", f"eval loss at {t_min:.0f} s", "under-training"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, s in doc["methods"].items():
-        lines.append(f"| {m} | {s['trainable_params']:,.0f} | {s['bytes_up'] / 2**20:.3f} | "
-                     f"{s['bytes_down'] / 2**20:.3f} | {s['eval_loss0']:.4f} -> {s['eval_loss']:.4f} | "
-                     f"{s['ppl']:.2f} | {s['wall_s']:.1f} | {loss_at(s, t_min):.4f} | {s['under_training']:.2f} |")
+        scores = [f"{s['e2e'].get(k, float('nan')):.4f}" for k in e2e]
+        lines.append(" | ".join([
+            f"| {m}", f"{s['trainable_params']:,.0f}", f"{s['bytes_up'] / 2**20:.3f}", f"{s['bytes_down'] / 2**20:.3f}",
+            f"{s['eval_loss0']:.4f} -> {s['eval_loss']:.4f}", f"{s['ppl']:.2f}", *scores, f"{s['wall_s']:.1f}",
+            f"{loss_at(s, t_min):.4f}", f"{s['under_training']:.2f} |"]))
     return "\n".join(lines)
 
 
@@ -98,6 +107,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--train-samples", type=int, default=4000)
     ap.add_argument("--eval-samples", type=int, default=500)
+    ap.add_argument("--generate-mrs", type=int, default=0,
+                    help="with --stories-path: beam-search the first N MRs of the E2E test set at the end of each "
+                    "run and add BLEU, NIST, METEOR, ROUGE-L, CIDEr to the table (0: off; needs java)")
     ap.add_argument("--eval-every", type=int, default=1, help="evaluate every k rounds (curves for the "
                     "equal-wall-clock column)")
     ap.add_argument("--runs", default=str(REPO / "benchmarks" / "out" / "compare_methods"))
