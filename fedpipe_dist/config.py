@@ -68,7 +68,8 @@ class DataConfig:
     name: Literal["synthetic-e2e", "e2e", "alpaca"] = "synthetic-e2e"
     train_path: Optional[str] = None
     """Local file or null for the name's default source: synthetic data (synthetic-e2e), the hub's e2e_nlg
-    (e2e, CSV with columns mr,ref when local), the hub's tatsu-lab/alpaca (alpaca, JSON/JSONL when local)."""
+    (e2e, CSV with columns mr,ref when local), the hub's tatsu-lab/alpaca (alpaca, JSON/JSONL when local;
+    alpaca also takes a hub dataset name such as yahma/alpaca-cleaned)."""
     eval_path: Optional[str] = None
     """Local eval file; null = the default source's dev split (alpaca: a seeded 2% held out of train)."""
     partition: Literal["iid", "dirichlet"] = "iid"

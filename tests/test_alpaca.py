@@ -103,3 +103,24 @@ def test_one_round_of_alpaca_on_the_tiny_llama(tmp_path):
     loss0, loss1 = r.rounds["eval_loss"]
     assert loss1 < loss0  # the response loss on the 8 held-out records fell after one round
     assert r.rounds["eval_ppl"][1] == math.exp(loss1)
+
+
+def test_a_hub_dataset_name_is_tried_on_the_hub_and_fails_clearly_offline(tmp_path):
+    """data.train_path=owner/name (no such file) goes to the hub; offline that is one clear message naming
+    the dataset and the local-file fix, exit code 2."""
+    import subprocess
+    import sys
+
+    from fedpipe_dist.data.alpaca import is_hub_name
+
+    from ._util import REPO, subprocess_env
+
+    assert is_hub_name(None) and is_hub_name("yahma/alpaca-cleaned")
+    assert not is_hub_name("data/alpaca.json") and not is_hub_name(str(tmp_path))
+    p = subprocess.run([sys.executable, "-m", "fedpipe_dist", "run", "jobs/quickstart.yaml", "data.name=alpaca",
+                        "data.train_path=nobody-here/no-such-alpaca", f"output.dir={tmp_path / 'run'}"], cwd=REPO,
+                       env=subprocess_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "'nobody-here/no-such-alpaca'" in p.stderr and "local Alpaca JSON/JSONL" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -46,8 +46,8 @@ def _alpaca_split(cfg: JobConfig) -> tuple[list, list]:
 def _alpaca_split_cached(train_path: str | None, eval_path: str | None, seed: int) -> tuple[list, list]:
     import numpy as np
 
-    pairs = (alpaca.read_alpaca_file(train_path, "data.train_path") if train_path
-             else alpaca.load_alpaca_hub(alpaca.HUB_DEFAULT, "data.train_path"))
+    pairs = (alpaca.load_alpaca_hub(alpaca.hub_name(train_path), "data.train_path") if alpaca.is_hub_name(train_path)
+             else alpaca.read_alpaca_file(train_path, "data.train_path"))
     if eval_path:
         return pairs, alpaca.read_alpaca_file(eval_path, "data.eval_path")
     if len(pairs) < 2:

@@ -1,8 +1,8 @@
 """Alpaca-format instruction data (instruction, input, output) with Stanford Alpaca's prompt template.
 
-Local JSON (a list of records) or JSONL files, or a hub dataset name through `datasets`
-(default tatsu-lab/alpaca). The prompt is the template up to "### Response:\\n"; the target is the output,
-so the loss covers the response only.
+Local JSON (a list of records) or JSONL files, or a hub dataset name through `datasets` (data.train_path
+null: tatsu-lab/alpaca; or a name such as yahma/alpaca-cleaned). The prompt is the template up to
+"### Response:\\n"; the target is the output, so the loss covers the response only.
 """
 
 from __future__ import annotations
@@ -64,6 +64,18 @@ def read_alpaca_file(path: str | Path, key: str) -> list[tuple[str, str]]:
     if not isinstance(records, list):
         raise UserInputError(f"{key}: {str(p)!r} must hold a list of records (or one record per line as .jsonl)")
     return _records_to_pairs(records, key, repr(str(p)))
+
+
+def is_hub_name(path: str | None) -> bool:
+    """data.train_path for alpaca: null (the default hub dataset), or a hub dataset name such as
+    yahma/alpaca-cleaned: not an existing file and not ending in .json/.jsonl."""
+    if path is None:
+        return True
+    return not Path(path).exists() and Path(path).suffix not in (".json", ".jsonl") and path.count("/") == 1
+
+
+def hub_name(path: str | None) -> str:
+    return HUB_DEFAULT if path is None else path
 
 
 def load_alpaca_hub(name: str, key: str) -> list[tuple[str, str]]:
