@@ -243,8 +243,9 @@ class GenerationConfig:
 
 @dataclass(kw_only=True)
 class CommConfig:
-    backend: Literal["auto", "torch", "local"] = "auto"
-    """auto: torch.distributed when launched by torchrun/srun/mpirun with world size > 1, else in-process."""
+    backend: Literal["auto", "torch", "mpi", "local"] = "auto"
+    """auto: torch.distributed when launched by torchrun/srun (or mpirun with MASTER_ADDR set), mpi4py under
+    mpirun otherwise, in-process for one process; torch / mpi / local force one."""
     timeout_s: float = 600.0
     """Timeout of every collective."""
 

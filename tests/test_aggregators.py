@@ -124,3 +124,39 @@ def test_flexlora_client_start_is_the_best_rank_r_approximation():
     assert b.shape == (12, 12) and a.shape == (12, 10)
     torch.testing.assert_close(b @ a, dw, rtol=1e-4, atol=1e-4)
     assert flex.client_start({}, "k", 4) is None  # round 1: no global adapter yet, fresh adapters
+
+
+@pytest.mark.parametrize("name", ["fedpipe", "flora", "flexlora", "lora", "hetlora", "ft"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_streaming_one_update_at_a_time_equals_aggregating_all(name, dense):
+    """Rank 0 folds updates in as they arrive (raw weights, normalized at the end) and never holds all of
+    them; the result equals the batch aggregate with normalized weights, in factored or dense form."""
+    agg = get_aggregator(name)
+    if dense and agg.averages_factors:  # FedAvg of B and of A has no dense form: refused
+        with pytest.raises(ValueError, match="averages B and A separately"):
+            agg.accumulate(None, _updates([4], torch.Generator().manual_seed(0))[0], 1.0, dense=True)
+        return
+    g = torch.Generator().manual_seed(3)
+    ranks = [4, 4, 4] if name == "lora" else [2, 6, 4]
+    ups = _updates(ranks, g, n_samples=(10, 30, 60), batch=(2, 4, 8))
+    if name == "ft":  # dense parameter changes
+        ups = [ClientUpdate(u.client, u.n_samples, u.batch_size, {k: b @ a for k, (b, a) in u.factors.items()})
+               for u in ups]
+    acc, total = None, 0.0
+    for u in ups:
+        w = agg.raw_weight(u)
+        acc = agg.accumulate(acc, u, w, dense=dense)
+        total += w
+    streamed = agg.global_delta(agg.finish(acc, total))
+    batch = agg.global_delta(agg.aggregate(ups, agg.weights(ups)))
+    assert set(streamed) == set(batch) == set(SHAPES)
+    for k in SHAPES:
+        torch.testing.assert_close(streamed[k], batch[k], rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_fedavg_of_factors_refuses_mixed_ranks():
+    agg = get_aggregator("lora")
+    ups = _updates([4, 2], torch.Generator().manual_seed(0), n_samples=(1, 1), batch=(1, 1))
+    acc = agg.accumulate(None, ups[0], 1.0)
+    with pytest.raises(ValueError, match="one rank per weight"):
+        agg.accumulate(acc, ups[1], 1.0)

@@ -53,6 +53,11 @@ def make_comm(cfg: CommConfig, info: LaunchInfo | None = None):
             raise UserInputError(f"comm.backend=local runs one process, but the launcher started "
                                  f"{info.world_size}; use comm.backend=auto or torch")
         return LocalComm(device)
+    if backend == "mpi" or (backend == "auto" and info.launcher == "mpi" and "MASTER_ADDR" not in os.environ):
+        # mpirun gives no torch rendezvous address; MPI itself is the transport then (comm/mpi.py)
+        from ..comm.mpi import MPIComm
+
+        return MPIComm(device if device.type == "cuda" else None)
     if info.launcher != "torchrun":
         # srun/mpirun give rank and size but no rendezvous address; export the torch variables.
         for k in ("MASTER_ADDR", "MASTER_PORT"):

@@ -315,14 +315,12 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
                     cfg, configs, results, global_state, adapter_config, run_eval, trial_slice, planner.shape,
                     log, t)
         elif contributors:
-            # Weights from the plan (|D_i|, b_i), the same on every rank; weights that depend on the updates
-            # themselves (HetLoRA's) are formed at rank 0 inside the factored exchange.
-            weights = None if aggregator.weights_from_updates else aggregator.weights(
-                [ClientUpdate(c, shard_sizes[c], plans[c].batch_size, {}) for c in contributors])
             if cfg.aggregation.transport == "factored":
-                result, traffic = _exchange_factored(comm, sites, plans, contributors, weights, updates, owner,
-                                                     aggregator, shard_sizes)
-            else:
+                result, traffic = _exchange_factored(comm, sites, plans, contributors, updates, owner, aggregator,
+                                                     shard_sizes)
+            else:  # weights from the plan (|D_i|, b_i), the same on every rank, which pre-sums its own servers
+                weights = aggregator.weights(
+                    [ClientUpdate(c, shard_sizes[c], plans[c].batch_size, {}) for c in contributors])
                 result, traffic = _exchange_dense(comm, sites, plans, contributors, weights, updates, owner)
             if aggregator.keeps_global_adapter:
                 global_state = result  # clients start from it next round; the base stays W0 until the end
@@ -438,14 +436,14 @@ def _generate_and_score(cfg, comm, model, tok, bases, eval_precision, points, gl
 # ---- exchange: how updates travel to rank 0 and back ------------------------------------------------------
 
 
-def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, weights, updates, owner, aggregator,
-                       shard_sizes):
+def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updates, owner, aggregator, shard_sizes):
     """Clients send (B, A); rank 0 runs the method's aggregator and broadcasts its result.
 
     Merging methods (fedpipe, flora): the stack [w_i B_i], [A_i] (exact, Eqn 12), or its dense product when
     that is smaller; returns the update to merge. Global-adapter methods: lora / hetlora broadcast factors
     at the largest contributing rank per weight, flexlora the dense dW_g; returns that global adapter.
-    `weights` None: the aggregator forms them at rank 0 from the received updates (HetLoRA)."""
+    Weights are formed at rank 0 from each received update (raw_weight: |D_i|, |D_i|/b_i, or HetLoRA's
+    norm) and normalized at the end."""
     layouts = {c: factor_layout(sites, plans[c].ranks) for c in contributors}
     client_bytes = {c: layout_numel(layouts[c]) * 4 for c in contributors}  # fp32 payload
     if aggregator.keeps_global_adapter:
@@ -461,24 +459,34 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, weigh
         dense_down = dense_layout(sites, {k for k, _, _ in down_layout}) if downlink_is_dense(down_layout) else None
     wait_s = agg_s = 0.0
     if comm.rank == 0:
-        received = []
+        # Streamed: each update is folded into the running sum as it arrives and dropped, so rank 0 holds
+        # one update and the sum (bounded by the downlink's size), never all N updates.
+        acc, total = None, 0.0
         for c in contributors:  # per-source order matches each sender's ascending client order
             if owner(c) == 0:
-                received.append(updates[c])
+                u = updates.pop(c)
             else:
                 buf = torch.empty(layout_numel(layouts[c]), device=comm.device)
                 t0 = time.perf_counter()
                 comm.recv(buf, src=owner(c))
                 wait_s += time.perf_counter() - t0
-                received.append(ClientUpdate(c, shard_sizes[c], plans[c].batch_size, unpack(buf, layouts[c])))
+                u = ClientUpdate(c, shard_sizes[c], plans[c].batch_size, unpack(buf, layouts[c]))
+                del buf
+            t0 = time.perf_counter()
+            w = aggregator.raw_weight(u)
+            acc = aggregator.accumulate(acc, u, w, dense=dense_down is not None)
+            total += w
+            agg_s += time.perf_counter() - t0
+            del u
         t0 = time.perf_counter()
-        agg = aggregator.aggregate(received, weights if weights is not None else aggregator.weights(received))
+        agg = aggregator.finish(acc, total)
+        del acc
         result = agg.state if aggregator.keeps_global_adapter else agg.merge
         if dense_down:
             down = pack_dense({k: to_dense(v) for k, v in result.items()}, dense_down, device=comm.device)
         else:
             down = pack(result, down_layout, device=comm.device)
-        agg_s = time.perf_counter() - t0
+        agg_s += time.perf_counter() - t0
     else:
         for c in contributors:
             if owner(c) == comm.rank:

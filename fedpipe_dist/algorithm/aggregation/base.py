@@ -38,16 +38,47 @@ class Aggregator:
     name = ""
     keeps_global_adapter = False  # True: clients start from `client_start` instead of fresh adapters
     weights_from_updates = False  # True: weights depend on the factors themselves, so only rank 0 forms them
+    pad_ranks = False  # True: summing factors of different ranks zero-pads them (HetLoRA); False: ranks must match
+    averages_factors = False  # True: the result is an average of B and of A (not of products): never dense
+
+    def raw_weight(self, update: ClientUpdate) -> float:
+        """A client's unnormalized weight; the default is FedAvg's |D_i|."""
+        return float(update.n_samples)
 
     def weights(self, updates: list[ClientUpdate]) -> list[float]:
-        """Default FedAvg weighting: |D_i| / sum_j |D_j|."""
-        total = sum(u.n_samples for u in updates)
+        """The raw weights normalized to sum to one."""
+        raw = [self.raw_weight(u) for u in updates]
+        total = sum(raw)
         if total <= 0:
             raise ValueError("aggregation weights sum to zero: every client reported |D_i| = 0")
-        return [u.n_samples / total for u in updates]
+        return [r / total for r in raw]
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float], state: dict | None = None) -> Aggregate:
         raise NotImplementedError
+
+    # ---- streaming: rank 0 folds updates in one at a time and never holds all of them ------------------------
+    # aggregate(updates, weights) == finish(accumulate(... accumulate(None, u_1, raw_1) ..., u_N, raw_N),
+    # sum raw_i): every method here is a weighted sum, so the weights can be normalized at the end.
+
+    def accumulate(self, acc: dict | None, update: ClientUpdate, weight: float, *, dense: bool = False) -> dict:
+        """Fold one update with its raw weight into the running sum `acc` (None to start). `dense`: keep the
+        sum as dense [out, in] matrices (what the downlink will carry anyway)."""
+        if dense and self.averages_factors:
+            raise ValueError(f"{self.name} averages B and A separately; a dense sum of products is another method")
+        part = self.aggregate([update], [weight])
+        tree = part.merge or part.state
+        if dense:
+            tree = {k: to_dense(v) for k, v in tree.items()}
+        acc = {} if acc is None else acc
+        for key, v in tree.items():
+            acc[key] = v if key not in acc else _add(acc[key], v, self.pad_ranks, key)
+        return acc
+
+    def finish(self, acc: dict | None, total_weight: float) -> Aggregate:
+        """The aggregate of the folded updates: the running sum divided by the sum of raw weights."""
+        s = 1.0 / total_weight if total_weight > 0 else 1.0  # all-zero weights: the sum is zero anyway
+        out = {k: v * s if torch.is_tensor(v) else (v[0] * s, v[1] * s) for k, v in (acc or {}).items()}
+        return Aggregate(state=out) if self.keeps_global_adapter else Aggregate(merge=out)
 
     def client_start(self, state: dict, key: str, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Factors (B incl. alpha/r, A) a client of `rank` starts from next round; None = fresh adapters."""
@@ -56,6 +87,28 @@ class Aggregator:
     def global_delta(self, agg: Aggregate) -> dict[str, torch.Tensor]:
         """The global model's change this aggregate stands for, dense [out, in] per weight."""
         return {key: to_dense(d) for key, d in (agg.merge or agg.state).items()}
+
+
+def _add(x, y, pad: bool, key: str):
+    """x + y for dense matrices or factor pairs (B, A); factors of different ranks are zero-padded when
+    `pad` (HetLoRA), else refused (FedAvg of factors needs one rank per weight)."""
+    if torch.is_tensor(x) or torch.is_tensor(y):
+        return to_dense(x) + to_dense(y)
+    (bx, ax), (by, ay) = x, y
+    if bx.shape != by.shape or ax.shape != ay.shape:
+        if not pad:
+            raise ValueError(f"{key}: FedAvg of factors needs one rank per weight (got {bx.shape[1]} and "
+                             f"{by.shape[1]}); use a heterogeneous-rank method (flora, flexlora, hetlora)")
+        r = max(bx.shape[1], by.shape[1])
+        bx, ax = _pad(bx, ax, r)
+        by, ay = _pad(by, ay, r)
+    return bx + by, ax + ay
+
+
+def _pad(b: torch.Tensor, a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k = b.shape[1]
+    return (torch.cat([b, b.new_zeros(b.shape[0], r - k)], dim=1),
+            torch.cat([a, a.new_zeros(r - k, a.shape[1])], dim=0))
 
 
 def to_dense(d) -> torch.Tensor:

@@ -33,6 +33,7 @@ def average_factors(updates, weights) -> dict[str, tuple[torch.Tensor, torch.Ten
 class LoRAFedAvg(Aggregator):
     name = "lora"
     keeps_global_adapter = True
+    averages_factors = True
 
     def aggregate(self, updates, weights, state=None) -> Aggregate:
         return Aggregate(state=average_factors(updates, weights))

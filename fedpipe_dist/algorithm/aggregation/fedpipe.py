@@ -51,14 +51,40 @@ def dense_sum(updates: list[ClientUpdate], weights: list[float]) -> dict[str, to
     return out
 
 
+class StackingAggregator(Aggregator):
+    """The exact weighted sum of products, merged into every base (FedPipe, FLoRA). Streamed at rank 0 as a
+    growing stack [w_1 B_1 | ...], [A_1; ...], or, when the downlink goes dense, as one dense sum: memory is
+    bounded by the larger of the two, not by the number of clients."""
+
+    def aggregate(self, updates, weights, state=None) -> Aggregate:
+        return Aggregate(merge=aggregate_factored(updates, weights))
+
+    def accumulate(self, acc, update, weight, *, dense=False):
+        acc = {} if acc is None else acc
+        for key, (b, a) in update.factors.items():
+            if dense:
+                d = (b @ a) * weight
+                acc[key] = acc[key] + d if key in acc else d
+            elif key in acc:
+                acc[key] = (torch.cat([acc[key][0], b * weight], dim=1), torch.cat([acc[key][1], a], dim=0))
+            else:
+                acc[key] = (b * weight, a)
+        return acc
+
+    def finish(self, acc, total_weight) -> Aggregate:
+        s = 1.0 / total_weight if total_weight > 0 else 1.0
+        # the weights ride on B only: scaling the product means scaling B
+        return Aggregate(merge={k: v * s if torch.is_tensor(v) else (v[0] * s, v[1]) for k, v in (acc or {}).items()})
+
+
 @register
-class FedPipeAggregator(Aggregator):
+class FedPipeAggregator(StackingAggregator):
     """Eqn 9-12: weights |D_i| / b_i, the exact weighted sum of products, merged into every base."""
 
     name = "fedpipe"
 
+    def raw_weight(self, update: ClientUpdate) -> float:
+        return update.n_samples / update.batch_size
+
     def weights(self, updates: list[ClientUpdate]) -> list[float]:
         return aggregation_weights([u.n_samples for u in updates], [u.batch_size for u in updates])
-
-    def aggregate(self, updates, weights, state=None) -> Aggregate:
-        return Aggregate(merge=aggregate_factored(updates, weights))

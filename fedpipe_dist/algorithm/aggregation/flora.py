@@ -10,13 +10,10 @@ and in how ranks are chosen (FedPipe's planner vs a fixed rank per server).
 
 from __future__ import annotations
 
-from .base import Aggregate, Aggregator, register
-from .fedpipe import aggregate_factored
+from .base import register
+from .fedpipe import StackingAggregator
 
 
 @register
-class FLoRA(Aggregator):
+class FLoRA(StackingAggregator):
     name = "flora"
-
-    def aggregate(self, updates, weights, state=None) -> Aggregate:
-        return Aggregate(merge=aggregate_factored(updates, weights))

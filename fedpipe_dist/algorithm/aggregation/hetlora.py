@@ -45,12 +45,18 @@ class HetLoRA(Aggregator):
     name = "hetlora"
     keeps_global_adapter = True
     weights_from_updates = True
+    pad_ranks = True
+    averages_factors = True
+
+    def raw_weight(self, update):
+        return math.sqrt(sum(float((b @ a).square().sum()) for b, a in update.factors.values()))
 
     def weights(self, updates):
-        norms = [math.sqrt(sum(float((b @ a).square().sum()) for b, a in u.factors.values())) for u in updates]
+        norms = [self.raw_weight(u) for u in updates]
         total = sum(norms)
         if total <= 0:
-            return super().weights(updates)  # every update is zero: fall back to |D_i| (documented choice)
+            # every update is zero: fall back to |D_i| (documented choice)
+            return [u.n_samples / sum(v.n_samples for v in updates) for u in updates]
         return [n / total for n in norms]
 
     def aggregate(self, updates, weights, state=None) -> Aggregate:
