@@ -35,3 +35,23 @@ def test_compare_methods_runs_jobs_and_tabulates_them(tmp_path, monkeypatch):
         assert len(s["curve_loss"]) == 3  # row 0 and both rounds (eval every round)
     table = compare_methods.markdown(doc)
     assert table.count("\n") == 3 and "| hetlora |" in table
+
+
+def test_virtual_clients_benchmark_runs_and_reports(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import virtual_clients
+    finally:
+        sys.path.pop(0)
+    doc = virtual_clients.main(["--clients", "4", "16", "--ranks", "2", "--rounds", "3", "--steps", "1",
+                                "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "v.json"),
+                                "model.max_length=64"])
+    assert [x["clients"] for x in doc["results"]] == [4, 16]
+    for x in doc["results"]:
+        assert x["columns"] == x["clients"] and x["completed_per_round"] == x["clients"]
+        assert x["agg_s"] > 0 and x["agg_peak_mib"] > 0 and x["round_s"] > 0
+        assert 0 < x["agg_held_mib"] * 2**20 <= x["bytes_up_per_round"]
+    # 4 servers: the stacked update (all factors) is the smaller downlink, so rank 0 holds it whole; 16: past
+    # the dense break-even, rank 0 holds a dense running sum and one update, less than all uploads
+    big = doc["results"][1]
+    assert big["agg_held_mib"] * 2**20 < 0.5 * big["bytes_up_per_round"]

@@ -126,3 +126,19 @@ def test_global_adapter_methods_on_four_ranks_match_one_process(tmp_path, method
     assert d.rounds["eval_loss"][-1] < d.rounds["eval_loss"][0]
     if method == "fedadapter":
         assert sorted(d.clients["adapter_depth"][2]) == [1, 1, 1, 2]  # round 2: one server tried deeper
+
+
+def test_sixteen_virtual_servers_on_four_ranks_fifteen_sampled(tmp_path):
+    """Issue 7, acceptance 3: 16 edge servers on 4 ranks (4 each, trained one after another), 15 sampled per
+    round (the paper's setting); one HDF5 column per virtual server."""
+    extra = [*SMALL, "rounds=2", "clients.n=16", "clients.fraction=0.9375", "clients.slowdown=1",
+             "clients.memory_gb=24", "data.synthetic_train_size=160", f"output.dir={tmp_path / 'v'}"]
+    _run(torchrun_cmd(4, "run", "jobs/quickstart.yaml", *extra, "--no-progress"))
+    r = Results(tmp_path / "v" / "results.h5")
+    assert r.attrs["n_clients"] == 16 and r.attrs["world_size"] == 4 and r.n_rounds == 2
+    sel = r.clients["selected"][1:]
+    assert sel.shape == (2, 16) and (sel.sum(axis=1) == 15).all()
+    assert (r.clients["completed"][1:] == sel).all()  # every sampled server finished, the unsampled did nothing
+    assert (r.clients["trainable_params"][1:][sel == 0] == 0).all()
+    assert (r.rounds["agg_peak_bytes"][1:] > 0).all()
+    assert r.rounds["eval_loss"][-1] < r.rounds["eval_loss"][0]

@@ -71,14 +71,21 @@ def _job_state(env, job_id: str) -> tuple[str, str]:
 
 
 @needs_slurm
-def test_sbatch_gpt2_cpu_variant_runs_two_rounds(cluster, tmp_path):
+@pytest.mark.parametrize("script, extra", [
+    ("fedpipe_gpt2.sh", []),
+    # the 7B script's CPU variant on one node, with the tiny Llama: the script itself, not the model, is tested
+    ("fedpipe_llama2.sh", ["--nodes=1"]),
+])
+def test_sbatch_cpu_variant_runs_two_rounds(cluster, tmp_path, script, extra):
     env = subprocess_env(SLURM_CONF=str(cluster / "slurm.conf"), FEDPIPE_CPU=1, FEDPIPE_NPROC=2,
                          FEDPIPE_RUNS=str(tmp_path / "runs"), FEDPIPE_PYTHON=sys.executable)
     (tmp_path / "runs").mkdir()
-    r = subprocess.run(["sbatch", "--parsable", "--gres=none", "--cpus-per-task=2", "--job-name=gpt2-test",
-                        f"--output={tmp_path / 'job-%j.out'}", str(REPO / "slurm" / "fedpipe_gpt2.sh"),
-                        "jobs/quickstart.yaml", "rounds=2", "train.local_steps=3", "data.synthetic_train_size=64",
-                        "data.synthetic_eval_size=16", "eval.max_samples=16", "clients.slowdown=1"],
+    model = ["model.name_or_path=tiny-llama"] if "llama" in script else []
+    r = subprocess.run(["sbatch", "--parsable", "--gres=none", "--cpus-per-task=2", "--job-name=fp-test", *extra,
+                        f"--output={tmp_path / 'job-%j.out'}", str(REPO / "slurm" / script),
+                        "jobs/quickstart.yaml", *model, "rounds=2", "train.local_steps=3",
+                        "data.synthetic_train_size=64", "data.synthetic_eval_size=16", "eval.max_samples=16",
+                        "clients.slowdown=1"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().split(";")[0]
@@ -95,8 +102,10 @@ def test_sbatch_gpt2_cpu_variant_runs_two_rounds(cluster, tmp_path):
     if state != "COMPLETED":
         subprocess.run(["scancel", job_id], env=env, timeout=30)
         pytest.fail(f"Slurm job {job_id} ended {state} (reason {reason}) or did not finish in time\n{log[-3000:]}")
-    run_dir = tmp_path / "runs" / f"gpt2-test-{job_id}"
+    run_dir = tmp_path / "runs" / f"fp-test-{job_id}"
     res = Results(run_dir / "results.h5")
     assert res.attrs["finished"] and res.n_rounds == 2 and res.attrs["world_size"] == 2
     assert (run_dir / "final" / "config.json").is_file()
     assert f"job {job_id}, 1 node(s) x 2 rank(s)" in log
+    if model:
+        assert Results(run_dir / "results.h5").attrs["model"] == "tiny-llama"

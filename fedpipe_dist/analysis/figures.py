@@ -57,10 +57,12 @@ def _missing_methods(have, setting: str, wanted=METHOD_ORDER) -> list[str]:
     return [f"no {what} for: {', '.join(gone)}"] if gone else []
 
 
-def _note(ax, lines: list[str]) -> None:
+def _note(fig, lines: list[str]) -> None:
+    """Missing runs, in small grey text along the bottom of the figure (outside every axes)."""
     if lines:
-        ax.text(0.01, 0.99, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=8,
-                color="0.35")
+        fig.text(0.005, 0.005, "missing: " + "; ".join(lines), fontsize=7, color="0.35", ha="left", va="bottom",
+                 wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if lines else 0, 1, 1))
 
 
 # ---- figures ----------------------------------------------------------------------------------------------
@@ -83,14 +85,16 @@ def fig13_quality(runs: list[Run]):
             vals = [value(group[m]) if m in group else math.nan for m in methods]
             bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=name, color=color, alpha=0.85)
             ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+        top = np.nanmax([b.get_height() for b in ax.patches] + [0.0])
+        ax.set_ylim(0, 1.15 * top if top > 0 else 1)  # room for the value labels
         ax.set_xticks(x, methods, rotation=20)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("method")
-        ax.legend(title="servers", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Fig. 13: converged quality per method")
-    _note(axes[0][0], missing[:2])
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="servers", fontsize=8, title_fontsize=8, loc="upper right", ncol=2)
+    fig.suptitle("Fig. 13: converged quality per method", x=0.3)
+    _note(fig, missing)
     return fig, missing
 
 
@@ -110,8 +114,7 @@ def fig14_trainable(runs: list[Run]):
     ax.tick_params(axis="x", rotation=20)
     ax.set_title("Fig. 14: trainable parameters")
     ax.grid(axis="y", alpha=0.3, which="both")
-    _note(ax, missing)
-    fig.tight_layout()
+    _note(fig, missing)
     return fig, missing
 
 
@@ -133,8 +136,7 @@ def fig15_convergence(runs: list[Run]):
     if have:
         a.legend(title="method", fontsize=8)
     fig.suptitle("Fig. 15: convergence, heterogeneous servers")
-    _note(a, missing)
-    fig.tight_layout()
+    _note(fig, missing)
     return fig, missing
 
 
@@ -183,9 +185,8 @@ def fig16_ablations(runs: list[Run]):
         ax.set_ylabel("final eval loss (nats per target token)")
         ax.set_xlabel({"weights": "importance", "ranks": "ranks", "precision": "precision"}[key])
         ax.grid(axis="y", alpha=0.3)
-        _note(ax, [m.split(": ", 1)[1] for m in missing if m.startswith(titles[key])])
     fig.suptitle("Fig. 16: ablations (FedPipe)")
-    fig.tight_layout()
+    _note(fig, missing)
     return fig, missing
 
 

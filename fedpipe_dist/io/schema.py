@@ -1,6 +1,7 @@
 """Names and shapes in results.h5 (see docs/hdf5_schema.md). Analysis code reads these names only."""
 
-SCHEMA_VERSION = 3  # 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes; 3: adapter_depth/width
+# 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes; 3: adapter_depth/width; 4: agg_peak/held_bytes
+SCHEMA_VERSION = 4
 
 ROOT_ATTRS = ("schema_version", "method", "model", "dataset", "world_size", "n_clients", "config_json",
               "finished", "eval_precision", "base_params")
@@ -19,6 +20,12 @@ ROUND_FIELDS = {
     "n_selected": "i4",
     "under_training_rate": "f8",  # fraction of selected servers that did not complete their plan
     "absorbed_min": "f8",  # lowest absorbed fraction over the bases in use this round (NaN: nothing merged)
+    # rank 0's peak memory from the end of local training to the merge (exchange, aggregation, broadcast,
+    # merge): CUDA peak allocated, or the process's resident peak (VmHWM) on CPU
+    "agg_peak_bytes": "i8",
+    # factored exchange: the most update bytes rank 0 held at once while folding updates in (the running
+    # aggregate + the update in hand); holding every update instead would be sum of bytes_up
+    "agg_held_bytes": "i8",
 }
 
 # clients/: arrays [round row, client].

@@ -52,7 +52,7 @@ def batch_indices(n: int, b: int, rng: np.random.Generator):
             yield perm[start:start + b]
 
 
-def _reset_peak_mem(device: torch.device) -> bool:
+def reset_peak_mem(device: torch.device) -> bool:
     """Start a fresh peak: CUDA's allocator statistics, or Linux's resident-set high-water mark."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -65,7 +65,7 @@ def _reset_peak_mem(device: torch.device) -> bool:
         return False
 
 
-def _peak_mem(device: torch.device, reset_ok: bool) -> int:
+def peak_mem(device: torch.device, reset_ok: bool) -> int:
     """CUDA: peak bytes allocated by this process since the reset. CPU: the process's peak resident set
     since the reset (VmHWM: everything the rank holds, its other bases included), or, where the peak cannot
     be reset, since the process started (ru_maxrss)."""
@@ -134,7 +134,7 @@ def _budget_memory(device: torch.device, mem_budget_bytes: int | None) -> bool:
     if device.type == "cuda" and mem_budget_bytes:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, mem_budget_bytes / total), device)
-    return _reset_peak_mem(device)
+    return reset_peak_mem(device)
 
 
 def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
@@ -187,7 +187,7 @@ def _stats(plan: ClientPlan, losses: list[float], completed: bool, t0: float, de
     return ClientStats(
         client=plan.client, completed=completed, batch_size=plan.batch_size, local_steps=len(losses),
         samples=len(losses) * plan.batch_size, local_s=time.perf_counter() - t0,
-        peak_mem_bytes=_peak_mem(device, reset_ok), trainable_params=trainable,
+        peak_mem_bytes=peak_mem(device, reset_ok), trainable_params=trainable,
         train_loss=float(np.mean(losses)) if losses else float("nan"))
 
 

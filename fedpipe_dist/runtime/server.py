@@ -49,7 +49,15 @@ from ..metrics.generate import generate, generation_pairs, write_generations
 from ..metrics.perplexity import evaluate, summarize
 from ..models import load_model, load_tokenizer
 from .bases import RankBases, lowest_precision
-from .client import ClientStats, model_parameters, train_client, train_full, train_houlsby
+from .client import (
+    ClientStats,
+    model_parameters,
+    peak_mem,
+    reset_peak_mem,
+    train_client,
+    train_full,
+    train_houlsby,
+)
 from .heterogeneity import client_profiles, device_memory_bytes, measure_tflops
 from .planning import RoundPlanner
 
@@ -299,6 +307,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             done.update(part)
         contributors = [c for c in runnable if done[c][0]]
         deltas: dict = {}
+        agg_mem_reset = reset_peak_mem(device) if rank0 else False  # rank 0's peak from here to the merge
         if contributors and cfg.method in ADAPTER_FREE_METHODS:
             # FedAvg of whole tensors (every parameter, or every adapter) per group of servers training one
             # configuration (ft and a non-trial fedadapter round: one group).
@@ -335,6 +344,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
                                                       prune_norms.get(c))
                 prune_norms[c] = norm
         absorbed = bases.merge(deltas, site_by_key, measure=cfg.quant.measure_absorbed)
+        agg_peak = peak_mem(device, agg_mem_reset) if rank0 else 0
         extra = {p: bases.extra_bytes(p) for p in bases.views}
         for c in stats:
             stats[c].bytes_up = traffic["client_bytes_up"].get(c, 0)
@@ -354,6 +364,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             in_use = set(precisions) | {eval_precision}
             # NaN when nothing was merged or quant.measure_absorbed is off (np.min keeps the NaN)
             row["absorbed_min"] = float(np.min([absorbed_by[p] for p in in_use])) if deltas else math.nan
+            row["agg_peak_bytes"] = agg_peak
             arrays = _client_arrays(n, L, sites, plans, selected, all_stats)
             arrays["absorbed"] = np.array([absorbed_by[p] if deltas else math.nan for p in precisions])
             arrays["extra_bytes_per_param"] = np.array([extra_by[p] / bases.base_params for p in precisions])
@@ -458,10 +469,11 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updat
         # The merged update goes down in whichever exact form is smaller (see downlink_is_dense).
         dense_down = dense_layout(sites, {k for k, _, _ in down_layout}) if downlink_is_dense(down_layout) else None
     wait_s = agg_s = 0.0
+    held = 0
     if comm.rank == 0:
         # Streamed: each update is folded into the running sum as it arrives and dropped, so rank 0 holds
         # one update and the sum (bounded by the downlink's size), never all N updates.
-        acc, total = None, 0.0
+        acc, total, held = None, 0.0, 0
         for c in contributors:  # per-source order matches each sender's ascending client order
             if owner(c) == 0:
                 u = updates.pop(c)
@@ -477,6 +489,7 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updat
             acc = aggregator.accumulate(acc, u, w, dense=dense_down is not None)
             total += w
             agg_s += time.perf_counter() - t0
+            held = max(held, _tree_bytes(acc) + _tree_bytes(u.factors))  # the running sum + this update
             del u
         t0 = time.perf_counter()
         agg = aggregator.finish(acc, total)
@@ -499,8 +512,13 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updat
     else:
         deltas = unpack(down, down_layout)  # factors (B, A): a low-rank residual keeps them as they are
     traffic = {"client_bytes_up": client_bytes, "bytes_down_payload": nbytes(down), "wait_s": wait_s,
-               "agg_s": agg_s}
+               "agg_s": agg_s, "agg_held_bytes": held}
     return deltas, traffic
+
+
+def _tree_bytes(tree) -> int:
+    """Bytes of the tensors in a dict of tensors or (B, A) pairs."""
+    return sum(t.numel() * t.element_size() for v in tree.values() for t in ((v,) if torch.is_tensor(v) else v))
 
 
 def _exchange_dense(comm, sites, plans: list[ClientPlan], contributors, weights, updates, owner):
@@ -642,6 +660,8 @@ def _round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0
     row = {
         "round": t,
         "absorbed_min": math.nan,
+        "agg_peak_bytes": 0,
+        "agg_held_bytes": traffic.get("agg_held_bytes", 0) if traffic else 0,
         "wall_s": wall_s,
         "agg_s": traffic["agg_s"] if traffic else 0.0,
         "wait_s": traffic["wait_s"] if traffic else 0.0,
