@@ -192,6 +192,23 @@ class FedAdapterConfig:
 class AggregationConfig:
     transport: Literal["factored", "dense"] = "factored"
     """factored: clients send B, A and rank 0 stacks them (exact); dense: weighted reduce of dW at rank 0."""
+    sanitize: bool = True
+    """Leave out updates that are not finite or whose norm exceeds max_norm_ratio x the round's median
+    (algorithm/sanitize.py); rejected servers are recorded in HDF5 (clients/rejected) and the round goes on."""
+    max_norm_ratio: float = 10.0
+
+
+@dataclass(kw_only=True)
+class FaultsConfig:
+    """Fault injection for drills and tests: chosen servers send a broken update (never set in production)."""
+
+    nan_clients: list[int] = field(default_factory=list)
+    """These servers' updates become NaN after local training."""
+    scale_clients: list[int] = field(default_factory=list)
+    """These servers' updates are multiplied by `scale` after local training."""
+    scale: float = 1000.0
+    misreport_clients: list[int] = field(default_factory=list)
+    """These servers report 1/scale of their update's real norm (a lying server; rank 0 re-checks)."""
 
 
 @dataclass(kw_only=True)
@@ -275,6 +292,7 @@ class JobConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
     fedadapter: FedAdapterConfig = field(default_factory=FedAdapterConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -316,6 +334,11 @@ def validate(cfg: JobConfig) -> None:
                "clients.precision=auto or fp32")
         _check(cfg.eval.precision in ("auto", "fp32"), "eval.precision",
                f"method ft evaluates its fp32 weights (got {cfg.eval.precision}); set eval.precision=auto or fp32")
+    _check(cfg.aggregation.max_norm_ratio > 1, "aggregation.max_norm_ratio",
+           f"must be > 1 (got {cfg.aggregation.max_norm_ratio}); 10 leaves honest heterogeneous updates alone")
+    for key in ("nan_clients", "scale_clients", "misreport_clients"):
+        bad = [c for c in getattr(cfg.faults, key) if not (isinstance(c, int) and 0 <= c < cfg.clients.n)]
+        _check(not bad, f"faults.{key}", f"server ids must be in 0..{cfg.clients.n - 1} (got {bad})")
     g = cfg.generation
     if g.enabled:
         _check(cfg.data.name != "alpaca", "generation.enabled",

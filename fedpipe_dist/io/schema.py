@@ -1,7 +1,8 @@
 """Names and shapes in results.h5 (see docs/hdf5_schema.md). Analysis code reads these names only."""
 
-# 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes; 3: adapter_depth/width; 4: agg_peak/held_bytes
-SCHEMA_VERSION = 4
+# 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes; 3: adapter_depth/width; 4: agg_peak/held_bytes;
+# 5: update_norm, rejected, n_rejected
+SCHEMA_VERSION = 5
 
 ROOT_ATTRS = ("schema_version", "method", "model", "dataset", "world_size", "n_clients", "config_json",
               "finished", "eval_precision", "base_params")
@@ -26,6 +27,7 @@ ROUND_FIELDS = {
     # factored exchange: the most update bytes rank 0 held at once while folding updates in (the running
     # aggregate + the update in hand); holding every update instead would be sum of bytes_up
     "agg_held_bytes": "i8",
+    "n_rejected": "i4",  # updates left out by sanitization (not finite, norm outlier, or not the norm claimed)
 }
 
 # clients/: arrays [round row, client].
@@ -50,6 +52,8 @@ CLIENT_FIELDS = {
     "extra_bytes_per_param": "f8",  # the merged-update residual's bytes / base parameters (0 for fp32)
     "adapter_depth": "i4",  # fedadapter: top layers with Houlsby adapters this server trained (0: other methods)
     "adapter_width": "i4",  # fedadapter: their bottleneck width
+    "update_norm": "f8",  # Frobenius norm of the server's update as it reported it (NaN: none, or not finite)
+    "rejected": "i1",  # 1: sanitization left the update out (completed stays 1: the server did its work)
 }
 CLIENT_LAYER_FIELDS = {"ranks": "i4", "importance": "f8"}  # [round row, client, layer, 4] (q, k, v, o)
 

@@ -34,6 +34,7 @@ class ClientStats:
     sensitivity: np.ndarray | None = None  # [layer, 4] Eqn 4, mean over the round's steps; NaN = no adapter
     singular: np.ndarray | None = None  # [layer, 4] mean singular value of (alpha/r) B A after training
     prune_norm: float = float("nan")  # HetLoRA: sum over sites of ||B[:, k:]|| ||A[k:]|| after training
+    update_norm: float = float("nan")  # Frobenius norm of the update it sends (sanitization, algorithm/sanitize.py)
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:

@@ -29,6 +29,7 @@ from ..algorithm.aggregation.fedadapter import AdapterConfig, pick_config, trial
 from ..algorithm.aggregation.hetlora import pruned_rank
 from ..algorithm.cost import houlsby_flops_per_sample, model_shape
 from ..algorithm.planner import ClientPlan, sample_clients
+from ..algorithm.sanitize import screen, update_norm
 from ..comm.base import Communicator, nbytes
 from ..comm.payload import (
     dense_layout,
@@ -302,10 +303,23 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
                 updates[c], stats[c] = train_client(model, sites, plans[c], shards[c], cfg, start=start,
                                                     prune=prune, **common)
                 planner.observe(c, stats[c].sensitivity, stats[c].singular)
-        done: dict[int, tuple[bool, float]] = {}
-        for part in comm.all_gather_object({c: (st.completed, st.prune_norm) for c, st in stats.items()}):
+        for c in updates:  # each server reports its update's norm (rank 0 re-checks what it receives)
+            _inject_faults(cfg, c, updates[c])
+            stats[c].update_norm = update_norm(updates[c].factors, starts[group_of[c]] if configs else None)
+            if c in cfg.faults.misreport_clients:
+                stats[c].update_norm /= cfg.faults.scale
+        done: dict[int, tuple[bool, float, float]] = {}
+        for part in comm.all_gather_object({c: (st.completed, st.prune_norm, st.update_norm)
+                                            for c, st in stats.items()}):
             done.update(part)
         contributors = [c for c in runnable if done[c][0]]
+        rejected: dict[int, str] = {}  # server -> why its update was left out
+        if cfg.aggregation.sanitize and contributors:  # the same verdicts on every rank, from the reports
+            verdicts = screen([done[c][2] for c in contributors], max_ratio=cfg.aggregation.max_norm_ratio)
+            rejected = {c: v for c, v in zip(contributors, verdicts) if v != "ok"}
+            contributors = [c for c in contributors if c not in rejected]
+            for c, why in rejected.items():
+                log(f"round {t}: server {c}'s update left out ({why}: norm {done[c][2]:.4g})")
         deltas: dict = {}
         agg_mem_reset = reset_peak_mem(device) if rank0 else False  # rank 0's peak from here to the merge
         if contributors and cfg.method in ADAPTER_FREE_METHODS:
@@ -325,8 +339,12 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
                     log, t)
         elif contributors:
             if cfg.aggregation.transport == "factored":
+                claims = {c: done[c][2] for c in contributors} if cfg.aggregation.sanitize else None
                 result, traffic = _exchange_factored(comm, sites, plans, contributors, updates, owner, aggregator,
-                                                     shard_sizes)
+                                                     shard_sizes, claims)
+                for c in traffic.get("rejected_late", []):
+                    rejected[c] = "not the norm it reported"
+                    log(f"round {t}: server {c}'s update left out (its norm differs from the one it reported)")
             else:  # weights from the plan (|D_i|, b_i), the same on every rank, which pre-sums its own servers
                 weights = aggregator.weights(
                     [ClientUpdate(c, shard_sizes[c], plans[c].batch_size, {}) for c in contributors])
@@ -371,6 +389,8 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             arrays["importance"] = scores
             arrays["pred_step_s"] = np.array([i.predicted_step_s for i in infos])
             arrays["pred_mem_bytes"] = np.array([i.predicted_mem_bytes for i in infos], dtype=np.int64)
+            arrays["rejected"] = np.array([int(c in rejected) for c in range(n)], dtype=np.int8)
+            row["n_rejected"] = len(rejected)
             for c in group_of:  # fedadapter: the configuration each sampled server trained
                 arrays["adapter_depth"][c], arrays["adapter_width"][c] = configs[group_of[c]].depth, \
                     configs[group_of[c]].width
@@ -447,14 +467,17 @@ def _generate_and_score(cfg, comm, model, tok, bases, eval_precision, points, gl
 # ---- exchange: how updates travel to rank 0 and back ------------------------------------------------------
 
 
-def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updates, owner, aggregator, shard_sizes):
+def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updates, owner, aggregator, shard_sizes,
+                       claims: dict[int, float] | None = None):
     """Clients send (B, A); rank 0 runs the method's aggregator and broadcasts its result.
 
     Merging methods (fedpipe, flora): the stack [w_i B_i], [A_i] (exact, Eqn 12), or its dense product when
     that is smaller; returns the update to merge. Global-adapter methods: lora / hetlora broadcast factors
     at the largest contributing rank per weight, flexlora the dense dW_g; returns that global adapter.
     Weights are formed at rank 0 from each received update (raw_weight: |D_i|, |D_i|/b_i, or HetLoRA's
-    norm) and normalized at the end."""
+    norm) and normalized at the end. `claims`: the norms the servers reported; an update whose norm at rank 0
+    differs (or is not finite) is folded in with weight 0, so the downlink's layout stays as planned, and is
+    reported back in traffic["rejected_late"]."""
     layouts = {c: factor_layout(sites, plans[c].ranks) for c in contributors}
     client_bytes = {c: layout_numel(layouts[c]) * 4 for c in contributors}  # fp32 payload
     if aggregator.keeps_global_adapter:
@@ -469,11 +492,11 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updat
         # The merged update goes down in whichever exact form is smaller (see downlink_is_dense).
         dense_down = dense_layout(sites, {k for k, _, _ in down_layout}) if downlink_is_dense(down_layout) else None
     wait_s = agg_s = 0.0
-    held = 0
+    held, late = 0, []
     if comm.rank == 0:
         # Streamed: each update is folded into the running sum as it arrives and dropped, so rank 0 holds
         # one update and the sum (bounded by the downlink's size), never all N updates.
-        acc, total, held = None, 0.0, 0
+        acc, total, held, late = None, 0.0, 0, []
         for c in contributors:  # per-source order matches each sender's ascending client order
             if owner(c) == 0:
                 u = updates.pop(c)
@@ -486,6 +509,11 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updat
                 del buf
             t0 = time.perf_counter()
             w = aggregator.raw_weight(u)
+            if claims is not None:
+                n = update_norm(u.factors)
+                if not (math.isfinite(n) and abs(n - claims[c]) <= 1e-4 * max(claims[c], 1e-12)):
+                    late.append(c)
+                    w = 0.0
             acc = aggregator.accumulate(acc, u, w, dense=dense_down is not None)
             total += w
             agg_s += time.perf_counter() - t0
@@ -512,8 +540,24 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updat
     else:
         deltas = unpack(down, down_layout)  # factors (B, A): a low-rank residual keeps them as they are
     traffic = {"client_bytes_up": client_bytes, "bytes_down_payload": nbytes(down), "wait_s": wait_s,
-               "agg_s": agg_s, "agg_held_bytes": held}
+               "agg_s": agg_s, "agg_held_bytes": held,
+               "rejected_late": comm.broadcast_object(late if comm.rank == 0 else None)}
     return deltas, traffic
+
+
+def _inject_faults(cfg: JobConfig, c: int, update: ClientUpdate) -> None:
+    """faults.*: turn a server's update into NaN or scale it (drills and tests of the sanitization)."""
+    f = cfg.faults
+    factor = math.nan if c in f.nan_clients else f.scale if c in f.scale_clients else None
+    if factor is None:
+        return
+    for key, v in update.factors.items():
+        if isinstance(v, dict):
+            update.factors[key] = {part: t * factor for part, t in v.items()}
+        elif torch.is_tensor(v):
+            update.factors[key] = v * factor
+        else:
+            update.factors[key] = (v[0] * factor, v[1])  # scaling B scales the product
 
 
 def _tree_bytes(tree) -> int:
@@ -662,6 +706,7 @@ def _round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0
         "absorbed_min": math.nan,
         "agg_peak_bytes": 0,
         "agg_held_bytes": traffic.get("agg_held_bytes", 0) if traffic else 0,
+        "n_rejected": 0,
         "wall_s": wall_s,
         "agg_s": traffic["agg_s"] if traffic else 0.0,
         "wait_s": traffic["wait_s"] if traffic else 0.0,
@@ -687,6 +732,7 @@ def _client_arrays(n: int, L: int, sites: list[Site], plans: list[ClientPlan], s
     a["local_s"] = np.full(n, np.nan)
     a["wait_s"] = np.full(n, np.nan)
     a["train_loss"] = np.full(n, np.nan)
+    a["update_norm"] = np.full(n, np.nan)
     a["ranks"] = np.zeros((n, L, 4), dtype=np.int32)
     a["importance"] = np.full((n, L, 4), np.nan)
     for c in range(n):
@@ -706,6 +752,7 @@ def _client_arrays(n: int, L: int, sites: list[Site], plans: list[ClientPlan], s
         a["trainable_params"][c] = s.trainable_params
         a["bytes_up"][c] = s.bytes_up
         a["train_loss"][c] = s.train_loss
+        a["update_norm"][c] = s.update_norm
     # Straggler wait: how long each server idles until the slowest selected one has finished.
     t_max = max((s.local_s for s in stats.values()), default=0.0)
     for c, s in stats.items():
