@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime.server import run_job
 
         comm = make_comm(cfg.comm)
+        if cfg.comm.audit:
+            from pathlib import Path
+
+            from .comm.audit import AuditedComm
+
+            comm = AuditedComm(comm, Path(cfg.output.dir) / "wire_audit")
         try:
             run_job(cfg, comm, show_progress=not args.no_progress)
         finally:

@@ -265,6 +265,9 @@ class CommConfig:
     mpirun otherwise, in-process for one process; torch / mpi / local force one."""
     timeout_s: float = 600.0
     """Timeout of every collective."""
+    audit: bool = False
+    """Log every payload leaving each rank to <output.dir>/wire_audit/rank<r>.jsonl and flag anything that is
+    not adapter updates, scalars or profiles (comm/audit.py)."""
 
 
 @dataclass(kw_only=True)
