@@ -69,3 +69,11 @@ def test_sanitization_settings_are_checked():
         load_job("jobs/quickstart.yaml", ["faults.nan_clients=[7]"])
     with pytest.raises(ConfigError, match="aggregation.max_norm_ratio"):
         load_job("jobs/quickstart.yaml", ["aggregation.max_norm_ratio=0.5"])
+
+
+def test_without_sanitization_a_nan_update_poisons_the_model_but_nothing_crashes(tmp_path):
+    """The control: sanitize=false lets server 1's NaN into the merge; every later loss is NaN (the run still
+    finishes and records it: a diverged server's importance scores are NaN, not an SVD error)."""
+    _, r = run_small(tmp_path, "open", "clients.precision=fp32", "rounds=2", "faults.nan_clients=[1]",
+                     "aggregation.sanitize=false")
+    assert np.isnan(r.rounds["eval_loss"][1:]).all() and (r.clients["rejected"][1:] == 0).all()

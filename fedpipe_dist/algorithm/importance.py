@@ -35,6 +35,8 @@ def mean_singular_value(b: torch.Tensor, a: torch.Tensor) -> float:
     those of the r x r core. d1 = r, the number of (possibly zero) singular values of a rank-r product.
     """
     b, a = b.double(), a.double()
+    if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+        return float("nan")  # a diverged server: no SVD of NaN (its update is left out by sanitization)
     rb = torch.linalg.qr(b, mode="r")[1]
     ra = torch.linalg.qr(a.t(), mode="r")[1]
     return float(torch.linalg.svdvals(rb @ ra.t()).mean())
