@@ -126,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserInputError) as e:
         print(f"{_rank_prefix()}fedpipe: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError as e:
+        from .comm.torch_dist import CollectiveTimeout
+
+        if not isinstance(e, CollectiveTimeout):
+            raise
+        print(f"{_rank_prefix()}fedpipe: error: {e}; results.h5 holds every round finished before it",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{_rank_prefix()}fedpipe: interrupted; results.h5 holds every round finished so far",
               file=sys.stderr)

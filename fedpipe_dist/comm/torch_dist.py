@@ -1,14 +1,28 @@
-"""torch.distributed communicator: gloo on CPU, nccl on GPU, rendezvous from the launcher's env (env://)."""
+"""torch.distributed communicator: gloo on CPU, nccl on GPU, rendezvous from the launcher's env (env://).
+
+Every collective runs under the process group's timeout (comm.timeout_s). So that a timeout can say which
+rank stopped (killed, SIGSTOPped, wedged), each rank beats a heartbeat into the rendezvous store from a
+daemon thread every few seconds; when a collective fails, the ranks whose heartbeat is stale are named in
+the error (CollectiveTimeout).
+"""
 
 from __future__ import annotations
 
 import datetime
+import threading
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .base import Traffic, nbytes
+
+HEARTBEAT_S = 2.0
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete; names the ranks that stopped beating."""
 
 
 class TorchDistComm:
@@ -25,47 +39,96 @@ class TorchDistComm:
             device = f"cuda:{torch.cuda.current_device()}" if self.backend == "nccl" else "cpu"
         self.device = torch.device(device)
         self.traffic = Traffic()
+        self.timeout_s = timeout_s
+        self._store = None
+        try:  # the rendezvous store (TCPStore under torchrun); no heartbeat where there is none
+            self._store = dist.distributed_c10d._get_default_store()
+        except Exception:  # pragma: no cover - depends on the launcher
+            self._store = None
+        self._stop = threading.Event()
+        if self._store is not None and self.world_size > 1:
+            self._beat()
+            threading.Thread(target=self._beat_loop, name="fedpipe-heartbeat", daemon=True).start()
+
+    # ---- heartbeats, to name a dead or stopped peer ------------------------------------------------------
+    def _beat(self) -> None:
+        self._store.set(f"fedpipe/heartbeat/{self.rank}", repr(time.time()))
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._beat()
+            except Exception:  # the store went away (shutdown): stop beating
+                return
+
+    def stale_ranks(self) -> list[tuple[int, float]]:
+        """(rank, seconds since its last heartbeat) for every peer silent for over 3 heartbeats."""
+        if self._store is None:
+            return []
+        out, now = [], time.time()
+        for r in range(self.world_size):
+            try:
+                age = now - float(self._store.get(f"fedpipe/heartbeat/{r}").decode())
+            except Exception:
+                continue
+            if age > 3 * HEARTBEAT_S:
+                out.append((r, age))
+        return out
+
+    def _guard(self, what: str, fn, /, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            if isinstance(e, CollectiveTimeout):
+                raise
+            stale = self.stale_ranks()
+            who = (", ".join(f"rank {r} (no heartbeat for {age:.0f} s)" for r, age in stale) if stale else
+                   "no peer's heartbeat is stale (a network problem, or a peer stuck inside a collective)")
+            raise CollectiveTimeout(f"rank {self.rank}: {what} failed or timed out (comm.timeout_s="
+                                    f"{self.timeout_s:g}); stopped: {who}. Underlying error: "
+                                    f"{str(e).splitlines()[0][:200]}") from None
 
     def barrier(self) -> None:
-        dist.barrier()
+        self._guard("barrier", dist.barrier)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        self._guard("all_gather_object", dist.all_gather_object, out, obj)
         return out
 
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
         out: list[Any] | None = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object(obj, out, dst=dst)
+        self._guard("gather_object", dist.gather_object, obj, out, dst=dst)
         return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src)
+        self._guard("broadcast_object", dist.broadcast_object_list, box, src=src)
         return box[0]
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
-        dist.send(tensor.contiguous(), dst=dst)
+        self._guard(f"send to rank {dst}", dist.send, tensor.contiguous(), dst=dst)
         self.traffic.sent += nbytes(tensor)
 
     def recv(self, tensor: torch.Tensor, src: int) -> None:
-        dist.recv(tensor, src=src)
+        self._guard(f"recv from rank {src}", dist.recv, tensor, src=src)
         self.traffic.received += nbytes(tensor)
 
     def reduce_sum(self, tensor: torch.Tensor, dst: int = 0) -> None:
-        dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM)
+        self._guard("reduce_sum", dist.reduce, tensor, dst=dst, op=dist.ReduceOp.SUM)
         if self.rank == dst:
             self.traffic.received += nbytes(tensor) * (self.world_size - 1)
         else:
             self.traffic.sent += nbytes(tensor)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        dist.broadcast(tensor, src=src)
+        self._guard("broadcast", dist.broadcast, tensor, src=src)
         if self.rank == src:
             self.traffic.sent += nbytes(tensor) * (self.world_size - 1)
         else:
             self.traffic.received += nbytes(tensor)
 
     def close(self) -> None:
+        self._stop.set()
         if dist.is_initialized():
             dist.destroy_process_group()
