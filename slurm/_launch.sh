@@ -34,7 +34,8 @@ else
     echo "fedpipe slurm: no GPU visible on $(hostname); request GPUs (--gres=gpu:N) or set FEDPIPE_CPU=1" >&2
     exit 2
   fi
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$nproc} / nproc > 0 ? ${SLURM_CPUS_PER_TASK:-$nproc} / nproc : 1 ))}
+  threads=$(( ${SLURM_CPUS_PER_TASK:-$nproc} / nproc ))  # the task's CPUs shared by its ranks
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 fi
 port=${FEDPIPE_PORT:-$(( 29500 + SLURM_JOB_ID % 1000 ))}
 out="${FEDPIPE_RUNS:-runs}/${SLURM_JOB_NAME:-fedpipe}-${SLURM_JOB_ID}"

@@ -1,7 +1,7 @@
 """Finding runs under a folder and saying what each one is, from its results.h5 alone.
 
     runs = load_runs("runs")            # every results.h5 below the folder
-    runs[0].label, runs[0].setting      # "fedpipe", "hetero" | "ideal"
+    runs[0].method, runs[0].setting     # "fedpipe", "hetero" | "ideal"
 
 A run's role in the paper's figures comes from its recorded job (root attr config_json):
 - setting: "ideal" when every server has the same compute (HDF5 profile slowdown 1) and memory, else "hetero";
@@ -60,16 +60,6 @@ class Run:
     @property
     def n_rounds(self) -> int:
         return self.results.n_rounds
-
-    @property
-    def label(self) -> str:
-        """Short legend text: the method, plus what sets an ablation run apart."""
-        parts = [self.method]
-        if self.method == "fedpipe" and self.plan_mode == "uniform":
-            parts.append(f"fixed r{self.config.get('lora', {}).get('rank', '?')}")
-        if self.method == "fedpipe" and self.importance != "platon":
-            parts.append(f"{self.importance} weights")
-        return " ".join(parts)
 
     # ---- numbers the figures and tables use ------------------------------------------------------------
     def final_loss(self) -> float:

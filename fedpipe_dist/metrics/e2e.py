@@ -117,6 +117,12 @@ def score_e2e(hypotheses: Sequence[str], references: Sequence[Sequence[str]], *,
     return {k: scores[k] for k in METRICS if k in scores}
 
 
+def all_metrics(scores: dict[str, float]) -> dict[str, float]:
+    """The five metrics in METRICS order, one left out (METEOR with meteor=False) as NaN rather than absent:
+    the fixed set of fields results.h5 and the reports expect."""
+    return {k: float(scores.get(k, math.nan)) for k in METRICS}
+
+
 def e2e_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Corpus BLEU (0-1) as mteval-v13a computes it in the E2E scorer; needs no java."""
     return _bleu(*_clean(hypotheses, references))

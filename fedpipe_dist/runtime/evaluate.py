@@ -24,10 +24,9 @@ def eval_command(model_dir: str, data: str | None, max_mrs: int | None, out: str
 
     from ..adapters.houlsby import ADAPTER_FILE, HoulsbyAdapters, find_adapter_points, load_adapter_state
     from ..io.hdf5 import Results, write_generation
-    from ..metrics.e2e import group_references, score_e2e
+    from ..metrics.e2e import all_metrics, group_references, score_e2e
     from ..metrics.generate import check_scoring_tools, generate, generation_pairs, write_generations
     from ..models import load_model, load_tokenizer
-    from .server import _all_metrics
 
     folder = Path(model_dir).expanduser()
     if not (folder / "config.json").is_file():
@@ -68,7 +67,7 @@ def eval_command(model_dir: str, data: str | None, max_mrs: int | None, out: str
     print(file=sys.stderr)
     if hooks is not None:
         hooks.detach()
-    scores = _all_metrics(score_e2e(texts, refs, meteor=meteor and cfg.generation.meteor))
+    scores = all_metrics(score_e2e(texts, refs, meteor=meteor and cfg.generation.meteor))
     target = folder.parent if results.is_file() else Path(out or ".")
     target.mkdir(parents=True, exist_ok=True)
     write_generations(target / "generations.txt", texts)

@@ -424,21 +424,15 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     return RunSummary(out_dir / "results.h5", final_dir, eval_losses) if rank0 else None
 
 
-def _all_metrics(scores: dict) -> dict:
-    """The five E2E metrics in their order; one left out (METEOR without java) is NaN, not absent."""
-    from ..metrics.e2e import METRICS
-
-    return {k: float(scores.get(k, math.nan)) for k in METRICS}
-
-
 def _generate_and_score(cfg, comm, model, tok, bases, eval_precision, points, global_state, mrs, refs, out_dir,
                         log) -> None:
     """Beam search on every distinct MR (a strided share per rank), scored at rank 0 against all references
     of each MR; generations.txt beside results.h5 and the scores in eval/generation/."""
     from contextlib import nullcontext
 
+    from ..comm.audit import public_payload
     from ..io.hdf5 import write_generation
-    from ..metrics.e2e import score_e2e
+    from ..metrics.e2e import all_metrics, score_e2e
 
     bases.use(eval_precision)
     hooks = HoulsbyAdapters(points, global_state, device=comm.device, trainable=False).attach(model) \
@@ -449,17 +443,15 @@ def _generate_and_score(cfg, comm, model, tok, bases, eval_precision, points, gl
     with hooks:
         texts = generate(model, tok, [mrs[i] for i in mine], cfg.generation, device=comm.device)
     by_index: dict[int, str] = {}
-    from contextlib import nullcontext as _public
-
     # model outputs for the public eval split, not a server's data (the wire audit logs them under this label)
-    with (comm.public("generations for the public eval split") if hasattr(comm, "public") else _public()):
+    with public_payload(comm, "generations for the public eval split"):
         for part in comm.all_gather_object(dict(zip(mine, texts))):
             by_index.update(part)
     if comm.rank != 0:
         return
     hyps = [by_index[i] for i in range(len(mrs))]
     write_generations(out_dir / "generations.txt", hyps)
-    scores = _all_metrics(score_e2e(hyps, refs, meteor=cfg.generation.meteor))
+    scores = all_metrics(score_e2e(hyps, refs, meteor=cfg.generation.meteor))
     g = cfg.generation
     write_generation(out_dir / "results.h5", scores, {
         "source": g.data_path or "eval split", "n_mrs": len(mrs), "num_beams": g.num_beams,
@@ -566,7 +558,7 @@ def _inject_faults(cfg: JobConfig, c: int, update: ClientUpdate) -> None:
 
 def _tree_bytes(tree) -> int:
     """Bytes of the tensors in a dict of tensors or (B, A) pairs."""
-    return sum(t.numel() * t.element_size() for v in tree.values() for t in ((v,) if torch.is_tensor(v) else v))
+    return sum(nbytes(t) for v in tree.values() for t in ((v,) if torch.is_tensor(v) else v))
 
 
 def _exchange_dense(comm, sites, plans: list[ClientPlan], contributors, weights, updates, owner):

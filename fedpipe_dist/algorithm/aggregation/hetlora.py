@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..sanitize import update_norm
 from .base import Aggregate, Aggregator, register
 
 
@@ -49,7 +50,7 @@ class HetLoRA(Aggregator):
     averages_factors = True
 
     def raw_weight(self, update):
-        return math.sqrt(sum(float((b @ a).square().sum()) for b, a in update.factors.values()))
+        return update_norm(update.factors)  # ||B_i A_i||_F over all adapted weights
 
     def weights(self, updates):
         norms = [self.raw_weight(u) for u in updates]
