@@ -12,12 +12,14 @@ import os
 import shutil
 
 import pytest
-import sacrebleu
-from nltk.translate.nist_score import corpus_nist
-from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from fedpipe_dist.metrics import e2e
-from fedpipe_dist.metrics.e2e import METRICS, JavaNotFoundError, e2e_bleu, e2e_nist, group_references, score_e2e
+sacrebleu = pytest.importorskip("sacrebleu", reason="sacrebleu is not installed (pip install -e .[test])")
+pytest.importorskip("nltk", reason="nltk is not installed (pip install -e .[test])")
+from nltk.translate.nist_score import corpus_nist  # noqa: E402
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a  # noqa: E402
+
+from fedpipe_dist.metrics import e2e  # noqa: E402
+from fedpipe_dist.metrics.e2e import METRICS, JavaNotFoundError, e2e_bleu, e2e_nist, group_references, score_e2e  # noqa: E402
 
 needs_java = pytest.mark.skipif(
     shutil.which("java") is None,

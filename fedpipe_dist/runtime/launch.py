@@ -16,20 +16,24 @@ class LaunchInfo:
     world_size: int
     local_rank: int
     launcher: str  # torchrun | slurm | mpi | single
+    local_world_size: int = 0  # ranks on this node (0: the launcher did not say)
 
 
 def detect_launch(env: dict[str, str] | None = None) -> LaunchInfo:
     env = dict(os.environ if env is None else env)
+    local = next((int(env[k]) for k in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                                          "MPI_LOCALNRANKS") if env.get(k, "").isdigit()), 0)
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (and anything that sets the torch env vars)
-        return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+        return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun",
+                          local)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                          "slurm")
+                          "slurm", local)
     if "OMPI_COMM_WORLD_RANK" in env:
         return LaunchInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "mpi")
+                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "mpi", local)
     if "PMI_RANK" in env and "PMI_SIZE" in env:
-        return LaunchInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0)), "mpi")
+        return LaunchInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0)), "mpi", local)
     return LaunchInfo(0, 1, 0, "single")
 
 
@@ -67,6 +71,13 @@ def make_comm(cfg: CommConfig, info: LaunchInfo | None = None):
         os.environ.setdefault("RANK", str(info.rank))
         os.environ.setdefault("WORLD_SIZE", str(info.world_size))
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    if device.type == "cuda" and info.local_world_size > torch.cuda.device_count():
+        # NCCL refuses two ranks on one GPU ("invalid usage") at the first collective; say why up front.
+        raise UserInputError(
+            f"{info.local_world_size} ranks on this node share {torch.cuda.device_count()} GPU(s), and NCCL needs "
+            "one GPU per rank; launch at most one rank per GPU (servers beyond the ranks are hosted as virtual "
+            "servers: clients.n may exceed the world size), use comm.backend=mpi, or hide the GPUs "
+            "(CUDA_VISIBLE_DEVICES=) to run on the CPU")
     from ..comm.torch_dist import TorchDistComm
 
     return TorchDistComm(timeout_s=cfg.timeout_s, device=device if device.type == "cuda" else None)
