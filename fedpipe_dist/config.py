@@ -280,6 +280,17 @@ class OutputConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    """Per-round checkpoints beside results.h5 (io/checkpoint.py, docs/reliability.md)."""
+
+    enabled: bool = True
+    """Each rank saves what it needs to continue (its base's merged state, the kept global adapter,
+    importance and planner state, RNG states) into <output.dir>/checkpoint/, keeping the two newest."""
+    every: int = 1
+    """Checkpoint every this many rounds (and after the last); a resume repeats the rounds since."""
+
+
+@dataclass(kw_only=True)
 class JobConfig:
     """A whole federated fine-tuning job. See jobs/quickstart.yaml for a documented example."""
 
@@ -301,6 +312,10 @@ class JobConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: bool = False
+    """Continue the run in output.dir from its newest complete checkpoint, appending to its results.h5
+    (a restart under torchrun --max-restarts resumes without it). Nothing to resume from: a fresh start."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -324,6 +339,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: JobConfig) -> None:
     _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {list(METHODS)}")
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1 (got {cfg.rounds})")
+    _check(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1 (got {cfg.checkpoint.every})")
     if cfg.method not in ("fedpipe", "flora", *ADAPTER_FREE_METHODS):
         _check(cfg.aggregation.transport == "factored", "aggregation.transport",
                f"method {cfg.method} keeps a global adapter built from every client's factors, so it needs "

@@ -9,6 +9,7 @@ the error (CollectiveTimeout).
 from __future__ import annotations
 
 import datetime
+import os
 import threading
 import time
 from typing import Any
@@ -25,13 +26,36 @@ class CollectiveTimeout(RuntimeError):
     """A collective did not complete; names the ranks that stopped beating."""
 
 
+def _attempt_store(timeout: datetime.timedelta):
+    """Under torchrun, a rendezvous store of this restart attempt's own (None elsewhere: env:// as usual).
+
+    torchrun's agent store outlives a restart (--max-restarts) and keeps the previous attempt's keys, gloo's
+    peer addresses among them; with env:// a restarted worker reads a dead peer's address and fails with
+    'connectFullMesh ... Connection refused' (measured with torch 2.13; pytorch issue 167288 reports the
+    NCCL form). Prefixing every key with the attempt number keeps attempts apart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return None
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rank = int(os.environ["RANK"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=not agent_hosts_it and rank == 0, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"fedpipe/attempt{attempt}", store)
+
+
 class TorchDistComm:
     def __init__(self, *, backend: str | None = None, timeout_s: float = 600.0,
                  device: torch.device | str | None = None):
         if not dist.is_initialized():
             if backend is None:
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            timeout = datetime.timedelta(seconds=timeout_s)
+            store = _attempt_store(timeout)
+            if store is None:
+                dist.init_process_group(backend=backend, timeout=timeout)
+            else:
+                dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=int(os.environ["RANK"]),
+                                        world_size=int(os.environ["WORLD_SIZE"]))
         self.backend = dist.get_backend()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()

@@ -5,11 +5,18 @@ complete, consistent HDF5 file; a `kill -9` during a round leaves every earlier 
 HDF5's file locking is off on both sides: with it on, a notebook holding the file open for reading would
 make the running job's next append fail. Only rank 0 of one run ever writes (the run refuses an output.dir
 that already holds results.h5), so the lock guards nothing here.
+A SIGTERM (torchrun stopping the other workers after one died, Slurm's scancel or time limit) that arrives
+while the file is open is held back until it is closed again, so a stop never cuts an append in half;
+a SIGKILL can, and a resume then puts back the snapshot taken with the last checkpoint (io/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,29 @@ import h5py
 import numpy as np
 
 from .schema import CLIENT_FIELDS, CLIENT_LAYER_FIELDS, PROFILE_FIELDS, ROUND_FIELDS, SCHEMA_VERSION
+
+
+@contextmanager
+def _sigterm_held():
+    """Hold a SIGTERM back until the block is done, then die of it as if it had come then."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if got:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextmanager
+def _open(path: Path, mode: str):
+    """h5py.File with SIGTERM held back while it is open."""
+    with _sigterm_held(), h5py.File(path, mode, locking=False) as f:
+        yield f
 
 
 def _fill(dtype: str):
@@ -30,7 +60,7 @@ class ResultsWriter:
         self.n_layers = n_layers
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".h5.tmp")
-        with h5py.File(tmp, "w", locking=False) as f:
+        with _open(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["finished"] = False
             for k, v in attrs.items():
@@ -50,8 +80,29 @@ class ResultsWriter:
             f.create_group("eval")
         tmp.replace(self.path)  # the file appears complete or not at all
 
+    @classmethod
+    def reopen(cls, path: str | Path, *, n_clients: int, n_layers: int, resumed_from: int) -> ResultsWriter:
+        """Append to an existing results.h5 (a resumed run): the end-of-run marks are cleared, since the run is
+        going on, and `resumed_from` joins the file's list of rounds it was resumed from."""
+        self = cls.__new__(cls)
+        self.path, self.n_clients, self.n_layers = Path(path), n_clients, n_layers
+        with _open(self.path, "a") as f:
+            version = int(f.attrs.get("schema_version", -1))
+            if version != SCHEMA_VERSION:
+                from ..config import UserInputError
+
+                raise UserInputError(f"resume: {str(path)!r} has schema version {version}, this code writes "
+                                     f"{SCHEMA_VERSION}; finish it with the version that started it, or start over")
+            f.attrs["finished"] = False
+            for k in list(f["eval"].attrs):
+                del f["eval"].attrs[k]
+            if "generation" in f["eval"]:
+                del f["eval"]["generation"]
+            f.attrs["resumed_from"] = np.append(f.attrs.get("resumed_from", np.zeros(0, np.int64)), resumed_from)
+        return self
+
     def write_profile(self, values: dict[str, list]) -> None:
-        with h5py.File(self.path, "a", locking=False) as f:
+        with _open(self.path, "a") as f:
             for name, dt in PROFILE_FIELDS.items():
                 if name in f["profile"]:
                     del f["profile"][name]
@@ -62,7 +113,7 @@ class ResultsWriter:
         missing = set(ROUND_FIELDS) - set(row)
         if missing:
             raise KeyError(f"round row lacks {sorted(missing)}")
-        with h5py.File(self.path, "a", locking=False) as f:
+        with _open(self.path, "a") as f:
             g = f["rounds"]
             i = g["round"].shape[0]
             for name in ROUND_FIELDS:
@@ -77,7 +128,7 @@ class ResultsWriter:
             f.flush()
 
     def finish(self, eval_metrics: dict[str, float]) -> None:
-        with h5py.File(self.path, "a", locking=False) as f:
+        with _open(self.path, "a") as f:
             for k, v in eval_metrics.items():
                 f["eval"].attrs[k] = v
             f.attrs["finished"] = True
@@ -86,7 +137,7 @@ class ResultsWriter:
 def write_generation(path: str | Path, scores: dict[str, float], attrs: dict[str, Any]) -> None:
     """E2E scores of a generation pass into eval/generation/ (attrs: the five metrics, source, n_mrs,
     decoding settings); a later pass (e.g. `fedpipe eval` on the test set) replaces it."""
-    with h5py.File(path, "a", locking=False) as f:
+    with _open(Path(path), "a") as f:
         ev = f.require_group("eval")
         if "generation" in ev:
             del ev["generation"]

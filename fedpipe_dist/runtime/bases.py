@@ -166,6 +166,40 @@ class RankBases:
             out[p] = 1.0 - e / energy if measure and energy > 0 else float("nan")
         return out
 
+    # ---- checkpoints (io/checkpoint.py) ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What merging has changed: the fp32 view's adapted weights and every merged residual (CPU copies)."""
+        fp32 = {}
+        if "fp32" in self.views:
+            for name in dict.fromkeys(s.module_name for s in self.sites):
+                fp32[name] = self.views["fp32"][name].weight.detach().cpu().clone()
+        residuals = {k: {"U": r.U.cpu().clone(), "V": r.V.cpu().clone(),
+                         "D": None if r.D is None else r.D.cpu().clone()} for k, r in self.residuals.items()}
+        return {"fp32": fp32, "residuals": residuals}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Put a state_dict() back into bases built alike (same model, sites and precisions)."""
+        fp32, residuals = state["fp32"], state["residuals"]
+        if set(fp32) != ({s.module_name for s in self.sites} if "fp32" in self.views else set()) \
+                or set(residuals) != set(self.residuals):
+            raise UserInputError("resume: the checkpoint's bases do not match this job's (other adapted weights or "
+                                 "base precisions); resume with the job that wrote it")
+        for name, w in fp32.items():
+            weight = self.views["fp32"][name].weight
+            if weight.shape != w.shape:
+                raise UserInputError(f"resume: the checkpoint's {name} is {tuple(w.shape)}, this model's is "
+                                     f"{tuple(weight.shape)}; resume with the model that wrote it")
+            weight.copy_(w)
+        for key, r in self.residuals.items():
+            saved = residuals[key]
+            if saved["V"].shape[1:] != r.V.shape[1:] or saved["U"].shape[0] != r.U.shape[0]:
+                raise UserInputError(f"resume: the checkpoint's merged residual of {key} does not fit this model; "
+                                     "resume with the model that wrote it")
+            device = r.U.device
+            r.U, r.V = saved["U"].to(device), saved["V"].to(device)
+            r.D = None if saved["D"] is None else saved["D"].to(device)
+
     # ---- export --------------------------------------------------------------------------------------
     @torch.no_grad()
     def export(self, precision: str) -> nn.Module:

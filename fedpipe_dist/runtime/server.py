@@ -44,6 +44,7 @@ from ..comm.payload import (
 )
 from ..config import ADAPTER_FREE_METHODS, ConfigError, JobConfig, UserInputError
 from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
+from ..io.checkpoint import CheckpointDir
 from ..io.hdf5 import ResultsWriter
 from ..io.schema import PRECISION_BITS
 from ..metrics.generate import generate, generation_pairs, write_generations
@@ -61,6 +62,7 @@ from .client import (
 )
 from .heterogeneity import client_profiles, device_memory_bytes, measure_tflops
 from .planning import RoundPlanner
+from .resume import apply_state, find_resume_point, new_run_id, rank_state, restarted_by_torchrun, saved_profiles
 
 
 class Log:
@@ -71,11 +73,12 @@ class Log:
         self.show_bar = show_bar
         self.bar = None
 
-    def open_bar(self, total: int) -> None:
+    def open_bar(self, total: int, done: int = 0) -> None:
         if self.enabled and self.show_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="rounds", unit="round", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, desc="rounds", unit="round", file=sys.stderr,
+                            dynamic_ncols=True)
 
     def __call__(self, msg: str) -> None:
         if not self.enabled:
@@ -138,7 +141,17 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     hf_logging.disable_progress_bar()  # one progress display per job: ours, on rank 0
     out_dir = Path(cfg.output.dir)
     n = cfg.clients.n
-    _agree(comm, lambda: _check_output_dir(out_dir, cfg.output.overwrite))
+    log = Log(rank0, show_bar=show_progress)
+    # ---- a fresh run, or the continuation of one (resume=true, or restarted by torchrun --max-restarts) ----
+    ckpt = CheckpointDir(out_dir, comm.rank)
+    resuming = cfg.resume or restarted_by_torchrun()
+    point = find_resume_point(cfg, comm, out_dir, ckpt, log) if resuming else None
+    if not resuming:
+        _agree(comm, lambda: _check_output_dir(out_dir, cfg.output.overwrite))
+    if point is None:  # leftovers of an earlier run here (overwrite, or an attempt that died in round 1) go
+        ckpt.clear()
+    run_id = point.state["run_id"] if point else new_run_id(comm)
+    start = point.round if point else 0
     # ---- model, adapter sites, data (each rank keeps only its own servers' shards) --------------------
     tok = load_tokenizer(cfg.model.name_or_path)
     # Kept on the CPU until the bases are built: a quantized server never holds the full-width model on
@@ -207,13 +220,17 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
 
     # ---- profiles: measured compute per rank, heterogeneity per server ----------------------------------
     # One rank at a time, so that ranks sharing a machine do not slow each other's measurement down.
-    mine = None
-    for r in range(comm.world_size):
-        if r == comm.rank:
-            mine = (measure_tflops(device), device_memory_bytes(device))
-        comm.barrier()
-    measured = comm.all_gather_object(mine)
-    profiles = client_profiles(cfg, [m[0] for m in measured], owner, device_mem=[m[1] for m in measured])
+    # A resumed run plans with the profiles measured when it started, so its plans are the ones it would have made.
+    if point:
+        profiles = saved_profiles(point.state)
+    else:
+        mine = None
+        for r in range(comm.world_size):
+            if r == comm.rank:
+                mine = (measure_tflops(device), device_memory_bytes(device))
+            comm.barrier()
+        measured = comm.all_gather_object(mine)
+        profiles = client_profiles(cfg, [m[0] for m in measured], owner, device_mem=[m[1] for m in measured])
     planner = RoundPlanner(cfg, model_shape(model, sites), sites, profiles, hosted=my_clients)
 
     # ---- bases: every server's precision is fixed for the run; one view per precision this rank needs -----
@@ -241,19 +258,39 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         global_state = init_state(points, L, adapter_config.depth, adapter_config.width,
                                   _generator(cfg.seed, 0, 0xFADA))
 
-    # ---- results file (rank 0) and the untrained base as row 0 ------------------------------------------
+    # ---- resumed: the checkpoint's state; results.h5 back as it was after that round ---------------------------
+    ft_params = model_parameters(model) if cfg.method == "ft" else None
     writer = None
-    log = Log(rank0, show_bar=show_progress)
-    ev0 = run_eval()  # the untrained base, on every rank (the eval is shared)
-    eval_losses: list[float] = [ev0["loss"]]
-    if rank0:
-        if out_dir.exists() and cfg.output.overwrite:
+    if point:
+        err = None
+        try:
+            global_state, saved_config, eval_losses = apply_state(point.state, device=device, bases=bases,
+                                                                  parameters=ft_params, planner=planner,
+                                                                  prune_norms=prune_norms)
+            adapter_config = AdapterConfig(*saved_config) if saved_config else adapter_config
+        except UserInputError as e:
+            err = str(e)
+        errs = [e for e in comm.all_gather_object(err) if e]
+        if errs:
+            raise UserInputError(errs[0])
+        del point.state
+        if rank0:
+            ckpt.restore_results(start, out_dir / "results.h5")
+            writer = ResultsWriter.reopen(out_dir / "results.h5", n_clients=n, n_layers=L, resumed_from=start)
+            log(f"fedpipe: resuming {cfg.method} in {out_dir} after round {start} of {cfg.rounds} (eval loss "
+                f"{eval_losses[-1]:.4f}); results.h5 continues from there")
+    # ---- a fresh run: results file (rank 0) and the untrained base as row 0 -----------------------------------
+    else:
+        ev0 = run_eval()  # the untrained base, on every rank (the eval is shared)
+        eval_losses = [ev0["loss"]]
+    if rank0 and not point:
+        if out_dir.exists():  # whatever is left is replaceable: overwrite=true, or an attempt that died in round 1
             (out_dir / "results.h5").unlink(missing_ok=True)
             shutil.rmtree(out_dir / "final", ignore_errors=True)
         writer = ResultsWriter(out_dir / "results.h5", n_clients=n, n_layers=L, attrs={
             "method": cfg.method, "model": cfg.model.name_or_path, "dataset": cfg.data.name,
             "world_size": comm.world_size, "n_clients": n, "config_json": cfg.to_json(),
-            "eval_precision": eval_precision, "base_params": bases.base_params})
+            "eval_precision": eval_precision, "base_params": bases.base_params, "run_id": run_id})
         writer.write_profile({"tflops": [p.tflops for p in profiles],
                               "mem_budget_bytes": [p.mem_budget_bytes for p in profiles],
                               "slowdown": [p.slowdown for p in profiles],
@@ -265,10 +302,10 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         log("bases: " + ", ".join(f"{k} x {p} ({view_bytes[p] / 2**20:.1f} MiB)" for p, k in counts.items())
             + f"; evaluated and exported at {eval_precision}")
         log(f"round 0 (base model at {eval_precision}): eval loss {ev0['loss']:.4f}, ppl {ev0['ppl']:.2f}")
-    log.open_bar(cfg.rounds)
+    log.open_bar(cfg.rounds, done=start)
 
     # ---- rounds -------------------------------------------------------------------------------------------
-    for t in range(1, cfg.rounds + 1):
+    for t in range(start + 1, cfg.rounds + 1):
         t_round = time.perf_counter()
         selected = sample_clients(n, cfg.clients.fraction, seed=cfg.seed, round_idx=t)
         configs, group_of, starts = [], {}, []
@@ -396,6 +433,13 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
                     configs[group_of[c]].width
             writer.append_round(row, arrays)
             log.step(loss=f"{row['eval_loss']:.4f}" if ev else "-")
+        if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
+            # after rank 0's row of round t: a checkpoint every rank holds always has its row
+            ckpt.save(t, rank_state(cfg=cfg, world_size=comm.world_size, run_id=run_id, bases=bases,
+                                    parameters=ft_params, global_state=global_state, adapter_config=adapter_config,
+                                    planner=planner, prune_norms=prune_norms, eval_losses=eval_losses,
+                                    profiles=profiles),
+                      results=writer.path if rank0 else None)
     log.close()
 
     # ---- finish: export the merged model, mark the file finished --------------------------------------------

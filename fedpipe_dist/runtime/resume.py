@@ -1,0 +1,235 @@
+"""Resuming a run from its per-round checkpoints (io/checkpoint.py holds the files; this module what is in them).
+
+    point = find_resume_point(cfg, comm, out_dir, ckpt, log)   # None: a fresh start
+    ...
+    apply_state(point.state, ...)                              # once the model and bases are built
+    for t in range(point.round + 1, cfg.rounds + 1): ...
+
+A resume happens when the job says resume=true, or on its own in a process that torchrun restarted
+(TORCHELASTIC_RESTART_COUNT > 0, under --max-restarts). Every rank agrees on the newest round that all of
+them hold a checkpoint of, loads its own file, and checks that it belongs to this job (the same run, world
+size and settings; only the keys in MAY_CHANGE may differ). Any problem is a UserInputError on every rank
+(exit code 2) raised before anything on disk changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import JobConfig, UserInputError
+from ..io.checkpoint import CheckpointDir
+from .heterogeneity import ServerProfile
+
+# Settings a resumed run may change: they do not alter the rounds already done or the ones to come.
+MAY_CHANGE = ("rounds", "resume", "output.", "comm.", "checkpoint.", "generation.", "eval.every")
+
+
+def restarted_by_torchrun() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def settings_fingerprint(cfg: JobConfig) -> dict[str, str]:
+    """Every setting that must stay the same across a resume, as dotted key -> JSON value."""
+    flat: dict[str, str] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+
+    walk(cfg.to_dict(), "")
+    return {k: v for k, v in flat.items() if not any(k == m or (m.endswith(".") and k.startswith(m))
+                                                     for m in MAY_CHANGE)}
+
+
+@dataclass
+class ResumePoint:
+    round: int
+    state: dict  # this rank's checkpoint
+
+
+def _all_or_nothing(comm, err: str | None) -> None:
+    """Raise on every rank if any rank found a problem (the first one's message)."""
+    errs = [e for e in comm.all_gather_object(err) if e]
+    if errs:
+        raise UserInputError(errs[0])
+
+
+def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, log) -> ResumePoint | None:
+    """The checkpoint this rank continues from, or None for a fresh start (the caller then replaces whatever
+    an earlier attempt left in out_dir). Raises UserInputError on every rank when out_dir cannot be resumed."""
+    results = out_dir / "results.h5"
+    held = comm.all_gather_object(ckpt.rounds())
+    common = set(held[0]).intersection(*held[1:])
+    t0 = max(common) if common else None
+    err, start_fresh = None, False
+    if comm.rank == 0:
+        if t0 is None:
+            done = _rounds_in(results)
+            if done is None or done == 0:  # nothing there, or the run died in its first round
+                start_fresh = True
+            else:
+                err = (f"resume: {str(results)!r} holds {done} round(s) but {str(ckpt.dir)!r} has no checkpoint that "
+                       "every rank wrote (checkpoint.enabled was false, or the folder was removed or written by "
+                       "another number of ranks); start over with output.overwrite=true or use a new output.dir")
+        elif t0 > cfg.rounds:
+            err = (f"resume: the newest checkpoint is of round {t0}, past rounds={cfg.rounds}; set rounds >= {t0} "
+                   "to continue this run")
+    err, start_fresh = comm.broadcast_object((err, start_fresh))
+    if err:
+        raise UserInputError(err)
+    if start_fresh:
+        log(f"resume: nothing to resume in {out_dir} yet; starting the run from round 1")
+        return None
+    err, state = None, None
+    try:
+        state = ckpt.load(t0)
+        err = _mismatch(state, cfg, comm.world_size)
+    except UserInputError as e:
+        err = str(e)
+    _all_or_nothing(comm, err)
+    ids = comm.all_gather_object(state["run_id"])
+    _all_or_nothing(comm, None if len(set(ids)) == 1 else
+                    f"resume: the ranks' checkpoints of round {t0} come from different runs ({sorted(set(ids))}); "
+                    "start over with output.overwrite=true")
+    return ResumePoint(t0, state)
+
+
+def _rounds_in(results: Path) -> int | None:
+    """Training rounds in a results.h5 (None: no file); an unreadable file counts as holding none."""
+    if not results.exists():
+        return None
+    import h5py
+
+    try:
+        with h5py.File(results, "r", locking=False) as f:
+            return int((f["rounds"]["round"][()] > 0).sum())
+    except Exception:  # a file cut short in its first round: nothing in it to keep
+        return 0
+
+
+def _mismatch(state: dict, cfg: JobConfig, world_size: int) -> str | None:
+    where = f"checkpoint of round {state['round']} (rank {state['rank']})"
+    if state["world_size"] != world_size:
+        return (f"resume: the {where} was written by {state['world_size']} ranks, this job has {world_size}; resume "
+                "with the same number of ranks")
+    now = settings_fingerprint(cfg)
+    then = state["settings"]
+    diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {then.get(k, '(unset)')} then, {now.get(k, '(unset)')} now" for k in diff[:5])
+        more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
+        return (f"resume: this job's settings differ from the run's ({shown}{more}); resume with the same job (only "
+                f"{', '.join(m.rstrip('.') + ('.*' if m.endswith('.') else '') for m in MAY_CHANGE)} may change) "
+                "or start a new output.dir")
+    return None
+
+
+def new_run_id(comm) -> str:
+    return comm.broadcast_object(uuid.uuid4().hex[:16] if comm.rank == 0 else None)
+
+
+# ---- what a rank's checkpoint holds --------------------------------------------------------------------------
+
+
+def _tree_to(tree, device):
+    if torch.is_tensor(tree):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _tree_to(v, device) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_tree_to(v, device) for v in tree)
+    return tree
+
+
+def _tree_device(tree) -> str:
+    """'cuda' if any tensor in the tree lives on a GPU, else 'cpu'."""
+    if torch.is_tensor(tree):
+        return tree.device.type
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (tuple, list)):
+        return "cuda" if any(_tree_device(v) == "cuda" for v in tree) else "cpu"
+    return "cpu"
+
+
+def rank_state(*, cfg: JobConfig, world_size: int, run_id: str, bases, parameters: dict | None, global_state: dict,
+               adapter_config, planner, prune_norms: dict, eval_losses: list[float], profiles) -> dict:
+    """Everything this rank needs to continue after the round just finished."""
+    np_state = np.random.get_state()
+    return {
+        "run_id": run_id,
+        "world_size": world_size,
+        "settings": settings_fingerprint(cfg),
+        "profiles": [dataclasses.asdict(p) for p in profiles],
+        "base": bases.state_dict(),
+        # ft: every parameter moves (the bases' state covers the adapted weights only)
+        "parameters": None if parameters is None else {k: p.detach().cpu().clone() for k, p in parameters.items()},
+        "global_state": _tree_to(global_state, "cpu"),
+        "global_state_device": _tree_device(global_state),
+        "adapter_config": None if adapter_config is None else [adapter_config.depth, adapter_config.width],
+        "importance": {c: {"ibar": torch.from_numpy(st.ibar), "ubar": torch.from_numpy(st.ubar),
+                           "sv": torch.from_numpy(st.sv)} for c, st in planner.states.items()},
+        "client_ranks": list(planner.client_ranks),
+        "prune_norms": dict(prune_norms),
+        "eval_losses": list(eval_losses),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                "python": random.getstate()},
+    }
+
+
+def saved_profiles(state: dict) -> list[ServerProfile]:
+    """The profiles measured when the run started: a resumed run plans with them, not with new measurements."""
+    return [ServerProfile(**p) for p in state["profiles"]]
+
+
+def apply_state(state: dict, *, device, bases, parameters: dict | None, planner, prune_norms: dict):
+    """Put this rank's checkpoint back. Returns (global_state, adapter_config as (depth, width) or None,
+    eval_losses); the caller keeps those."""
+    bases.load_state_dict(state["base"])
+    if parameters is not None:
+        saved = state["parameters"]
+        if saved is None or set(saved) != set(parameters):
+            raise UserInputError("resume: the checkpoint does not hold this model's parameters (method ft needs "
+                                 "them all); resume with the job that wrote it")
+        with torch.no_grad():
+            for k, p in parameters.items():
+                p.copy_(saved[k])
+    if set(state["importance"]) != set(planner.states):
+        raise UserInputError("resume: the checkpoint's servers are not the ones this rank hosts; resume with the same "
+                             "clients.n and number of ranks")
+    for c, st in state["importance"].items():
+        planner.states[c].ibar, planner.states[c].ubar = st["ibar"].numpy(), st["ubar"].numpy()
+        planner.states[c].sv = st["sv"].numpy()
+    planner.client_ranks = list(state["client_ranks"])
+    prune_norms.clear()
+    prune_norms.update(state["prune_norms"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(_tuples(rng["python"]))
+    target = device if state["global_state_device"] == "cuda" else "cpu"
+    losses = [float(x) if x is not None else math.nan for x in state["eval_losses"]]
+    return _tree_to(state["global_state"], target), state["adapter_config"], losses
+
+
+def _tuples(x):
+    """random.setstate wants the tuples it gave (pickling keeps them; this guards lists)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
