@@ -39,9 +39,16 @@ else
 fi
 port=${FEDPIPE_PORT:-$(( 29500 + SLURM_JOB_ID % 1000 ))}
 out="${FEDPIPE_RUNS:-runs}/${SLURM_JOB_NAME:-fedpipe}-${SLURM_JOB_ID}"
+# A requeued job (preemption, node failure; sbatch --requeue) keeps its id, so it finds its own output folder
+# and continues from the newest checkpoint. FEDPIPE_MAX_RESTARTS lets torchrun restart ranks that died.
+resume=()
+if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]]; then
+  resume=(resume=true)
+fi
 
 echo "fedpipe slurm: job $SLURM_JOB_ID, $nnodes node(s) x $nproc rank(s), rendezvous $head:$port, job $job -> $out" >&2
 srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
   "$py" -m torch.distributed.run --nnodes="$nnodes" --nproc_per_node="$nproc" \
+  --max-restarts="${FEDPIPE_MAX_RESTARTS:-0}" \
   --rdzv_backend=c10d --rdzv_endpoint="$head:$port" --rdzv_id="$SLURM_JOB_ID" \
-  -m fedpipe_dist run "$job" "$@" "output.dir=$out" --no-progress
+  -m fedpipe_dist run "$job" "$@" "output.dir=$out" ${resume[@]+"${resume[@]}"} --no-progress

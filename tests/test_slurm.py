@@ -109,3 +109,48 @@ def test_sbatch_cpu_variant_runs_two_rounds(cluster, tmp_path, script, extra):
     assert f"job {job_id}, 1 node(s) x 2 rank(s)" in log
     if model:
         assert Results(run_dir / "results.h5").attrs["model"] == "tiny-llama"
+
+
+@needs_slurm
+def test_a_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
+    """scontrol requeue (what preemption or a node failure does) stops the job in round 3 and starts it again
+    under the same job id: _launch.sh sees SLURM_RESTART_COUNT > 0 and passes resume=true, so the job continues
+    after round 2 in the same folder and results.h5 holds every round once."""
+    from fedpipe_dist.io.checkpoint import CheckpointDir
+
+    env = subprocess_env(SLURM_CONF=str(cluster / "slurm.conf"), FEDPIPE_CPU=1, FEDPIPE_NPROC=2,
+                         FEDPIPE_RUNS=str(tmp_path / "runs"), FEDPIPE_PYTHON=sys.executable)
+    (tmp_path / "runs").mkdir()
+    r = subprocess.run(["sbatch", "--parsable", "--requeue", "--gres=none", "--cpus-per-task=2", "--job-name=fp-rq",
+                        f"--output={tmp_path / 'job-%j.out'}", "--open-mode=append",
+                        str(REPO / "slurm" / "fedpipe_gpt2.sh"),
+                        "jobs/quickstart.yaml", "rounds=5", "train.local_steps=20", "data.synthetic_train_size=64",
+                        "data.synthetic_eval_size=16", "eval.max_samples=16", "clients.slowdown=1",
+                        "clients.tflops=[1,2,3,4]"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    run_dir = tmp_path / "runs" / f"fp-rq-{job_id}"
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < 240 and not all(2 in CheckpointDir(run_dir, k).rounds() for k in range(2)):
+            time.sleep(0.1)
+        assert all(2 in CheckpointDir(run_dir, k).rounds() for k in range(2)), "the job never finished round 2"
+        q = subprocess.run(["scontrol", "requeue", job_id], env=env, capture_output=True, text=True, timeout=30)
+        assert q.returncode == 0, q.stderr
+        state, reason = "PENDING", "?"
+        while time.monotonic() - start < 480:
+            state, reason = _job_state(env, job_id)
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                break
+            if state == "PENDING" and reason == "BeginTime":  # Slurm holds a requeued job back ~2 min; not here
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, timeout=30)
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job_id], env=env, timeout=30)
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert state == "COMPLETED", f"job {job_id} ended {state} (reason {reason})\n{log[-3000:]}"
+    assert "resuming fedpipe" in log, log[-3000:]
+    res = Results(run_dir / "results.h5")
+    assert list(res.rounds["round"]) == [0, 1, 2, 3, 4, 5] and res.attrs["finished"]
+    assert len(res.attrs["resumed_from"]) == 1 and res.attrs["resumed_from"][0] >= 2

@@ -1,11 +1,11 @@
 """Names and shapes in results.h5 (see docs/hdf5_schema.md). Analysis code reads these names only."""
 
 # 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes; 3: adapter_depth/width; 4: agg_peak/held_bytes;
-# 5: update_norm, rejected, n_rejected
-SCHEMA_VERSION = 5
+# 5: update_norm, rejected, n_rejected; 6: root attrs run_id, resumed_from (checkpoints and resume)
+SCHEMA_VERSION = 6
 
 ROOT_ATTRS = ("schema_version", "method", "model", "dataset", "world_size", "n_clients", "config_json",
-              "finished", "eval_precision", "base_params")
+              "finished", "eval_precision", "base_params", "run_id")  # + resumed_from, once resumed
 
 # rounds/: one row per completed round. Row 0 is the base model before any training (eval only).
 ROUND_FIELDS = {
