@@ -248,3 +248,28 @@ def test_sigkill_in_round_3_restarts_and_resumes_to_the_uninterrupted_result(tmp
     assert abs(b.last_eval_loss() - a.last_eval_loss()) <= 1e-5
     np.testing.assert_allclose(b.rounds["eval_loss"], a.rounds["eval_loss"], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(b.clients["ranks"], a.clients["ranks"])
+
+
+def test_a_damaged_results_file_is_put_back_from_the_snapshot(two_round_run, tmp_path):
+    """results.h5 cut in half (a SIGKILL in mid-append, a full disk): the resume restores the copy saved with
+    the checkpoint and finishes the run."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(two_round_run, out)
+    results = out / "results.h5"
+    results.write_bytes(results.read_bytes()[:2048])
+    assert main(_cli(out, "resume=true", "rounds=3")) == 0
+    r = Results(results)
+    assert list(r.rounds["round"]) == [0, 1, 2, 3] and r.attrs["finished"]
+
+
+def test_a_damaged_snapshot_is_refused_naming_it(two_round_run, capsys, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(two_round_run, out)
+    snap = CheckpointDir(out, 0).results_path(2)
+    snap.write_bytes(b"not hdf5")
+    err = _refused(out, capsys)
+    assert str(snap) in err and "cannot be read" in err

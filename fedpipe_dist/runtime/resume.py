@@ -87,6 +87,8 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
         elif t0 > cfg.rounds:
             err = (f"resume: the newest checkpoint is of round {t0}, past rounds={cfg.rounds}; set rounds >= {t0} "
                    "to continue this run")
+        else:
+            err = _check_snapshot(ckpt.results_path(t0), t0)
     err, start_fresh = comm.broadcast_object((err, start_fresh))
     if err:
         raise UserInputError(err)
@@ -118,6 +120,28 @@ def _rounds_in(results: Path) -> int | None:
             return int((f["rounds"]["round"][()] > 0).sum())
     except Exception:  # a file cut short in its first round: nothing in it to keep
         return 0
+
+
+def _check_snapshot(path: Path, t0: int) -> str | None:
+    """The results.h5 copy a resume will put back must be readable, of this schema, and end at round t0."""
+    import h5py
+
+    from ..io.schema import SCHEMA_VERSION
+
+    fix = (f"delete {str(path.parent)!r}/round{t0:06d}.* to resume from the round before, or start over with "
+           "output.overwrite=true")
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            version = int(f.attrs.get("schema_version", -1))
+            rounds = f["rounds"]["round"][()].tolist()
+    except Exception as e:  # h5py raises OSError, KeyError, ValueError for a damaged file
+        return f"resume: the results.h5 snapshot {str(path)!r} cannot be read ({type(e).__name__}); {fix}"
+    if version != SCHEMA_VERSION:
+        return (f"resume: {str(path)!r} has schema version {version}, this code writes {SCHEMA_VERSION}; finish the "
+                "run with the version that started it, or start over with output.overwrite=true")
+    if rounds != list(range(t0 + 1)):
+        return f"resume: the results.h5 snapshot {str(path)!r} does not end at round {t0} (rounds {rounds[-3:]}); {fix}"
+    return None
 
 
 def _mismatch(state: dict, cfg: JobConfig, world_size: int) -> str | None:
