@@ -118,22 +118,21 @@ def main(argv: list[str] | None = None) -> int:
             from .comm.audit import AuditedComm
 
             comm = AuditedComm(comm, Path(cfg.output.dir) / "wire_audit")
+        from .comm.base import CollectiveTimeout
+
         try:
             run_job(cfg, comm, show_progress=not args.no_progress)
+        except CollectiveTimeout as e:
+            print(f"{_rank_prefix()}fedpipe: error: {e}; results.h5 holds every round finished before it",
+                  file=sys.stderr, flush=True)
+            comm.abort()  # MPI: ends every rank of the job, a stopped one too (torchrun does that itself)
+            return 1
         finally:
             comm.close()
         return 0
     except (ConfigError, UserInputError) as e:
         print(f"{_rank_prefix()}fedpipe: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except RuntimeError as e:
-        from .comm.torch_dist import CollectiveTimeout
-
-        if not isinstance(e, CollectiveTimeout):
-            raise
-        print(f"{_rank_prefix()}fedpipe: error: {e}; results.h5 holds every round finished before it",
-              file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"{_rank_prefix()}fedpipe: interrupted; results.h5 holds every round finished so far",
               file=sys.stderr)

@@ -148,6 +148,9 @@ class AuditedComm:
     def close(self) -> None:
         self.inner.close()
 
+    def abort(self) -> None:
+        self.inner.abort()
+
 
 def public_payload(comm, label: str):
     """`with public_payload(comm, label):` marks the block's object payloads public on an audited

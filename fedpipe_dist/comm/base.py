@@ -13,6 +13,10 @@ from typing import Any, Protocol
 import torch
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within comm.timeout_s; the message names the ranks it waited for."""
+
+
 @dataclass
 class Traffic:
     """Payload bytes this rank sent and received through tensor operations."""
@@ -49,6 +53,8 @@ class Communicator(Protocol):
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None: ...
 
     def close(self) -> None: ...
+
+    def abort(self) -> None: ...  # after a CollectiveTimeout: end the whole job where the launcher will not
 
 
 def nbytes(t: torch.Tensor) -> int:

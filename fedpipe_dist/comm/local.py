@@ -43,3 +43,6 @@ class LocalComm:
 
     def close(self) -> None:
         pass
+
+    def abort(self) -> None:
+        pass

@@ -17,13 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .base import Traffic, nbytes
+from .base import CollectiveTimeout, Traffic, nbytes
 
 HEARTBEAT_S = 2.0
-
-
-class CollectiveTimeout(RuntimeError):
-    """A collective did not complete; names the ranks that stopped beating."""
+__all__ = ["CollectiveTimeout", "TorchDistComm"]
 
 
 def _attempt_store(timeout: datetime.timedelta):
@@ -151,6 +148,9 @@ class TorchDistComm:
             self.traffic.sent += nbytes(tensor) * (self.world_size - 1)
         else:
             self.traffic.received += nbytes(tensor)
+
+    def abort(self) -> None:
+        """Nothing to do: this rank exits, and torchrun (or srun) stops the others."""
 
     def close(self) -> None:
         self._stop.set()

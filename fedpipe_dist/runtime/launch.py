@@ -61,7 +61,7 @@ def make_comm(cfg: CommConfig, info: LaunchInfo | None = None):
         # mpirun gives no torch rendezvous address; MPI itself is the transport then (comm/mpi.py)
         from ..comm.mpi import MPIComm
 
-        return MPIComm(device if device.type == "cuda" else None)
+        return MPIComm(device if device.type == "cuda" else None, timeout_s=cfg.timeout_s)
     if info.launcher != "torchrun":
         # srun/mpirun give rank and size but no rendezvous address; export the torch variables.
         for k in ("MASTER_ADDR", "MASTER_PORT"):
