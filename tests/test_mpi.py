@@ -1,5 +1,5 @@
 """Layer: the mpi4py communicator under a real `mpirun` (Open MPI from PyPI), against torchrun on the same job
-and seed. Issue 7, acceptance 2.
+and seed (issue 7, acceptance 2), and its collective timeouts with a SIGSTOPped rank (issue 8).
 
 Run: .venv/bin/python -m pytest tests/test_mpi.py -q      (about a minute; skips without mpirun / mpi4py)
 """
