@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,3 +54,30 @@ def run_small(tmp_path, name: str, *extra: str):
     cfg = load_job("jobs/quickstart.yaml", [*SMALL_RUN, f"output.dir={tmp_path / name}", *extra])
     run_job(cfg, LocalComm(), show_progress=False)
     return cfg, Results(tmp_path / name / "results.h5")
+
+
+def kill_job(proc) -> None:
+    """Kill a launched job (its process group when it has one of its own, e.g. start_new_session) and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # not a group leader: the launcher alone
+            proc.kill()
+    proc.communicate()
+
+
+def stop_and_wait(proc, pid: int, limit_s: float) -> tuple[str, float]:
+    """SIGSTOP process `pid` (one rank of the job `proc`) and wait up to limit_s for the job to end on its own.
+    Returns (the job's stderr, seconds from the stop to the end); afterwards the stopped process and whatever
+    is left of the job are killed, whatever happened."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=limit_s)
+        return err, time.monotonic() - t0
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        kill_job(proc)

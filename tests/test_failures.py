@@ -5,8 +5,6 @@ stopped rank, and results.h5 must still open with every round completed before i
 Run: .venv/bin/python -m pytest tests/test_failures.py -q      (about a minute)
 """
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 
 from fedpipe_dist.io.hdf5 import Results
 
-from ._util import REPO, subprocess_env, torchrun_cmd
+from ._util import REPO, kill_job, stop_and_wait, subprocess_env, torchrun_cmd
 
 pytestmark = pytest.mark.dist
 
@@ -50,7 +48,6 @@ def test_a_stopped_rank_ends_the_job_with_its_name(tmp_path):
                        "clients.slowdown=1", f"comm.timeout_s={timeout_s}", f"output.dir={out}", "--no-progress")
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    stopped = None
     try:
         deadline = time.monotonic() + 120
         while _rounds_done(out / "results.h5") < 2 and time.monotonic() < deadline and proc.poll() is None:
@@ -58,19 +55,10 @@ def test_a_stopped_rank_ends_the_job_with_its_name(tmp_path):
         assert proc.poll() is None, "the job ended before a rank could be stopped"
         stopped = _worker_pid(proc.pid, 2)
         assert stopped is not None, "could not find rank 2's worker process"
-        os.kill(stopped, signal.SIGSTOP)
-        t_stop = time.monotonic()
-        _, err = proc.communicate(timeout=timeout_s + 90)
-        elapsed = time.monotonic() - t_stop
-    finally:
-        if stopped is not None:
-            try:
-                os.kill(stopped, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    except BaseException:
+        kill_job(proc)
+        raise
+    err, elapsed = stop_and_wait(proc, stopped, timeout_s + 90)
     assert proc.returncode != 0
     assert elapsed < timeout_s + 90
     print(f"ended {elapsed:.1f} s after SIGSTOP:", next(x for x in err.splitlines() if "no heartbeat" in x)[:400])

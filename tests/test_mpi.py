@@ -14,7 +14,7 @@ import pytest
 
 from fedpipe_dist.io.hdf5 import Results
 
-from ._util import REPO, subprocess_env, torchrun_cmd
+from ._util import REPO, kill_job, stop_and_wait, subprocess_env, torchrun_cmd
 
 pytestmark = [pytest.mark.dist, pytest.mark.mpi]
 
@@ -85,8 +85,6 @@ def test_a_stopped_rank_under_mpirun_times_out_naming_it_and_the_run_resumes(tmp
     """MPI has no call timeouts of its own: comm/mpi.py polls non-blocking messages against comm.timeout_s.
     Rank 2 is SIGSTOPped in round 3; rank 0 names it within the timeout and the job ends; then resume=true
     under mpirun finishes the run with every round once."""
-    import os
-    import signal
     import time
     import uuid
 
@@ -102,7 +100,6 @@ def test_a_stopped_rank_under_mpirun_times_out_naming_it_and_the_run_resumes(tmp
     env = subprocess_env(OMPI_ALLOW_RUN_AS_ROOT=1, OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, FEDPIPE_TEST_MARKER=marker)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    victim = None
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None and \
@@ -110,19 +107,10 @@ def test_a_stopped_rank_under_mpirun_times_out_naming_it_and_the_run_resumes(tmp
             time.sleep(0.05)
         victim = _mpi_rank_pid(marker, 2)
         assert proc.poll() is None and victim is not None, "the job ended, or rank 2 was not found, before round 3"
-        os.kill(victim, signal.SIGSTOP)
-        t0 = time.monotonic()
-        _, err = proc.communicate(timeout=timeout_s + 60)
-        ended_after = time.monotonic() - t0
-    finally:
-        if victim is not None:
-            try:
-                os.kill(victim, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    except BaseException:
+        kill_job(proc)
+        raise
+    err, ended_after = stop_and_wait(proc, victim, timeout_s + 60)
     print(f"ended {ended_after:.1f} s after SIGSTOP, exit {proc.returncode}:", *[line for line in err.splitlines()
           if "fedpipe: error" in line], sep="\n")
     assert proc.returncode != 0
