@@ -63,7 +63,7 @@ class MergedResidual:
                 return
         if self.D is None:  # switch to dense fp16: fold the exact low-rank part in once
             self.D = self._fit(self.U @ self.V)
-            self.U, self.V = self.U[:, :0], self.V[:0]
+            self.U, self.V = self.U.new_zeros(self.out_features, 0), self.V.new_zeros(0, self.in_features)
         d = delta.float() if delta is not None else b.float() @ a.float()
         block = self.D[start:end].float() + d.to(self.D.device)
         if self.D.dtype == torch.float16 and float(block.abs().max()) > FP16_SAFE:

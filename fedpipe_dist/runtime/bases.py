@@ -168,11 +168,12 @@ class RankBases:
 
     # ---- checkpoints (io/checkpoint.py) ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """What merging has changed: the fp32 view's adapted weights and every merged residual (CPU copies)."""
+        """What merging has changed: the fp32 view's adapted weights and every merged residual, on the CPU (for
+        torch.save, which writes them at once; a residual is cloned, since a slice would carry its whole storage)."""
         fp32 = {}
         if "fp32" in self.views:
             for name in dict.fromkeys(s.module_name for s in self.sites):
-                fp32[name] = self.views["fp32"][name].weight.detach().cpu().clone()
+                fp32[name] = self.views["fp32"][name].weight.detach().cpu()
         residuals = {k: {"U": r.U.cpu().clone(), "V": r.V.cpu().clone(),
                          "D": None if r.D is None else r.D.cpu().clone()} for k, r in self.residuals.items()}
         return {"fp32": fp32, "residuals": residuals}

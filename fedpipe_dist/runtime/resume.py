@@ -60,8 +60,8 @@ class ResumePoint:
     state: dict  # this rank's checkpoint
 
 
-def _all_or_nothing(comm, err: str | None) -> None:
-    """Raise on every rank if any rank found a problem (the first one's message)."""
+def raise_on_all_ranks(comm, err: str | None) -> None:
+    """Raise UserInputError on every rank if any rank found a problem (the first one's message)."""
     errs = [e for e in comm.all_gather_object(err) if e]
     if errs:
         raise UserInputError(errs[0])
@@ -101,9 +101,9 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
         err = _mismatch(state, cfg, comm.world_size)
     except UserInputError as e:
         err = str(e)
-    _all_or_nothing(comm, err)
+    raise_on_all_ranks(comm, err)
     ids = comm.all_gather_object(state["run_id"])
-    _all_or_nothing(comm, None if len(set(ids)) == 1 else
+    raise_on_all_ranks(comm, None if len(set(ids)) == 1 else
                     f"resume: the ranks' checkpoints of round {t0} come from different runs ({sorted(set(ids))}); "
                     "start over with output.overwrite=true")
     return ResumePoint(t0, state)
@@ -198,9 +198,9 @@ def rank_state(*, cfg: JobConfig, world_size: int, run_id: str, bases, parameter
         "world_size": world_size,
         "settings": settings_fingerprint(cfg),
         "profiles": [dataclasses.asdict(p) for p in profiles],
-        "base": bases.state_dict(),
-        # ft: every parameter moves (the bases' state covers the adapted weights only)
-        "parameters": None if parameters is None else {k: p.detach().cpu().clone() for k, p in parameters.items()},
+        # ft moves every parameter: saved once, as parameters (its fp32 base's adapted weights are among them)
+        "base": bases.state_dict() if parameters is None else None,
+        "parameters": None if parameters is None else {k: p.detach().cpu() for k, p in parameters.items()},
         "global_state": _tree_to(global_state, "cpu"),
         "global_state_device": _tree_device(global_state),
         "adapter_config": None if adapter_config is None else [adapter_config.depth, adapter_config.width],
@@ -224,7 +224,8 @@ def saved_profiles(state: dict) -> list[ServerProfile]:
 def apply_state(state: dict, *, device, bases, parameters: dict | None, planner, prune_norms: dict):
     """Put this rank's checkpoint back. Returns (global_state, adapter_config as (depth, width) or None,
     eval_losses); the caller keeps those."""
-    bases.load_state_dict(state["base"])
+    if state["base"] is not None:
+        bases.load_state_dict(state["base"])
     if parameters is not None:
         saved = state["parameters"]
         if saved is None or set(saved) != set(parameters):
@@ -248,12 +249,7 @@ def apply_state(state: dict, *, device, bases, parameters: dict | None, planner,
         torch.cuda.set_rng_state_all(rng["cuda"])
     kind, keys, *rest = rng["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(_tuples(rng["python"]))
+    random.setstate(rng["python"])
     target = device if state["global_state_device"] == "cuda" else "cpu"
     losses = [float(x) if x is not None else math.nan for x in state["eval_losses"]]
     return _tree_to(state["global_state"], target), state["adapter_config"], losses
-
-
-def _tuples(x):
-    """random.setstate wants the tuples it gave (pickling keeps them; this guards lists)."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -62,7 +62,15 @@ from .client import (
 )
 from .heterogeneity import client_profiles, device_memory_bytes, measure_tflops
 from .planning import RoundPlanner
-from .resume import apply_state, find_resume_point, new_run_id, rank_state, restarted_by_torchrun, saved_profiles
+from .resume import (
+    apply_state,
+    find_resume_point,
+    new_run_id,
+    raise_on_all_ranks,
+    rank_state,
+    restarted_by_torchrun,
+    saved_profiles,
+)
 
 
 class Log:
@@ -270,9 +278,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             adapter_config = AdapterConfig(*saved_config) if saved_config else adapter_config
         except UserInputError as e:
             err = str(e)
-        errs = [e for e in comm.all_gather_object(err) if e]
-        if errs:
-            raise UserInputError(errs[0])
+        raise_on_all_ranks(comm, err)
         del point.state
         if rank0:
             ckpt.restore_results(start, out_dir / "results.h5")
