@@ -285,29 +285,28 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             writer = ResultsWriter.reopen(out_dir / "results.h5", n_clients=n, n_layers=L, resumed_from=start)
             log(f"fedpipe: resuming {cfg.method} in {out_dir} after round {start} of {cfg.rounds} (eval loss "
                 f"{eval_losses[-1]:.4f}); results.h5 continues from there")
-    # ---- a fresh run: results file (rank 0) and the untrained base as row 0 -----------------------------------
-    else:
+    else:  # ---- a fresh run: results file (rank 0) and the untrained base as row 0 -------------------------
         ev0 = run_eval()  # the untrained base, on every rank (the eval is shared)
         eval_losses = [ev0["loss"]]
-    if rank0 and not point:
-        if out_dir.exists():  # whatever is left is replaceable: overwrite=true, or an attempt that died in round 1
-            (out_dir / "results.h5").unlink(missing_ok=True)
-            shutil.rmtree(out_dir / "final", ignore_errors=True)
-        writer = ResultsWriter(out_dir / "results.h5", n_clients=n, n_layers=L, attrs={
-            "method": cfg.method, "model": cfg.model.name_or_path, "dataset": cfg.data.name,
-            "world_size": comm.world_size, "n_clients": n, "config_json": cfg.to_json(),
-            "eval_precision": eval_precision, "base_params": bases.base_params, "run_id": run_id})
-        writer.write_profile({"tflops": [p.tflops for p in profiles],
-                              "mem_budget_bytes": [p.mem_budget_bytes for p in profiles],
-                              "slowdown": [p.slowdown for p in profiles],
-                              "base_weight_bytes": [view_bytes[p] for p in precisions]})
-        writer.append_round(_round_row(0, eval=ev0, n_selected=0), {})
-        log(f"fedpipe: {cfg.method} on {cfg.model.name_or_path} ({len(sites)} adapter sites), {n} servers on "
-            f"{comm.world_size} rank(s), {cfg.rounds} rounds -> {out_dir / 'results.h5'}")
-        counts = {p: precisions.count(p) for p in dict.fromkeys(precisions)}
-        log("bases: " + ", ".join(f"{k} x {p} ({view_bytes[p] / 2**20:.1f} MiB)" for p, k in counts.items())
-            + f"; evaluated and exported at {eval_precision}")
-        log(f"round 0 (base model at {eval_precision}): eval loss {ev0['loss']:.4f}, ppl {ev0['ppl']:.2f}")
+        if rank0:
+            if out_dir.exists():  # whatever is left is replaceable: overwrite=true, or an attempt that died in round 1
+                (out_dir / "results.h5").unlink(missing_ok=True)
+                shutil.rmtree(out_dir / "final", ignore_errors=True)
+            writer = ResultsWriter(out_dir / "results.h5", n_clients=n, n_layers=L, attrs={
+                "method": cfg.method, "model": cfg.model.name_or_path, "dataset": cfg.data.name,
+                "world_size": comm.world_size, "n_clients": n, "config_json": cfg.to_json(),
+                "eval_precision": eval_precision, "base_params": bases.base_params, "run_id": run_id})
+            writer.write_profile({"tflops": [p.tflops for p in profiles],
+                                  "mem_budget_bytes": [p.mem_budget_bytes for p in profiles],
+                                  "slowdown": [p.slowdown for p in profiles],
+                                  "base_weight_bytes": [view_bytes[p] for p in precisions]})
+            writer.append_round(_round_row(0, eval=ev0, n_selected=0), {})
+            log(f"fedpipe: {cfg.method} on {cfg.model.name_or_path} ({len(sites)} adapter sites), {n} servers on "
+                f"{comm.world_size} rank(s), {cfg.rounds} rounds -> {out_dir / 'results.h5'}")
+            counts = {p: precisions.count(p) for p in dict.fromkeys(precisions)}
+            log("bases: " + ", ".join(f"{k} x {p} ({view_bytes[p] / 2**20:.1f} MiB)" for p, k in counts.items())
+                + f"; evaluated and exported at {eval_precision}")
+            log(f"round 0 (base model at {eval_precision}): eval loss {ev0['loss']:.4f}, ppl {ev0['ppl']:.2f}")
     log.open_bar(cfg.rounds, done=start)
 
     # ---- rounds -------------------------------------------------------------------------------------------
