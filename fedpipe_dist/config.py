@@ -47,6 +47,14 @@ HETERO_RANK_METHODS = ("flora", "flexlora", "hetlora")  # one rank per server (l
 TARGETS = ("q", "k", "v", "o")
 PRECISIONS = ("fp32", "fp16", "bf16", "nf8", "nf4")
 BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # block sizes bitsandbytes' NF4 supports on CPU and CUDA
+# plan.variant presets: the switch values a job gets for every one of these keys it leaves null.
+# paper: Algorithm 1 and Eqn 10 as published. tuned: the measured best (docs/planner.md, "Variants").
+PLAN_VARIANTS = {
+    "paper": {"plan.split": "batch", "plan.rank_alloc": "greedy", "plan.step_overhead_s": 0.0,
+              "plan.lr_scaling": "none", "aggregation.weights": "paper"},
+    "tuned": {"plan.split": "batch", "plan.rank_alloc": "spread", "plan.step_overhead_s": 0.0,
+              "plan.lr_scaling": "none", "aggregation.weights": "samples"},
+}
 
 
 @dataclass(kw_only=True)
@@ -100,6 +108,11 @@ class ClientsConfig:
     """Base compute of each server before its slowdown: median (every rank takes the median of all ranks'
     measurements: identical hardware, heterogeneity from clients.slowdown alone, reproducible plans) or
     per_rank (each rank's own measurement: a cluster whose machines really differ)."""
+    throttle: Literal["sleep", "clock"] = "sleep"
+    """How a slowdown s > 1 is made real. sleep: after each step the server waits (s - 1) x the step's time,
+    so wall-clock, waits and deadlines are measured; clock: it does not wait, and its local time (HDF5
+    local_s, the deadline) is charged s x the measured step times. clock is for hosting more servers than
+    cores (benchmarks on a small machine), where waiting would only serialize the servers on one process."""
     precision: Any = "auto"
     """Base precision of each server: auto (the most bits that fit memory_gb, chosen by the planner for
     round 1 and kept for the run) or one of fp32/fp16/bf16/nf8/nf4, or a list of n of those."""
@@ -135,6 +148,20 @@ class PlanConfig:
     step_time_s: Optional[float] = None
     """Time budget of one local step. null = what the fastest server needs for uniform LoRA (lora.rank on
     every target, batch_max): FedPipe then gets fixed-rank LoRA's time per round on the fastest server."""
+    variant: Literal["paper", "tuned"] = "tuned"
+    """Presets for the switches below that are left null (docs/planner.md has the measured table): paper is
+    Algorithm 1 and Eqn 10 as published; tuned is the combination that measured fastest to quality."""
+    split: Optional[Literal["batch", "steps"]] = None
+    """How a server's compute share is spent. batch (the paper): b_i from its compute ratio, every server
+    train.local_steps steps; steps: every server train.batch_max, local steps from its compute ratio."""
+    rank_alloc: Optional[Literal["greedy", "spread"]] = None
+    """greedy (Algorithm 1): most important weight first, at the highest rank that fits; spread: every
+    targeted weight at the highest rank all of them fit at, then the leftover budget by importance."""
+    step_overhead_s: Optional[float] = None
+    """Fixed time of a local step on the fastest server beyond its FLOPs (t0: Python, launches, optimizer).
+    The paper's step-time model has none (0); with it, small batches are planned as slower than FLOPs say."""
+    lr_scaling: Optional[Literal["none", "sqrt", "linear"]] = None
+    """Per-server learning rate: train.lr x (b_i / train.batch_max)^p, p = 0 (none), 1/2 or 1."""
     lam1: float = 0.85
     """EMA factor of the smoothed sensitivity (Eqn 5)."""
     lam2: float = 0.95
@@ -196,6 +223,10 @@ class AggregationConfig:
     """Leave out updates that are not finite or whose norm exceeds max_norm_ratio x the round's median
     (algorithm/sanitize.py); rejected servers are recorded in HDF5 (clients/rejected) and the round goes on."""
     max_norm_ratio: float = 10.0
+    weights: Optional[Literal["paper", "data", "samples", "fednova"]] = None
+    """method=fedpipe's weights w_i: paper |D_i|/b_i (Eqn 10); data |D_i|; samples b_i x steps_i (the examples
+    each server trained on); fednova |D_i| / steps_i, the sum then scaled by sum_i p_i steps_i (FedNova's
+    normalized averaging). null = plan.variant's choice."""
 
 
 @dataclass(kw_only=True)
@@ -336,7 +367,18 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}", key=key)
 
 
+def resolve_variant(cfg: JobConfig) -> None:
+    """Fill every plan.variant switch the job left null with the variant's value (in place)."""
+    for dotted, value in PLAN_VARIANTS[cfg.plan.variant].items():
+        section, key = dotted.split(".")
+        if getattr(getattr(cfg, section), key) is None:
+            setattr(getattr(cfg, section), key, value)
+
+
 def validate(cfg: JobConfig) -> None:
+    _check(cfg.plan.variant in PLAN_VARIANTS, "plan.variant",
+           f"unknown variant {cfg.plan.variant!r}; choose one of {list(PLAN_VARIANTS)}")
+    resolve_variant(cfg)
     _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {list(METHODS)}")
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1 (got {cfg.rounds})")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1 (got {cfg.checkpoint.every})")
@@ -427,6 +469,8 @@ def validate(cfg: JobConfig) -> None:
     pl = cfg.plan
     _check(0 < pl.lam1 < 1, "plan.lam1", f"must be in (0, 1) (got {pl.lam1}); PLATON uses 0.85")
     _check(0 < pl.lam2 < 1, "plan.lam2", f"must be in (0, 1) (got {pl.lam2}); PLATON uses 0.95")
+    _check(pl.step_overhead_s >= 0, "plan.step_overhead_s",
+           f"must be >= 0 seconds (got {pl.step_overhead_s}); 0 is the paper's FLOPs-only step time")
     _check(pl.step_time_s is None or pl.step_time_s > 0, "plan.step_time_s",
            f"must be > 0 seconds, or null for the automatic budget (got {pl.step_time_s})")
     _check(cfg.eval.precision == "auto" or cfg.eval.precision in PRECISIONS, "eval.precision",

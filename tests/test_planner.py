@@ -127,7 +127,9 @@ def test_plans_fit_their_budget_and_are_monotone_in_compute(shape, speeds, seed,
 
 
 def test_ablation_switches(shape):
-    """plan.importance=fixed keeps the tie order; random redraws it each round; uniform is fixed-rank LoRA."""
+    """plan.importance=fixed keeps the tie order; random redraws it each round; uniform is fixed-rank LoRA.
+    The paper's variant: its greedy allocation is what makes the weight choice matter (tuned spreads the
+    budget over every weight: tests/test_variants.py)."""
     from fedpipe_dist.comm.local import LocalComm
     from fedpipe_dist.config import load_job
     from fedpipe_dist.runtime.heterogeneity import ServerProfile
@@ -137,7 +139,7 @@ def test_ablation_switches(shape):
 
     def chosen(importance, mode="fedpipe", rounds=range(1, 7)):
         cfg = load_job("jobs/quickstart.yaml", [f"plan.importance={importance}", f"plan.mode={mode}",
-                                                "model.max_length=64"])
+                                                "model.max_length=64", "plan.variant=paper"])
         rp = RoundPlanner(cfg, shape, list(shape.sites), profiles, hosted=[0, 1, 2, 3])
         out = []
         for t in rounds:

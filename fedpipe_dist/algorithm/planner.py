@@ -22,6 +22,7 @@ class ClientPlan:
     batch_size: int
     ranks: dict[str, int] = field(default_factory=dict)  # site.key ("3.q") -> rank; absent or 0 = no adapter
     precision: str = "fp32"
+    local_steps: int | None = None  # this round's local steps; None = the job's train.local_steps
 
     def rank_matrix(self, sites: list[Site]) -> np.ndarray:
         """[layer, 4] ranks in q, k, v, o order (0 = no adapter), the HDF5 clients/ranks layout."""
@@ -32,10 +33,10 @@ class ClientPlan:
 
 
 def uniform_plan(sites: list[Site], n_clients: int, *, targets: list[str], rank: int, batch_size: int,
-                 precision: str = "fp32") -> list[ClientPlan]:
+                 precision: str = "fp32", local_steps: int | None = None) -> list[ClientPlan]:
     """Every server: batch `batch_size`, rank `rank` on every targeted weight of every layer."""
     ranks = {s.key: rank for s in sites if s.kind in targets}
-    return [ClientPlan(c, batch_size, dict(ranks), precision) for c in range(n_clients)]
+    return [ClientPlan(c, batch_size, dict(ranks), precision, local_steps) for c in range(n_clients)]
 
 
 def sample_clients(n_clients: int, fraction: float, *, seed: int, round_idx: int) -> list[int]:
@@ -72,14 +73,23 @@ class PlanInfo:
     fits: bool  # within both the FLOPs budget and the memory budget
 
 
-def stage1_batch(flops_per_s: list[float], b_min: int, b_max: int) -> list[int]:
+def stage1_batch(flops_per_s: list[float], b_min: int, b_max: int, overhead: float = 0.0) -> list[int]:
     """Stage 1: b_i from the capability ratio u_i = C_i / max_j C_j.
 
     The paper rounds u_i * b_max; we take the floor, so that no server's batch exceeds its share of the
     fastest server's step time (rounding up would make it a straggler by design). Clipped to b_min.
+    `overhead`: a step's fixed cost (plan.step_overhead_s) in samples' worth of the fastest server's compute,
+    o. A step then costs o + b samples' worth, and b_i = floor(u_i (o + b_max) - o): the paper's rule at o = 0.
     """
     top = max(flops_per_s)
-    return [max(b_min, min(b_max, int(np.floor(c / top * b_max + 1e-9)))) for c in flops_per_s]
+    return [max(b_min, min(b_max, int(np.floor(c / top * (overhead + b_max) - overhead + 1e-9))))
+            for c in flops_per_s]
+
+
+def stage1_steps(flops_per_s: list[float], steps: int) -> list[int]:
+    """plan.split=steps: every server trains at the same batch, local steps K_i = floor(u_i K), at least 1."""
+    top = max(flops_per_s)
+    return [max(1, int(np.floor(c / top * steps + 1e-9))) for c in flops_per_s]
 
 
 def _items(sites: list[Site], targets: list[str], granularity: str) -> list[tuple[tuple, list[Site]]]:
@@ -112,6 +122,38 @@ def greedy_ranks(items, item_scores: list[float], candidate_ranks: list[int], bu
     return ranks
 
 
+def spread_ranks(items, item_scores: list[float], candidate_ranks: list[int], budget: float, cost,
+                 tol: float = 0.0) -> dict[str, int]:
+    """plan.rank_alloc=spread: every item at the highest candidate rank all of them fit at together, then
+    the leftover budget upgrades items in order of importance (each to the highest rank that still fits).
+    If not even the lowest rank fits every item, the most important items take it while it fits."""
+    order = sorted(range(len(items)), key=lambda i: (-item_scores[i], items[i][0]))
+    cands = sorted(set(candidate_ranks))
+    common = next((r for r in reversed(cands)
+                   if sum(cost(items[i][1], r) for i in order) <= budget + tol), None)
+    ranks: dict[str, int] = {}
+    remaining = budget
+    if common is None:  # too little for every weight: the lowest rank on the most important ones
+        return greedy_ranks(items, item_scores, cands[:1], budget, cost, tol)
+    for i in order:
+        remaining -= cost(items[i][1], common)
+        for s in items[i][1]:
+            ranks[s.key] = common
+    for i in order:
+        sites = items[i][1]
+        for r in reversed([r for r in cands if r > common]):
+            extra = cost(sites, r) - cost(sites, common)
+            if extra <= remaining + tol:
+                remaining -= extra
+                for s in sites:
+                    ranks[s.key] = r
+                break
+    return ranks
+
+
+RANK_ALLOCATORS = {"greedy": greedy_ranks, "spread": spread_ranks}
+
+
 def item_scores(items, scores: np.ndarray) -> list[float]:
     """Mean importance over an item's sites (scores [layer, 4] in q, k, v, o order)."""
     return [float(np.mean([scores[s.layer, KIND_INDEX[s.kind]] for s in sites])) for _, sites in items]
@@ -120,7 +162,8 @@ def item_scores(items, scores: np.ndarray) -> list[float]:
 def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *, targets: list[str],
                  candidate_ranks: list[int], ref_rank: int, b_min: int, b_max: int, seq_len: int,
                  step_time_s: float | None, granularity: str = "type", precision: str | list[str] = "auto",
-                 act_bytes: int = 4, auto_options: tuple[str, ...] = PRECISION_ORDER
+                 act_bytes: int = 4, auto_options: tuple[str, ...] = PRECISION_ORDER, split: str = "batch",
+                 rank_alloc: str = "greedy", step_overhead_s: float = 0.0, local_steps: int = 1
                  ) -> tuple[list[ClientPlan], list[PlanInfo]]:
     """Per-server plans for one round.
 
@@ -130,6 +173,11 @@ def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *
     min(C_i,max / b_i - base, A_ref), A_ref being the fastest server's per-sample adapter budget: a server
     with more compute then never gets a smaller total rank (the floor in stage 1 would otherwise hand a
     slower server more per-sample slack).
+
+    A step also has a fixed cost (`step_overhead_s` on the fastest server, t0): O = t0 * C_top FLOPs' worth,
+    the same for every server of a homogeneous-hardware profile (a slowed server's t0 is slowed too).
+    `split="steps"`: every server plans batch b_max and local_steps * u_i steps (stage1_steps) instead of a
+    smaller batch; the round budget, local_steps * tau, is the same either way.
     """
     from .cost import adapter_flops_per_sample, base_flops_per_sample, flops_per_sample, memory_bytes
 
@@ -138,27 +186,34 @@ def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *
     base = base_flops_per_sample(shape, seq_len)
     speeds = [s.flops_per_s for s in servers]
     top = max(speeds)
+    ref = {s.key: ref_rank for s in sites if s.kind in targets}
+    f_ref = flops_per_sample(shape, ref, seq_len)
+    overhead = step_overhead_s * top  # FLOPs' worth of a step's fixed cost, on every server
     if step_time_s is None:
-        ref = {s.key: ref_rank for s in sites if s.kind in targets}
-        step_time_s = b_max * flops_per_sample(shape, ref, seq_len) / top
-    a_ref = top * step_time_s / b_max - base
+        step_time_s = (overhead + b_max * f_ref) / top
+    a_ref = (top * step_time_s - overhead) / b_max - base
+    allocate = RANK_ALLOCATORS[rank_alloc]
 
     def cost(item_sites, r):
         return sum(adapter_flops_per_sample(s, r, seq_len) for s in item_sites)
 
-    batches = stage1_batch(speeds, b_min, b_max)
+    if split == "steps":
+        batches, steps = [b_max] * len(servers), stage1_steps(speeds, local_steps)
+    else:
+        batches, steps = stage1_batch(speeds, b_min, b_max, overhead / f_ref), [local_steps] * len(servers)
     plans, infos = [], []
-    for c, (srv, b) in enumerate(zip(servers, batches)):
-        budget = srv.flops_per_s * step_time_s
-        while b > b_min and b * base > budget:  # the frozen model alone must fit the step budget
+    for c, (srv, b, k) in enumerate(zip(servers, batches, steps)):
+        # a server's round budget: local_steps steps of tau; per step, what its k steps leave
+        budget = srv.flops_per_s * step_time_s * local_steps / k
+        while b > b_min and b * base + overhead > budget:  # the frozen model alone must fit the step budget
             b -= 1
         fixed = precision[c] if isinstance(precision, list) else precision
         options = auto_options if fixed == "auto" else (fixed,)
         importance = item_scores(items, scores[c])
         while True:  # if no precision fits the memory budget, a smaller batch may
-            adapter_budget = min(budget / b - base, a_ref)
+            adapter_budget = min((budget - overhead) / b - base, a_ref)
             # budget / b - base cancels most digits (base dominates): tolerate that much rounding
-            ranks = greedy_ranks(items, importance, candidate_ranks, adapter_budget, cost, tol=1e-9 * (base + a_ref))
+            ranks = allocate(items, importance, candidate_ranks, adapter_budget, cost, tol=1e-9 * (base + a_ref))
             mems = {p: memory_bytes(shape, precision=p, ranks=ranks, batch=b, seq_len=seq_len, act_bytes=act_bytes)
                     for p in options}
             prec = next((p for p in options if mems[p] <= srv.mem_bytes), None)
@@ -166,8 +221,8 @@ def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *
                 break
             b -= 1
         prec = prec or options[-1]
-        step = b * flops_per_sample(shape, ranks, seq_len)
+        step = b * flops_per_sample(shape, ranks, seq_len) + overhead
         fits = step <= budget * (1 + 1e-9) and mems[prec] <= srv.mem_bytes
-        plans.append(ClientPlan(c, b, ranks, prec))
+        plans.append(ClientPlan(c, b, ranks, prec, k))
         infos.append(PlanInfo(budget, step, step / srv.flops_per_s, mems[prec], fits))
     return plans, infos

@@ -1,8 +1,9 @@
 """Names and shapes in results.h5 (see docs/hdf5_schema.md). Analysis code reads these names only."""
 
 # 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes; 3: adapter_depth/width; 4: agg_peak/held_bytes;
-# 5: update_norm, rejected, n_rejected; 6: root attrs run_id, resumed_from (checkpoints and resume)
-SCHEMA_VERSION = 6
+# 5: update_norm, rejected, n_rejected; 6: root attrs run_id, resumed_from (checkpoints and resume);
+# 7: eval_s (so that time to quality can leave evaluation out)
+SCHEMA_VERSION = 7
 
 ROOT_ATTRS = ("schema_version", "method", "model", "dataset", "world_size", "n_clients", "config_json",
               "finished", "eval_precision", "base_params", "run_id")  # + resumed_from, once resumed
@@ -11,6 +12,7 @@ ROOT_ATTRS = ("schema_version", "method", "model", "dataset", "world_size", "n_c
 ROUND_FIELDS = {
     "round": "i4",
     "wall_s": "f8",  # wall-clock of the round on rank 0 (plan, local training, exchange, merge, eval)
+    "eval_s": "f8",  # the round's evaluation on rank 0 (part of wall_s; not training: time-to-quality leaves it out)
     "agg_s": "f8",  # rank 0's aggregation compute (stacking or dense sum, packing)
     "wait_s": "f8",  # rank 0's time blocked on receiving updates from other ranks (stragglers)
     "train_loss": "f8",  # mean over completed clients of their mean local training loss

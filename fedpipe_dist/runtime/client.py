@@ -90,22 +90,26 @@ def _prune_term(adapters: LoRAAdapters, gamma: float) -> torch.Tensor:
 
 def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: ClientPlan, cfg: JobConfig, *,
                seed: int, pad_id: int, device: torch.device, slowdown: float, deadline_s: float | None,
-               extra_loss=None, after_backward=None) -> tuple[list[float], bool]:
+               extra_loss=None, after_backward=None) -> tuple[list[float], bool, float]:
     """The local loop every method shares: seeded batches, AdamW on `params`, gradient clipping, the
     server's slowdown and the round deadline. `extra_loss()` joins the objective (HetLoRA's regularizer);
-    `after_backward()` sees the raw gradients (FedPipe's sensitivity). Returns the step losses and whether
-    the plan completed before the deadline."""
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    `after_backward()` sees the raw gradients (FedPipe's sensitivity). Returns the step losses, whether
+    the plan completed before the deadline, and the slowdown time charged without waiting
+    (clients.throttle=clock; 0 when the server really waited)."""
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr * lr_factor(cfg, plan.batch_size),
+                            weight_decay=cfg.train.weight_decay)
     batches = batch_indices(len(data), plan.batch_size, np.random.default_rng(seed))
     losses: list[float] = []
     completed = True
+    charged = 0.0
+    clock = cfg.clients.throttle == "clock"
     t0 = time.perf_counter()
     model.train()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # dropout masks depend on the client and round only
-            for _ in range(cfg.train.local_steps):
-                if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
+            for _ in range(plan.local_steps or cfg.train.local_steps):
+                if deadline_s is not None and time.perf_counter() - t0 + charged > deadline_s:
                     completed = False
                     break
                 t_step = time.perf_counter()
@@ -123,10 +127,20 @@ def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: Clie
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 if slowdown > 1.0:
-                    time.sleep((slowdown - 1.0) * (time.perf_counter() - t_step))
+                    wait = (slowdown - 1.0) * (time.perf_counter() - t_step)
+                    if clock:
+                        charged += wait
+                    else:
+                        time.sleep(wait)
     finally:
         model.eval()
-    return losses, completed
+    return losses, completed, charged
+
+
+def lr_factor(cfg: JobConfig, batch_size: int) -> float:
+    """plan.lr_scaling: the learning rate of a server training at batch b_i is train.lr x (b_i / batch_max)^p."""
+    p = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.plan.lr_scaling]
+    return (batch_size / cfg.train.batch_max) ** p
 
 
 def _budget_memory(device: torch.device, mem_budget_bytes: int | None) -> bool:
@@ -167,9 +181,10 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     extra = (lambda: prune[1] * _prune_term(adapters, prune[0])) if prune is not None and prune[1] > 0 else None
     t0 = time.perf_counter()
     with adapters.attach(model):
-        losses, completed = _run_steps(model, list(adapters.parameters()), data, plan, cfg, seed=seed,
-                                       pad_id=pad_id, device=device, slowdown=slowdown, deadline_s=deadline_s,
-                                       extra_loss=extra, after_backward=measure_sensitivity)
+        losses, completed, charged = _run_steps(model, list(adapters.parameters()), data, plan, cfg, seed=seed,
+                                                pad_id=pad_id, device=device, slowdown=slowdown,
+                                                deadline_s=deadline_s, extra_loss=extra,
+                                                after_backward=measure_sensitivity)
     sensitivity = np.full((L, 4), np.nan)
     singular = np.full((L, 4), np.nan)
     factors = adapters.factors()
@@ -178,13 +193,15 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
         sensitivity[s.layer, j] = float(sens_sum[s.key]) / len(losses)
         singular[s.layer, j] = mean_singular_value(*factors[s.key])
     prune_norm = float(_prune_term(adapters, prune[0]).detach()) if prune is not None else float("nan")
-    stats = _stats(plan, losses, completed, t0, device, reset_ok, adapters.trainable_parameters())
+    stats = _stats(plan, losses, completed, t0 - charged, device, reset_ok, adapters.trainable_parameters())
     stats.sensitivity, stats.singular, stats.prune_norm = sensitivity, singular, prune_norm
-    return ClientUpdate(plan.client, len(data), plan.batch_size, factors), stats
+    return ClientUpdate(plan.client, len(data), plan.batch_size, factors,
+                        plan.local_steps or cfg.train.local_steps), stats
 
 
 def _stats(plan: ClientPlan, losses: list[float], completed: bool, t0: float, device: torch.device,
            reset_ok: bool, trainable: int) -> ClientStats:
+    """`t0`: when local training started (moved back by any slowdown time charged without waiting)."""
     return ClientStats(
         client=plan.client, completed=completed, batch_size=plan.batch_size, local_steps=len(losses),
         samples=len(losses) * plan.batch_size, local_s=time.perf_counter() - t0,
@@ -212,9 +229,11 @@ def train_full(model, plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *, r
         p.requires_grad_(True)
     t0 = time.perf_counter()
     try:
-        losses, completed = _run_steps(model, list(params.values()), data, plan, cfg, seed=seed, pad_id=pad_id,
-                                       device=device, slowdown=slowdown, deadline_s=deadline_s)
-        stats = _stats(plan, losses, completed, t0, device, reset_ok, sum(p.numel() for p in params.values()))
+        losses, completed, charged = _run_steps(model, list(params.values()), data, plan, cfg, seed=seed,
+                                                pad_id=pad_id, device=device, slowdown=slowdown,
+                                                deadline_s=deadline_s)
+        stats = _stats(plan, losses, completed, t0 - charged, device, reset_ok,
+                       sum(p.numel() for p in params.values()))
         with torch.no_grad():
             delta = {k: (p.detach() - start[k]).float().cpu() for k, p in params.items()}
     finally:
@@ -238,7 +257,8 @@ def train_houlsby(model, points, state: dict, plan: ClientPlan, data: TokenizedS
     reset_ok = _budget_memory(device, mem_budget_bytes)
     t0 = time.perf_counter()
     with adapters.attach(model):
-        losses, completed = _run_steps(model, list(adapters.parameters()), data, plan, cfg, seed=seed,
-                                       pad_id=pad_id, device=device, slowdown=slowdown, deadline_s=deadline_s)
-    stats = _stats(plan, losses, completed, t0, device, reset_ok, adapters.trainable_parameters())
+        losses, completed, charged = _run_steps(model, list(adapters.parameters()), data, plan, cfg, seed=seed,
+                                                pad_id=pad_id, device=device, slowdown=slowdown,
+                                                deadline_s=deadline_s)
+    stats = _stats(plan, losses, completed, t0 - charged, device, reset_ok, adapters.trainable_parameters())
     return ClientUpdate(plan.client, len(data), plan.batch_size, adapters.state()), stats

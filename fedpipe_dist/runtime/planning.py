@@ -79,16 +79,21 @@ class RoundPlanner:
             # The baselines (and FedPipe's uniform ablation) do not adapt: batch_max, every target at the
             # server's rank (client_ranks), the base as loaded unless the job names a precision.
             prec = self._precisions()
-            prec = [(self.native if p == "auto" else p) for p in (prec if isinstance(prec, list) else [prec] * n)]
+            prec = prec if isinstance(prec, list) else [prec] * n
             plans = uniform_plan(self.sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,
-                                 batch_size=cfg.train.batch_max)
+                                 batch_size=cfg.train.batch_max, local_steps=cfg.train.local_steps)
             lora = cfg.method not in ADAPTER_FREE_METHODS
-            for pl, p, r in zip(plans, prec, self.client_ranks):
-                pl.precision = p
-                pl.ranks = {k: r for k in pl.ranks} if lora else {}
+            # auto: the most bits whose memory fits (QLoRA-style bases for the baselines too); ft trains its
+            # fp32 weights, so it has no other option (a server it does not fit under-trains)
+            options = ("fp32",) if cfg.method == "ft" else self.auto_options
             infos = []
-            for c, (pl, srv) in enumerate(zip(plans, self.servers)):
-                step, mem = self._uniform_cost(c, pl)
+            for c, (pl, p, r, srv) in enumerate(zip(plans, prec, self.client_ranks, self.servers)):
+                pl.ranks = {k: r for k in pl.ranks} if lora else {}
+                for option in (options if p == "auto" else (p,)):
+                    pl.precision = option
+                    step, mem = self._uniform_cost(c, pl)
+                    if mem <= srv.mem_bytes:
+                        break
                 infos.append(PlanInfo(math.inf, step, step / srv.flops_per_s, mem, mem <= srv.mem_bytes))
             return plans, infos, np.full((n, self.L, 4), np.nan)
         scores = self.scores(comm, round_idx)
@@ -97,7 +102,9 @@ class RoundPlanner:
             self.shape, self.servers, list(scores), targets=cfg.lora.targets, candidate_ranks=cfg.lora.ranks,
             ref_rank=cfg.lora.rank, b_min=cfg.train.batch_min, b_max=cfg.train.batch_max, seq_len=T,
             step_time_s=cfg.plan.step_time_s, granularity=cfg.plan.granularity, precision=precision,
-            act_bytes=self.act_bytes, auto_options=self.auto_options)
+            act_bytes=self.act_bytes, auto_options=self.auto_options, split=cfg.plan.split,
+            rank_alloc=cfg.plan.rank_alloc, step_overhead_s=cfg.plan.step_overhead_s,
+            local_steps=cfg.train.local_steps)
         return plans, infos, scores
 
     def _uniform_cost(self, c: int, pl: ClientPlan) -> tuple[float, float]:

@@ -253,7 +253,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         view_bytes.update(part)
 
     # ---- the method: how updates are combined, and what clients start from ---------------------------------
-    aggregator = get_aggregator(cfg.method)
+    aggregator = get_aggregator(cfg.method, cfg)
     # The global adapter of lora / flexlora / hetlora (LoRA factors or dense dW) or fedadapter (Houlsby
     # adapters), identical on every rank; merging methods (fedpipe, flora, ft) keep none.
     global_state: dict = {}
@@ -388,8 +388,9 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
                     rejected[c] = "not the norm it reported"
                     log(f"round {t}: server {c}'s update left out (its norm differs from the one it reported)")
             else:  # weights from the plan (|D_i|, b_i), the same on every rank, which pre-sums its own servers
-                weights = aggregator.weights(
-                    [ClientUpdate(c, shard_sizes[c], plans[c].batch_size, {}) for c in contributors])
+                meta = [_update_meta(c, shard_sizes, plans) for c in contributors]
+                scale = aggregator.round_scale(meta)
+                weights = [w * scale for w in aggregator.weights(meta)]
                 result, traffic = _exchange_dense(comm, sites, plans, contributors, weights, updates, owner)
             if aggregator.keeps_global_adapter:
                 global_state = result  # clients start from it next round; the base stays W0 until the end
@@ -410,7 +411,9 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             stats[c].bytes_up = traffic["client_bytes_up"].get(c, 0)
 
         gathered = comm.gather_object((list(stats.values()), absorbed, extra))
+        t_eval = time.perf_counter()
         ev = run_eval() if (t % cfg.eval.every == 0 or t == cfg.rounds) else None
+        eval_s = time.perf_counter() - t_eval
         if ev is not None:
             eval_losses.append(ev["loss"])
         if rank0:
@@ -425,6 +428,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             # NaN when nothing was merged or quant.measure_absorbed is off (np.min keeps the NaN)
             row["absorbed_min"] = float(np.min([absorbed_by[p] for p in in_use])) if deltas else math.nan
             row["agg_peak_bytes"] = agg_peak
+            row["eval_s"] = eval_s
             arrays = _client_arrays(n, L, sites, plans, selected, all_stats)
             arrays["absorbed"] = np.array([absorbed_by[p] if deltas else math.nan for p in precisions])
             arrays["extra_bytes_per_param"] = np.array([extra_by[p] / bases.base_params for p in precisions])
@@ -550,7 +554,7 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updat
                 t0 = time.perf_counter()
                 comm.recv(buf, src=owner(c))
                 wait_s += time.perf_counter() - t0
-                u = ClientUpdate(c, shard_sizes[c], plans[c].batch_size, unpack(buf, layouts[c]))
+                u = _update_meta(c, shard_sizes, plans, unpack(buf, layouts[c]))
                 del buf
             t0 = time.perf_counter()
             w = aggregator.raw_weight(u)
@@ -565,7 +569,8 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updat
             held = max(held, _tree_bytes(acc) + _tree_bytes(u.factors))  # the running sum + this update
             del u
         t0 = time.perf_counter()
-        agg = aggregator.finish(acc, total)
+        agg = aggregator.finish(acc, total / aggregator.round_scale(
+            [_update_meta(c, shard_sizes, plans) for c in contributors]))
         del acc
         result = agg.state if aggregator.keeps_global_adapter else agg.merge
         if dense_down:
@@ -588,6 +593,12 @@ def _exchange_factored(comm, sites, plans: list[ClientPlan], contributors, updat
                "agg_s": agg_s, "agg_held_bytes": held,
                "rejected_late": comm.broadcast_object(late if comm.rank == 0 else None)}
     return deltas, traffic
+
+
+def _update_meta(c: int, shard_sizes, plans: list[ClientPlan], factors=None) -> ClientUpdate:
+    """Server c's update as the plans describe it (|D_i|, b_i, K_i: what weights are formed from), with
+    `factors` when they have arrived."""
+    return ClientUpdate(c, shard_sizes[c], plans[c].batch_size, factors or {}, plans[c].local_steps or 1)
 
 
 def _inject_faults(cfg: JobConfig, c: int, update: ClientUpdate) -> None:
@@ -654,7 +665,7 @@ def _exchange_fedavg(comm, groups: list[list[int]], layouts, updates, owner, agg
     weight_of: dict[int, float] = {}
     for members in groups:
         if members:
-            ws = aggregator.weights([ClientUpdate(c, shard_sizes[c], plans[c].batch_size, {}) for c in members])
+            ws = aggregator.weights([_update_meta(c, shard_sizes, plans) for c in members])
             weight_of.update(zip(members, ws))
     t0 = time.perf_counter()
     chunks = []
@@ -753,6 +764,7 @@ def _round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0
         "agg_held_bytes": traffic.get("agg_held_bytes", 0) if traffic else 0,
         "n_rejected": 0,
         "wall_s": wall_s,
+        "eval_s": 0.0,
         "agg_s": traffic["agg_s"] if traffic else 0.0,
         "wait_s": traffic["wait_s"] if traffic else 0.0,
         "train_loss": float(np.mean([s.train_loss for s in done])) if done else math.nan,

@@ -26,6 +26,7 @@ class ClientUpdate:
     n_samples: int  # |D_i|: the client's training-set size
     batch_size: int  # b_i
     factors: Factors
+    local_steps: int = 1  # K_i: the local steps its plan gave it (the same on every rank)
 
 
 @dataclass
@@ -41,9 +42,19 @@ class Aggregator:
     pad_ranks = False  # True: summing factors of different ranks zero-pads them (HetLoRA); False: ranks must match
     averages_factors = False  # True: the result is an average of B and of A (not of products): never dense
 
+    @classmethod
+    def from_config(cls, cfg) -> "Aggregator":
+        """The aggregator a job asks for (a method with settings overrides this)."""
+        return cls()
+
     def raw_weight(self, update: ClientUpdate) -> float:
         """A client's unnormalized weight; the default is FedAvg's |D_i|."""
         return float(update.n_samples)
+
+    def round_scale(self, updates: list[ClientUpdate]) -> float:
+        """A factor on the whole normalized sum (FedNova's tau_eff); 1 for a plain weighted average. Every
+        input is known from the plans, so every rank computes the same factor."""
+        return 1.0
 
     def weights(self, updates: list[ClientUpdate]) -> list[float]:
         """The raw weights normalized to sum to one."""
@@ -126,8 +137,9 @@ def register(cls: type[Aggregator]) -> type[Aggregator]:
     return cls
 
 
-def get_aggregator(name: str) -> Aggregator:
+def get_aggregator(name: str, cfg=None) -> Aggregator:
+    """The aggregator registered as `name`, set up from the job `cfg` when given."""
     if name not in REGISTRY:
         raise KeyError(f"unknown aggregator {name!r}; registered: {sorted(REGISTRY)}")
-    return REGISTRY[name]()
+    return REGISTRY[name].from_config(cfg) if cfg is not None else REGISTRY[name]()
 

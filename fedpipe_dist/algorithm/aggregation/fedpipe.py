@@ -79,12 +79,38 @@ class StackingAggregator(Aggregator):
 
 @register
 class FedPipeAggregator(StackingAggregator):
-    """Eqn 9-12: weights |D_i| / b_i, the exact weighted sum of products, merged into every base."""
+    """Eqn 9-12: the exact weighted sum of products, merged into every base. Weights (aggregation.weights):
+    paper |D_i| / b_i (Eqn 10); data |D_i|; samples b_i K_i (the examples a server trained on this round);
+    fednova |D_i| / K_i, the normalized sum scaled by tau_eff = sum_i p_i K_i (p_i = |D_i| / sum |D_j|):
+    FedNova's average of per-step updates, which does not let a server's step count skew the direction."""
 
     name = "fedpipe"
+    WEIGHTINGS = ("paper", "data", "samples", "fednova")
+
+    def __init__(self, weighting: str = "paper"):
+        if weighting not in self.WEIGHTINGS:
+            raise ValueError(f"unknown fedpipe weighting {weighting!r}; choose one of {self.WEIGHTINGS}")
+        self.weighting = weighting
+
+    @classmethod
+    def from_config(cls, cfg) -> "FedPipeAggregator":
+        return cls(cfg.aggregation.weights)
 
     def raw_weight(self, update: ClientUpdate) -> float:
-        return update.n_samples / update.batch_size
+        if self.weighting == "paper":
+            return update.n_samples / update.batch_size
+        if self.weighting == "data":
+            return float(update.n_samples)
+        if self.weighting == "samples":
+            return float(update.batch_size * update.local_steps)
+        return update.n_samples / update.local_steps  # fednova
 
-    def weights(self, updates: list[ClientUpdate]) -> list[float]:
-        return aggregation_weights([u.n_samples for u in updates], [u.batch_size for u in updates])
+    def round_scale(self, updates: list[ClientUpdate]) -> float:
+        if self.weighting != "fednova" or not updates:
+            return 1.0
+        # sum_i w_i dW_i with w_i ∝ |D_i|/K_i equals (sum_j p_j/K_j)^-1 sum_i p_i dW_i/K_i; FedNova wants
+        # tau_eff * sum_i p_i dW_i/K_i
+        n = sum(u.n_samples for u in updates)
+        p = [u.n_samples / n for u in updates]
+        tau_eff = sum(pi * u.local_steps for pi, u in zip(p, updates))
+        return tau_eff * sum(pi / u.local_steps for pi, u in zip(p, updates))
