@@ -37,6 +37,11 @@ FIGURES = {
                         "(a) importance-selected weights (platon) vs a fixed order or random choice "
                         "(`plan.importance`), (b) adaptive ranks vs fixed ones (`plan.mode=uniform`), (c) the base "
                         "precision (`clients.precision`)."),
+    "fig_time_to_quality": ("Time to quality under heterogeneity",
+                            "Eval loss against training time (each round: its slowest server; evaluation left "
+                            "out), one panel per heterogeneity profile: every method's mean over seeds with its "
+                            "min-max band, and the compute bound's ideal curve (LoRA's, compressed by the bound). "
+                            "`benchmarks/time_to_quality.py` makes such runs."),
 }
 
 

@@ -242,8 +242,54 @@ def tables_ablations(runs: list[Run]) -> tuple[dict[str, str], list[str]]:
 
 # ---- everything at once ----------------------------------------------------------------------------------
 
+def _loss_on_grid(times: np.ndarray, losses: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The eval loss a run had at each grid time: that of its last evaluated round finished by then."""
+    idx = np.searchsorted(times, grid, side="right") - 1
+    return losses[np.clip(idx, 0, len(losses) - 1)]
+
+
+def fig_time_to_quality(runs: list[Run]):
+    """Eval loss vs training time (evaluation left out: runs.round_train_s), one panel per heterogeneity profile
+    with a LoRA run: every method's mean over its runs (seeds) with the min-max band, and the compute bound's
+    ideal curve, LoRA's mean curve with its time divided by the bound (benchmarks/time_to_quality.py makes
+    such a folder of runs)."""
+    from .runs import compute_bound
+
+    plt = _plt()
+    profiles: dict[tuple, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r.n_rounds > 0 and r.setting == "hetero":
+            profiles[r.slowdowns][r.label].append(r)
+    shown = {k: v for k, v in profiles.items() if "lora" in v}
+    missing = [] if shown else ["no heterogeneous lora run (the reference for the compute bound)"]
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(6.5 * max(1, len(shown)), 4.5), squeeze=False)
+    order = [*METHOD_ORDER, "fedpipe-paper"]
+    for ax, (slow, by_label) in zip(axes[0], sorted(shown.items(), key=lambda kv: len(kv[0]))):
+        bound = compute_bound(slow)
+        for label in sorted(by_label, key=lambda m: order.index(m) if m in order else 99):
+            curves = [r.train_curve()[1:] for r in by_label[label]]
+            grid = np.linspace(0, min(t[-1] for t, _ in curves), 200)
+            vals = np.stack([_loss_on_grid(t, loss, grid) for t, loss in curves])
+            line, = ax.plot(grid, vals.mean(axis=0), label=f"{label} (n={len(curves)})",
+                            lw=2.2 if label == "fedpipe" else 1.3)
+            if len(curves) > 1:
+                ax.fill_between(grid, vals.min(axis=0), vals.max(axis=0), color=line.get_color(), alpha=0.15)
+            if label == "lora":
+                ax.plot(grid / bound, vals.mean(axis=0), ls="--", color="k", lw=1.2,
+                        label=f"compute bound: lora / {bound:.2f}")
+        ax.set_title(f"{len(slow)} servers, slowdowns {list(slow)}", fontsize=9)
+        ax.set_xlabel("training time (s; slowest server per round, evaluation left out)")
+        ax.set_ylabel("eval loss (nats per target token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Time to quality under heterogeneity (mean over seeds, band: min-max)")
+    _note(fig, missing)
+    return fig, missing
+
+
 FIGURES = {"fig13_quality": fig13_quality, "fig14_trainable": fig14_trainable,
-           "fig15_convergence": fig15_convergence, "fig16_ablations": fig16_ablations}
+           "fig15_convergence": fig15_convergence, "fig16_ablations": fig16_ablations,
+           "fig_time_to_quality": fig_time_to_quality}
 
 
 def write_report(runs: list[Run], out: str | Path, log=print) -> dict[str, Path]:

@@ -58,6 +58,18 @@ class Run:
         return {32: "fp32", 16: "fp16", 8: "nf8", 4: "nf4"}.get(bits.pop()) if len(bits) == 1 else None
 
     @property
+    def label(self) -> str:
+        """The method, with FedPipe's paper variant told apart: "fedpipe-paper" (runs from before
+        plan.variant existed ran the paper's algorithm too)."""
+        if self.method == "fedpipe" and self.config.get("plan", {}).get("variant", "paper") == "paper":
+            return "fedpipe-paper"
+        return self.method
+
+    @property
+    def slowdowns(self) -> tuple[float, ...]:
+        return tuple(float(x) for x in self.results.profile.get("slowdown", []))
+
+    @property
     def n_rounds(self) -> int:
         return self.results.n_rounds
 
@@ -74,6 +86,13 @@ class Run:
         r = self.results.rounds
         ok = np.isfinite(r["eval_loss"])
         return r["round"][ok], np.cumsum(r["wall_s"])[ok], r["eval_loss"][ok]
+
+    def train_curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(round, cumulative training time s, eval loss) at the evaluated rows: round_train_s summed, so
+        evaluation is left out (time to quality counts training rounds only)."""
+        r = self.results.rounds
+        ok = np.isfinite(r["eval_loss"])
+        return r["round"][ok], np.cumsum(round_train_s(self.results))[ok], r["eval_loss"][ok]
 
     def trainable_params(self) -> float:
         """Mean trainable parameters per server that completed a round (NaN if none did)."""
@@ -97,6 +116,32 @@ class Run:
     def base_mib(self) -> float:
         b = self.results.profile.get("base_weight_bytes")
         return float(np.mean(b)) / 2**20 if b is not None and len(b) else math.nan
+
+
+def compute_bound(slowdown) -> float:
+    """sum_i (1/s_i) / (N / max_i s_i): the most samples per second a synchronous method that leaves no server
+    idle can process, relative to one whose servers all do the same work and wait for the slowest."""
+    s = [float(x) for x in slowdown]
+    return sum(1.0 / x for x in s) / (len(s) / max(s))
+
+
+def round_train_s(results: Results) -> np.ndarray:
+    """Per round row: how long the synchronous round took without its evaluation.
+
+    Several ranks: rank 0's wall-clock less its evaluation (it waited for the slowest server). One process
+    hosting every server (trained one after another, as with clients.throttle=clock on a small machine):
+    the round as if every server had its own machine, i.e. the slowest server's local time plus the
+    process's time outside local training and evaluation (planning, aggregation, merge)."""
+    r, c = results.rounds, results.clients
+    eval_s = r["eval_s"] if "eval_s" in r else np.zeros_like(r["wall_s"])
+    out = r["wall_s"] - eval_s
+    if int(results.attrs.get("world_size", 1)) == 1 and len(out) > 1:
+        local = np.where(np.isfinite(c["local_s"]), c["local_s"], 0.0)
+        overhead = np.maximum(out - local.sum(axis=1), 0.0)
+        out = local.max(axis=1) + overhead
+    out = np.asarray(out, dtype=float).copy()
+    out[0] = 0.0  # row 0 is the untrained base: no training round
+    return out
 
 
 def load_runs(root: str | Path) -> list[Run]:

@@ -1,0 +1,287 @@
+"""Time to quality under heterogeneity: every method, the same servers, several seeds (issue 14).
+
+Run on demand from the repository root (the full default set takes about 1.5 h on 2 cores):
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/time_to_quality.py --stories-path ../shared/data
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/time_to_quality.py --stories-path ../shared/data \\
+        --profiles p4 --seeds 0 --methods lora fedpipe fedpipe-paper          # one profile, quick look
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/time_to_quality.py --stories-path ../shared/data \\
+        --ablation --profiles p4 --seeds 0 1 2                                 # docs/planner.md's switch table
+
+Every run is a real `fedpipe run` of jobs/e2e_stories260k.yaml (the pretrained stories260K on E2E) in one
+process that hosts every edge server, with clients.throttle=clock: a server with slowdown s is charged s x
+its measured step times instead of waiting them out. On 2 cores, 4-8 servers training at once would fight
+over the cores, and the method that keeps every server busy (FedPipe) would pay for our machine's lack of
+cores; trained one at a time, each server's local time is what it would be on a machine of its own. A
+round's time is then the slowest server's local time plus the process's time outside local training and
+evaluation (fedpipe_dist.analysis.runs.round_train_s); evaluation is left out of every clock. Every method is
+evaluated on the fp32 base plus its merged updates (eval.precision=fp32), whatever bases its servers trained on.
+
+Per profile and seed: fixed-rank LoRA runs --target-rounds rounds first; its eval loss after them is the
+target, its summed round time T_R the reference. Every other method then runs (extended round by round
+through resume=true) until it has reached the target and passed T_R / bound, or spent 1.25 T_R. Reported per
+method: time to the target and the speedup T_R / that time, the eval loss at T_R / bound (the time an ideal
+method would need: the equal wall-clock column), rounds, samples, idle fraction and bytes.
+
+The compute bound of a profile: a method that leaves no server idle processes at most
+sum_i (1/s_i) / (N / max_i s_i) times fixed-rank LoRA's samples per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fedpipe_dist.analysis.runs import compute_bound, round_train_s  # noqa: E402
+from fedpipe_dist.io.hdf5 import Results  # noqa: E402
+
+# Heterogeneity profiles. p8's memory budgets are derived from the cost model (memory_budgets) so that a
+# rank-8 LoRA plan at batch_max fits fp32 on servers 0-1, fp16 on 2-3, nf8 on 4-5 and nf4 on 6-7 only.
+PROFILES = {
+    "p4": {"slowdown": [1, 1.5, 2, 3], "precisions": ["fp32"] * 4},
+    "p8": {"slowdown": [1, 1, 1.5, 2, 2, 3, 4, 6], "precisions": ["fp32", "fp32", "fp16", "fp16", "nf8", "nf8",
+                                                                   "nf4", "nf4"]},
+}
+# The seven methods (fedpipe at its default variant) plus the paper's exact FedPipe.
+METHODS = {
+    "lora": ["method=lora"],
+    "fedpipe": ["method=fedpipe"],
+    "fedpipe-paper": ["method=fedpipe", "plan.variant=paper"],
+    "ft": ["method=ft"],
+    "fedadapter": ["method=fedadapter"],
+    "flora": ["method=flora"],
+    "flexlora": ["method=flexlora"],
+    "hetlora": ["method=hetlora"],
+}
+# docs/planner.md's switch table: the paper's variant with one switch changed at a time, then combinations.
+ABLATION = {
+    "paper": ["method=fedpipe", "plan.variant=paper"],
+    "paper+weights=data": ["method=fedpipe", "plan.variant=paper", "aggregation.weights=data"],
+    "paper+weights=samples": ["method=fedpipe", "plan.variant=paper", "aggregation.weights=samples"],
+    "paper+lr=sqrt": ["method=fedpipe", "plan.variant=paper", "plan.lr_scaling=sqrt"],
+    "paper+t0=15ms": ["method=fedpipe", "plan.variant=paper", "plan.step_overhead_s=0.015"],
+    "paper+ranks=spread": ["method=fedpipe", "plan.variant=paper", "plan.rank_alloc=spread"],
+    "paper+split=steps": ["method=fedpipe", "plan.variant=paper", "plan.split=steps"],
+    "steps+weights=samples": ["method=fedpipe", "plan.variant=paper", "plan.split=steps",
+                              "aggregation.weights=samples"],
+    "steps+weights=fednova": ["method=fedpipe", "plan.variant=paper", "plan.split=steps",
+                              "aggregation.weights=fednova"],
+    "spread+steps+samples": ["method=fedpipe", "plan.variant=paper", "plan.rank_alloc=spread", "plan.split=steps",
+                             "aggregation.weights=samples"],
+    "spread+weights=data": ["method=fedpipe", "plan.variant=paper", "plan.rank_alloc=spread",
+                            "aggregation.weights=data"],
+    "spread+weights=samples": ["method=fedpipe", "plan.variant=paper", "plan.rank_alloc=spread",
+                               "aggregation.weights=samples"],
+    "tuned": ["method=fedpipe", "plan.variant=tuned"],
+}
+
+
+def memory_budgets(stories: Path, precisions: list[str], *, batch: int, rank: int, seq_len: int) -> list[float]:
+    """GB budgets under which precision=auto picks `precisions` for a rank-`rank` LoRA plan at `batch`: a
+    quarter of the way from that precision's predicted peak to the next-more-bits one's (fp32: 24 GB)."""
+    from fedpipe_dist.adapters.sites import find_sites
+    from fedpipe_dist.algorithm.cost import memory_bytes, model_shape
+    from fedpipe_dist.algorithm.planner import PRECISION_ORDER
+    from fedpipe_dist.models import meta_model
+
+    model = meta_model(str(stories / "models" / "stories260K-hf"), log=lambda *_: None)
+    sites = find_sites(model)
+    shape = model_shape(model, sites)
+    ranks = {s.key: rank for s in sites}
+    need = {p: memory_bytes(shape, precision=p, ranks=ranks, batch=batch, seq_len=seq_len)
+            for p in PRECISION_ORDER}
+    out = []
+    for p in precisions:
+        i = PRECISION_ORDER.index(p)
+        out.append(24.0 if i == 0 else (need[p] + 0.25 * (need[PRECISION_ORDER[i - 1]] - need[p])) / 2**30)
+    return out
+
+
+def run_job(args: list[str], label: str) -> float:
+    """One `fedpipe run` in a fresh process (one thread); returns its wall-clock, or stops the benchmark."""
+    cmd = [sys.executable, "-m", "fedpipe_dist", "run", *args, "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{label} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def curve(path: Path) -> dict:
+    """Cumulative training time and eval loss per round, and the per-round counters, from results.h5."""
+    r = Results(path)
+    rows, c = r.rounds, r.clients
+    t = np.cumsum(round_train_s(r))
+    local = c["local_s"][1:]
+    idle = [float(np.sum(np.nanmax(x) - x[np.isfinite(x)]) / (np.isfinite(x).sum() * np.nanmax(x)))
+            if np.isfinite(x).any() else math.nan for x in local]
+    return {"time_s": t.tolist(), "eval_loss": rows["eval_loss"].tolist(),
+            "samples": c["samples"][1:].sum(axis=1).tolist(), "idle_fraction": idle,
+            "bytes": (rows["bytes_up"][1:] + rows["bytes_down"][1:]).tolist(),
+            "batch_size": c["batch_size"][1].tolist(), "local_steps": c["local_steps"][1].tolist(),
+            "quant_bits": c["quant_bits"][1].tolist(), "under_training": rows["under_training_rate"][1:].tolist()}
+
+
+def time_to(cv: dict, target: float) -> float:
+    """Training time at the first evaluated round whose eval loss is at or below `target` (NaN: never)."""
+    for t, loss in zip(cv["time_s"][1:], cv["eval_loss"][1:]):
+        if np.isfinite(loss) and loss <= target + 1e-12:
+            return float(t)
+    return math.nan
+
+
+def loss_at(cv: dict, when: float) -> float:
+    """Eval loss of the last evaluated round finished by training time `when` (the base's loss before any)."""
+    best = cv["eval_loss"][0]
+    for t, loss in zip(cv["time_s"], cv["eval_loss"]):
+        if t <= when + 1e-12 and np.isfinite(loss):
+            best = loss
+    return float(best)
+
+
+def run_method(name: str, overrides: list[str], common: list[str], out: Path, *, first_rounds: int,
+               stop, max_rounds: int, reuse: bool = False) -> dict:
+    """Run a method for `first_rounds`, then extend it one chunk at a time (resume=true) until stop(curve).
+    `reuse`: a finished run already in `out` is read (and extended if it must be) instead of run again."""
+    old = out / "results.h5"
+    if reuse and old.exists() and bool(Results(old).attrs.get("finished", False)):
+        rounds = len(Results(old).rounds["round"]) - 1
+    else:
+        rounds = first_rounds
+        run_job([*common, *overrides, f"rounds={rounds}", f"output.dir={out}", "output.overwrite=true"], name)
+    cv = curve(out / "results.h5")
+    while not stop(cv) and rounds < max_rounds:
+        rounds = min(max_rounds, rounds + max(2, rounds // 3))
+        run_job([*common, *overrides, f"rounds={rounds}", f"output.dir={out}", "resume=true"], f"{name} (resumed)")
+        cv = curve(out / "results.h5")
+    return cv
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stories-path", default=os.environ.get("FEDPIPE_SHARED_DATA"),
+                    help="folder holding models/stories260K-hf and e2e/ (default $FEDPIPE_SHARED_DATA)")
+    ap.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=None, help=f"from {list(METHODS)} (default: all)")
+    ap.add_argument("--ablation", action="store_true", help=f"run docs/planner.md's switch set {list(ABLATION)}")
+    ap.add_argument("--rows", nargs="+", default=None, help="only these rows of the ablation set")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read finished runs already in --workdir instead of running them again (same settings!)")
+    ap.add_argument("--target-rounds", type=int, default=8, help="R: the target is LoRA's eval loss after R rounds")
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--train-samples", type=int, default=4000)
+    ap.add_argument("--eval-samples", type=int, default=200)
+    ap.add_argument("--workdir", default=str(REPO / "benchmarks" / "out" / "time_to_quality"))
+    ap.add_argument("--out", default=None, help="JSON (default benchmarks/out/time_to_quality[_ablation].json)")
+    ap.add_argument("extra", nargs="*", help="more dotted overrides for every run")
+    a = ap.parse_args(argv)
+    if not a.stories_path or not (Path(a.stories_path) / "models" / "stories260K-hf").is_dir():
+        raise SystemExit("time_to_quality: needs the pretrained stories260K and E2E data; pass --stories-path DIR "
+                         "(the folder holding models/stories260K-hf and e2e/) or set FEDPIPE_SHARED_DATA")
+    data = Path(a.stories_path).resolve()
+    table = {m: ABLATION[m] for m in (a.rows or ABLATION)} if a.ablation else \
+        {m: METHODS[m] for m in (a.methods or METHODS)}
+    out_json = Path(a.out or REPO / "benchmarks" / "out" / f"time_to_quality{'_ablation' if a.ablation else ''}.json")
+    work = Path(a.workdir)
+    results: dict = {"args": vars(a), "profiles": {}}
+    for seed, prof in ((seed, prof) for seed in a.seeds for prof in a.profiles):  # every profile early on
+        spec = PROFILES[prof]
+        slow, n = spec["slowdown"], len(spec["slowdown"])
+        mem = memory_budgets(data, spec["precisions"], batch=8, rank=8, seq_len=256)
+        bound = compute_bound(slow)
+        common = ["jobs/e2e_stories260k.yaml", f"model.name_or_path={data / 'models' / 'stories260K-hf'}",
+                  f"data.train_path={data / 'e2e' / 'trainset.csv'}", f"data.eval_path={data / 'e2e' / 'devset.csv'}",
+                  f"clients.n={n}", f"clients.slowdown={json.dumps(slow)}", f"clients.memory_gb={json.dumps(mem)}",
+                  "clients.throttle=clock", f"train.local_steps={a.local_steps}",
+                  f"data.max_train_samples={a.train_samples}", f"eval.max_samples={a.eval_samples}", "eval.every=1",
+                  "eval.precision=fp32", "output.save_final=false", *a.extra]
+        pres = results["profiles"].setdefault(prof, {"slowdown": slow, "memory_gb": mem, "compute_bound": bound,
+                                                      "seeds": {}})
+        seed_args = [*common, f"seed={seed}"]
+        t0 = time.perf_counter()
+        lora = run_method("lora", METHODS["lora"], seed_args, work / prof / f"seed{seed}" / "lora",
+                          first_rounds=a.target_rounds, stop=lambda cv: True, max_rounds=a.target_rounds,
+                          reuse=a.reuse)
+        target = lora["eval_loss"][a.target_rounds]
+        t_ref = lora["time_s"][a.target_rounds]
+        equal = t_ref / bound  # the ideal method's time to LoRA's R-round loss: the equal wall-clock column
+        runs = {"lora": lora}
+        for name, overrides in table.items():
+            if name == "lora":
+                continue
+            def stop(cv, equal=equal, t_ref=t_ref, target=target):
+                reached = math.isfinite(time_to(cv, target))
+                return (reached and cv["time_s"][-1] >= equal) or cv["time_s"][-1] >= 1.25 * t_ref
+            runs[name] = run_method(name, overrides, seed_args, work / prof / f"seed{seed}" / name,
+                                    first_rounds=a.target_rounds, stop=stop, max_rounds=12 * a.target_rounds,
+                                    reuse=a.reuse)
+        rows = {}
+        for name, cv in runs.items():
+            ttt = time_to(cv, target)
+            rows[name] = {"time_to_target_s": ttt, "speedup": t_ref / ttt if math.isfinite(ttt) else math.nan,
+                          "loss_at_equal_time": loss_at(cv, equal), "rounds": len(cv["time_s"]) - 1,
+                          "loss_at_round_R": cv["eval_loss"][min(a.target_rounds, len(cv["eval_loss"]) - 1)],
+                          "samples_per_s": float(np.sum(cv["samples"]) / cv["time_s"][-1]),
+                          "idle_fraction": float(np.nanmean(cv["idle_fraction"])),
+                          "bytes_per_round": float(np.mean(cv["bytes"])),
+                          "under_training": float(np.nanmean(cv["under_training"])), "curve": cv}
+        pres["seeds"][seed] = {"target": target, "t_ref_s": t_ref, "equal_time_s": equal, "methods": rows}
+        print(f"[{prof} seed {seed}] target {target:.4f} (lora after {a.target_rounds} rounds, {t_ref:.1f} s); "
+              f"bound {bound:.3f}; {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        for name, row in rows.items():
+            print(f"  {name:24s} speedup {row['speedup']:.3f} ({row['speedup'] / bound:.2f} of bound)  "
+                  f"loss@{equal:.1f}s {row['loss_at_equal_time']:.4f}  rounds {row['rounds']}",
+                  file=sys.stderr, flush=True)
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(results, indent=1, default=float))  # after every seed: nothing lost
+    print(markdown(results))
+    return results
+
+
+def _mean_spread(vals: list[float]) -> str:
+    v = np.asarray([x for x in vals if math.isfinite(x)], dtype=float)
+    if len(v) < len(vals):
+        return f"{np.mean(v):.3f} ± {np.std(v):.3f} ({len(vals) - len(v)} not reached)" if len(v) else "not reached"
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def markdown(results: dict) -> str:
+    """One table per profile: mean ± std over seeds of each method's numbers."""
+    out = []
+    for prof, p in results["profiles"].items():
+        seeds = list(p["seeds"].values())
+        bound = p["compute_bound"]
+        out.append(f"\n{prof}: slowdowns {p['slowdown']}, compute bound {bound:.3f}, {len(seeds)} seed(s); target "
+                   f"{_mean_spread([s['target'] for s in seeds])} (LoRA's eval loss after its R rounds)\n")
+        out.append("| method | speedup to target (x LoRA) | share of bound | eval loss at T_R/bound | eval loss after "
+                   "R rounds | rounds run | samples/s | idle fraction | KiB/round | under-training |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for name in seeds[0]["methods"]:
+            rows = [s["methods"][name] for s in seeds if name in s["methods"]]
+            sp = [r["speedup"] for r in rows]
+            out.append(f"| {name} | {_mean_spread(sp)} | {_mean_spread([x / bound for x in sp])} | "
+                       f"{_mean_spread([r['loss_at_equal_time'] for r in rows])} | "
+                       f"{_mean_spread([r['loss_at_round_R'] for r in rows])} | "
+                       f"{np.mean([r['rounds'] for r in rows]):.1f} | {np.mean([r['samples_per_s'] for r in rows]):.1f} | "
+                       f"{np.mean([r['idle_fraction'] for r in rows]):.2f} | "
+                       f"{np.mean([r['bytes_per_round'] for r in rows]) / 1024:.0f} | "
+                       f"{np.mean([r['under_training'] for r in rows]):.2f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
