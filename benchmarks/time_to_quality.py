@@ -84,8 +84,7 @@ ABLATION = {
                             "aggregation.weights=data"],
     "spread+weights=samples": ["method=fedpipe", "plan.variant=paper", "plan.rank_alloc=spread",
                                "aggregation.weights=samples"],
-    "tuned": ["method=fedpipe", "plan.variant=tuned"],
-}
+}  # plan.variant=tuned is spread+weights=samples (config.PLAN_VARIANTS)
 
 
 def memory_budgets(stories: Path, precisions: list[str], *, batch: int, rank: int, seq_len: int) -> list[float]:
@@ -153,10 +152,15 @@ def loss_at(cv: dict, when: float) -> float:
 
 
 def run_method(name: str, overrides: list[str], common: list[str], out: Path, *, first_rounds: int,
-               stop, max_rounds: int, reuse: bool = False) -> dict:
+               stop, max_rounds: int, reuse: bool | str = False) -> dict:
     """Run a method for `first_rounds`, then extend it one chunk at a time (resume=true) until stop(curve).
-    `reuse`: a finished run already in `out` is read (and extended if it must be) instead of run again."""
+    `reuse`: a finished run already in `out` is read (and extended if it must be) instead of run again;
+    "only": read it as it is, run nothing."""
     old = out / "results.h5"
+    if reuse == "only":
+        if not old.exists():
+            raise SystemExit(f"time_to_quality: --report-only, but {old} does not exist")
+        return curve(old)
     if reuse and old.exists() and bool(Results(old).attrs.get("finished", False)):
         rounds = len(Results(old).rounds["round"]) - 1
     else:
@@ -181,6 +185,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", nargs="+", default=None, help="only these rows of the ablation set")
     ap.add_argument("--reuse", action="store_true",
                     help="read finished runs already in --workdir instead of running them again (same settings!)")
+    ap.add_argument("--report-only", action="store_true", help="read the runs in --workdir as they are; run nothing")
     ap.add_argument("--target-rounds", type=int, default=8, help="R: the target is LoRA's eval loss after R rounds")
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--train-samples", type=int, default=4000)
@@ -215,7 +220,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         lora = run_method("lora", METHODS["lora"], seed_args, work / prof / f"seed{seed}" / "lora",
                           first_rounds=a.target_rounds, stop=lambda cv: True, max_rounds=a.target_rounds,
-                          reuse=a.reuse)
+                          reuse="only" if a.report_only else a.reuse)
         target = lora["eval_loss"][a.target_rounds]
         t_ref = lora["time_s"][a.target_rounds]
         equal = t_ref / bound  # the ideal method's time to LoRA's R-round loss: the equal wall-clock column
@@ -228,7 +233,7 @@ def main(argv=None) -> dict:
                 return (reached and cv["time_s"][-1] >= equal) or cv["time_s"][-1] >= 1.25 * t_ref
             runs[name] = run_method(name, overrides, seed_args, work / prof / f"seed{seed}" / name,
                                     first_rounds=a.target_rounds, stop=stop, max_rounds=12 * a.target_rounds,
-                                    reuse=a.reuse)
+                                    reuse="only" if a.report_only else a.reuse)
         rows = {}
         for name, cv in runs.items():
             ttt = time_to(cv, target)

@@ -63,7 +63,35 @@ def test_report_on_a_folder_without_runs_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "no results.h5" in p.stderr and "Traceback" not in p.stderr
 
 
-NOTEBOOKS = ["fig13_quality", "fig14_trainable", "fig15_convergence", "fig16_ablations", "tables"]
+def test_time_to_quality_figure_and_training_time(analysis_runs):
+    """Training time per round leaves evaluation out and, with every server in one process, is the slowest
+    server's local time plus the process's time outside training; the figure draws each method and the
+    compute bound's ideal curve (LoRA's time divided by sum(1/s) / (N / max s) = 1.875 for [1, 1.5, 2, 3])."""
+    import numpy as np
+
+    from fedpipe_dist.analysis.runs import compute_bound, round_train_s
+
+    assert compute_bound([1, 1.5, 2, 3]) == pytest.approx(1.875)
+    assert compute_bound([1, 1, 1.5, 2, 2, 3, 4, 6]) == pytest.approx(53 / 16)
+    runs = {r.name: r for r in load_runs(analysis_runs)}
+    res = runs["hetero/lora"].results
+    t = round_train_s(res)
+    local, rows = res.clients["local_s"], res.rounds
+    assert t[0] == 0.0
+    assert np.all(t[1:] >= np.nanmax(local[1:], axis=1))  # at least the slowest server
+    assert np.all(t[1:] <= rows["wall_s"][1:] - rows["eval_s"][1:] + 1e-9)  # never the evaluation
+    assert np.all(rows["eval_s"][1:] > 0)
+    assert runs["hetero/fedpipe"].label == "fedpipe" and runs["hetero/lora"].label == "lora"
+    fig, missing = figures.fig_time_to_quality(list(runs.values()))
+    assert missing == ["5 other fedpipe setup(s) on slowdowns [1.0, 1.5, 2.0, 3.0] not drawn"]  # the ablations
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "compute bound: lora / 1.88" in labels and "fedpipe (n=1)" in labels and "lora (n=1)" in labels
+    fig, missing = figures.fig_time_to_quality([runs["hetero/fedpipe"]])
+    assert missing == ["no heterogeneous lora run (the reference for the compute bound)"]
+
+
+NOTEBOOKS = ["fig13_quality", "fig14_trainable", "fig15_convergence", "fig16_ablations", "fig_time_to_quality",
+             "tables"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -255,3 +255,20 @@ def test_uniform_auto_precision_picks_the_most_bits_that_fit():
             assert [i.fits for i in infos] == [True, True, True, False]
         else:
             assert not all(i.fits for i in infos)  # ft's 16 B per parameter does not fit the tight budgets
+
+
+@pytest.mark.parametrize("switches", [["plan.split=steps", "aggregation.weights=fednova"],
+                                      ["plan.variant=tuned"]])
+def test_factored_and_dense_transports_agree_under_the_switches(tmp_path, switches):
+    """FedNova's tau_eff rides on the factored stack's normalization and on the dense reduce's weights alike:
+    both transports must merge the same update (steps split: local steps 3, 2, 1, 1)."""
+    from ._util import run_small
+
+    het = ["clients.slowdown=[1,1.5,2,3]", "clients.throttle=clock", "rounds=2", *switches]
+    _, f = run_small(tmp_path, "factored", *het, "aggregation.transport=factored")
+    _, d = run_small(tmp_path, "dense", *het, "aggregation.transport=dense")
+    assert f.clients["local_steps"][1:].tolist() == d.clients["local_steps"][1:].tolist()
+    if "plan.split=steps" in switches:
+        assert f.clients["local_steps"][1].tolist() == [3, 2, 1, 1]
+    np.testing.assert_allclose(f.rounds["eval_loss"], d.rounds["eval_loss"], rtol=1e-5)
+    assert f.rounds["eval_loss"][-1] < f.rounds["eval_loss"][0]

@@ -66,6 +66,16 @@ class Run:
         return self.method
 
     @property
+    def precision_setting(self):
+        return self.config.get("clients", {}).get("precision", "auto")
+
+    @property
+    def setup(self) -> str:
+        """The recorded job without what differs between repeats of one setup (seed, length, output, resume)."""
+        cfg = {k: v for k, v in self.config.items() if k not in ("seed", "rounds", "output", "resume")}
+        return json.dumps(cfg, sort_keys=True)
+
+    @property
     def slowdowns(self) -> tuple[float, ...]:
         return tuple(float(x) for x in self.results.profile.get("slowdown", []))
 

@@ -77,7 +77,7 @@ class RoundPlanner:
         n, T = cfg.clients.n, cfg.model.max_length
         if cfg.plan.mode == "uniform" or cfg.method != "fedpipe":
             # The baselines (and FedPipe's uniform ablation) do not adapt: batch_max, every target at the
-            # server's rank (client_ranks), the base as loaded unless the job names a precision.
+            # server's rank (client_ranks), and the precision the job names (auto: see below).
             prec = self._precisions()
             prec = prec if isinstance(prec, list) else [prec] * n
             plans = uniform_plan(self.sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,

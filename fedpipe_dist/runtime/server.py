@@ -387,7 +387,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
                 for c in traffic.get("rejected_late", []):
                     rejected[c] = "not the norm it reported"
                     log(f"round {t}: server {c}'s update left out (its norm differs from the one it reported)")
-            else:  # weights from the plan (|D_i|, b_i), the same on every rank, which pre-sums its own servers
+            else:  # weights from the plan (|D_i|, b_i, K_i), the same on every rank, which pre-sums its own servers
                 meta = [_update_meta(c, shard_sizes, plans) for c in contributors]
                 scale = aggregator.round_scale(meta)
                 weights = [w * scale for w in aggregator.weights(meta)]

@@ -1,0 +1,81 @@
+"""Checks benchmarks/time_to_quality.py's bookkeeping (no training): time to a target, loss at a time, the
+memory budgets that force each base precision, the table, and its refusal to run without the data.
+
+    .venv/bin/python -m pytest tests/test_benchmark_ttq.py -q        (a few seconds)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+
+import pytest
+
+from ._util import REPO, shared_data, subprocess_env
+
+SCRIPT = REPO / "benchmarks" / "time_to_quality.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("time_to_quality", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CURVE = {"time_s": [0.0, 1.0, 2.5, 4.0], "eval_loss": [4.0, 3.0, float("nan"), 2.0]}
+
+
+def test_time_to_and_loss_at_by_hand(bench):
+    assert bench.time_to(CURVE, 3.0) == 1.0
+    assert bench.time_to(CURVE, 2.5) == 4.0  # round 2 was not evaluated
+    assert math.isnan(bench.time_to(CURVE, 1.0))  # never reached
+    assert bench.time_to(CURVE, 4.0) == 1.0  # row 0 (the untrained base) never counts
+    assert bench.loss_at(CURVE, 0.5) == 4.0  # before the first round: the base
+    assert bench.loss_at(CURVE, 3.0) == 3.0  # round 2 has no eval: the last evaluated one
+    assert bench.loss_at(CURVE, 10.0) == 2.0
+
+
+def test_markdown_means_and_spread(bench):
+    row = {"speedup": 2.0, "loss_at_equal_time": 2.1, "loss_at_round_R": 2.3, "rounds": 10, "samples_per_s": 100.0,
+           "idle_fraction": 0.1, "bytes_per_round": 2048.0, "under_training": 0.0}
+    seeds = {s: {"target": 2.2, "methods": {"lora": dict(row, speedup=1.0), "fedpipe": dict(row, speedup=sp)}}
+             for s, sp in ((0, 2.0), (1, float("nan")), (2, 3.0))}
+    text = bench.markdown({"profiles": {"p4": {"slowdown": [1, 1.5, 2, 3], "compute_bound": 1.875, "seeds": seeds}}})
+    fedpipe = [line for line in text.splitlines() if line.startswith("| fedpipe |")][0]
+    assert "2.500 ± 0.500 (1 not reached)" in fedpipe  # mean and std of the seeds that reached it
+    assert "| 2 |" in fedpipe  # 2048 bytes = 2 KiB per round
+
+
+@pytest.mark.skipif(shared_data() is None, reason="needs ../shared/data (stories260K-hf) or FEDPIPE_SHARED_DATA")
+def test_memory_budgets_force_each_precision_for_rank8_lora(bench):
+    """The p8 profile's budgets: precision=auto picks fp32, fp32, fp16, fp16, nf8, nf8, nf4, nf4 for rank-8
+    LoRA at batch 8 and T 256, through the engine's own planner."""
+    from fedpipe_dist.adapters.sites import find_sites
+    from fedpipe_dist.algorithm.cost import model_shape
+    from fedpipe_dist.comm.local import LocalComm
+    from fedpipe_dist.config import load_job
+    from fedpipe_dist.models import meta_model
+    from fedpipe_dist.runtime.heterogeneity import ServerProfile
+    from fedpipe_dist.runtime.planning import RoundPlanner
+
+    want = bench.PROFILES["p8"]["precisions"]
+    gb = bench.memory_budgets(shared_data(), want, batch=8, rank=8, seq_len=256)
+    model = meta_model(str(shared_data() / "models" / "stories260K-hf"), log=lambda *_: None)
+    sites = find_sites(model)
+    cfg = load_job(None, ["method=lora", "lora.rank=8", "model.max_length=256", "train.batch_max=8", "clients.n=8"])
+    profiles = [ServerProfile(c, 0.1, int(g * 2**30), 1.0) for c, g in enumerate(gb)]
+    planner = RoundPlanner(cfg, model_shape(model, sites), sites, profiles, hosted=list(range(8)))
+    plans, infos, _ = planner.plan(LocalComm(), 1)
+    assert [p.precision for p in plans] == want and all(i.fits for i in infos)
+
+
+def test_without_the_data_it_says_what_is_missing(tmp_path):
+    env = subprocess_env()
+    env.pop("FEDPIPE_SHARED_DATA", None)
+    p = subprocess.run([sys.executable, str(SCRIPT), "--stories-path", str(tmp_path)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "needs the pretrained stories260K" in p.stderr and "Traceback" not in p.stderr
