@@ -14,8 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 def torchrun_job(nproc: int, job_args: list[str], label: str) -> float:
     """`torchrun --standalone --nproc_per_node=nproc -m fedpipe_dist run *job_args` (gloo on CPU, one thread per
     rank); returns its wall-clock seconds, or stops the benchmark with the job's stderr."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fedpipe_dist", "run", *job_args, "--no-progress"]
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                 "-m", "fedpipe_dist", "run", *job_args, "--no-progress"], label)
+
+
+def process_job(job_args: list[str], label: str) -> float:
+    """`python -m fedpipe_dist run *job_args` in one fresh process (world size 1, one thread)."""
+    return _run([sys.executable, "-m", "fedpipe_dist", "run", *job_args, "--no-progress"], label)
+
+
+def _run(cmd: list[str], label: str) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -1,6 +1,6 @@
 """Time to quality under heterogeneity: every method, the same servers, several seeds (issue 14).
 
-Run on demand from the repository root (the full default set takes about 1.5 h on 2 cores):
+Run on demand from the repository root (the full default set took 77 min on 2 cores):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/time_to_quality.py --stories-path ../shared/data
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/time_to_quality.py --stories-path ../shared/data \\
@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from _jobs import process_job  # noqa: E402
 
 from fedpipe_dist.analysis.runs import compute_bound, round_train_s  # noqa: E402
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
@@ -108,17 +109,6 @@ def memory_budgets(stories: Path, precisions: list[str], *, batch: int, rank: in
     return out
 
 
-def run_job(args: list[str], label: str) -> float:
-    """One `fedpipe run` in a fresh process (one thread); returns its wall-clock, or stops the benchmark."""
-    cmd = [sys.executable, "-m", "fedpipe_dist", "run", *args, "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{label} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-    return time.perf_counter() - t0
-
-
 def curve(path: Path) -> dict:
     """Cumulative training time and eval loss per round, and the per-round counters, from results.h5."""
     r = Results(path)
@@ -165,11 +155,12 @@ def run_method(name: str, overrides: list[str], common: list[str], out: Path, *,
         rounds = len(Results(old).rounds["round"]) - 1
     else:
         rounds = first_rounds
-        run_job([*common, *overrides, f"rounds={rounds}", f"output.dir={out}", "output.overwrite=true"], name)
+        process_job([*common, *overrides, f"rounds={rounds}", f"output.dir={out}", "output.overwrite=true"], name)
     cv = curve(out / "results.h5")
     while not stop(cv) and rounds < max_rounds:
         rounds = min(max_rounds, rounds + max(2, rounds // 3))
-        run_job([*common, *overrides, f"rounds={rounds}", f"output.dir={out}", "resume=true"], f"{name} (resumed)")
+        process_job([*common, *overrides, f"rounds={rounds}", f"output.dir={out}", "resume=true"],
+                    f"{name} (resumed)")
         cv = curve(out / "results.h5")
     return cv
 
@@ -281,7 +272,8 @@ def markdown(results: dict) -> str:
             out.append(f"| {name} | {_mean_spread(sp)} | {_mean_spread([x / bound for x in sp])} | "
                        f"{_mean_spread([r['loss_at_equal_time'] for r in rows])} | "
                        f"{_mean_spread([r['loss_at_round_R'] for r in rows])} | "
-                       f"{np.mean([r['rounds'] for r in rows]):.1f} | {np.mean([r['samples_per_s'] for r in rows]):.1f} | "
+                       f"{np.mean([r['rounds'] for r in rows]):.1f} | "
+                       f"{np.mean([r['samples_per_s'] for r in rows]):.1f} | "
                        f"{np.mean([r['idle_fraction'] for r in rows]):.2f} | "
                        f"{np.mean([r['bytes_per_round'] for r in rows]) / 1024:.0f} | "
                        f"{np.mean([r['under_training'] for r in rows]):.2f} |")

@@ -45,7 +45,7 @@ def test_virtual_clients_benchmark_runs_and_reports(tmp_path):
         sys.path.pop(0)
     doc = virtual_clients.main(["--clients", "4", "16", "--ranks", "2", "--rounds", "3", "--steps", "1",
                                 "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "v.json"),
-                                "model.max_length=64"])
+                                "model.max_length=64", "plan.variant=paper"])  # the plans these bounds were set for
     assert [x["clients"] for x in doc["results"]] == [4, 16]
     for x in doc["results"]:
         assert x["columns"] == x["clients"] and x["completed_per_round"] == x["clients"]

@@ -22,7 +22,11 @@ SCRIPT = REPO / "benchmarks" / "time_to_quality.py"
 def bench():
     spec = importlib.util.spec_from_file_location("time_to_quality", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports benchmarks/_jobs.py, as when run as a script
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
     return mod
 
 

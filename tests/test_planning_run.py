@@ -32,8 +32,10 @@ def test_plan_command_for_llama2_7b_without_weights():
 
 
 def test_run_records_plans_and_weights_follow_importance(tmp_path):
+    # the paper's greedy allocation: the variant where importance picks the weights
     cfg = load_job("jobs/quickstart.yaml", [
-        "rounds=4", "train.local_steps=4", "data.synthetic_train_size=160", "data.synthetic_eval_size=16",
+        "plan.variant=paper", "rounds=4", "train.local_steps=4", "data.synthetic_train_size=160",
+        "data.synthetic_eval_size=16",
         "model.max_length=96", "eval.max_samples=16", "eval.every=4", f"output.dir={tmp_path}"])
     run_job(cfg, LocalComm(), show_progress=False)
     r = Results(tmp_path / "results.h5")
