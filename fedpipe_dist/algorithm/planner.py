@@ -107,15 +107,25 @@ def greedy_ranks(items, item_scores: list[float], candidate_ranks: list[int], bu
     remaining budget; an item with no fitting rank gets no adapter. `cost(sites, r)` is FLOPs per sample.
     `tol` (FLOPs) absorbs floating-point noise in the budget: a rank that exactly spends it must fit
     whatever the rounding (the default budget is often exactly some ranks' cost)."""
-    order = sorted(range(len(items)), key=lambda i: (-item_scores[i], items[i][0]))
-    ranks: dict[str, int] = {}
-    remaining = budget
+    return _upgrade(items, _by_importance(items, item_scores), candidate_ranks, {}, budget, cost, tol)
+
+
+def _by_importance(items, item_scores: list[float]) -> list[int]:
+    """Item indices, most important first; ties in the items' own order (q, v, k, o, then by layer)."""
+    return sorted(range(len(items)), key=lambda i: (-item_scores[i], items[i][0]))
+
+
+def _upgrade(items, order: list[int], candidate_ranks: list[int], ranks: dict[str, int], remaining: float, cost,
+             tol: float) -> dict[str, int]:
+    """In `order`, raise each item to the highest candidate rank above its current one (0 if it has none)
+    whose extra cost fits what remains of the budget; returns `ranks`, updated."""
     for i in order:
         sites = items[i][1]
-        for r in sorted(set(candidate_ranks), reverse=True):
-            c = cost(sites, r)
-            if c <= remaining + tol:
-                remaining -= c
+        now = ranks.get(sites[0].key, 0)
+        for r in sorted({r for r in candidate_ranks if r > now}, reverse=True):
+            extra = cost(sites, r) - (cost(sites, now) if now else 0.0)
+            if extra <= remaining + tol:
+                remaining -= extra
                 for s in sites:
                     ranks[s.key] = r
                 break
@@ -127,28 +137,15 @@ def spread_ranks(items, item_scores: list[float], candidate_ranks: list[int], bu
     """plan.rank_alloc=spread: every item at the highest candidate rank all of them fit at together, then
     the leftover budget upgrades items in order of importance (each to the highest rank that still fits).
     If not even the lowest rank fits every item, the most important items take it while it fits."""
-    order = sorted(range(len(items)), key=lambda i: (-item_scores[i], items[i][0]))
+    order = _by_importance(items, item_scores)
     cands = sorted(set(candidate_ranks))
     common = next((r for r in reversed(cands)
                    if sum(cost(items[i][1], r) for i in order) <= budget + tol), None)
-    ranks: dict[str, int] = {}
-    remaining = budget
     if common is None:  # too little for every weight: the lowest rank on the most important ones
-        return greedy_ranks(items, item_scores, cands[:1], budget, cost, tol)
-    for i in order:
-        remaining -= cost(items[i][1], common)
-        for s in items[i][1]:
-            ranks[s.key] = common
-    for i in order:
-        sites = items[i][1]
-        for r in reversed([r for r in cands if r > common]):
-            extra = cost(sites, r) - cost(sites, common)
-            if extra <= remaining + tol:
-                remaining -= extra
-                for s in sites:
-                    ranks[s.key] = r
-                break
-    return ranks
+        return _upgrade(items, order, cands[:1], {}, budget, cost, tol)
+    ranks = {s.key: common for i in order for s in items[i][1]}
+    remaining = budget - sum(cost(items[i][1], common) for i in order)
+    return _upgrade(items, order, cands, ranks, remaining, cost, tol)
 
 
 RANK_ALLOCATORS = {"greedy": greedy_ranks, "spread": spread_ranks}
