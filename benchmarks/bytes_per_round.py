@@ -9,7 +9,7 @@ Run on demand (not part of the test suite), from the repository root:
 For each model shape (stories260K, GPT-2 medium, LLaMA2-7B), built from a config with no weights on the
 meta device, and each LoRA rank r on all of q, k, v, o in every layer (the engine's `uniform_plan`), it
 builds meta-device factors B [out, r], A [r, in] for N clients and runs them through the same functions
-the round engine (`fedpipe_dist/runtime/server.py`, `_exchange_factored` / `_exchange_dense`) uses:
+the round engine (`fedpipe_dist/runtime/exchange.py`, `factored_exchange` / `dense_exchange`) uses:
 
   factored  per-client upload   pack(factors, factor_layout)
             download payload    pack(aggregate_factored(all N), stacked_layout over the N plans), or its
@@ -121,7 +121,7 @@ def measure(sites, rank: int, n_clients: int) -> dict:
                    for k, r in plans[c].ranks.items() if r > 0}
         updates.append(ClientUpdate(c, 1, plans[c].batch_size, factors))
 
-    # factored (mirrors _exchange_factored)
+    # factored (mirrors factored_exchange)
     f_up = {}
     f_up_engine = {}
     for c in contributors:
@@ -138,7 +138,7 @@ def measure(sites, rank: int, n_clients: int) -> dict:
         f_down = nbytes(pack(stacked, down_layout, device=META))
         f_down_engine = layout_numel(down_layout) * 4
 
-    # dense (mirrors _exchange_dense; per-client upload = that client's own dense dW over its adapted sites)
+    # dense (mirrors dense_exchange; per-client upload = that client's own dense dW over its adapted sites)
     d_up = {}
     d_up_engine = {}
     for c in contributors:

@@ -31,8 +31,8 @@ for p in (REPO, REPO / "benchmarks"):
 
 from _jobs import torchrun_job  # noqa: E402
 
-from fedpipe_dist.config import METHODS  # noqa: E402
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
+from fedpipe_dist.methods import REGISTRY as METHODS  # noqa: E402
 from fedpipe_dist.metrics.e2e import METRICS as E2E  # noqa: E402
 
 

@@ -40,10 +40,6 @@ class UserInputError(ValueError):
     """Bad input other than config keys (data file, model path, empty data). Exit code 2."""
 
 
-# Methods the round engine runs (algorithm/aggregation has the math of each; docs/methods.md).
-METHODS = ("fedpipe", "ft", "lora", "fedadapter", "flora", "flexlora", "hetlora")
-ADAPTER_FREE_METHODS = ("ft", "fedadapter")  # no LoRA: full fine-tuning, Houlsby adapters
-HETERO_RANK_METHODS = ("flora", "flexlora", "hetlora")  # one rank per server (lora.client_ranks)
 TARGETS = ("q", "k", "v", "o")
 PRECISIONS = ("fp32", "fp16", "bf16", "nf8", "nf4")
 BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # block sizes bitsandbytes' NF4 supports on CPU and CUDA
@@ -379,22 +375,13 @@ def validate(cfg: JobConfig) -> None:
     _check(cfg.plan.variant in PLAN_VARIANTS, "plan.variant",
            f"unknown variant {cfg.plan.variant!r}; choose one of {list(PLAN_VARIANTS)}")
     resolve_variant(cfg)
-    _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {list(METHODS)}")
+    # The methods are registered in fedpipe_dist/methods/ (one module each; docs/methods.md); each checks what
+    # only it needs. Imported here, not at the top: the methods build on the runtime, which reads this module.
+    from .methods import method_class
+
+    method_class(cfg.method).validate(cfg)
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1 (got {cfg.rounds})")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1 (got {cfg.checkpoint.every})")
-    if cfg.method not in ("fedpipe", "flora", *ADAPTER_FREE_METHODS):
-        _check(cfg.aggregation.transport == "factored", "aggregation.transport",
-               f"method {cfg.method} keeps a global adapter built from every client's factors, so it needs "
-               "aggregation.transport=factored")
-    if cfg.method == "ft":  # every weight trains: it must be the model's own fp32 weights
-        _check(cfg.model.dtype == "float32", "model.dtype",
-               f"method ft trains every weight in place, which needs model.dtype=float32 (got {cfg.model.dtype})")
-        asked = cfg.clients.precision if isinstance(cfg.clients.precision, list) else [cfg.clients.precision]
-        _check(all(p in ("auto", "fp32") for p in asked), "clients.precision",
-               f"method ft cannot train a quantized or 16-bit frozen base (got {cfg.clients.precision}); set "
-               "clients.precision=auto or fp32")
-        _check(cfg.eval.precision in ("auto", "fp32"), "eval.precision",
-               f"method ft evaluates its fp32 weights (got {cfg.eval.precision}); set eval.precision=auto or fp32")
     _check(cfg.aggregation.max_norm_ratio > 1, "aggregation.max_norm_ratio",
            f"must be > 1 (got {cfg.aggregation.max_norm_ratio}); 10 leaves honest heterogeneous updates alone")
     for key in ("nan_clients", "scale_clients", "misreport_clients"):

@@ -9,8 +9,8 @@ import pytest
 
 from fedpipe_dist.config import load_job
 from fedpipe_dist.data import format_example, load_eval_pairs, tokenize_pairs
+from fedpipe_dist.methods import make_method
 from fedpipe_dist.metrics.perplexity import evaluate
-from fedpipe_dist.runtime.planning import initial_client_ranks
 
 from ._util import run_small as _run
 
@@ -67,9 +67,9 @@ def test_hetlora_ranks_only_shrink_and_gamma_one_keeps_them(tmp_path):
 
 def test_heterogeneous_ranks_follow_compute_when_not_given():
     cfg = load_job("jobs/quickstart.yaml", ["method=flora"])  # slowdowns 1, 1.5, 2, 3; ranks 16 .. 2
-    assert initial_client_ranks(cfg, [6.0, 4.0, 3.0, 2.0]) == [16, 8, 8, 4]
+    assert make_method(cfg).initial_ranks([6.0, 4.0, 3.0, 2.0]) == [16, 8, 8, 4]
     cfg = load_job("jobs/quickstart.yaml", ["method=lora", "lora.rank=4"])
-    assert initial_client_ranks(cfg, [6.0, 4.0, 3.0, 2.0]) == [4, 4, 4, 4]
+    assert make_method(cfg).initial_ranks([6.0, 4.0, 3.0, 2.0]) == [4, 4, 4, 4]
 
 
 def test_global_adapter_methods_refuse_the_dense_transport():

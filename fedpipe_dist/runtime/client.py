@@ -155,7 +155,7 @@ def _budget_memory(device: torch.device, mem_budget_bytes: int | None) -> bool:
 def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
                  round_idx: int, pad_id: int, device: torch.device, slowdown: float = 1.0,
                  deadline_s: float | None = None, mem_budget_bytes: int | None = None,
-                 start: dict | None = None, prune: tuple[float, float] | None = None
+                 start: dict | None = None, prune: tuple[float, float] | None = None, trainable=None
                  ) -> tuple[ClientUpdate, ClientStats]:
     """Train fresh adapters on this client's shard for cfg.train.local_steps and return their factors.
 
@@ -164,7 +164,8 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     training stops once it is passed and the client counts as not completed. On CUDA the server's memory
     budget caps this process's allocations (torch's per-process memory fraction).
     `start`: factors the adapters start from (methods with a global adapter); `prune`: HetLoRA's
-    (gamma, reg): reg * ||B[:, k:]|| ||A[k:]|| (k = floor(gamma r)) joins the loss of every step.
+    (gamma, reg): reg * ||B[:, k:]|| ||A[k:]|| (k = floor(gamma r)) joins the loss of every step;
+    `trainable(adapters)`: the adapter tensors the optimizer updates (default: every A and B).
     """
     seed = client_seed(cfg.seed, round_idx, plan.client)
     gen = torch.Generator().manual_seed(seed)
@@ -181,7 +182,8 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     extra = (lambda: prune[1] * _prune_term(adapters, prune[0])) if prune is not None and prune[1] > 0 else None
     t0 = time.perf_counter()
     with adapters.attach(model):
-        losses, completed, charged = _run_steps(model, list(adapters.parameters()), data, plan, cfg, seed=seed,
+        params = list(adapters.parameters()) if trainable is None else trainable(adapters)
+        losses, completed, charged = _run_steps(model, params, data, plan, cfg, seed=seed,
                                                 pad_id=pad_id, device=device, slowdown=slowdown,
                                                 deadline_s=deadline_s, extra_loss=extra,
                                                 after_backward=measure_sensitivity)
@@ -193,7 +195,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
         sensitivity[s.layer, j] = float(sens_sum[s.key]) / len(losses)
         singular[s.layer, j] = mean_singular_value(*factors[s.key])
     prune_norm = float(_prune_term(adapters, prune[0]).detach()) if prune is not None else float("nan")
-    stats = _stats(plan, losses, completed, t0 - charged, device, reset_ok, adapters.trainable_parameters())
+    stats = _stats(plan, losses, completed, t0 - charged, device, reset_ok, sum(p.numel() for p in params))
     stats.sensitivity, stats.singular, stats.prune_norm = sensitivity, singular, prune_norm
     return ClientUpdate(plan.client, len(data), plan.batch_size, factors,
                         plan.local_steps or cfg.train.local_steps), stats

@@ -11,25 +11,25 @@ import math
 import numpy as np
 
 from ..adapters.sites import Site, n_layers
-from ..algorithm.cost import (
-    ModelShape,
-    flops_per_sample,
-    ft_flops_per_sample,
-    ft_memory_bytes,
-    houlsby_flops_per_sample,
-    houlsby_memory_bytes,
-    memory_bytes,
-)
+from ..algorithm.cost import ModelShape
 from ..algorithm.importance import ImportanceState
 from ..algorithm.planner import PRECISION_ORDER, ClientPlan, PlanInfo, ServerBudget, fedpipe_plan, uniform_plan
-from ..config import ADAPTER_FREE_METHODS, JobConfig
+from ..config import JobConfig
 from .heterogeneity import ServerProfile
 
 
 class RoundPlanner:
+    """`method` (methods/): whether plans adapt, what a uniform plan costs, which precisions it may take, and
+    each server's starting rank; default: the one the job names."""
+
     def __init__(self, cfg: JobConfig, shape: ModelShape, sites: list[Site], profiles: list[ServerProfile],
-                 hosted: list[int]):
+                 hosted: list[int], method=None):
+        if method is None:
+            from ..methods import make_method
+
+            method = make_method(cfg)
         self.cfg = cfg
+        self.method = method
         self.shape = shape
         self.sites = sites
         self.L = n_layers(sites)
@@ -40,9 +40,7 @@ class RoundPlanner:
         self.native = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype]
         self.auto_options = PRECISION_ORDER if self.native == "fp32" else (self.native, "nf8", "nf4")
         self.pinned: list[str] | None = None  # each server's base precision, fixed after round 1
-        self.client_ranks = initial_client_ranks(cfg, [srv.flops_per_s for srv in self.servers])
-        # fedadapter: each server's (depth, width) this round; the engine sets them (trial groups differ)
-        self.adapter_configs = [(cfg.fedadapter.depth, cfg.fedadapter.width)] * cfg.clients.n
+        self.client_ranks = method.initial_ranks([srv.flops_per_s for srv in self.servers])
 
     def pin_precisions(self, comm) -> list[str]:
         """Each server's base precision for the whole run: the job's list, or the planner's round-1 choice.
@@ -75,27 +73,8 @@ class RoundPlanner:
     def plan(self, comm, round_idx: int) -> tuple[list[ClientPlan], list[PlanInfo], np.ndarray]:
         cfg = self.cfg
         n, T = cfg.clients.n, cfg.model.max_length
-        if cfg.plan.mode == "uniform" or cfg.method != "fedpipe":
-            # The baselines (and FedPipe's uniform ablation) do not adapt: batch_max, every target at the
-            # server's rank (client_ranks), and the precision the job names (auto: see below).
-            prec = self._precisions()
-            prec = prec if isinstance(prec, list) else [prec] * n
-            plans = uniform_plan(self.sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,
-                                 batch_size=cfg.train.batch_max, local_steps=cfg.train.local_steps)
-            lora = cfg.method not in ADAPTER_FREE_METHODS
-            # auto: the most bits whose memory fits (QLoRA-style bases for the baselines too); ft trains its
-            # fp32 weights, so it has no other option (a server it does not fit under-trains)
-            options = ("fp32",) if cfg.method == "ft" else self.auto_options
-            infos = []
-            for c, (pl, p, r, srv) in enumerate(zip(plans, prec, self.client_ranks, self.servers)):
-                pl.ranks = {k: r for k in pl.ranks} if lora else {}
-                for option in (options if p == "auto" else (p,)):
-                    pl.precision = option
-                    step, mem = self._uniform_cost(c, pl)
-                    if mem <= srv.mem_bytes:
-                        break
-                infos.append(PlanInfo(math.inf, step, step / srv.flops_per_s, mem, mem <= srv.mem_bytes))
-            return plans, infos, np.full((n, self.L, 4), np.nan)
+        if not self.method.adaptive():
+            return (*self._uniform(), np.full((n, self.L, 4), np.nan))
         scores = self.scores(comm, round_idx)
         precision = self._precisions()
         plans, infos = fedpipe_plan(
@@ -107,39 +86,31 @@ class RoundPlanner:
             local_steps=cfg.train.local_steps)
         return plans, infos, scores
 
-    def _uniform_cost(self, c: int, pl: ClientPlan) -> tuple[float, float]:
-        """FLOPs of one local step and peak memory of a non-FedPipe plan, by method (algorithm/cost.py)."""
-        T, shape, b = self.cfg.model.max_length, self.shape, pl.batch_size
-        if self.cfg.method == "ft":
-            return b * ft_flops_per_sample(shape, T), ft_memory_bytes(shape, batch=b, seq_len=T,
-                                                                      act_bytes=self.act_bytes)
-        if self.cfg.method == "fedadapter":
-            d, w = self.adapter_configs[c]
-            return (b * houlsby_flops_per_sample(shape, d, w, T),
-                    houlsby_memory_bytes(shape, precision=pl.precision, depth=d, width=w, batch=b, seq_len=T,
-                                         act_bytes=self.act_bytes))
-        return (b * flops_per_sample(shape, pl.ranks, T),
-                memory_bytes(shape, precision=pl.precision, ranks=pl.ranks, batch=b, seq_len=T,
-                             act_bytes=self.act_bytes))
+    def _uniform(self) -> tuple[list[ClientPlan], list[PlanInfo]]:
+        """The plan of a method that does not adapt (and of FedPipe's uniform ablation): batch_max, every
+        target at the server's rank (client_ranks; none for a method without LoRA), and the precision the job
+        names; auto: the most bits whose memory fits, among the method's options (QLoRA-style bases for the
+        baselines too; ft has fp32 only, so a server it does not fit under-trains)."""
+        cfg, n = self.cfg, self.cfg.clients.n
+        prec = self._precisions()
+        prec = prec if isinstance(prec, list) else [prec] * n
+        plans = uniform_plan(self.sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,
+                             batch_size=cfg.train.batch_max, local_steps=cfg.train.local_steps)
+        options = self.method.precision_options or self.auto_options
+        infos = []
+        for c, (pl, p, r, srv) in enumerate(zip(plans, prec, self.client_ranks, self.servers)):
+            pl.ranks = {k: r for k in pl.ranks} if self.method.trains_lora else {}
+            for option in (options if p == "auto" else (p,)):
+                pl.precision = option
+                step, mem = self.method.step_cost(c, pl, self.shape, cfg.model.max_length, self.act_bytes)
+                if mem <= srv.mem_bytes:
+                    break
+            infos.append(PlanInfo(math.inf, step, step / srv.flops_per_s, mem, mem <= srv.mem_bytes))
+        return plans, infos
 
     def observe(self, client: int, sensitivity: np.ndarray, singular: np.ndarray) -> None:
         """Fold a hosted server's round measurements into its importance state (Eqn 5-7)."""
         self.states[client].update(sensitivity, singular)
-
-
-def initial_client_ranks(cfg: JobConfig, flops: list[float]) -> list[int]:
-    """Each server's LoRA rank for the non-FedPipe methods. lora (and FedPipe's uniform ablation): lora.rank
-    everywhere. flora, flexlora, hetlora: lora.client_ranks, or by compute: the largest of lora.ranks not
-    above max(lora.ranks) x C_i / max_j C_j, at least the smallest (a tiering like those papers' setups)."""
-    from ..config import HETERO_RANK_METHODS
-
-    n = cfg.clients.n
-    if cfg.method not in HETERO_RANK_METHODS:
-        return [cfg.lora.rank] * n
-    if cfg.lora.client_ranks is not None:
-        return list(cfg.lora.client_ranks)
-    cands, top = sorted(set(cfg.lora.ranks)), max(flops)
-    return [max([r for r in cands if r <= cands[-1] * f / top + 1e-9], default=cands[0]) for f in flops]
 
 
 def plan_table(cfg: JobConfig, log=print) -> tuple[str, list[ClientPlan], list[PlanInfo]]:

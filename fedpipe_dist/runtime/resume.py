@@ -168,29 +168,29 @@ def new_run_id(comm) -> str:
 # ---- what a rank's checkpoint holds --------------------------------------------------------------------------
 
 
-def _tree_to(tree, device):
+def tree_to(tree, device):
     if torch.is_tensor(tree):
         return tree.to(device)
     if isinstance(tree, dict):
-        return {k: _tree_to(v, device) for k, v in tree.items()}
+        return {k: tree_to(v, device) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
-        return type(tree)(_tree_to(v, device) for v in tree)
+        return type(tree)(tree_to(v, device) for v in tree)
     return tree
 
 
-def _tree_device(tree) -> str:
+def tree_device(tree) -> str:
     """'cuda' if any tensor in the tree lives on a GPU, else 'cpu'."""
     if torch.is_tensor(tree):
         return tree.device.type
     if isinstance(tree, dict):
         tree = list(tree.values())
     if isinstance(tree, (tuple, list)):
-        return "cuda" if any(_tree_device(v) == "cuda" for v in tree) else "cpu"
+        return "cuda" if any(tree_device(v) == "cuda" for v in tree) else "cpu"
     return "cpu"
 
 
-def rank_state(*, cfg: JobConfig, world_size: int, run_id: str, bases, parameters: dict | None, global_state: dict,
-               adapter_config, planner, prune_norms: dict, eval_losses: list[float], profiles) -> dict:
+def rank_state(*, cfg: JobConfig, world_size: int, run_id: str, bases, method, planner, eval_losses: list[float],
+               profiles) -> dict:
     """Everything this rank needs to continue after the round just finished."""
     np_state = np.random.get_state()
     return {
@@ -198,16 +198,11 @@ def rank_state(*, cfg: JobConfig, world_size: int, run_id: str, bases, parameter
         "world_size": world_size,
         "settings": settings_fingerprint(cfg),
         "profiles": [dataclasses.asdict(p) for p in profiles],
-        # ft moves every parameter: saved once, as parameters (its fp32 base's adapted weights are among them)
-        "base": bases.state_dict() if parameters is None else None,
-        "parameters": None if parameters is None else {k: p.detach().cpu() for k, p in parameters.items()},
-        "global_state": _tree_to(global_state, "cpu"),
-        "global_state_device": _tree_device(global_state),
-        "adapter_config": None if adapter_config is None else [adapter_config.depth, adapter_config.width],
+        "base": bases.state_dict() if method.checkpoints_base else None,
+        "method": method.state_dict(),  # the method's own state (its global adapter, ft's parameters, ...)
         "importance": {c: {"ibar": torch.from_numpy(st.ibar), "ubar": torch.from_numpy(st.ubar),
                            "sv": torch.from_numpy(st.sv)} for c, st in planner.states.items()},
         "client_ranks": list(planner.client_ranks),
-        "prune_norms": dict(prune_norms),
         "eval_losses": list(eval_losses),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -221,19 +216,12 @@ def saved_profiles(state: dict) -> list[ServerProfile]:
     return [ServerProfile(**p) for p in state["profiles"]]
 
 
-def apply_state(state: dict, *, device, bases, parameters: dict | None, planner, prune_norms: dict):
-    """Put this rank's checkpoint back. Returns (global_state, adapter_config as (depth, width) or None,
-    eval_losses); the caller keeps those."""
+def apply_state(state: dict, *, bases, method, planner) -> list[float]:
+    """Put this rank's checkpoint back into the bases, the method and the planner, and the random generators.
+    Returns the eval losses recorded so far."""
     if state["base"] is not None:
         bases.load_state_dict(state["base"])
-    if parameters is not None:
-        saved = state["parameters"]
-        if saved is None or set(saved) != set(parameters):
-            raise UserInputError("resume: the checkpoint does not hold this model's parameters (method ft needs "
-                                 "them all); resume with the job that wrote it")
-        with torch.no_grad():
-            for k, p in parameters.items():
-                p.copy_(saved[k])
+    method.load_state_dict(state["method"])
     if set(state["importance"]) != set(planner.states):
         raise UserInputError("resume: the checkpoint's servers are not the ones this rank hosts; resume with the same "
                              "clients.n and number of ranks")
@@ -241,8 +229,6 @@ def apply_state(state: dict, *, device, bases, parameters: dict | None, planner,
         planner.states[c].ibar, planner.states[c].ubar = st["ibar"].numpy(), st["ubar"].numpy()
         planner.states[c].sv = st["sv"].numpy()
     planner.client_ranks = list(state["client_ranks"])
-    prune_norms.clear()
-    prune_norms.update(state["prune_norms"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
@@ -250,6 +236,4 @@ def apply_state(state: dict, *, device, bases, parameters: dict | None, planner,
     kind, keys, *rest = rng["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     random.setstate(rng["python"])
-    target = device if state["global_state_device"] == "cuda" else "cpu"
-    losses = [float(x) if x is not None else math.nan for x in state["eval_losses"]]
-    return _tree_to(state["global_state"], target), state["adapter_config"], losses
+    return [float(x) if x is not None else math.nan for x in state["eval_losses"]]

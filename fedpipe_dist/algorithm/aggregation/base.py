@@ -41,6 +41,7 @@ class Aggregator:
     weights_from_updates = False  # True: weights depend on the factors themselves, so only rank 0 forms them
     pad_ranks = False  # True: summing factors of different ranks zero-pads them (HetLoRA); False: ranks must match
     averages_factors = False  # True: the result is an average of B and of A (not of products): never dense
+    dense_global = False  # True: the global adapter is a dense dW_g (FlexLoRA), so it travels dense
 
     @classmethod
     def from_config(cls, cfg) -> "Aggregator":

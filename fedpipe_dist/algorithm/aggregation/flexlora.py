@@ -20,6 +20,7 @@ from .fedpipe import dense_sum
 class FlexLoRA(Aggregator):
     name = "flexlora"
     keeps_global_adapter = True
+    dense_global = True
 
     def aggregate(self, updates, weights, state=None) -> Aggregate:
         return Aggregate(state=dense_sum(updates, weights))

@@ -1,0 +1,118 @@
+"""LoRA methods: `LoRAMethod`, what the five LoRA methods share, and `lora`, FedAvg of LoRA factors.
+
+A LoRA method trains LoRA adapters at the ranks its plan gives each attention weight, reads out the factors
+(B incl. alpha/r, A) and importance measurements, and sends them factored (or, where the job and the
+aggregator allow, as a pre-summed dense dW). What it does with the combined update depends on its aggregator:
+- merging (fedpipe, flora): every base folds the update in now; next round's adapters start fresh;
+- a kept global adapter (lora, flexlora, hetlora): the base stays W0 during the run; clients start from the
+  global adapter at their own rank (`Aggregator.client_start`); it is evaluated through hooks (W0 + dW_g)
+  and merged into the base once, at the end.
+
+`lora` (FedAvg of factors, McMahan et al. with LoRA; one rank for every server): B and A are averaged
+separately, with |D_i| weights.
+"""
+
+from __future__ import annotations
+
+from ..adapters.lora import FixedUpdates
+from ..algorithm.aggregation.base import REGISTRY as AGGREGATORS
+from ..algorithm.cost import flops_per_sample, memory_bytes
+from ..runtime.client import train_client
+from ..runtime.exchange import dense_exchange, factored_exchange, update_meta
+from ..runtime.resume import tree_device, tree_to
+from .base import Exchanged, Method, register_method, require
+
+
+class LoRAMethod(Method):
+    trains_lora = True
+    hetero_ranks = False  # True: one rank per server (lora.client_ranks, or by compute), as FLoRA & co. assume
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if AGGREGATORS[cls.aggregator_name or cls.name].keeps_global_adapter:
+            require(cfg.aggregation.transport == "factored", "aggregation.transport",
+                    f"method {cfg.method} keeps a global adapter built from every client's factors, so it needs "
+                    "aggregation.transport=factored")
+
+    def initial_ranks(self, flops: list[float]) -> list[int]:
+        """lora.rank everywhere; with `hetero_ranks`: lora.client_ranks, or by compute: the largest of lora.ranks
+        not above max(lora.ranks) x C_i / max_j C_j, at least the smallest (a tiering like those papers' setups)."""
+        cfg = self.cfg
+        if not self.hetero_ranks:
+            return super().initial_ranks(flops)
+        if cfg.lora.client_ranks is not None:
+            return list(cfg.lora.client_ranks)
+        cands, top = sorted(set(cfg.lora.ranks)), max(flops)
+        return [max([r for r in cands if r <= cands[-1] * f / top + 1e-9], default=cands[0]) for f in flops]
+
+    def step_cost(self, c, plan, shape, seq_len, act_bytes):
+        b = plan.batch_size
+        return (b * flops_per_sample(shape, plan.ranks, seq_len),
+                memory_bytes(shape, precision=plan.precision, ranks=plan.ranks, batch=b, seq_len=seq_len,
+                             act_bytes=act_bytes))
+
+    def setup(self, run) -> None:
+        super().setup(run)
+        self.global_state: dict = {}  # the kept global adapter (LoRA factors or dense dW), the same on every rank
+
+    # ---- local training ----------------------------------------------------------------------------------
+    def trainable(self, adapters) -> list:
+        """The adapter tensors the optimizer updates (every A and B)."""
+        return list(adapters.parameters())
+
+    def prune(self) -> tuple[float, float] | None:
+        """HetLoRA's (gamma, reg) rank regularizer; None: none."""
+        return None
+
+    def client_start(self, plan) -> dict | None:
+        """The factors server `plan.client` starts from: the global adapter at its ranks, or fresh adapters."""
+        if not self.aggregator.keeps_global_adapter:
+            return None
+        return {k: f for k, r in plan.ranks.items() if r > 0
+                for f in [self.aggregator.client_start(self.global_state, k, r)] if f is not None}
+
+    def train(self, c, plan, shard, **common):
+        run = self.run
+        update, stats = train_client(run.model, run.sites, plan, shard, self.cfg, start=self.client_start(plan),
+                                     prune=self.prune(), trainable=self.trainable, **common)
+        run.planner.observe(c, stats.sensitivity, stats.singular)
+        return update, stats
+
+    # ---- exchange and fold ---------------------------------------------------------------------------------
+    def exchange(self, t, plans, contributors, updates, claims) -> Exchanged:
+        run, late = self.run, []
+        if self.cfg.aggregation.transport == "factored":
+            result, traffic = factored_exchange(run.comm, run.sites, plans, contributors, updates, run.owner,
+                                                self.aggregator, run.shard_sizes, claims)
+            late = traffic.pop("rejected_late")
+        else:  # weights from the plan (|D_i|, b_i, K_i), the same on every rank, which pre-sums its own servers
+            meta = [update_meta(c, run.shard_sizes, plans) for c in contributors]
+            scale = self.aggregator.round_scale(meta)
+            weights = [w * scale for w in self.aggregator.weights(meta)]
+            result, traffic = dense_exchange(run.comm, run.sites, plans, contributors, weights, updates, run.owner)
+        if self.aggregator.keeps_global_adapter:
+            self.global_state = result  # clients start from it next round; the base stays W0 until the end
+            return Exchanged({}, traffic, late)
+        return Exchanged(result, traffic, late)
+
+    def attach(self, state=None):
+        return FixedUpdates(self.run.sites, self.global_state if state is None else state).attach(self.run.model)
+
+    # ---- checkpoint and end -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"global_state": tree_to(self.global_state, "cpu"),
+                "global_state_device": tree_device(self.global_state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        target = self.run.comm.device if state["global_state_device"] == "cuda" else "cpu"
+        self.global_state = tree_to(state["global_state"], target)
+
+    def finish(self) -> None:
+        if self.global_state:  # a kept global adapter joins the base once
+            self.run.bases.merge(self.global_state, self.run.site_by_key, measure=False)
+            self.global_state = {}
+
+
+@register_method
+class LoRA(LoRAMethod):
+    name = "lora"

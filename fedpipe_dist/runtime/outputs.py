@@ -1,0 +1,143 @@
+"""What a run leaves on disk, at its start and its end: results.h5 opened (a fresh file with the untrained
+base as row 0, or a resumed run's file put back as it was after its checkpoint), and at the end final/ (the
+merged model, written atomically via final.tmp), E2E generations and their scores, and the finished mark.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+from ..config import ConfigError, UserInputError
+from ..io.checkpoint import CheckpointDir
+from ..io.hdf5 import ResultsWriter
+from ..metrics.generate import generate, write_generations
+from .record import round_row
+from .resume import apply_state, raise_on_all_ranks
+from .setup import Run
+
+
+def agree(comm, fn):
+    """Run fn on rank 0; if it raises a user error, every rank raises it too (so no rank waits forever)."""
+    err, result = None, None
+    if comm.rank == 0:
+        try:
+            result = fn()
+        except (ConfigError, UserInputError) as e:
+            err = str(e)
+    err = comm.broadcast_object(err)
+    if err is not None:
+        raise UserInputError(err)
+    return result
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    results = out / "results.h5"
+    if results.exists() and not overwrite:
+        raise UserInputError(f"output.dir: {str(out)!r} already holds results.h5 from an earlier run; choose a new "
+                             "output.dir, or set output.overwrite=true to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"output.dir: {str(out)!r} exists and is not a folder; choose another output.dir")
+
+
+def open_results(run: Run, ckpt: CheckpointDir, point, run_id: str) -> tuple[ResultsWriter | None, list[float]]:
+    """The writer (rank 0; None elsewhere) and the eval losses so far: a resumed run's state is put back and
+    its results.h5 restored to the checkpoint's round; a fresh run evaluates the untrained base as row 0."""
+    if point:
+        err = None
+        try:
+            eval_losses = apply_state(point.state, bases=run.bases, method=run.method, planner=run.planner)
+        except UserInputError as e:
+            err = str(e)
+        raise_on_all_ranks(run.comm, err)
+        point.state = None
+        if not run.rank0:
+            return None, eval_losses
+        ckpt.restore_results(point.round, run.out_dir / "results.h5")
+        writer = ResultsWriter.reopen(run.out_dir / "results.h5", n_clients=run.cfg.clients.n, n_layers=run.L,
+                                      resumed_from=point.round)
+        run.log(f"fedpipe: resuming {run.cfg.method} in {run.out_dir} after round {point.round} of {run.cfg.rounds} "
+                f"(eval loss {eval_losses[-1]:.4f}); results.h5 continues from there")
+        return writer, eval_losses
+    ev0 = run.evaluate()  # the untrained base, on every rank (the eval is shared)
+    return (_fresh_results(run, run_id, ev0) if run.rank0 else None), [ev0["loss"]]
+
+
+def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
+    cfg, out = run.cfg, run.out_dir
+    if out.exists():  # whatever is left is replaceable: overwrite=true, or an attempt that died in round 1
+        (out / "results.h5").unlink(missing_ok=True)
+        shutil.rmtree(out / "final", ignore_errors=True)
+    writer = ResultsWriter(out / "results.h5", n_clients=cfg.clients.n, n_layers=run.L, attrs={
+        "method": cfg.method, "model": cfg.model.name_or_path, "dataset": cfg.data.name,
+        "world_size": run.comm.world_size, "n_clients": cfg.clients.n, "config_json": cfg.to_json(),
+        "eval_precision": run.eval_precision, "base_params": run.bases.base_params, "run_id": run_id})
+    profiles, precisions = run.profiles, run.precisions
+    writer.write_profile({"tflops": [p.tflops for p in profiles],
+                          "mem_budget_bytes": [p.mem_budget_bytes for p in profiles],
+                          "slowdown": [p.slowdown for p in profiles],
+                          "base_weight_bytes": [run.view_bytes[p] for p in precisions]})
+    writer.append_round(round_row(0, eval=ev0, n_selected=0), {})
+    run.log(f"fedpipe: {cfg.method} on {cfg.model.name_or_path} ({len(run.sites)} adapter sites), {cfg.clients.n} "
+            f"servers on {run.comm.world_size} rank(s), {cfg.rounds} rounds -> {out / 'results.h5'}")
+    counts = {p: precisions.count(p) for p in dict.fromkeys(precisions)}
+    run.log("bases: " + ", ".join(f"{k} x {p} ({run.view_bytes[p] / 2**20:.1f} MiB)" for p, k in counts.items())
+            + f"; evaluated and exported at {run.eval_precision}")
+    run.log(f"round 0 (base model at {run.eval_precision}): eval loss {ev0['loss']:.4f}, ppl {ev0['ppl']:.2f}")
+    return writer
+
+
+def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float]) -> Path | None:
+    """Export the merged model to final/ (rank 0), generate and score (every rank), mark the file finished.
+    Returns final/ (None when not saved or not rank 0)."""
+    run.method.finish()
+    final_dir = None
+    if run.rank0 and run.cfg.output.save_final:
+        final_dir, tmp = run.out_dir / "final", run.out_dir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        run.bases.export(run.eval_precision).save_pretrained(tmp)  # plain HF modules: dequant(W0) + D
+        run.tok.save_pretrained(tmp)
+        run.method.export(tmp)  # what does not merge into weights is saved beside them
+        shutil.rmtree(final_dir, ignore_errors=True)
+        tmp.rename(final_dir)
+    if run.cfg.generation.enabled:
+        generate_and_score(run)
+    if run.rank0:
+        writer.finish({"loss": eval_losses[-1], "ppl": math.exp(min(eval_losses[-1], 50.0))})
+        run.log(f"done: eval loss {eval_losses[0]:.4f} -> {eval_losses[-1]:.4f}; results in {run.out_dir}")
+    return final_dir
+
+
+def generate_and_score(run: Run) -> None:
+    """Beam search on every distinct MR (a strided share per rank), scored at rank 0 against all references
+    of each MR; generations.txt beside results.h5 and the scores in eval/generation/."""
+    from ..comm.audit import public_payload
+    from ..io.hdf5 import write_generation
+    from ..metrics.e2e import all_metrics, score_e2e
+
+    cfg, comm, mrs = run.cfg, run.comm, run.gen_mrs
+    run.bases.use(run.eval_precision)
+    mine = list(range(comm.rank, len(mrs), comm.world_size))
+    run.log(f"generation: beam {cfg.generation.num_beams} on {len(mrs)} meaning representations")
+    t0 = time.perf_counter()
+    with run.method.attach():
+        texts = generate(run.model, run.tok, [mrs[i] for i in mine], cfg.generation, device=comm.device)
+    by_index: dict[int, str] = {}
+    # model outputs for the public eval split, not a server's data (the wire audit logs them under this label)
+    with public_payload(comm, "generations for the public eval split"):
+        for part in comm.all_gather_object(dict(zip(mine, texts))):
+            by_index.update(part)
+    if comm.rank != 0:
+        return
+    hyps = [by_index[i] for i in range(len(mrs))]
+    write_generations(run.out_dir / "generations.txt", hyps)
+    scores = all_metrics(score_e2e(hyps, run.gen_refs, meteor=cfg.generation.meteor))
+    g = cfg.generation
+    write_generation(run.out_dir / "results.h5", scores, {
+        "source": g.data_path or "eval split", "n_mrs": len(mrs), "num_beams": g.num_beams,
+        "length_penalty": g.length_penalty, "no_repeat_ngram_size": g.no_repeat_ngram_size,
+        "generate_s": time.perf_counter() - t0})
+    run.log("E2E scores: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            + f" ({run.out_dir / 'generations.txt'})")

@@ -1,0 +1,115 @@
+"""What a run reports: the rank-0 progress log and the rows it appends to results.h5 (docs/hdf5_schema.md).
+
+    log = Log(rank0)                                  # a tqdm bar on rank 0, lines printed above it
+    writer.append_round(round_row(t, ...), client_arrays(...))
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+from ..adapters.sites import Site
+from ..algorithm.planner import ClientPlan
+from ..io.schema import PRECISION_BITS
+from .client import ClientStats
+
+
+class Log:
+    """The single rank-0 sink for human-readable progress (a tqdm bar plus lines printed above it)."""
+
+    def __init__(self, enabled: bool, show_bar: bool = True):
+        self.enabled = enabled
+        self.show_bar = show_bar
+        self.bar = None
+
+    def open_bar(self, total: int, done: int = 0) -> None:
+        if self.enabled and self.show_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc="rounds", unit="round", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def step(self, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+
+def round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0, stats: dict | None = None,
+               traffic: dict | None = None, wall_s: float = 0.0) -> dict:
+    stats = stats or {}
+    done = [s for s in stats.values() if s.completed]
+    row = {
+        "round": t,
+        "absorbed_min": math.nan,
+        "agg_peak_bytes": 0,
+        "agg_held_bytes": traffic.get("agg_held_bytes", 0) if traffic else 0,
+        "n_rejected": 0,
+        "wall_s": wall_s,
+        "eval_s": 0.0,
+        "agg_s": traffic["agg_s"] if traffic else 0.0,
+        "wait_s": traffic["wait_s"] if traffic else 0.0,
+        "train_loss": float(np.mean([s.train_loss for s in done])) if done else math.nan,
+        "eval_loss": eval["loss"] if eval else math.nan,
+        "eval_ppl": eval["ppl"] if eval else math.nan,
+        "bytes_up": int(sum(traffic["client_bytes_up"].values())) if traffic else 0,
+        "bytes_down": 0,
+        "n_selected": n_selected,
+        "under_training_rate": (1.0 - len(done) / n_selected) if n_selected else math.nan,
+    }
+    if traffic:
+        # Every server (selected or not) must receive the merged update to stay in sync.
+        row["bytes_down"] = int(traffic["bytes_down_payload"]) * n_clients
+    return row
+
+
+def client_arrays(n: int, L: int, sites: list[Site], plans: list[ClientPlan], selected: list[int],
+                   stats: dict[int, ClientStats]) -> dict[str, np.ndarray]:
+    a = {name: np.zeros(n, dtype=np.int64) for name in
+         ("selected", "completed", "batch_size", "local_steps", "samples", "peak_mem_bytes", "trainable_params",
+          "quant_bits", "bytes_up", "adapter_depth", "adapter_width")}
+    a["local_s"] = np.full(n, np.nan)
+    a["wait_s"] = np.full(n, np.nan)
+    a["train_loss"] = np.full(n, np.nan)
+    a["update_norm"] = np.full(n, np.nan)
+    a["ranks"] = np.zeros((n, L, 4), dtype=np.int32)
+    a["importance"] = np.full((n, L, 4), np.nan)
+    for c in range(n):
+        a["quant_bits"][c] = PRECISION_BITS.get(plans[c].precision, 32)
+        a["batch_size"][c] = plans[c].batch_size
+        a["ranks"][c] = plans[c].rank_matrix(sites) if c in selected else 0
+    for c in selected:
+        a["selected"][c] = 1
+        s = stats.get(c)
+        if s is None:
+            continue
+        a["completed"][c] = int(s.completed)
+        a["local_steps"][c] = s.local_steps
+        a["samples"][c] = s.samples
+        a["local_s"][c] = s.local_s
+        a["peak_mem_bytes"][c] = s.peak_mem_bytes
+        a["trainable_params"][c] = s.trainable_params
+        a["bytes_up"][c] = s.bytes_up
+        a["train_loss"][c] = s.train_loss
+        a["update_norm"][c] = s.update_norm
+    # Straggler wait: how long each server idles until the slowest selected one has finished.
+    t_max = max((s.local_s for s in stats.values()), default=0.0)
+    for c, s in stats.items():
+        a["wait_s"][c] = t_max - s.local_s
+    return a

@@ -1,0 +1,197 @@
+"""Set-up of a run on one rank: model, adapter sites, this rank's data shards, the eval slice, profiles, the
+method, the planner and the bases, gathered in one `Run` that the round engine and the method read.
+
+    run = set_up(cfg, comm, log, point)      # point: the checkpoint a resumed run continues from (or None)
+    run.evaluate()                           # eval loss of the current global model (every rank calls it)
+
+Server c lives on rank c % world_size; its data never leaves it. The eval set is public held-out data:
+every rank scores a strided slice of it and the sums are all-gathered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..adapters.sites import Site, find_sites, n_layers
+from ..algorithm.cost import model_shape
+from ..comm.base import Communicator
+from ..config import JobConfig
+from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
+from ..methods import Method, make_method
+from ..metrics.generate import generation_pairs
+from ..metrics.perplexity import evaluate, summarize
+from ..models import load_model, load_tokenizer
+from .bases import RankBases, lowest_precision
+from .heterogeneity import ServerProfile, client_profiles, device_memory_bytes, measure_tflops
+from .planning import RoundPlanner
+from .resume import saved_profiles
+
+
+@dataclass
+class Run:
+    """What every phase of a run reads: the job, this rank's part of the federation, and the shared state."""
+
+    cfg: JobConfig
+    comm: Communicator
+    log: object  # runtime/record.Log
+    tok: object
+    model: object
+    sites: list[Site]
+    shards: dict  # hosted server -> its TokenizedSet
+    shard_sizes: list[int]  # |D_i| of every server (known to every rank)
+    eval_slice: object  # this rank's strided share of the eval set
+    eval_tokens: object  # (indices) -> this rank's strided share of those eval examples, tokenized
+    profiles: list[ServerProfile] = field(default_factory=list)
+    method: Method | None = None
+    planner: RoundPlanner | None = None
+    bases: RankBases | None = None
+    precisions: list[str] = field(default_factory=list)  # each server's base precision, fixed for the run
+    eval_precision: str = "fp32"
+    view_bytes: dict[str, int] = field(default_factory=dict)  # measured bytes of each base precision in use
+    gen_mrs: list = field(default_factory=list)  # E2E generation at the end: distinct MRs ...
+    gen_refs: list = field(default_factory=list)  # ... and all references of each
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.output.dir)
+
+    @property
+    def rank0(self) -> bool:
+        return self.comm.rank == 0
+
+    @property
+    def site_by_key(self) -> dict[str, Site]:
+        return {s.key: s for s in self.sites}
+
+    @property
+    def L(self) -> int:
+        return n_layers(self.sites)
+
+    def owner(self, c: int) -> int:
+        return c % self.comm.world_size
+
+    @property
+    def my_clients(self) -> list[int]:
+        return [c for c in range(self.cfg.clients.n) if self.owner(c) == self.comm.rank]
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id
+
+    def eval_subset(self, k: int):
+        """This rank's share of the first k eval examples (in the run's eval order)."""
+        return self.eval_tokens(k)
+
+    def evaluate(self, state=None, data=None) -> dict:
+        """Eval loss of the global model at eval precision, with the method's kept global adapter (or `state`)
+        attached, on the eval set (or `data`, this rank's share of other examples). Every rank calls it."""
+        self.bases.use(self.eval_precision)
+        with self.method.attach(state):
+            part = evaluate(self.model, self.eval_slice if data is None else data, batch_size=self.cfg.eval.batch_size,
+                            pad_id=self.pad_id, device=self.comm.device)
+        parts = self.comm.all_gather_object((part["loss_sum"], part["tokens"]))
+        return summarize(sum(p[0] for p in parts), sum(p[1] for p in parts))
+
+
+def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
+    """Everything a round needs, on this rank; `point` (a resumed run) gives the profiles measured at the start."""
+    tok, model, sites = _load_model(cfg, comm)
+    shards, shard_sizes = _load_shards(cfg, comm, tok)
+    eval_slice, eval_tokens = _load_eval(cfg, comm, tok)
+    run = Run(cfg=cfg, comm=comm, log=log, tok=tok, model=model, sites=sites, shards=shards,
+              shard_sizes=shard_sizes, eval_slice=eval_slice, eval_tokens=eval_tokens)
+    run.gen_mrs, run.gen_refs = _load_generation(cfg)
+    # A resumed run plans with the profiles measured when it started, so its plans are the ones it would have made.
+    run.profiles = saved_profiles(point.state) if point else _profile(cfg, comm, run.owner)
+    run.method = make_method(cfg)
+    run.planner = RoundPlanner(cfg, model_shape(model, sites), sites, run.profiles, hosted=run.my_clients,
+                               method=run.method)
+    _build_bases(run)
+    run.method.setup(run)
+    return run
+
+
+def _load_model(cfg: JobConfig, comm: Communicator):
+    tok = load_tokenizer(cfg.model.name_or_path)
+    # Kept on the CPU until the bases are built: a quantized server never holds the full-width model on
+    # its device (each block weight is moved there, quantized, and only its codes stay).
+    model = load_model(cfg.model.name_or_path, seed=cfg.seed, dtype=cfg.model.dtype, tokenizer=tok)
+    model.eval()
+    sites = [s for s in find_sites(model) if s.kind in cfg.lora.targets]
+    checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    checks = comm.all_gather_object(checksum)
+    if any(abs(c - checks[0]) > 1e-6 * max(1.0, abs(checks[0])) for c in checks):
+        raise RuntimeError(f"ranks loaded different base models (parameter checksums {checks}); every rank "
+                           "must see the same model.name_or_path and seed")
+    return tok, model, sites
+
+
+def _load_shards(cfg: JobConfig, comm: Communicator, tok):
+    """The training set split over the servers; this rank tokenizes only the shards of the servers it hosts."""
+    n = cfg.clients.n
+    pairs = load_train_pairs(cfg)
+    if cfg.data.max_train_samples is not None:
+        keep = np.random.default_rng([cfg.seed, 7]).permutation(len(pairs))[: cfg.data.max_train_samples]
+        pairs = [pairs[i] for i in sorted(keep)]
+    shard_idx = partition([partition_key(src) for src, _ in pairs], n, scheme=cfg.data.partition,
+                          alpha=cfg.data.dirichlet_alpha, seed=cfg.seed)
+    mine = [c for c in range(n) if c % comm.world_size == comm.rank]
+    shards = {c: tokenize_pairs(tok, [format_example(*pairs[i]) for i in shard_idx[c]], cfg.model.max_length)
+              for c in mine}
+    return shards, [len(ix) for ix in shard_idx]
+
+
+def _load_eval(cfg: JobConfig, comm: Communicator, tok):
+    """This rank's strided slice of the eval set, and a tokenizer of its share of the first k examples."""
+    ev = load_eval_pairs(cfg)
+    order = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))
+    if cfg.eval.max_samples is not None:
+        order = order[: cfg.eval.max_samples]
+
+    def share(indices):
+        return tokenize_pairs(tok, [format_example(*ev[i]) for i in indices[comm.rank::comm.world_size]],
+                              cfg.model.max_length)
+
+    return share(order), lambda k: share(order[:k])
+
+
+def _load_generation(cfg: JobConfig):
+    """E2E generation at the end: read now, so that a bad path fails before any training."""
+    if not cfg.generation.enabled:
+        return [], []
+    from ..metrics.e2e import group_references
+    from ..metrics.generate import check_scoring_tools
+
+    check_scoring_tools()
+    mrs, refs = group_references(generation_pairs(cfg))
+    if cfg.generation.max_mrs is not None:
+        mrs, refs = mrs[: cfg.generation.max_mrs], refs[: cfg.generation.max_mrs]
+    return mrs, refs
+
+
+def _profile(cfg: JobConfig, comm: Communicator, owner) -> list[ServerProfile]:
+    """Measured compute per rank, heterogeneity per server. One rank at a time, so that ranks sharing a
+    machine do not slow each other's measurement down."""
+    mine = None
+    for r in range(comm.world_size):
+        if r == comm.rank:
+            mine = (measure_tflops(comm.device), device_memory_bytes(comm.device))
+        comm.barrier()
+    measured = comm.all_gather_object(mine)
+    return client_profiles(cfg, [m[0] for m in measured], owner, device_mem=[m[1] for m in measured])
+
+
+def _build_bases(run: Run) -> None:
+    """Every server's precision is fixed for the run; this rank keeps one view per precision it needs."""
+    cfg = run.cfg
+    run.precisions = run.planner.pin_precisions(run.comm)
+    run.eval_precision = lowest_precision(run.precisions) if cfg.eval.precision == "auto" else cfg.eval.precision
+    needed = {run.precisions[c] for c in run.my_clients} | {run.eval_precision}
+    run.bases = RankBases(run.model, run.sites, needed, device=run.comm.device, block_size=cfg.quant.block_size,
+                          double_quant=cfg.quant.double_quant, backend=cfg.quant.backend)
+    run.model.to(run.comm.device)
+    for part in run.comm.all_gather_object({p: run.bases.base_bytes(p) for p in run.bases.views}):
+        run.view_bytes.update(part)
