@@ -16,7 +16,7 @@ from fedpipe_dist.comm.local import LocalComm
 from fedpipe_dist.config import GenerationConfig, load_job
 from fedpipe_dist.io.hdf5 import Results
 from fedpipe_dist.metrics.e2e import group_references
-from fedpipe_dist.metrics.generate import generate
+from fedpipe_dist.metrics.generate import generate, write_generations
 from fedpipe_dist.models import load_model, load_tokenizer
 from fedpipe_dist.runtime.server import run_job
 
@@ -31,6 +31,18 @@ GEN = ["generation.enabled=true", "generation.max_mrs=6", "generation.num_beams=
 # Enough training that the outputs share words with the references (scores above 0; measured ROUGE_L 0.08).
 TRAINED = ["rounds=3", "train.local_steps=10", "data.synthetic_train_size=400", "data.synthetic_eval_size=24",
            "model.max_length=96", "eval.max_samples=24", "clients.slowdown=1"]
+
+
+def test_generations_file_has_one_line_per_mr_whatever_the_model_emits(tmp_path):
+    """Line breaks of every kind a reader may split on (\\r, \\r\\n, \\v, \\f, \\x1c, \\x85, U+2028, U+2029) become
+    spaces: splitlines(), universal-newline reading and a split on "\\n" all see one line per MR."""
+    hyps = ["a\rb", "c\r\nd", "e\x0bf\x0cg", "h\x1ci", "j\x85k", "l\u2028m\u2029n", "", "plain"]
+    path = tmp_path / "generations.txt"
+    write_generations(path, hyps)
+    raw = path.read_bytes().decode("utf-8")
+    assert len(raw.splitlines()) == len(raw.split("\n")) - 1 == len(hyps)
+    with open(path, encoding="utf-8") as f:  # universal newlines: \r alone ends a line too
+        assert [line.rstrip("\n") for line in f] == ["a b", "c d", "e f g", "h i", "j k", "l m n", "", "plain"]
 
 
 def test_beam_search_batches_do_not_change_outputs():

@@ -28,9 +28,11 @@ What computes what here:
   (clipped to the largest count in any one reference of the MR) is summed over the corpus and divided
   by the number of hypothesis n-grams; the five ratios are added and multiplied by the brevity penalty
   exp(-beta * ln(r)^2) for r < 1, beta = -ln(0.5) / ln(1.5)^2, r = hypothesis words / (total reference
-  words / number of reference streams). That last divisor is mteval's number of reference sets, which
-  e2e-metrics pads to the largest number of references of any MR, so the "average reference length" is
-  total reference words divided by that maximum, not a per-MR average; we do the same. One Perl quirk is
+  words / mean number of non-empty references per MR). That divisor is e2e-metrics' adaptation of mteval
+  to a variable number of references (it pads every MR to the largest count with empty references and
+  counts only the non-empty ones, `$cum_ref_count / $cum_seg_count`); the unadapted script divides by the
+  number of reference sets (the maximum), which overstates NIST when MRs have unequal reference counts
+  (12% on 200 E2E test MRs of a real run). One Perl quirk is
   mirrored too: mteval tests the (n-1)-gram prefix for Perl truth, so a bigram starting with the token
   "0" takes the unigram branch (total reference words / count); no E2E dev/test reference has that token.
   `nltk.translate.nist_score.corpus_nist` is not used because it differs from mteval with several
@@ -49,11 +51,11 @@ What computes what here:
   tokenizer. `e2e_bleu` and `e2e_nist` need no java. PTBTokenizer writes its input to a temporary file
   inside pycocoevalcap's own package folder, so that folder must be writable.
 
-Deviations from the official scorer. BLEU and NIST were measured against the scoring subs of
-mteval-v13a-sig.pl (transcribed into a throwaway Perl script with e2e-metrics' options and padding, printing
-10 decimals) on the E2E test set (630 MRs, 4693 references, up to 45 per MR), with each MR's last reference
-as the output and the others as references (BLEU 0.57992, NIST 8.63339), and with shuffled/truncated first
-references as outputs (BLEU 0.70604, NIST 12.31020): all differences were below 1e-10.
+Deviations from the official scorer. BLEU and NIST are checked against e2e-metrics' mteval-v13a-sig.pl run
+for real (tests/test_e2e_metrics.py, test_official_scorer_agrees_on_unequal_reference_counts, with
+FEDPIPE_E2E_METRICS naming a checkout; on 200 E2E test MRs with 1 to 44 references each, BLEU 0.5503 and
+NIST 8.0992 agree to the 4 decimals it prints) and against its scoring subs printing 10 decimals (the
+values pinned in that file).
 
 * The official script prints 4 decimals; we return unrounded floats.
 * BLEU when no n-gram of any order matches anywhere in the corpus: sacrebleu returns 0.0, mteval's
@@ -208,8 +210,13 @@ def _nist(hyps: list[str], refs: list[list[str]]) -> float:
         for n in range(1, _NIST_ORDER + 1):
             total[n] += max(len(h) - n + 1, 0)
     score = sum(gained[n] / max(total[n], 1) for n in range(1, _NIST_ORDER + 1))
-    ratio = total[1] / (ref_words / max(len(rs) for rs in ref_toks))
-    return score * _nist_length_penalty(ratio)
+    # The length penalty compares the output's length with the mean reference length, taken as all reference
+    # words over the mean number of non-empty references per MR: e2e-metrics' mteval-v13a-sig.pl, adapted to
+    # a variable number of references ($cum_ref_count / $cum_seg_count in score_system). The unadapted
+    # script divides by the number of reference streams (the maximum), which overstates NIST on sets whose
+    # MRs have unequal reference counts.
+    mean_refs = sum(sum(1 for r in rs if r) for rs in ref_toks) / len(ref_toks)
+    return score * _nist_length_penalty(total[1] / (ref_words / mean_refs))
 
 
 def _nist_length_penalty(ratio: float) -> float:

@@ -68,8 +68,16 @@ def check_scoring_tools() -> None:
         raise UserInputError(f"generation: {e}; or set generation.enabled=false") from None
 
 
+def one_line(text: str) -> str:
+    """`text` with every line boundary a reader may split on (\\n, \\r, \\v, \\f, \\x1c-\\x1e, \\x85, U+2028,
+    U+2029: what str.splitlines() splits on) replaced by a space, so one output stays one line."""
+    return " ".join(text.splitlines())
+
+
 def write_generations(path, hypotheses: list[str]) -> None:
-    """One output per line, in MR order: the system-output format of the E2E scorer."""
+    """One output per line, in MR order: the system-output format of the E2E scorer. Written with "\\n"
+    only (no platform translation), so the file has exactly one line per MR for any reader."""
     from pathlib import Path
 
-    Path(path).write_text("".join(h.replace("\n", " ") + "\n" for h in hypotheses), encoding="utf-8")
+    with Path(path).open("w", encoding="utf-8", newline="\n") as f:
+        f.write("".join(one_line(h) + "\n" for h in hypotheses))

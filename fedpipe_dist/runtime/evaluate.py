@@ -25,7 +25,7 @@ def eval_command(model_dir: str, data: str | None, max_mrs: int | None, out: str
     from ..adapters.houlsby import ADAPTER_FILE, HoulsbyAdapters, find_adapter_points, load_adapter_state
     from ..io.hdf5 import Results, write_generation
     from ..metrics.e2e import all_metrics, group_references, score_e2e
-    from ..metrics.generate import check_scoring_tools, generate, generation_pairs, write_generations
+    from ..metrics.generate import check_scoring_tools, generate, generation_pairs, one_line, write_generations
     from ..models import load_model, load_tokenizer
 
     folder = Path(model_dir).expanduser()
@@ -63,7 +63,7 @@ def eval_command(model_dir: str, data: str | None, max_mrs: int | None, out: str
     def progress(done, total):
         print(f"\rgenerating {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    texts = generate(model, tok, mrs, cfg.generation, device=device, progress=progress)
+    texts = [one_line(t) for t in generate(model, tok, mrs, cfg.generation, device=device, progress=progress)]
     print(file=sys.stderr)
     if hooks is not None:
         hooks.detach()

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import ConfigError, UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..io.hdf5 import ResultsWriter
-from ..metrics.generate import generate, write_generations
+from ..metrics.generate import generate, one_line, write_generations
 from .record import round_row
 from .resume import apply_state, raise_on_all_ranks
 from .setup import Run
@@ -131,7 +131,7 @@ def generate_and_score(run: Run) -> None:
             by_index.update(part)
     if comm.rank != 0:
         return
-    hyps = [by_index[i] for i in range(len(mrs))]
+    hyps = [one_line(by_index[i]) for i in range(len(mrs))]  # scored as generations.txt holds them
     write_generations(run.out_dir / "generations.txt", hyps)
     scores = all_metrics(score_e2e(hyps, run.gen_refs, meteor=cfg.generation.meteor))
     g = cfg.generation
