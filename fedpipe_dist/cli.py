@@ -1,6 +1,7 @@
 """Command line: `fedpipe run JOB.yaml [dotted.key=value ...]` (also `python -m fedpipe_dist ...`), and
 `fedpipe plan`, `fedpipe check` (same arguments), `fedpipe eval FINAL_DIR` (E2E generation scores),
-`fedpipe report RUNS_DIR` (the paper's figures and tables from results.h5 files).
+`fedpipe report RUNS_DIR` (the paper's figures and tables from results.h5 files), `fedpipe sweep SWEEP.yaml`
+(a campaign: every point of a sweep file, locally or as a Slurm job array; fedpipe_dist/campaign.py).
 
 Exit codes: 0 success, 2 bad input (job file, override, data, model path), 1 anything else.
 """
@@ -40,10 +41,48 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("job", metavar="runs_dir", help="folder holding runs (any depth), e.g. runs/")
     rep.add_argument("--out", help="where the PNGs and tables.md go (default: RUNS_DIR/report)")
     rep.set_defaults(overrides=[])
+    sw = sub.add_parser("sweep", help="run a campaign: every point of a sweep file not done yet (skips finished "
+                        "points, resumes interrupted ones)")
+    sw.add_argument("job", metavar="sweep_file", help="YAML sweep file, e.g. jobs/paper_small.yaml")
+    sw.add_argument("--list", action="store_true", help="list the points and their states; run nothing")
+    sw.add_argument("--nproc", type=int, default=1, help="ranks per point when run here (torchrun when > 1)")
+    sw.add_argument("--slurm", nargs=argparse.REMAINDER, metavar="SBATCH_OPTION",
+                    help="submit one Slurm array task per point not done (slurm/fedpipe_sweep.sh); options after "
+                         "it go to sbatch, e.g. --slurm --partition=gpu")
+    sw.add_argument("--point", type=int, help="(slurm/fedpipe_sweep.sh) the point to print arguments for")
+    sw.add_argument("--args", action="store_true", help="print point --point's `fedpipe run` arguments, one per "
+                    "line (nothing when it is done)")
+    sw.set_defaults(overrides=[])
     check = sub.add_parser("check", help="validate a job file and overrides, print the resolved config")
     check.add_argument("job")
     check.add_argument("overrides", nargs="*")
     return p
+
+
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from . import campaign as cp
+
+    c = cp.load_campaign(args.job)
+    if args.point is not None:
+        if not 0 <= args.point < len(c.points):
+            raise UserInputError(f"--point {args.point}: the sweep has points 0..{len(c.points) - 1}")
+        p = c.points[args.point]
+        if args.args and cp.state(c, p) != "done":
+            print("\n".join(c.job_args(p)))
+        return 0
+    if args.list:
+        print(cp.table(c))
+        return 0
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.slurm is not None:
+        script = Path(__file__).resolve().parents[1] / "slurm" / "fedpipe_sweep.sh"
+        cp.submit_slurm(c, args.slurm, script, log=log)
+        return 0
+    failed = cp.run_local(c, nproc=args.nproc, log=log)
+    print(cp.table(c))
+    return 1 if failed else 0
 
 
 def _rank_prefix() -> str:
@@ -91,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             written = figures.write_report(runs, out, log=lambda m: print(m, file=sys.stderr))
             print(f"report: {len(runs)} run(s) -> " + ", ".join(str(p) for p in written.values()))
             return 0
+        if args.command == "sweep":
+            return _sweep(args)
         cfg = load_job(args.job, args.overrides)
         if args.command == "check":
             import yaml

@@ -38,7 +38,7 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 fi
 port=${FEDPIPE_PORT:-$(( 29500 + SLURM_JOB_ID % 1000 ))}
-out="${FEDPIPE_RUNS:-runs}/${SLURM_JOB_NAME:-fedpipe}-${SLURM_JOB_ID}"
+out="${FEDPIPE_OUTPUT:-${FEDPIPE_RUNS:-runs}/${SLURM_JOB_NAME:-fedpipe}-${SLURM_JOB_ID}}"  # FEDPIPE_OUTPUT: a sweep point's folder
 # A requeued job (preemption, node failure; sbatch --requeue) keeps its id, so it finds its own output folder
 # and continues from the newest checkpoint. FEDPIPE_MAX_RESTARTS lets torchrun restart ranks that died.
 resume=()

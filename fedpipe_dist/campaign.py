@@ -1,0 +1,186 @@
+"""Campaigns: one sweep file names every run a study needs; one command runs the points still to do.
+
+    fedpipe sweep jobs/paper_small.yaml                # every point here, one after another
+    fedpipe sweep jobs/paper_small.yaml --list         # the points and what state each is in
+    fedpipe sweep jobs/paper_small.yaml --slurm        # one Slurm array task per point still to do
+                                                       # (slurm/fedpipe_sweep.sh runs `--point I --args`)
+
+A sweep file:
+
+    base: jobs/e2e_stories260k.yaml       # the job every point starts from (a path relative to the working dir)
+    out: runs/paper_small                 # point p writes <out>/<p.name>/ (results.h5, final/, checkpoint/)
+    overrides: [rounds=20]                # dotted.key=value for every point
+    sweeps:                               # each: the cross product of its axes (later axes vary fastest)
+      - axes:
+          method: [fedpipe, lora]         # a list: values of the config key `method`
+          setting:                        # a mapping: named variants, each a list of overrides
+            ideal: [clients.slowdown=1, clients.memory_gb=24]
+            heterogeneous: []
+          seed: [0, 1, 2]
+
+A point's name is its labels joined (`method-fedpipe_setting-ideal_seed-0`). Its state comes from its folder:
+done (results.h5 finished with the campaign's rounds), partial (a checkpoint to continue from: the run goes on
+with resume=true, also when the sweep's `rounds` grew), or todo (nothing usable: it starts fresh, replacing
+what an attempt that died before its first checkpoint left). So the same command can be repeated, on a
+laptop or as a job array, until every point is done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, UserInputError, load_job
+
+_NAME_OK = re.compile(r"[^A-Za-z0-9.+-]+")
+
+
+@dataclass
+class Point:
+    index: int
+    name: str
+    labels: dict[str, str]  # axis -> the value's label
+    overrides: list[str]  # the campaign's, then each axis value's, then output.dir
+    out_dir: Path
+
+
+@dataclass
+class Campaign:
+    path: Path
+    base: str
+    out: Path
+    points: list[Point]
+
+    def job_args(self, p: Point) -> list[str]:
+        """`fedpipe run` arguments of point p in its current state (resume=true when it has a checkpoint)."""
+        return [self.base, *p.overrides, *(["resume=true"] if state(self, p) == "partial" else
+                                            ["output.overwrite=true"])]
+
+
+def load_campaign(path: str | Path) -> Campaign:
+    """Read and check a sweep file; every point's job is validated (a bad point fails before any runs)."""
+    path = Path(path)
+    where = f"sweep file {str(path)!r}"
+    if not path.is_file():
+        raise UserInputError(f"{where} does not exist; give a YAML sweep file such as jobs/paper_small.yaml")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserInputError(f"{where} is not valid YAML ({e})") from None
+    unknown = set(spec) - {"base", "out", "overrides", "sweeps"} if isinstance(spec, dict) else {"(not a mapping)"}
+    if unknown or "base" not in spec or "out" not in spec or not spec.get("sweeps"):
+        raise UserInputError(f"{where}: needs `base` (a job file), `out` (a folder) and `sweeps` (a list of "
+                             f"{{axes: ...}}), and nothing else (got unknown keys {sorted(unknown)})")
+    common = _overrides(spec.get("overrides") or [], f"{where}: overrides")
+    out = Path(spec["out"])
+    points: list[Point] = []
+    for i, sweep in enumerate(spec["sweeps"]):
+        axes = sweep.get("axes") if isinstance(sweep, dict) else None
+        if not isinstance(axes, dict) or not axes or set(sweep) != {"axes"}:
+            raise UserInputError(f"{where}: sweeps[{i}] must be {{axes: {{name: values, ...}}}}")
+        for combo in itertools.product(*(_axis_values(name, vals, f"{where}: sweeps[{i}].axes.{name}")
+                                         for name, vals in axes.items())):
+            labels = {name: label for name, (label, _) in zip(axes, combo)}
+            name = "_".join(_NAME_OK.sub("-", f"{k}-{v}") for k, v in labels.items())
+            if any(p.name == name for p in points):
+                continue  # the same point in two sweeps: run once
+            overrides = [*common, *(o for _, ovs in combo for o in ovs), f"output.dir={out / name}"]
+            points.append(Point(len(points), name, labels, overrides, out / name))
+    campaign = Campaign(path, str(spec["base"]), out, points)
+    for p in points:
+        try:
+            load_job(campaign.base, p.overrides)
+        except (ConfigError, UserInputError) as e:
+            raise UserInputError(f"{where}: point {p.name}: {e}") from None
+    return campaign
+
+
+def _overrides(values, where: str) -> list[str]:
+    if not isinstance(values, list) or not all(isinstance(v, str) and "=" in v for v in values):
+        raise UserInputError(f"{where} must be a list of dotted.key=value strings (got {values!r})")
+    return list(values)
+
+
+def _axis_values(name: str, values, where: str) -> list[tuple[str, list[str]]]:
+    """[(label, overrides)] of one axis: a list of values of the config key `name`, or named variants."""
+    if isinstance(values, dict) and values:
+        return [(str(label), _overrides(ovs or [], f"{where}.{label}")) for label, ovs in values.items()]
+    if isinstance(values, list) and values:
+        return [("-".join(map(str, v)) if isinstance(v, list) else str(v), [f"{name}={_yaml_value(v)}"])
+                for v in values]
+    raise UserInputError(f"{where} must be a non-empty list of values or a mapping of named variants")
+
+
+def _yaml_value(v) -> str:
+    """v as the right-hand side of a dotted override (YAML flow style: 0, fedpipe, [8, 4, 4, 2])."""
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def state(campaign: Campaign, p: Point) -> str:
+    """done | partial | todo, from the point's folder (see the module docstring)."""
+    from .io.checkpoint import CheckpointDir
+    from .io.hdf5 import Results
+
+    rounds = load_job(campaign.base, p.overrides).rounds
+    results = p.out_dir / "results.h5"
+    if results.is_file():
+        try:
+            r = Results(results)
+            if r.attrs.get("finished") and r.n_rounds >= rounds:
+                return "done"
+        except Exception:  # a file cut short: whatever the checkpoints say decides
+            pass
+    held = CheckpointDir(p.out_dir, 0).rounds() if (p.out_dir / "checkpoint").is_dir() else []
+    return "partial" if held and max(held) <= rounds else "todo"
+
+
+def table(campaign: Campaign) -> str:
+    states = [state(campaign, p) for p in campaign.points]
+    lines = [f"{campaign.path}: {len(states)} points, {states.count('done')} done, {states.count('partial')} "
+             f"partial, {states.count('todo')} to do -> {campaign.out}"]
+    lines += [f"  [{p.index:3d}] {s:7s} {p.name}" for p, s in zip(campaign.points, states)]
+    return "\n".join(lines)
+
+
+def run_local(campaign: Campaign, nproc: int = 1, log=print) -> int:
+    """Run every point not done, one after another (torchrun with `nproc` ranks when nproc > 1). Returns the
+    number of points that failed; a failed point does not stop the others (rerun the command to retry)."""
+    failed = 0
+    todo = [p for p in campaign.points if state(campaign, p) != "done"]
+    log(f"sweep: {len(campaign.points) - len(todo)} of {len(campaign.points)} points done; running {len(todo)}")
+    for k, p in enumerate(todo, 1):
+        args = campaign.job_args(p)
+        log(f"sweep [{k}/{len(todo)}] {p.name}" + (" (resuming)" if "resume=true" in args else ""))
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                    if nproc > 1 else [sys.executable])
+        p.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(p.out_dir.parent / f"{p.name}.log", "a") as out:
+            rc = subprocess.run([*launcher, "-m", "fedpipe_dist", "run", *args, "--no-progress"], stdout=out,
+                                stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            failed += 1
+            log(f"sweep: {p.name} failed (exit {rc}); its log: {p.out_dir.parent / f'{p.name}.log'}")
+    return failed
+
+
+def submit_slurm(campaign: Campaign, sbatch_args: list[str], script: Path, log=print) -> str | None:
+    """One `sbatch --array` over the points not done, each task running slurm/fedpipe_sweep.sh on its index.
+    Returns the array job's id (None when everything is done)."""
+    todo = [p.index for p in campaign.points if state(campaign, p) != "done"]
+    if not todo:
+        log(f"sweep: all {len(campaign.points)} points are done")
+        return None
+    cmd = ["sbatch", "--parsable", f"--array={','.join(map(str, todo))}", *sbatch_args, str(script),
+           str(campaign.path)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserInputError(f"sweep: sbatch failed ({r.stderr.strip()}); command: {' '.join(cmd)}")
+    job = r.stdout.strip().split(";")[0]
+    log(f"sweep: submitted array job {job} with {len(todo)} task(s) (points {todo})")
+    return job
