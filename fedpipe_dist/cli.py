@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-meteor", action="store_true", help="leave METEOR out (it needs java)")
     rep = sub.add_parser("report", help="rebuild the paper's figures (PNG) and tables (Markdown) from the "
                          "results.h5 files below a folder")
-    rep.add_argument("job", metavar="runs_dir", help="folder holding runs (any depth), e.g. runs/")
+    rep.add_argument("job", metavar="runs", help="folder holding runs (any depth), e.g. runs/, or one results.h5")
     rep.add_argument("--out", help="where the PNGs and tables.md go (default: RUNS_DIR/report)")
     rep.set_defaults(overrides=[])
     sw = sub.add_parser("sweep", help="run a campaign: every point of a sweep file not done yet (skips finished "
@@ -120,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
 
             from .analysis import figures, load_runs
 
-            if not Path(args.job).is_dir():
-                raise UserInputError(f"fedpipe report: {args.job!r} is not a folder; give the folder your runs are in")
-            runs = load_runs(args.job)
+            src = Path(args.job)
+            if not src.is_dir() and not (src.is_file() and src.suffix == ".h5"):
+                raise UserInputError(f"fedpipe report: {args.job!r} is neither a folder nor a results.h5 file; give "
+                                     "the folder your runs are in, or one run's results.h5")
+            runs = load_runs(src)
             if not runs:
                 raise UserInputError(f"fedpipe report: no results.h5 below {args.job!r}; run a job first "
                                      "(fedpipe run JOB output.dir=...)")
-            out = Path(args.out or Path(args.job) / "report")
+            out = Path(args.out or (src.parent if src.is_file() else src) / "report")
             written = figures.write_report(runs, out, log=lambda m: print(m, file=sys.stderr))
             print(f"report: {len(runs)} run(s) -> " + ", ".join(str(p) for p in written.values()))
             return 0

@@ -123,3 +123,54 @@ def test_notebook_names_missing_runs(tmp_path):
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "0 run(s)" in outputs and "missing: no heterogeneous run for: fedpipe" in outputs
+
+
+@pytest.fixture(scope="module")
+def seeded_runs(tmp_path_factory):
+    """Two seeds of fedpipe and of lora at 2 rounds, and one lora run at 3 rounds (another cohort)."""
+    from fedpipe_dist.comm.local import LocalComm
+    from fedpipe_dist.config import load_job
+    from fedpipe_dist.runtime.server import run_job
+
+    from .conftest import ANALYSIS_SMALL
+
+    root = tmp_path_factory.mktemp("seeded_runs")
+    points = {f"{m}_s{s}": [f"method={m}", f"seed={s}", "rounds=2"] for m in ("fedpipe", "lora") for s in (0, 1)}
+    points["long/lora_s0"] = ["method=lora", "seed=0", "rounds=3"]
+    for name, extra in points.items():
+        cfg = load_job("jobs/quickstart.yaml", [*ANALYSIS_SMALL, *extra, f"output.dir={root / name}",
+                                                "output.save_final=false"])
+        run_job(cfg, LocalComm(), show_progress=False)
+    return root
+
+
+def test_seeds_are_aggregated_and_cohorts_never_mixed(seeded_runs, tmp_path):
+    runs = load_runs(seeded_runs)
+    t2, _ = figures.table2_methods(runs)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in t2.splitlines()[2:]}
+    assert set(rows) == {"fedpipe", "lora"} and rows["lora"][1] == "2"  # the 2-round cohort: 2 seeds each
+    loss = {r.name: r.final_loss() for r in runs}
+    lo, hi = sorted([loss["lora_s0"], loss["lora_s1"]])
+    assert rows["lora"][5] == f"{(lo + hi) / 2:.4f} [{lo:.4f}, {hi:.4f}]"  # mean [min, max] over the seeds
+    fig, _ = figures.fig15_convergence(runs)
+    assert fig.fedpipe_runs == ["fedpipe_s0", "fedpipe_s1", "lora_s0", "lora_s1"]
+    assert any("long/lora_s0" not in n and "3 rounds" in n for n in fig.fedpipe_notes)  # named, not drawn
+    assert {line.get_label() for line in fig.axes[0].get_lines()} == {"fedpipe (n=2)", "lora (n=2)"}
+    written = figures.write_report(runs, tmp_path, log=lambda m: None)
+    text = (tmp_path / "tables.md").read_text()
+    assert text.count("### Table II: methods, heterogeneous servers; tiny-gpt2 on synthetic-e2e, 2 rounds") == 1
+    assert text.count("### Table II: methods, heterogeneous servers; tiny-gpt2 on synthetic-e2e, 3 rounds") == 1
+    other = tmp_path / "tiny-gpt2_on_synthetic-e2e_3_rounds"
+    assert (other / "fig15_convergence.png").is_file() and "fig15_convergence (tiny-gpt2 on synthetic-e2e, 3 rounds)" \
+        in written
+    assert (tmp_path / "fig15_convergence.runs.txt").read_text().splitlines()[1:5] == [
+        "fedpipe_s0", "fedpipe_s1", "lora_s0", "lora_s1"]
+    assert (other / "fig15_convergence.runs.txt").read_text().splitlines()[1] == "long/lora_s0"
+
+
+def test_report_accepts_one_results_file(seeded_runs, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "fedpipe_dist", "report", str(seeded_runs / "lora_s1" / "results.h5"),
+                        "--out", str(tmp_path)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "fig13_quality.runs.txt").read_text().splitlines()[1:] == ["lora_s1"]

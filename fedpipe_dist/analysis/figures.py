@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import Run
+from .runs import Run, Seeds, by_cohort, group_repeats
 
 METHOD_ORDER = ("fedpipe", "ft", "lora", "fedadapter", "flora", "flexlora", "hetlora")
 PAPER_METHODS = ("fedpipe", "ft", "lora", "fedadapter")  # the paper's Fig. 13 compares these
@@ -37,97 +37,176 @@ def _plt():
     return plt
 
 
-def _by_method(runs: list[Run], setting: str | None = "hetero", plain: bool = True) -> dict[str, Run]:
-    """One run per method (the last by folder name), `plain`: not an ablation variant of fedpipe."""
-    out: dict[str, Run] = {}
-    for r in runs:
-        if setting is not None and r.setting != setting:
-            continue
-        if plain and r.method == "fedpipe" and (r.plan_mode != "fedpipe" or r.importance != "platon"):
-            continue
-        if r.n_rounds == 0:
-            continue
-        out[r.method] = r
-    return {m: out[m] for m in sorted(out, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)}
+class _Drawn:
+    """What one figure or table used: its runs (named in its caption and the report's <name>.runs.txt), and
+    notes on runs it did not use (other setups, other cohorts), which are not missing runs."""
+
+    def __init__(self, runs: list[Run]):
+        cohorts = by_cohort([r for r in runs if r.n_rounds > 0])
+        self.cohort = next(iter(cohorts), None)
+        self.runs = cohorts[self.cohort] if self.cohort else []
+        self.notes = [f"{len(rs)} run(s) of {c} not drawn here (another model, dataset or length; fedpipe "
+                      "report draws each cohort on its own)" for c, rs in list(cohorts.items())[1:]]
+        self.used: list[Run] = []
+
+    def pick(self, runs: list[Run], what: str) -> Seeds | None:
+        """The setup among `runs` with the most repeats (seeds); any other setup is named in the notes."""
+        groups = sorted(group_repeats(runs), key=lambda g: -g.n)
+        if not groups:
+            return None
+        for g in groups[1:]:
+            self.notes.append(f"{what}: another setup ({', '.join(g.names)}) not drawn")
+        self.used += groups[0].runs
+        return groups[0]
+
+    def caption(self, fig) -> None:
+        """The runs a figure drew, on the figure (its folders go to the report's <name>.runs.txt)."""
+        seeds = sorted({g for g in self._seed_counts()})
+        text = (f"{self.cohort}; seeds per point: {', '.join(map(str, seeds))} (mean; bars/bands: min-max)"
+                if self.cohort else "no runs")
+        fig.text(0.995, 0.005, "\n".join([text, *self.notes]), fontsize=6.5, color="0.35", ha="right",
+                 va="bottom", wrap=True)
+        fig.fedpipe_runs = sorted({r.name for r in self.used})
+        fig.fedpipe_notes = list(self.notes)
+
+    def _seed_counts(self):
+        counts: dict[str, int] = defaultdict(int)
+        for r in self.used:
+            counts[r.repeat_key] += 1
+        return counts.values()
+
+
+def _plain(r: Run) -> bool:
+    """Not an ablation of FedPipe's planner (importance, fixed ranks) or of its base precision."""
+    return r.method != "fedpipe" or (r.plan_mode == "fedpipe" and r.importance == "platon"
+                                     and r.precision_setting == "auto")
+
+
+def _by_method(d: _Drawn, setting: str | None = "hetero") -> dict[str, Seeds]:
+    """Per method (FedPipe's paper variant apart: fedpipe-paper), the repeats of its plain setup."""
+    out: dict[str, Seeds] = {}
+    labels = {r.label for r in d.runs}
+    for label in sorted(labels, key=lambda m: (METHOD_ORDER + ("fedpipe-paper",)).index(m)
+                        if m in METHOD_ORDER + ("fedpipe-paper",) else 99):
+        rs = [r for r in d.runs if r.label == label and _plain(r) and (setting is None or r.setting == setting)]
+        g = d.pick(rs, f"{label} ({setting or 'any'})")
+        if g is not None:
+            out[label] = g
+    return out
 
 
 def _missing_methods(have, setting: str, wanted=METHOD_ORDER) -> list[str]:
-    gone = [m for m in wanted if m not in have]
+    gone = [m for m in wanted if m not in have and not (m == "fedpipe" and "fedpipe-paper" in have)]
     what = f"{setting} run" if setting else "run"
     return [f"no {what} for: {', '.join(gone)}"] if gone else []
 
 
-def _note(fig, lines: list[str]) -> None:
-    """Missing runs, in small grey text along the bottom of the figure (outside every axes)."""
+def _note(fig, lines: list[str], drawn: _Drawn | None = None) -> None:
+    """Missing runs, in small grey text along the bottom left (outside every axes); the runs used bottom right."""
     if lines:
         fig.text(0.005, 0.005, "missing: " + "; ".join(lines), fontsize=7, color="0.35", ha="left", va="bottom",
                  wrap=True)
-    fig.tight_layout(rect=(0, 0.05 if lines else 0, 1, 1))
+    if drawn is not None:
+        drawn.caption(fig)
+    extra = 0.05 * (bool(lines) + (1 + len(drawn.notes) if drawn is not None else 0))
+    fig.tight_layout(rect=(0, min(extra, 0.3), 1, 1))
+
+
+def _errorbar(ax, x, groups: list[Seeds], value, **kw):
+    """Means of value over each group's repeats at x, with min-max intervals."""
+    stats = np.array([g.stat(value) for g in groups], dtype=float).reshape(-1, 3)
+    mean, lo, hi = stats[:, 0], stats[:, 1], stats[:, 2]
+    return ax.errorbar(x, mean, yerr=np.vstack([mean - lo, hi - mean]), fmt="o", capsize=3, **kw), mean
 
 
 # ---- figures ----------------------------------------------------------------------------------------------
 
 
 def fig13_quality(runs: list[Run]):
-    """Converged eval perplexity per method, heterogeneous vs ideal servers (and BLEU where scored)."""
+    """Converged eval perplexity per method, heterogeneous vs ideal servers (and BLEU where scored); bars from
+    zero at the mean over seeds, whiskers min-max."""
     plt = _plt()
-    het, ideal = _by_method(runs, "hetero"), _by_method(runs, "ideal")
-    methods = [m for m in METHOD_ORDER if m in het or m in ideal]
+    d = _Drawn(runs)
+    het, ideal = _by_method(d, "hetero"), _by_method(d, "ideal")
+    methods = [m for m in (*METHOD_ORDER, "fedpipe-paper") if m in het or m in ideal]
     missing = _missing_methods(het, "heterogeneous") + _missing_methods(ideal, "ideal", PAPER_METHODS)
-    has_bleu = any("BLEU" in r.results.generation for r in [*het.values(), *ideal.values()])
-    fig, axes = plt.subplots(1, 2 if has_bleu else 1, figsize=(10 if has_bleu else 6.5, 4), squeeze=False)
+    has_bleu = any("BLEU" in r.results.generation for g in [*het.values(), *ideal.values()] for r in g.runs)
+    fig, axes = plt.subplots(1, 2 if has_bleu else 1, figsize=(10 if has_bleu else 7, 4.4), squeeze=False)
     x = np.arange(len(methods))
     panels = [("final eval perplexity (lower is better)", lambda r: r.final_ppl())]
     if has_bleu:
         panels.append(("BLEU (x100, higher is better)", lambda r: 100 * r.results.generation.get("BLEU", math.nan)))
+    settings = [(name, group, color) for name, group, color in
+                (("heterogeneous", het, "tab:red"), ("ideal", ideal, "tab:blue")) if group]
+    width = 0.8 / max(1, len(settings))
     for ax, (ylabel, value) in zip(axes[0], panels):
-        for k, (name, group, color) in enumerate((("heterogeneous", het, "tab:red"), ("ideal", ideal, "tab:blue"))):
-            vals = [value(group[m]) if m in group else math.nan for m in methods]
-            bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=name, color=color, alpha=0.85)
+        for k, (name, group, color) in enumerate(settings):
+            stats = np.array([group[m].stat(value) if m in group else (math.nan,) * 3 for m in methods]).reshape(-1, 3)
+            xs = x + (k - (len(settings) - 1) / 2) * width
+            bars = ax.bar(xs, stats[:, 0], width, label=name, color=color, alpha=0.85,
+                          yerr=np.vstack([stats[:, 0] - stats[:, 1], stats[:, 2] - stats[:, 0]]), capsize=2)
             ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
         top = np.nanmax([b.get_height() for b in ax.patches] + [0.0])
-        ax.set_ylim(0, 1.15 * top if top > 0 else 1)  # room for the value labels
+        ax.set_ylim(0, 1.15 * top if top > 0 else 1)  # from zero, room for the value labels
         ax.set_xticks(x, methods, rotation=20)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("method")
         ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, title="servers", fontsize=8, title_fontsize=8, loc="upper right", ncol=2)
+    if settings:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, title="servers", fontsize=8, title_fontsize=8, loc="upper right",
+                   ncol=len(settings))
     fig.suptitle("Fig. 13: converged quality per method", x=0.3)
-    _note(fig, missing)
+    _note(fig, missing, d)
     return fig, missing
 
 
 def fig14_trainable(runs: list[Run]):
-    """Trainable parameters per participating server and round, per method (log scale)."""
+    """Trainable parameters per participating server and round, per method (log scale; dots with the
+    min-max over seeds)."""
     plt = _plt()
-    have = _by_method(runs, None)
+    d = _Drawn(runs)
+    have = _by_method(d, None)
     missing = _missing_methods(have, "")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.4))
     methods = list(have)
-    vals = [have[m].trainable_params() for m in methods]
-    bars = ax.bar(methods, vals, color="tab:green", alpha=0.85)
-    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], fontsize=7, padding=1)
+    _, mean = _errorbar(ax, np.arange(len(methods)), [have[m] for m in methods], Run.trainable_params,
+                        color="tab:green")
+    for xi, v in enumerate(mean):
+        if np.isfinite(v):
+            ax.annotate(f"{v:,.0f}", (xi, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xticks(np.arange(len(methods)), methods, rotation=20)
     ax.set_yscale("log")
-    ax.set_ylabel("trainable parameters per server (count, log scale)")
+    ax.set_ylabel("trainable parameters per server")
     ax.set_xlabel("method")
-    ax.tick_params(axis="x", rotation=20)
-    ax.set_title("Fig. 14: trainable parameters")
+    ax.set_title("Fig. 14: trainable parameters (log scale)")
     ax.grid(axis="y", alpha=0.3, which="both")
-    _note(fig, missing)
+    _note(fig, missing, d)
     return fig, missing
 
 
+def _mean_curve(g: Seeds, x_of) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(grid, mean, min, max) of the eval loss over g's repeats, on a common grid of x_of(run) values."""
+    curves = [x_of(r) for r in g.runs]
+    grid = np.linspace(0, min(x[-1] for x, _ in curves), 200)
+    vals = np.stack([_loss_on_grid(x, loss, grid) for x, loss in curves])
+    return grid, vals.mean(axis=0), vals.min(axis=0), vals.max(axis=0)
+
+
 def fig15_convergence(runs: list[Run]):
-    """Eval loss per round and per wall-clock second, one line per method (heterogeneous servers)."""
+    """Eval loss per round and per wall-clock second, one line per method (heterogeneous servers): the mean
+    over seeds with a min-max band."""
     plt = _plt()
-    have = _by_method(runs, "hetero")
+    d = _Drawn(runs)
+    have = _by_method(d, "hetero")
     missing = _missing_methods(have, "heterogeneous")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for m, r in have.items():
-        rounds, wall, loss = r.curve()
-        a.plot(rounds, loss, marker="o", ms=3, label=m)
-        b.plot(wall, loss, marker="o", ms=3, label=m)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for m, g in have.items():
+        for ax, x_of in ((a, lambda r: r.curve()[0::2]), (b, lambda r: r.curve()[1:])):
+            grid, mean, lo, hi = _mean_curve(g, x_of)
+            line, = ax.plot(grid, mean, label=f"{m} (n={g.n})")
+            if g.n > 1:
+                ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15)
     a.set_xlabel("round")
     b.set_xlabel("wall-clock (s, rank 0, cumulative)")
     for ax in (a, b):
@@ -136,106 +215,128 @@ def fig15_convergence(runs: list[Run]):
     if have:
         a.legend(title="method", fontsize=8)
     fig.suptitle("Fig. 15: convergence, heterogeneous servers")
-    _note(fig, missing)
+    _note(fig, missing, d)
     return fig, missing
 
 
-def _ablation_groups(runs: list[Run]) -> dict[str, list[tuple[str, Run]]]:
-    groups: dict[str, list[tuple[str, Run]]] = defaultdict(list)
-    for r in runs:
-        if r.method != "fedpipe" or r.n_rounds == 0:
+def _ablation_groups(d: _Drawn) -> dict[str, dict[str, Seeds]]:
+    """FedPipe's ablations (variant name -> its repeats): weights (plan.importance), ranks (adaptive vs
+    plan.mode=uniform), precision (one clients.precision for every server)."""
+    pools: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    fedpipe = [r for r in d.runs if r.method == "fedpipe" and r.setting == "hetero"]
+    # One FedPipe variant for every ablation: the paper's when any ablation of it was run (the paper's tables).
+    label = "fedpipe-paper" if any(r.label == "fedpipe-paper" and not _plain(r) for r in fedpipe) else "fedpipe"
+    if any(r.label != label for r in fedpipe):
+        d.notes.append(f"ablations drawn for {label} only")
+    for r in fedpipe:
+        if r.label != label:
             continue
-        if r.plan_mode == "fedpipe":
-            groups["weights"].append((f"{r.importance}", r))
-        if r.importance == "platon":
+        if r.plan_mode == "fedpipe" and r.precision_setting == "auto":
+            pools["weights"][r.importance].append(r)
+        if r.importance == "platon" and r.precision_setting == "auto":
             rank = r.config.get("lora", {}).get("rank")
-            groups["ranks"].append(("adaptive" if r.plan_mode == "fedpipe" else f"fixed r{rank}", r))
-        if r.precision is not None and r.plan_mode == "fedpipe" and r.importance == "platon":
-            groups["precision"].append((r.precision, r))
-    return groups
+            pools["ranks"]["adaptive" if r.plan_mode == "fedpipe" else f"fixed r{rank}"].append(r)
+        if r.precision is not None and r.plan_mode == "fedpipe" and r.importance == "platon" \
+                and r.precision_setting != "auto":
+            pools["precision"][r.precision].append(r)
+    out: dict[str, dict[str, Seeds]] = {}
+    for key, variants in pools.items():
+        out[key] = {}
+        for name, rs in variants.items():
+            g = d.pick(rs, f"{key} {name}")
+            if g is not None:
+                out[key][name] = g
+    return out
+
+
+def _variant_order(name: str):
+    return (PRECISION_ORDER.index(name) if name in PRECISION_ORDER else 0, name)
 
 
 def fig16_ablations(runs: list[Run]):
-    """(a) importance-selected vs fixed/random weights, (b) adaptive vs fixed ranks, (c) base precision."""
+    """(a) importance-selected vs fixed/random weights, (b) adaptive vs fixed ranks, (c) base precision: the
+    final eval loss of each variant, mean over seeds with min-max intervals (dots: the differences are small
+    against the loss itself, and a bar would have to start at zero)."""
     plt = _plt()
-    groups = _ablation_groups(runs)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    d = _Drawn(runs)
+    groups = _ablation_groups(d)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
     titles = {"weights": "(a) which weights get adapters", "ranks": "(b) adaptive vs fixed ranks",
               "precision": "(c) base precision"}
     wanted = {"weights": {"platon", "fixed", "random"}, "ranks": {"adaptive"}, "precision": {"fp32", "nf4"}}
     missing = []
     for ax, key in zip(axes, ("weights", "ranks", "precision")):
-        items = sorted(groups.get(key, []), key=lambda kv: (PRECISION_ORDER.index(kv[0])
-                                                            if kv[0] in PRECISION_ORDER else 0, kv[0]))
-        seen = {}
-        for name, r in items:
-            seen[name] = r  # one bar per variant (the last run by folder name)
+        seen = dict(sorted(groups.get(key, {}).items(), key=lambda kv: _variant_order(kv[0])))
         gone = sorted(wanted[key] - set(seen)) + ([] if key != "ranks" or any(k.startswith("fixed") for k in seen)
                                                   else ["fixed rN (plan.mode=uniform)"])
         if gone:
             missing.append(f"{titles[key]}: no run for {', '.join(gone)}")
         names = list(seen)
-        vals = [seen[n].final_loss() for n in names]
-        bars = ax.bar(names, vals, color="tab:purple", alpha=0.8)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
-        if vals and np.isfinite(vals).any():
-            lo, hi = np.nanmin(vals), np.nanmax(vals)
-            ax.set_ylim(lo - 0.15 * (hi - lo + 1e-3) - 0.02, hi + 0.15 * (hi - lo + 1e-3) + 0.02)
+        _, mean = _errorbar(ax, np.arange(len(names)), [seen[n] for n in names], Run.final_loss, color="tab:purple")
+        for xi, (n, v) in enumerate(zip(names, mean)):
+            ax.annotate(f"{v:.3f} (n={seen[n].n})", (xi, v), textcoords="offset points", xytext=(6, 0),
+                        fontsize=7, va="center")
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_xlim(-0.5, max(len(names), 2) - 0.2)
         ax.set_title(titles[key], fontsize=10)
         ax.set_ylabel("final eval loss (nats per target token)")
         ax.set_xlabel({"weights": "importance", "ranks": "ranks", "precision": "precision"}[key])
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Fig. 16: ablations (FedPipe)")
-    _note(fig, missing)
+    fig.suptitle("Fig. 16: ablations (FedPipe, heterogeneous servers)")
+    _note(fig, missing, d)
     return fig, missing
 
 
 # ---- tables (Markdown) -----------------------------------------------------------------------------------
 
 
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(row) + " |" for row in rows)])
+
+
 def table2_methods(runs: list[Run], setting: str = "hetero") -> tuple[str, list[str]]:
-    have = _by_method(runs, setting)
-    e2e = any(r.results.generation for r in have.values())
-    head = ["method", "trainable params / server", "MiB up / round", "MiB down / round", "eval loss", "PPL"]
+    """Table II, one row per method: mean over its seeds, [min, max] when there are several."""
+    d = _Drawn(runs)
+    have = _by_method(d, setting)
+    e2e = any(r.results.generation for g in have.values() for r in g.runs)
+    head = ["method", "seeds", "trainable params / server", "MiB up / round", "MiB down / round", "eval loss", "PPL"]
     head += list(E2E_METRICS) if e2e else []
     head += ["wall-clock s", "under-training"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m, r in have.items():
-        up, down = r.bytes_per_round()
-        row = [m, f"{r.trainable_params():,.0f}", f"{up / 2**20:.3f}", f"{down / 2**20:.3f}",
-               f"{r.final_loss():.4f}", f"{r.final_ppl():.2f}"]
+    rows = []
+    for m, g in have.items():
+        row = [m, str(g.n), g.cell(Run.trainable_params, "{:,.0f}"),
+               g.cell(lambda r: r.bytes_per_round()[0] / 2**20, "{:.3f}"),
+               g.cell(lambda r: r.bytes_per_round()[1] / 2**20, "{:.3f}"),
+               g.cell(Run.final_loss), g.cell(Run.final_ppl, "{:.2f}")]
         if e2e:
-            row += [f"{r.results.generation.get(k, math.nan):.4f}" for k in E2E_METRICS]
-        row += [f"{r.wall_s():.1f}", f"{r.under_training():.2f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines), _missing_methods(have, {"hetero": "heterogeneous"}.get(setting, setting))
-
-
-def _ablation_table(pairs: list[tuple[str, Run]], first: str, extra=None) -> str:
-    head = [first, "run", "final eval loss", "PPL", "trainable params / server"] + ([extra[0]] if extra else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in pairs:
-        row = [name, r.name, f"{r.final_loss():.4f}", f"{r.final_ppl():.3f}", f"{r.trainable_params():,.0f}"]
-        if extra:
-            row.append(extra[1](r))
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+            row += [g.cell(lambda r, k=k: r.results.generation.get(k, math.nan)) for k in E2E_METRICS]
+        row += [g.cell(Run.wall_s, "{:.1f}"), g.cell(Run.under_training, "{:.2f}")]
+        rows.append(row)
+    return _table(head, rows), _missing_methods(have, {"hetero": "heterogeneous"}.get(setting, setting))
 
 
 def tables_ablations(runs: list[Run]) -> tuple[dict[str, str], list[str]]:
     """Tables III (weights), IV (ranks), V (precision: base MiB and its ratio to fp32)."""
-    groups = _ablation_groups(runs)
-    fp32 = next((r.base_mib() for n, r in groups.get("precision", []) if n == "fp32"), math.nan)
+    groups = _ablation_groups(_Drawn(runs))
+    fp32 = groups.get("precision", {}).get("fp32")
+    fp32_mib = fp32.stat(Run.base_mib)[0] if fp32 else math.nan
 
-    def base(r: Run) -> str:
-        return f"{r.base_mib():.2f} ({r.base_mib() / fp32:.3f}x)" if np.isfinite(fp32) else f"{r.base_mib():.2f}"
+    def table(key: str, first: str, extra: bool = False) -> str:
+        head = [first, "seeds", "runs", "final eval loss", "PPL", "trainable params / server"]
+        head += ["base MiB (x fp32)"] if extra else []
+        rows = []
+        for name, g in sorted(groups.get(key, {}).items(), key=lambda kv: _variant_order(kv[0])):
+            row = [name, str(g.n), ", ".join(g.names), g.cell(Run.final_loss), g.cell(Run.final_ppl, "{:.3f}"),
+                   g.cell(Run.trainable_params, "{:,.0f}")]
+            if extra:
+                mib = g.stat(Run.base_mib)[0]
+                row.append(f"{mib:.2f} ({mib / fp32_mib:.3f}x)" if np.isfinite(fp32_mib) else f"{mib:.2f}")
+            rows.append(row)
+        return _table(head, rows)
 
-    out = {
-        "III": _ablation_table(groups.get("weights", []), "weight selection"),
-        "IV": _ablation_table(groups.get("ranks", []), "ranks"),
-        "V": _ablation_table(sorted(groups.get("precision", []), key=lambda kv: PRECISION_ORDER.index(kv[0])),
-                             "precision", ("base MiB (x fp32)", base)),
-    }
+    out = {"III": table("weights", "weight selection"), "IV": table("ranks", "ranks"),
+           "V": table("precision", "precision", extra=True)}
     missing = [f"Table {k}: no runs" for k, v in out.items() if v.count("\n") < 2]
     return out, missing
 
@@ -256,8 +357,9 @@ def fig_time_to_quality(runs: list[Run]):
     from .runs import compute_bound
 
     plt = _plt()
+    d = _Drawn(runs)
     setups: dict[tuple, dict[str, dict[str, list[Run]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for r in runs:
+    for r in d.runs:
         if r.n_rounds > 0 and r.setting == "hetero":
             setups[r.slowdowns][r.label][r.setup].append(r)
     missing, skipped = [], []
@@ -280,6 +382,7 @@ def fig_time_to_quality(runs: list[Run]):
     for ax, (slow, by_label) in zip(axes[0], sorted(shown.items(), key=lambda kv: len(kv[0]))):
         bound = compute_bound(slow)
         for label in sorted(by_label, key=lambda m: order.index(m) if m in order else 99):
+            d.used += by_label[label]
             curves = [r.train_curve()[1:] for r in by_label[label]]
             grid = np.linspace(0, min(t[-1] for t, _ in curves), 200)
             vals = np.stack([_loss_on_grid(t, loss, grid) for t, loss in curves])
@@ -296,9 +399,8 @@ def fig_time_to_quality(runs: list[Run]):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Time to quality under heterogeneity (mean over seeds, band: min-max)")
-    if skipped:  # other setups of a method (ablations) are not missing runs: said on the figure only
-        fig.text(0.995, 0.005, "; ".join(skipped), fontsize=7, color="0.35", ha="right", va="bottom")
-    _note(fig, missing)
+    d.notes += skipped  # other setups of a method (ablations) are not missing runs: said on the figure only
+    _note(fig, missing, d)
     return fig, missing
 
 
@@ -308,27 +410,21 @@ FIGURES = {"fig13_quality": fig13_quality, "fig14_trainable": fig14_trainable,
 
 
 def write_report(runs: list[Run], out: str | Path, log=print) -> dict[str, Path]:
-    """Every figure as PNG and tables.md into `out`; logs what is missing. Returns the files written."""
-    plt = _plt()
+    """Every figure as PNG (with <name>.runs.txt naming the run folders it drew) and tables.md into `out`, one
+    cohort (model, dataset, rounds) at a time: a second cohort goes to its own subfolder, and tables.md has a
+    section per cohort. Logs what is missing. Returns the files written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
+    text = ["# Tables rebuilt from results.h5", "",
+            "Each row: the mean over the row's runs (seeds), [min, max] when there are several; `seeds` counts them.",
+            ""]
     notes: list[str] = []
-    for name, fn in FIGURES.items():
-        fig, missing = fn(runs)
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written[name] = path
-        notes += [f"{name}: {m}" for m in missing]
-    t2, miss2 = table2_methods(runs)
-    t2i, _ = table2_methods(runs, "ideal")
-    abl, miss_abl = tables_ablations(runs)
-    text = ["# Tables rebuilt from results.h5", "", "## Table II: methods, heterogeneous servers", "", t2, "",
-            "## Table II: methods, ideal servers", "", t2i, "", "## Table III: weight selection (FedPipe)", "",
-            abl["III"], "", "## Table IV: adaptive vs fixed ranks (FedPipe)", "", abl["IV"], "",
-            "## Table V: base precision (FedPipe)", "", abl["V"], ""]
-    notes += miss2 + miss_abl
+    cohorts = by_cohort([r for r in runs if r.n_rounds > 0])
+    for k, (cohort, members) in enumerate(cohorts.items()):
+        folder = out if k == 0 else out / _slug(cohort)
+        written.update(_write_figures(members, folder, notes, suffix="" if k == 0 else f" ({cohort})"))
+        text += _cohort_tables(members, cohort, notes, figures_in=None if k == 0 else folder.relative_to(out))
     if notes:
         text += ["## Missing runs", ""] + [f"- {n}" for n in notes] + [""]
     (out / "tables.md").write_text("\n".join(text), encoding="utf-8")
@@ -336,3 +432,42 @@ def write_report(runs: list[Run], out: str | Path, log=print) -> dict[str, Path]
     for n in notes:
         log(f"report: {n}")
     return written
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")[:80]
+
+
+def _write_figures(runs: list[Run], folder: Path, notes: list[str], suffix: str) -> dict[str, Path]:
+    plt = _plt()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, fn in FIGURES.items():
+        fig, missing = fn(runs)
+        path = folder / f"{name}.png"
+        fig.savefig(path, dpi=120)
+        listing = [f"# {name}: the run folders it drew", *getattr(fig, "fedpipe_runs", []),
+                   *(f"# note: {n}" for n in getattr(fig, "fedpipe_notes", []))]
+        (folder / f"{name}.runs.txt").write_text("\n".join(listing) + "\n", encoding="utf-8")
+        plt.close(fig)
+        written[f"{name}{suffix}"] = path
+        notes += [f"{name}{suffix}: {m}" for m in missing]
+    return written
+
+
+def _cohort_tables(runs: list[Run], cohort: str, notes: list[str], figures_in) -> list[str]:
+    """tables.md's section of one cohort: every table headed by its model, dataset and rounds."""
+    t2, miss2 = table2_methods(runs)
+    t2i, _ = table2_methods(runs, "ideal")
+    abl, miss_abl = tables_ablations(runs)
+    notes += [f"{cohort}: {m}" for m in miss2 + miss_abl]
+    where = f" (figures in {figures_in}/)" if figures_in else ""
+    text = [f"## {cohort}{where}", ""]
+    for title, table in (("Table II: methods, heterogeneous servers", t2), ("Table II: methods, ideal servers", t2i),
+                         ("Table III: weight selection (FedPipe)", abl["III"]),
+                         ("Table IV: adaptive vs fixed ranks (FedPipe)", abl["IV"]),
+                         ("Table V: base precision (FedPipe)", abl["V"])):
+        text += [f"### {title}; {cohort}", "", table, ""]
+    return text

@@ -76,6 +76,28 @@ class Run:
         return json.dumps(cfg, sort_keys=True)
 
     @property
+    def model(self) -> str:
+        return str(self.results.attrs.get("model", "?"))
+
+    @property
+    def dataset(self) -> str:
+        return str(self.results.attrs.get("dataset", "?"))
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    @property
+    def cohort(self) -> str:
+        """What may share a table or a figure: the same model, dataset and number of rounds."""
+        return f"{self.model} on {self.dataset}, {self.n_rounds} rounds"
+
+    @property
+    def repeat_key(self) -> str:
+        """Runs with equal keys are repeats of one setup (they differ in the seed only)."""
+        return f"{self.cohort}|{self.setup}"
+
+    @property
     def slowdowns(self) -> tuple[float, ...]:
         return tuple(float(x) for x in self.results.profile.get("slowdown", []))
 
@@ -128,6 +150,58 @@ class Run:
         return float(np.mean(b)) / 2**20 if b is not None and len(b) else math.nan
 
 
+@dataclass
+class Seeds:
+    """Repeats of one setup (runs that differ in their seed only): what a figure's point or a table's row is."""
+
+    runs: list[Run]
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.runs]
+
+    def stat(self, value) -> tuple[float, float, float]:
+        """(mean, min, max) of value(run) over the repeats that have a finite value (NaN when none has)."""
+        vals = np.array([value(r) for r in self.runs], dtype=float)
+        vals = vals[np.isfinite(vals)]
+        if not vals.size:
+            return math.nan, math.nan, math.nan
+        return float(vals.mean()), float(vals.min()), float(vals.max())
+
+    def cell(self, value, fmt: str = "{:.4f}") -> str:
+        """A table cell: the mean, and its range over the repeats when there are several."""
+        mean, lo, hi = self.stat(value)
+        if not np.isfinite(mean):
+            return "-"
+        if self.n == 1 or lo == hi:
+            return fmt.format(mean)
+        return f"{fmt.format(mean)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def group_repeats(runs: list[Run]) -> list[Seeds]:
+    """The runs grouped by setup (Run.repeat_key), in the order their first run appears."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.repeat_key, []).append(r)
+    return [Seeds(rs) for rs in groups.values()]
+
+
+def by_cohort(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs of one model, dataset and length together (Run.cohort), the cohort with most runs first."""
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        out.setdefault(r.cohort, []).append(r)
+    return dict(sorted(out.items(), key=lambda kv: -len(kv[1])))
+
+
 def compute_bound(slowdown) -> float:
     """sum_i (1/s_i) / (N / max_i s_i): the most samples per second a synchronous method that leaves no server
     idle can process, relative to one whose servers all do the same work and wait for the slowest."""
@@ -155,10 +229,13 @@ def round_train_s(results: Results) -> np.ndarray:
 
 
 def load_runs(root: str | Path) -> list[Run]:
-    """Every finished or partial run (a results.h5) below `root`, sorted by folder name."""
+    """Every finished or partial run (a results.h5) below `root` (a folder, or one results.h5 file), sorted by
+    folder name."""
     root = Path(root)
+    paths = [root] if root.is_file() else sorted(root.rglob("results.h5"))
+    root = root.parent.parent if root.is_file() else root  # one file: the run is named by its folder
     runs = []
-    for path in sorted(root.rglob("results.h5")):
+    for path in paths:
         try:
             res = Results(path)
         except (OSError, KeyError) as e:  # a file still being created, or not ours: say so and go on
