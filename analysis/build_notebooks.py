@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 PARAMS = '''# Parameters: the folder holding the runs (any depth; every results.h5 below it is read) and where the
 # figures go. Make runs with e.g. `fedpipe run jobs/e2e_stories260k.yaml method=lora output.dir=runs/hetero/lora`.
 runs_dir = "../runs"
-out_dir = "figures"'''
+out_dir = "figures"  # headless: fedpipe notebooks RUNS_DIR --out DIR sets both'''
 LOAD = '''from pathlib import Path
 
 from fedpipe_dist.analysis import figures, load_runs
@@ -60,17 +60,13 @@ def tables_notebook():
     return new_notebook(cells=[
         new_markdown_cell("# Tables II-V\n\nII: methods (trainable parameters, bytes per round, eval loss/PPL, E2E "
                           "scores where present, wall-clock, under-training); III: weight selection; IV: adaptive vs "
-                          "fixed ranks; V: base precision (memory of the base vs fp32). Rebuilt from results.h5."),
+                          "fixed ranks; V: base precision (memory of the base vs fp32). Rebuilt from results.h5, one "
+                          "section per cohort (model, dataset, rounds); each row the mean over its seeds."),
         new_code_cell(PARAMS, metadata={"tags": ["parameters"]}),
         new_code_cell(LOAD),
         new_code_cell("from IPython.display import Markdown, display\n\n"
-                      "t2, missing = figures.table2_methods(runs)\n"
-                      "t2_ideal, _ = figures.table2_methods(runs, 'ideal')\n"
-                      "abl, missing_abl = figures.tables_ablations(runs)\n"
-                      "for m in missing + missing_abl:\n    print('missing:', m)\n"
-                      "text = '\\n\\n'.join(['## Table II (heterogeneous)', t2, '## Table II (ideal)', t2_ideal,\n"
-                      "                     '## Table III', abl['III'], '## Table IV', abl['IV'],\n"
-                      "                     '## Table V', abl['V']])\n"
+                      "text, missing = figures.tables_markdown(runs)  # every cohort's tables, each headed by it\n"
+                      "for m in missing:\n    print('missing:', m)\n"
                       "(Path(out_dir) / 'tables.md').write_text(text)\n"
                       "display(Markdown(text))"),
     ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})

@@ -1,6 +1,7 @@
 """Command line: `fedpipe run JOB.yaml [dotted.key=value ...]` (also `python -m fedpipe_dist ...`), and
 `fedpipe plan`, `fedpipe check` (same arguments), `fedpipe eval FINAL_DIR` (E2E generation scores),
-`fedpipe report RUNS_DIR` (the paper's figures and tables from results.h5 files), `fedpipe sweep SWEEP.yaml`
+`fedpipe report RUNS_DIR` (the paper's figures and tables from results.h5 files), `fedpipe notebooks RUNS_DIR`
+(the analysis notebooks executed headless), `fedpipe sweep SWEEP.yaml`
 (a campaign: every point of a sweep file, locally or as a Slurm job array; fedpipe_dist/campaign.py).
 
 Exit codes: 0 success, 2 bad input (job file, override, data, model path), 1 anything else.
@@ -41,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("job", metavar="runs", help="folder holding runs (any depth), e.g. runs/, or one results.h5")
     rep.add_argument("--out", help="where the PNGs and tables.md go (default: RUNS_DIR/report)")
     rep.set_defaults(overrides=[])
+    nb = sub.add_parser("notebooks", help="execute the analysis notebooks headless on a folder of runs")
+    nb.add_argument("job", metavar="runs", help="folder holding runs (any depth), or one results.h5")
+    nb.add_argument("--out", help="where the figures, tables.md and executed notebooks go (default: "
+                    "RUNS/notebooks)")
+    nb.add_argument("--only", nargs="+", metavar="NAME", help="these notebooks only (default: every one in "
+                    "analysis/), e.g. --only fig13_quality tables")
+    nb.set_defaults(overrides=[])
     sw = sub.add_parser("sweep", help="run a campaign: every point of a sweep file not done yet (skips finished "
                         "points, resumes interrupted ones)")
     sw.add_argument("job", metavar="sweep_file", help="YAML sweep file, e.g. jobs/paper_small.yaml")
@@ -134,6 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "notebooks":
+            from pathlib import Path
+
+            from .analysis.notebooks import run_notebooks
+
+            src = Path(args.job)
+            if not src.exists():
+                raise UserInputError(f"fedpipe notebooks: {args.job!r} does not exist; give a folder of runs")
+            out = Path(args.out or (src.parent if src.is_file() else src) / "notebooks")
+            written = run_notebooks(src, out, args.only, log=lambda m: print(m, file=sys.stderr))
+            print(f"notebooks: {len(written)} executed -> {out}")
+            return 0
         cfg = load_job(args.job, args.overrides)
         if args.command == "check":
             import yaml

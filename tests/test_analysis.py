@@ -174,3 +174,21 @@ def test_report_accepts_one_results_file(seeded_runs, tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "fig13_quality.runs.txt").read_text().splitlines()[1:] == ["lora_s1"]
+
+
+def test_fedpipe_notebooks_executes_them_headless_into_out(seeded_runs, tmp_path):
+    """The documented headless command: no jupyter executable, parameters on the command line, outputs in --out
+    (nothing written into the source tree)."""
+    pytest.importorskip("nbclient", reason="nbclient is not installed (pip install -e .[analysis])")
+    before = sorted(p.name for p in (REPO / "analysis").iterdir())
+    p = subprocess.run([sys.executable, "-m", "fedpipe_dist", "notebooks", str(seeded_runs), "--out",
+                        str(tmp_path / "nb"), "--only", "fig15_convergence", "tables"], cwd=REPO, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "nb" / "fig15_convergence.png").stat().st_size > 10_000
+    assert "Table II" in (tmp_path / "nb" / "tables.md").read_text()
+    assert (tmp_path / "nb" / "tables.ipynb").is_file() and "5 run(s)" in (tmp_path / "nb" / "tables.ipynb").read_text()
+    assert sorted(p.name for p in (REPO / "analysis").iterdir()) == before
+    bad = subprocess.run([sys.executable, "-m", "fedpipe_dist", "notebooks", str(seeded_runs), "--only", "fig99"],
+                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no notebook ['fig99']" in bad.stderr

@@ -416,22 +416,30 @@ def write_report(runs: list[Run], out: str | Path, log=print) -> dict[str, Path]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
+    notes: list[str] = []
+    for k, (cohort, members) in enumerate(by_cohort([r for r in runs if r.n_rounds > 0]).items()):
+        folder = out if k == 0 else out / _slug(cohort)
+        written.update(_write_figures(members, folder, notes, suffix="" if k == 0 else f" ({cohort})"))
+    text, missing = tables_markdown(runs)
+    (out / "tables.md").write_text(text, encoding="utf-8")
+    written["tables"] = out / "tables.md"
+    for n in notes + [m for m in missing if m not in notes]:
+        log(f"report: {n}")
+    return written
+
+
+def tables_markdown(runs: list[Run]) -> tuple[str, list[str]]:
+    """tables.md: Tables II-V of every cohort (model, dataset, rounds), each table headed by its cohort, and the
+    missing runs. Returns (the Markdown, the missing-run sentences)."""
     text = ["# Tables rebuilt from results.h5", "",
             "Each row: the mean over the row's runs (seeds), [min, max] when there are several; `seeds` counts them.",
             ""]
     notes: list[str] = []
-    cohorts = by_cohort([r for r in runs if r.n_rounds > 0])
-    for k, (cohort, members) in enumerate(cohorts.items()):
-        folder = out if k == 0 else out / _slug(cohort)
-        written.update(_write_figures(members, folder, notes, suffix="" if k == 0 else f" ({cohort})"))
-        text += _cohort_tables(members, cohort, notes, figures_in=None if k == 0 else folder.relative_to(out))
+    for k, (cohort, members) in enumerate(by_cohort([r for r in runs if r.n_rounds > 0]).items()):
+        text += _cohort_tables(members, cohort, notes, figures_in=None if k == 0 else _slug(cohort))
     if notes:
         text += ["## Missing runs", ""] + [f"- {n}" for n in notes] + [""]
-    (out / "tables.md").write_text("\n".join(text), encoding="utf-8")
-    written["tables"] = out / "tables.md"
-    for n in notes:
-        log(f"report: {n}")
-    return written
+    return "\n".join(text), notes
 
 
 def _slug(text: str) -> str:
