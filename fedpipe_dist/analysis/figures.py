@@ -42,11 +42,12 @@ class _Drawn:
     notes on runs it did not use (other setups, other cohorts), which are not missing runs."""
 
     def __init__(self, runs: list[Run]):
-        cohorts = by_cohort([r for r in runs if r.n_rounds > 0])
+        runs, self.notes = _finished(runs)
+        cohorts = by_cohort(runs)
         self.cohort = next(iter(cohorts), None)
         self.runs = cohorts[self.cohort] if self.cohort else []
-        self.notes = [f"{len(rs)} run(s) of {c} not drawn here (another model, dataset or length; fedpipe "
-                      "report draws each cohort on its own)" for c, rs in list(cohorts.items())[1:]]
+        self.notes += [f"{len(rs)} run(s) of {c} not drawn here (another model, dataset or length; fedpipe "
+                       "report draws each cohort on its own)" for c, rs in list(cohorts.items())[1:]]
         self.used: list[Run] = []
 
     def pick(self, runs: list[Run], what: str) -> Seeds | None:
@@ -54,26 +55,33 @@ class _Drawn:
         groups = sorted(group_repeats(runs), key=lambda g: -g.n)
         if not groups:
             return None
-        for g in groups[1:]:
-            self.notes.append(f"{what}: another setup ({', '.join(g.names)}) not drawn")
+        if len(groups) > 1:
+            others = [n for g in groups[1:] for n in g.names]
+            self.notes.append(f"{what}: {len(groups) - 1} other setup(s) not drawn ({len(others)} run(s), e.g. "
+                              f"{others[0]})")
         self.used += groups[0].runs
         return groups[0]
 
-    def caption(self, fig) -> None:
-        """The runs a figure drew, on the figure (its folders go to the report's <name>.runs.txt)."""
-        seeds = sorted({g for g in self._seed_counts()})
-        text = (f"{self.cohort}; seeds per point: {', '.join(map(str, seeds))} (mean; bars/bands: min-max)"
-                if self.cohort else "no runs")
-        fig.text(0.995, 0.005, "\n".join([text, *self.notes]), fontsize=6.5, color="0.35", ha="right",
-                 va="bottom", wrap=True)
-        fig.fedpipe_runs = sorted({r.name for r in self.used})
-        fig.fedpipe_notes = list(self.notes)
+    def caption(self) -> list[str]:
+        """The lines a figure prints about the runs it drew (their folders go to the report's <name>.runs.txt)."""
+        seeds = sorted(set(self._seed_counts()))
+        head = (f"runs: {self.cohort}; seeds per point: {', '.join(map(str, seeds)) or '-'} (points: mean over "
+                "seeds; bars and bands: min-max)" if self.cohort else "runs: none")
+        return [head, *self.notes]
 
     def _seed_counts(self):
         counts: dict[str, int] = defaultdict(int)
-        for r in self.used:
+        for r in {r.name: r for r in self.used}.values():  # a run drawn in two panels counts once
             counts[r.repeat_key] += 1
         return counts.values()
+
+
+def _finished(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """The runs that finished (results.h5 marked finished), and a note naming the ones still going or cut short."""
+    done = [r for r in runs if r.n_rounds > 0 and r.results.attrs.get("finished")]
+    left = [r for r in runs if r not in done]
+    return done, ([f"{len(left)} unfinished run(s) left out: " + ", ".join(
+        f"{r.name} ({r.n_rounds} rounds)" for r in left)] if left else [])
 
 
 def _plain(r: Run) -> bool:
@@ -102,14 +110,20 @@ def _missing_methods(have, setting: str, wanted=METHOD_ORDER) -> list[str]:
 
 
 def _note(fig, lines: list[str], drawn: _Drawn | None = None) -> None:
-    """Missing runs, in small grey text along the bottom left (outside every axes); the runs used bottom right."""
-    if lines:
-        fig.text(0.005, 0.005, "missing: " + "; ".join(lines), fontsize=7, color="0.35", ha="left", va="bottom",
-                 wrap=True)
+    """Below the axes, in small grey text: the missing runs, then the runs drawn (cohort, seeds) and what was
+    not drawn; the figure keeps room for them. The drawn runs' folders are kept on the figure (fedpipe_runs)."""
+    import textwrap
+
+    text = ([f"missing: {'; '.join(lines)}"] if lines else []) + (drawn.caption() if drawn is not None else [])
+    width = max(40, int(fig.get_figwidth() * 15))
+    wrapped = [w for line in text for w in textwrap.wrap(line, width, subsequent_indent="  ")]
+    if wrapped:
+        fig.text(0.005, 0.005, "\n".join(wrapped), fontsize=6.5, color="0.35", ha="left", va="bottom")
+    bottom = min(0.45, (len(wrapped) * 0.115 + 0.05) / fig.get_figheight()) if wrapped else 0
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     if drawn is not None:
-        drawn.caption(fig)
-    extra = 0.05 * (bool(lines) + (1 + len(drawn.notes) if drawn is not None else 0))
-    fig.tight_layout(rect=(0, min(extra, 0.3), 1, 1))
+        fig.fedpipe_runs = sorted({r.name for r in drawn.used})
+        fig.fedpipe_notes = list(drawn.notes)
 
 
 def _errorbar(ax, x, groups: list[Seeds], value, **kw):
@@ -140,14 +154,19 @@ def fig13_quality(runs: list[Run]):
                 (("heterogeneous", het, "tab:red"), ("ideal", ideal, "tab:blue")) if group]
     width = 0.8 / max(1, len(settings))
     for ax, (ylabel, value) in zip(axes[0], panels):
+        tops = [0.0]
         for k, (name, group, color) in enumerate(settings):
             stats = np.array([group[m].stat(value) if m in group else (math.nan,) * 3 for m in methods]).reshape(-1, 3)
             xs = x + (k - (len(settings) - 1) / 2) * width
-            bars = ax.bar(xs, stats[:, 0], width, label=name, color=color, alpha=0.85,
-                          yerr=np.vstack([stats[:, 0] - stats[:, 1], stats[:, 2] - stats[:, 0]]), capsize=2)
-            ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
-        top = np.nanmax([b.get_height() for b in ax.patches] + [0.0])
-        ax.set_ylim(0, 1.15 * top if top > 0 else 1)  # from zero, room for the value labels
+            ax.bar(xs, stats[:, 0], width, label=name, color=color, alpha=0.85,
+                   yerr=np.vstack([stats[:, 0] - stats[:, 1], stats[:, 2] - stats[:, 0]]), capsize=2)
+            tops += [hi for hi in stats[:, 2] if np.isfinite(hi)]
+            for xi, m, (mean, _, hi) in zip(xs, methods, stats):
+                if np.isfinite(mean):  # the mean and its number of seeds, above the whisker
+                    ax.annotate(f"{mean:.2f}\nn={group[m].n}", (xi, hi), textcoords="offset points", xytext=(0, 2),
+                                ha="center", fontsize=6)
+        top = max(tops)
+        ax.set_ylim(0, 1.2 * top if top > 0 else 1)  # from zero, room for the value labels
         ax.set_xticks(x, methods, rotation=20)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("method")
@@ -166,8 +185,8 @@ def fig14_trainable(runs: list[Run]):
     min-max over seeds)."""
     plt = _plt()
     d = _Drawn(runs)
-    have = _by_method(d, None)
-    missing = _missing_methods(have, "")
+    have = _by_method(d, "hetero")
+    missing = _missing_methods(have, "heterogeneous")
     fig, ax = plt.subplots(figsize=(7, 4.4))
     methods = list(have)
     _, mean = _errorbar(ax, np.arange(len(methods)), [have[m] for m in methods], Run.trainable_params,
@@ -177,20 +196,32 @@ def fig14_trainable(runs: list[Run]):
             ax.annotate(f"{v:,.0f}", (xi, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set_xticks(np.arange(len(methods)), methods, rotation=20)
     ax.set_yscale("log")
+    finite = [v for v in mean if np.isfinite(v) and v > 0]
+    if finite:
+        ax.set_ylim(min(finite) / 2, max(finite) * 3)  # room for the labels above the dots
     ax.set_ylabel("trainable parameters per server")
     ax.set_xlabel("method")
-    ax.set_title("Fig. 14: trainable parameters (log scale)")
+    ax.set_title("Fig. 14: trainable parameters, heterogeneous servers (log scale)")
     ax.grid(axis="y", alpha=0.3, which="both")
     _note(fig, missing, d)
     return fig, missing
 
 
 def _mean_curve(g: Seeds, x_of) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(grid, mean, min, max) of the eval loss over g's repeats, on a common grid of x_of(run) values."""
+    """(grid, mean, min, max) of the eval loss over g's repeats, on a common grid of x_of(run) values up to the
+    longest repeat (a repeat that has ended keeps its final loss)."""
     curves = [x_of(r) for r in g.runs]
-    grid = np.linspace(0, min(x[-1] for x, _ in curves), 200)
+    grid = np.linspace(0, max(x[-1] for x, _ in curves), 200)
     vals = np.stack([_loss_on_grid(x, loss, grid) for x, loss in curves])
     return grid, vals.mean(axis=0), vals.min(axis=0), vals.max(axis=0)
+
+
+def _mean_by_round(g: Seeds) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rounds, mean, min, max) of the eval loss at the rounds every repeat evaluated."""
+    curves = [r.curve() for r in g.runs]
+    common = sorted(set.intersection(*(set(c[0].tolist()) for c in curves)))
+    vals = np.stack([[loss[list(rounds).index(t)] for t in common] for rounds, _, loss in curves])
+    return np.array(common), vals.mean(axis=0), vals.min(axis=0), vals.max(axis=0)
 
 
 def fig15_convergence(runs: list[Run]):
@@ -202,11 +233,13 @@ def fig15_convergence(runs: list[Run]):
     missing = _missing_methods(have, "heterogeneous")
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4))
     for m, g in have.items():
-        for ax, x_of in ((a, lambda r: r.curve()[0::2]), (b, lambda r: r.curve()[1:])):
-            grid, mean, lo, hi = _mean_curve(g, x_of)
-            line, = ax.plot(grid, mean, label=f"{m} (n={g.n})")
-            if g.n > 1:
-                ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15)
+        rounds, mean, lo, hi = _mean_by_round(g)
+        line, = a.plot(rounds, mean, marker="o", ms=3, label=f"{m} (n={g.n})")
+        grid, wmean, wlo, whi = _mean_curve(g, lambda r: r.curve()[1:])
+        b.plot(grid, wmean, color=line.get_color())  # a step: the loss of the last round evaluated by then
+        if g.n > 1:
+            a.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.15)
+            b.fill_between(grid, wlo, whi, color=line.get_color(), alpha=0.15)
     a.set_xlabel("round")
     b.set_xlabel("wall-clock (s, rank 0, cumulative)")
     for ax in (a, b):
@@ -250,7 +283,10 @@ def _ablation_groups(d: _Drawn) -> dict[str, dict[str, Seeds]]:
 
 
 def _variant_order(name: str):
-    return (PRECISION_ORDER.index(name) if name in PRECISION_ORDER else 0, name)
+    """The reference first (platon, adaptive), then precisions by bits, then the rest by name."""
+    first = ("platon", "adaptive")
+    return (first.index(name) if name in first else 2, PRECISION_ORDER.index(name) if name in PRECISION_ORDER else 0,
+            name)
 
 
 def fig16_ablations(runs: list[Run]):
@@ -260,7 +296,7 @@ def fig16_ablations(runs: list[Run]):
     plt = _plt()
     d = _Drawn(runs)
     groups = _ablation_groups(d)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), sharey=True)  # one loss scale: panels compare
     titles = {"weights": "(a) which weights get adapters", "ranks": "(b) adaptive vs fixed ranks",
               "precision": "(c) base precision"}
     wanted = {"weights": {"platon", "fixed", "random"}, "ranks": {"adaptive"}, "precision": {"fp32", "nf4"}}
@@ -384,7 +420,7 @@ def fig_time_to_quality(runs: list[Run]):
         for label in sorted(by_label, key=lambda m: order.index(m) if m in order else 99):
             d.used += by_label[label]
             curves = [r.train_curve()[1:] for r in by_label[label]]
-            grid = np.linspace(0, min(t[-1] for t, _ in curves), 200)
+            grid = np.linspace(0, max(t[-1] for t, _ in curves), 200)  # a repeat that ended keeps its final loss
             vals = np.stack([_loss_on_grid(t, loss, grid) for t, loss in curves])
             line, = ax.plot(grid, vals.mean(axis=0), label=f"{label} (n={len(curves)})",
                             lw=2.2 if label == "fedpipe" else 1.3)
@@ -417,13 +453,14 @@ def write_report(runs: list[Run], out: str | Path, log=print) -> dict[str, Path]
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     notes: list[str] = []
-    for k, (cohort, members) in enumerate(by_cohort([r for r in runs if r.n_rounds > 0]).items()):
+    finished, unfinished = _finished(runs)
+    for k, (cohort, members) in enumerate(by_cohort(finished).items()):
         folder = out if k == 0 else out / _slug(cohort)
         written.update(_write_figures(members, folder, notes, suffix="" if k == 0 else f" ({cohort})"))
     text, missing = tables_markdown(runs)
     (out / "tables.md").write_text(text, encoding="utf-8")
     written["tables"] = out / "tables.md"
-    for n in notes + [m for m in missing if m not in notes]:
+    for n in unfinished + notes + [m for m in missing if m not in notes]:
         log(f"report: {n}")
     return written
 
@@ -434,8 +471,8 @@ def tables_markdown(runs: list[Run]) -> tuple[str, list[str]]:
     text = ["# Tables rebuilt from results.h5", "",
             "Each row: the mean over the row's runs (seeds), [min, max] when there are several; `seeds` counts them.",
             ""]
-    notes: list[str] = []
-    for k, (cohort, members) in enumerate(by_cohort([r for r in runs if r.n_rounds > 0]).items()):
+    finished, notes = _finished(runs)
+    for k, (cohort, members) in enumerate(by_cohort(finished).items()):
         text += _cohort_tables(members, cohort, notes, figures_in=None if k == 0 else _slug(cohort))
     if notes:
         text += ["## Missing runs", ""] + [f"- {n}" for n in notes] + [""]
