@@ -11,7 +11,9 @@ from fedpipe_dist.config import ConfigError, JobConfig, load_job, per_client_val
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
-JOB_FILES = sorted((REPO / "jobs").glob("*.yaml"))
+# jobs/ holds job files and sweep files (a top-level `sweeps:` key; fedpipe_dist/campaign.py)
+SWEEP_FILES = sorted(p for p in (REPO / "jobs").glob("*.yaml") if "\nsweeps:" in "\n" + p.read_text())
+JOB_FILES = sorted(set((REPO / "jobs").glob("*.yaml")) - set(SWEEP_FILES))
 
 
 def test_quickstart_loads_with_its_documented_values():
@@ -46,6 +48,17 @@ def test_every_shipped_job_file_validates(job):
     from fedpipe_dist.config import job_from_dict
 
     assert job_from_dict(cfg.to_dict()).to_json() == cfg.to_json()
+
+
+@pytest.mark.parametrize("sweep", SWEEP_FILES, ids=lambda p: p.name)
+def test_every_shipped_sweep_file_validates_every_point(sweep, monkeypatch):
+    from fedpipe_dist.campaign import load_campaign
+
+    monkeypatch.chdir(REPO)  # a sweep's base job is relative to the working directory
+    c = load_campaign(sweep)  # loads and validates every point's job
+    assert len(c.points) == 60 and len({p.name for p in c.points}) == 60
+    assert {load_job(c.base, p.overrides).method for p in c.points} == {"fedpipe", "ft", "lora", "fedadapter",
+                                                                           "flora", "flexlora", "hetlora"}
 
 
 def test_no_job_file_gives_the_defaults():
