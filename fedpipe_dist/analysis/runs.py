@@ -90,7 +90,8 @@ class Run:
     @property
     def cohort(self) -> str:
         """What may share a table or a figure: the same model, dataset and number of rounds."""
-        return f"{self.model} on {self.dataset}, {self.n_rounds} rounds"
+        model = Path(self.model).name if "/" in self.model and Path(self.model).name else self.model  # a local folder
+        return f"{model} on {self.dataset}, {self.n_rounds} rounds"
 
     @property
     def repeat_key(self) -> str:
