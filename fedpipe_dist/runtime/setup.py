@@ -43,7 +43,7 @@ class Run:
     shards: dict  # hosted server -> its TokenizedSet
     shard_sizes: list[int]  # |D_i| of every server (known to every rank)
     eval_slice: object  # this rank's strided share of the eval set
-    eval_tokens: object  # (indices) -> this rank's strided share of those eval examples, tokenized
+    eval_subset: object  # (k) -> this rank's share of the first k eval examples (run's eval order), tokenized
     profiles: list[ServerProfile] = field(default_factory=list)
     method: Method | None = None
     planner: RoundPlanner | None = None
@@ -81,10 +81,6 @@ class Run:
     def pad_id(self) -> int:
         return self.tok.pad_token_id
 
-    def eval_subset(self, k: int):
-        """This rank's share of the first k eval examples (in the run's eval order)."""
-        return self.eval_tokens(k)
-
     def evaluate(self, state=None, data=None) -> dict:
         """Eval loss of the global model at eval precision, with the method's kept global adapter (or `state`)
         attached, on the eval set (or `data`, this rank's share of other examples). Every rank calls it."""
@@ -100,9 +96,9 @@ def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     """Everything a round needs, on this rank; `point` (a resumed run) gives the profiles measured at the start."""
     tok, model, sites = _load_model(cfg, comm)
     shards, shard_sizes = _load_shards(cfg, comm, tok)
-    eval_slice, eval_tokens = _load_eval(cfg, comm, tok)
+    eval_slice, eval_subset = _load_eval(cfg, comm, tok)
     run = Run(cfg=cfg, comm=comm, log=log, tok=tok, model=model, sites=sites, shards=shards,
-              shard_sizes=shard_sizes, eval_slice=eval_slice, eval_tokens=eval_tokens)
+              shard_sizes=shard_sizes, eval_slice=eval_slice, eval_subset=eval_subset)
     run.gen_mrs, run.gen_refs = _load_generation(cfg)
     # A resumed run plans with the profiles measured when it started, so its plans are the ones it would have made.
     run.profiles = saved_profiles(point.state) if point else _profile(cfg, comm, run.owner)
