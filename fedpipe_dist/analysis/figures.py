@@ -116,7 +116,7 @@ def _note(fig, lines: list[str], drawn: _Drawn | None = None) -> None:
 
     text = ([f"missing: {'; '.join(lines)}"] if lines else []) + (drawn.caption() if drawn is not None else [])
     width = max(40, int(fig.get_figwidth() * 15))
-    wrapped = [w for line in text for w in textwrap.wrap(line, width, subsequent_indent="  ")]
+    wrapped = [w for line in text for w in textwrap.wrap(line, width, subsequent_indent="  ", break_on_hyphens=False)]
     if wrapped:
         fig.text(0.005, 0.005, "\n".join(wrapped), fontsize=6.5, color="0.35", ha="left", va="bottom")
     bottom = min(0.45, (len(wrapped) * 0.115 + 0.05) / fig.get_figheight()) if wrapped else 0
