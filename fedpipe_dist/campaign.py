@@ -124,7 +124,7 @@ def _yaml_value(v) -> str:
 
 def state(campaign: Campaign, p: Point) -> str:
     """done | partial | todo, from the point's folder (see the module docstring)."""
-    from .io.checkpoint import CheckpointDir
+    from .io.checkpoint import complete_rounds
     from .io.hdf5 import Results
 
     rounds = load_job(campaign.base, p.overrides).rounds
@@ -136,7 +136,7 @@ def state(campaign: Campaign, p: Point) -> str:
                 return "done"
         except Exception:  # a file cut short: whatever the checkpoints say decides
             pass
-    held = CheckpointDir(p.out_dir, 0).rounds() if (p.out_dir / "checkpoint").is_dir() else []
+    held = complete_rounds(p.out_dir)
     return "partial" if held and max(held) <= rounds else "todo"
 
 

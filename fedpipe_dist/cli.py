@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federated fine-tuning job (under torchrun/srun/mpirun or alone)")
     run.add_argument("job", help="YAML job file, e.g. jobs/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rounds=3 train.lr=1e-3")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar: one log line per round (the "
+                     "default when stderr is not a terminal, as in a Slurm log)")
     plan = sub.add_parser("plan", help="print round 1's plan for every server (no weights, no training)")
     plan.add_argument("job")
     plan.add_argument("overrides", nargs="*")
@@ -61,9 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--args", action="store_true", help="print point --point's `fedpipe run` arguments, one per "
                     "line (nothing when it is done)")
     sw.set_defaults(overrides=[])
-    check = sub.add_parser("check", help="validate a job file and overrides, print the resolved config")
+    check = sub.add_parser("check", help="validate a job file and overrides before queueing it: the model folder, "
+                           "the data files (columns, enough rows), output.dir; print the resolved config")
     check.add_argument("job")
     check.add_argument("overrides", nargs="*")
+    check.add_argument("--nproc", type=int, help="the ranks the job will run on (warns about ranks that would host "
+                       "no server)")
     return p
 
 
@@ -96,6 +100,31 @@ def _sweep(args) -> int:
 def _rank_prefix() -> str:
     r = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("OMPI_COMM_WORLD_RANK")
     return f"[rank {r}] " if r not in (None, "0") else ""
+
+
+def report_user_error(msg: str) -> None:
+    """Say a user error once per job, as the last thing the user reads.
+
+    A user error (bad job file, override, data, model path; ConfigError/UserInputError) is raised on every
+    rank alike (load_job runs everywhere; the engine raises them through agree/raise_on_all_ranks), so only
+    rank 0 says it and the other ranks exit quietly with the same code. Under torchrun, rank 0 writes it into
+    torchrun's error file instead of stderr: torchrun then prints it once, at the end of its failure summary
+    ("Root Cause ... traceback : fedpipe: error: ..."), below its own traceback.
+    """
+    if _rank_prefix():
+        return
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import json
+        import time
+
+        try:
+            with open(error_file, "w") as f:  # the format torch.distributed.elastic reads (a str message)
+                json.dump({"message": msg, "timestamp": int(time.time())}, f)
+            return
+        except OSError:
+            pass  # no error file to write: stderr below
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -158,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             import yaml
 
+            from .preflight import preflight, world_size_from_env
+
+            notes = preflight(cfg, world_size=args.nproc or world_size_from_env())
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            for n in notes:
+                print(f"fedpipe check: {n}", file=sys.stderr)
+            print("fedpipe check: OK (job file, model, data and output.dir)", file=sys.stderr)
             return 0
         if args.command == "plan":
             from .runtime.planning import plan_table
@@ -194,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             comm.close()
         return 0
     except (ConfigError, UserInputError) as e:
-        print(f"{_rank_prefix()}fedpipe: error: {e}", file=sys.stderr)
+        report_user_error(f"fedpipe: error: {e}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"{_rank_prefix()}fedpipe: interrupted; results.h5 holds every round finished so far",

@@ -6,10 +6,20 @@
 #   FEDPIPE_CPU=1 FEDPIPE_NPROC=2 sbatch --gres=none --cpus-per-task=2 slurm/fedpipe_gpt2.sh jobs/quickstart.yaml
 #                                                                  # CPU variant (tests, laptops): gloo ranks
 #
-# Results: $FEDPIPE_RUNS/<job name>-<job id>/ (default runs/ in the submit directory): results.h5, final/.
-# Environment: FEDPIPE_PYTHON (default: .venv/bin/python in the submit directory, else python3),
-# FEDPIPE_RUNS, FEDPIPE_CPU=1 (no GPUs), FEDPIPE_NPROC (ranks per node; default: GPUs on the node, or
-# the task's CPUs on the CPU variant), FEDPIPE_PORT (rendezvous port, default 29500 + job id mod 1000).
+# Submit from any directory: the job file is found there or in the repository; runs/ and the job file's
+# relative paths are the submit directory's. Offline compute nodes: point model.name_or_path and
+# data.train_path/eval_path at copies on the shared filesystem and export HF_HUB_OFFLINE=1 (docs/hpc.md).
+# Results: $FEDPIPE_RUNS/<job name>-<job id>/ (default runs/ in the submit directory): results.h5, final/;
+# the log <job name>-<job id>.out has one line per round (eval loss, seconds, elapsed, ETA, bytes).
+# Environment: FEDPIPE_PYTHON (default: the repository's .venv/bin/python, else python3), FEDPIPE_HOME (the
+# repository, when scontrol cannot tell), FEDPIPE_RUNS, FEDPIPE_CPU=1 (no GPUs), FEDPIPE_NPROC (ranks per
+# node; default: GPUs on the node, or the task's CPUs on the CPU variant), FEDPIPE_PORT (rendezvous port,
+# default 29500 + job id mod 1000), FEDPIPE_MAX_RESTARTS (torchrun restarts of failed ranks).
+# Your cluster: most need an account and a partition (sinfo lists partitions; sacctmgr show assoc user=$USER
+# your accounts); remove one '#' to use a line.
+##SBATCH --account=<your project>
+##SBATCH --partition=<gpu partition>
+##SBATCH --qos=<qos>
 #SBATCH --job-name=fedpipe-gpt2
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -19,4 +29,11 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 export FEDPIPE_DEFAULT_JOB=jobs/e2e_gpt2_medium.yaml
-exec bash "${SLURM_SUBMIT_DIR:-.}/slurm/_launch.sh" "$@"
+# Slurm runs a copy of this script from its spool folder: the repository is found from the path it was
+# submitted with (scontrol's Command=), or FEDPIPE_HOME when set (a copy of this script kept elsewhere).
+repo=${FEDPIPE_HOME:-$(dirname "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")")}
+if [[ ! -f $repo/slurm/_launch.sh ]]; then
+  echo "fedpipe slurm: no slurm/_launch.sh in '$repo'; export FEDPIPE_HOME=/path/to/the/fedpipe_dist/checkout" >&2
+  exit 2
+fi
+exec bash "$repo/slurm/_launch.sh" "$@"

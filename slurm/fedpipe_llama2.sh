@@ -3,11 +3,25 @@
 # rendezvous on the first node. On one node with 16 GPUs: sbatch --nodes=1 --gres=gpu:16 slurm/fedpipe_llama2.sh
 #
 #   sbatch slurm/fedpipe_llama2.sh                                  # jobs/alpaca_llama2_7b.yaml
-#   sbatch slurm/fedpipe_llama2.sh jobs/alpaca_llama2_7b.yaml model.name_or_path=/path/to/Llama-2-7b-hf
+#   sbatch slurm/fedpipe_llama2.sh jobs/alpaca_llama2_7b.yaml \
+#       model.name_or_path=/shared/models/Llama-2-7b-hf data.train_path=/shared/data/alpaca_data.json
 #   FEDPIPE_CPU=1 FEDPIPE_NPROC=2 sbatch --nodes=1 --gres=none --cpus-per-task=2 slurm/fedpipe_llama2.sh \
 #       jobs/quickstart.yaml model.name_or_path=tiny-llama          # CPU variant
 #
+# Before the first job (docs/hpc.md has the whole checklist):
+# - Compute nodes usually cannot reach the Hugging Face hub, and Llama-2 is gated there: download the model
+#   and the data once on a login node (huggingface-cli download meta-llama/Llama-2-7b-hf --local-dir ...;
+#   tatsu-lab/alpaca's alpaca_data.json), pass their shared-filesystem paths as above, and export
+#   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 so nothing waits on the network.
+# - fedpipe check JOB.yaml [overrides] --nproc 16 reads the model folder, the data and output.dir before you queue.
+# - Progress: one line per round in <job name>-<job id>.out (round, eval loss, seconds, elapsed, ETA, bytes).
+#
 # Same environment variables as slurm/fedpipe_gpt2.sh.
+# Your cluster: most need an account and a partition (sinfo lists partitions; sacctmgr show assoc user=$USER
+# your accounts); remove one '#' to use a line.
+##SBATCH --account=<your project>
+##SBATCH --partition=<gpu partition>
+##SBATCH --qos=<qos>
 #SBATCH --job-name=fedpipe-llama2
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -17,4 +31,11 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 export FEDPIPE_DEFAULT_JOB=jobs/alpaca_llama2_7b.yaml
-exec bash "${SLURM_SUBMIT_DIR:-.}/slurm/_launch.sh" "$@"
+# Slurm runs a copy of this script from its spool folder: the repository is found from the path it was
+# submitted with (scontrol's Command=), or FEDPIPE_HOME when set (a copy of this script kept elsewhere).
+repo=${FEDPIPE_HOME:-$(dirname "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")")}
+if [[ ! -f $repo/slurm/_launch.sh ]]; then
+  echo "fedpipe slurm: no slurm/_launch.sh in '$repo'; export FEDPIPE_HOME=/path/to/the/fedpipe_dist/checkout" >&2
+  exit 2
+fi
+exec bash "$repo/slurm/_launch.sh" "$@"

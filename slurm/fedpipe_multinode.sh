@@ -5,7 +5,13 @@
 #
 # One task per node runs torchrun with G ranks; all nodes meet at a c10d rendezvous on the first node of the
 # allocation (its host name from scontrol, the port from FEDPIPE_PORT). clients.n may exceed N*G: the extra
-# edge servers share ranks (server c on rank c mod world size).
+# edge servers share ranks (server c on rank c mod world size). Model and data paths, offline use, submitting
+# from any directory and the environment variables: see slurm/fedpipe_gpt2.sh and docs/hpc.md.
+# Your cluster: most need an account and a partition (sinfo lists partitions; sacctmgr show assoc user=$USER
+# your accounts); remove one '#' to use a line.
+##SBATCH --account=<your project>
+##SBATCH --partition=<gpu partition>
+##SBATCH --qos=<qos>
 #SBATCH --job-name=fedpipe
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -15,4 +21,11 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 export FEDPIPE_DEFAULT_JOB=jobs/e2e_gpt2_medium.yaml
-exec bash "${SLURM_SUBMIT_DIR:-.}/slurm/_launch.sh" "$@"
+# Slurm runs a copy of this script from its spool folder: the repository is found from the path it was
+# submitted with (scontrol's Command=), or FEDPIPE_HOME when set (a copy of this script kept elsewhere).
+repo=${FEDPIPE_HOME:-$(dirname "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")")}
+if [[ ! -f $repo/slurm/_launch.sh ]]; then
+  echo "fedpipe slurm: no slurm/_launch.sh in '$repo'; export FEDPIPE_HOME=/path/to/the/fedpipe_dist/checkout" >&2
+  exit 2
+fi
+exec bash "$repo/slurm/_launch.sh" "$@"

@@ -7,7 +7,8 @@
 # (resume=true when the point has a checkpoint; nothing when it is already done) and runs them as the other
 # scripts here do (srun + torchrun, slurm/_launch.sh), writing into the point's folder. Rerunning the submit
 # command later submits only the points still not done. Environment as in _launch.sh (FEDPIPE_CPU=1,
-# FEDPIPE_NPROC, FEDPIPE_PYTHON, FEDPIPE_MAX_RESTARTS).
+# FEDPIPE_NPROC, FEDPIPE_PYTHON, FEDPIPE_HOME, FEDPIPE_MAX_RESTARTS). The sweep file and its out folder are
+# relative to the submit directory (where `fedpipe sweep --slurm` ran).
 #SBATCH --job-name=fedpipe-sweep
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -17,12 +18,18 @@
 #SBATCH --output=%x-%A_%a.out
 set -euo pipefail
 : "${SLURM_ARRAY_TASK_ID:?submit this with fedpipe sweep SWEEP.yaml --slurm (an array job), not directly}"
+repo=${FEDPIPE_HOME:-$(dirname "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")")}
+if [[ ! -f $repo/slurm/_launch.sh ]]; then
+  echo "fedpipe sweep: no slurm/_launch.sh in '$repo'; export FEDPIPE_HOME=/path/to/the/fedpipe_dist/checkout" >&2
+  exit 2
+fi
 cd "${SLURM_SUBMIT_DIR:-.}"
 sweep=${1:?usage: sbatch --array=... slurm/fedpipe_sweep.sh SWEEP.yaml}
 py=${FEDPIPE_PYTHON:-}
 if [[ -z $py ]]; then
-  if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python3; fi
+  if [[ -x $repo/.venv/bin/python ]]; then py=$repo/.venv/bin/python; else py=python3; fi
 fi
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 if ! listing=$("$py" -m fedpipe_dist sweep "$sweep" --point "$SLURM_ARRAY_TASK_ID" --args); then
   echo "fedpipe sweep: cannot read point $SLURM_ARRAY_TASK_ID of $sweep (the error is above)" >&2
   exit 2
@@ -36,4 +43,4 @@ for a in "${args[@]}"; do
   if [[ $a == output.dir=* ]]; then export FEDPIPE_OUTPUT=${a#output.dir=}; fi
 done
 echo "fedpipe sweep: point $SLURM_ARRAY_TASK_ID of $sweep -> $FEDPIPE_OUTPUT" >&2
-exec bash slurm/_launch.sh "${args[@]}"
+exec bash "$repo/slurm/_launch.sh" "${args[@]}"

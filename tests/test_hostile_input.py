@@ -65,7 +65,8 @@ def _assert_clean_refusal(code, err):
 @given(key=st.sampled_from(KEYS), value=values)
 def test_a_wrong_value_for_a_real_key(tmp_path, key, value):
     """A real key with a random value: either valid (exit 0) or refused with exit 2; never a traceback."""
-    code, err = _cli("check", "jobs/quickstart.yaml", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    code, err = _cli("check", "jobs/quickstart.yaml", f"output.dir={tmp_path / 'out'}",
+                     f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
     assert code in (0, 2), f"exit {code}: {err[-500:]}"
     assert "Traceback" not in err
     if code == 2:
@@ -79,7 +80,7 @@ def test_a_wrong_value_for_a_real_key(tmp_path, key, value):
 def test_a_job_file_with_unknown_keys(tmp_path, tree):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(tree), encoding="utf-8")
-    _assert_clean_refusal(*_cli("check", str(path)))
+    _assert_clean_refusal(*_cli("check", str(path), f"output.dir={tmp_path / 'out'}"))
 
 
 @SETTINGS
@@ -87,7 +88,7 @@ def test_a_job_file_with_unknown_keys(tmp_path, tree):
 def test_a_job_file_of_random_bytes(tmp_path, blob):
     path = tmp_path / "job.yaml"
     path.write_bytes(blob)
-    code, err = _cli("check", str(path))
+    code, err = _cli("check", str(path), f"output.dir={tmp_path / 'out'}")
     assert "Traceback" not in err
     if code != 0:  # random bytes can happen to be valid YAML of an empty or all-default job
         _assert_clean_refusal(code, err)
@@ -95,8 +96,8 @@ def test_a_job_file_of_random_bytes(tmp_path, blob):
 
 @SETTINGS
 @given(override=st.text(max_size=40))
-def test_random_override_strings(override):
-    code, err = _cli("check", "jobs/quickstart.yaml", override)
+def test_random_override_strings(tmp_path, override):
+    code, err = _cli("check", "jobs/quickstart.yaml", f"output.dir={tmp_path / 'out'}", override)
     assert code in (0, 2) and "Traceback" not in err, err[-500:]
 
 

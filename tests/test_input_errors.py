@@ -123,7 +123,88 @@ def test_existing_results_are_not_touched(fedpipe, tmp_path):
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     proc = fedpipe(out=out)
     assert_bad_input(proc, "output.dir", str(out), "results.h5", "choose a new output.dir",
-                     "set output.overwrite=true")
+                     "add resume=true", "output.overwrite=true to replace it")
     assert (out / "results.h5").read_bytes() == earlier
     assert (out / "final" / "config.json").read_text() == '{"model_type": "gpt2"}'
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+# ---- fedpipe check: what a queued job would trip over, before it is queued (issue 17) --------------------------
+
+
+def _check(REPO_ROOT, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "fedpipe_dist", "check", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_check_refuses_a_missing_model_folder(REPO_ROOT, tmp_path):
+    missing = tmp_path / "models" / "Llama-2-7b-hf"
+    proc = _check(REPO_ROOT, "jobs/quickstart.yaml", f"model.name_or_path={missing}", f"output.dir={tmp_path / 'o'}")
+    assert_bad_input(proc, "model.name_or_path", str(missing), "does not exist")
+
+
+def test_check_refuses_a_csv_without_ref(REPO_ROOT, tmp_path):
+    csv_path = write_csv(tmp_path / "train.csv", "mr,text\nname[The Eagle],The Eagle is a pub.\n")
+    proc = _check(REPO_ROOT, "jobs/quickstart.yaml", "data.name=e2e", f"data.train_path={csv_path}",
+                  f"data.eval_path={csv_path}", f"output.dir={tmp_path / 'o'}")
+    assert_bad_input(proc, "data.train_path", str(csv_path), "lacks ref")
+
+
+def test_check_refuses_too_few_rows_for_the_servers(REPO_ROOT, tmp_path):
+    csv_path = write_csv(tmp_path / "train.csv", "mr,ref\nname[A],A is a pub.\nname[B],B is a cafe.\n")
+    proc = _check(REPO_ROOT, "jobs/quickstart.yaml", "data.name=e2e", f"data.train_path={csv_path}",
+                  f"data.eval_path={csv_path}", "clients.n=4", f"output.dir={tmp_path / 'o'}")
+    assert_bad_input(proc, "data.train_path", "2 training example(s) for clients.n=4")
+
+
+def _unwritable(tmp_path):
+    """A folder this process cannot write into: chmod 500 for a normal user; root ignores permission bits,
+    so /sys (sysfs refuses new files even to root) there."""
+    if os.geteuid() != 0:
+        d = tmp_path / "locked"
+        d.mkdir()
+        d.chmod(0o500)
+        return d
+    if not os.path.isdir("/sys") or os.access("/sys", os.W_OK) and _can_create("/sys"):
+        pytest.skip("running as root and /sys accepts new files here: no folder root cannot write into")
+    return "/sys"
+
+
+def _can_create(folder) -> bool:
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def test_check_refuses_an_unwritable_output_dir(REPO_ROOT, tmp_path):
+    locked = _unwritable(tmp_path)
+    proc = _check(REPO_ROOT, "jobs/quickstart.yaml", f"output.dir={locked}/run")
+    assert_bad_input(proc, "output.dir", str(locked), "is not writable")
+
+
+def test_check_passes_and_warns_about_idle_ranks(REPO_ROOT, tmp_path):
+    proc = _check(REPO_ROOT, "jobs/quickstart.yaml", f"output.dir={tmp_path / 'o'}", "--nproc", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert "fedpipe check: OK" in proc.stderr
+    assert "8 ranks but clients.n=4: ranks 4..7 host no edge server" in proc.stderr
+
+
+@pytest.mark.dist
+def test_a_bad_override_under_torchrun_is_said_once_and_last(REPO_ROOT):
+    """Four ranks all find the error; rank 0 alone reports it, through torchrun's error file, so it is the
+    root cause at the end of torchrun's failure summary, and the other ranks exit quietly with code 2."""
+    from ._util import subprocess_env, torchrun_cmd
+
+    proc = subprocess.run(torchrun_cmd(4, "run", "jobs/quickstart.yaml", "rounds=abc"), cwd=REPO_ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    message = "rounds: expected an integer (got 'abc')"
+    assert out.count(message) == 1, out
+    assert message in "\n".join(out.strip().splitlines()[-3:]), out[-2000:]
+    assert out.count("exitcode  : 2") == 4, out[-3000:]
+    assert proc.returncode != 0

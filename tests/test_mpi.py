@@ -103,7 +103,7 @@ def test_a_stopped_rank_under_mpirun_times_out_naming_it_and_the_run_resumes(tmp
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None and \
-                not all(2 in CheckpointDir(out, r).rounds() for r in range(4)):
+                not all(2 in CheckpointDir(out, r, 4).rounds() for r in range(4)):
             time.sleep(0.05)
         victim = _mpi_rank_pid(marker, 2)
         assert proc.poll() is None and victim is not None, "the job ended, or rank 2 was not found, before round 3"

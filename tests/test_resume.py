@@ -61,14 +61,14 @@ def test_stop_after_round_2_and_resume_equals_the_run_that_never_stopped(tmp_pat
     a, b = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0
     # two checkpoints kept per rank; rank 0's with their results.h5 snapshots
-    assert CheckpointDir(tmp_path / "split", 0).rounds() == [3, 4]
+    assert CheckpointDir(tmp_path / "split", 0, 1).rounds() == [3, 4]
 
 
 def test_checkpoint_every_two_rounds_resumes_from_the_last_one(tmp_path):
     extra = [*DECLARED, "checkpoint.every=2"]
     _, whole = run_small(tmp_path, "whole", *extra, "rounds=3")
     run_small(tmp_path, "split", *extra, "rounds=3")
-    ckpt = CheckpointDir(tmp_path / "split", 0)
+    ckpt = CheckpointDir(tmp_path / "split", 0, 1)
     assert ckpt.rounds() == [2, 3]  # every 2nd round and the last
     ckpt.path(3).unlink()  # as if the job died during round 3: the newest complete checkpoint is round 2
     _, resumed = run_small(tmp_path, "split", *extra, "rounds=3", "resume=true")
@@ -125,7 +125,7 @@ def test_a_corrupted_checkpoint_is_refused_naming_the_file(two_round_run, capsys
 
     out = tmp_path / "copy"
     shutil.copytree(two_round_run, out)
-    path = CheckpointDir(out, 0).path(2)
+    path = CheckpointDir(out, 0, 1).path(2)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short
     err = _refused(out, capsys)
     assert str(path) in err and "cannot be read" in err
@@ -137,7 +137,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(two_round_run, capsys, tmp_
 
     out = tmp_path / "copy"
     shutil.copytree(two_round_run, out)
-    path = CheckpointDir(out, 0).path(2)
+    path = CheckpointDir(out, 0, 1).path(2)
     marker = tmp_path / "pwned"
     torch.save({"format": 1, "round": 2, "rank": 0, "x": _Exploit(str(marker))}, path)
     err = _refused(out, capsys)
@@ -229,7 +229,7 @@ def test_sigkill_in_round_3_restarts_and_resumes_to_the_uninterrupted_result(tmp
         # round 3 is running once every rank holds its checkpoint of round 2 and round 3's row is not written
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and \
-                not all(2 in CheckpointDir(out, r).rounds() for r in range(4)):
+                not all(2 in CheckpointDir(out, r, 4).rounds() for r in range(4)):
             time.sleep(0.05)
         assert _rows(out / "results.h5") == 3, "the job is not in round 3"  # rows of rounds 0, 1, 2
         victim = _rank_pid(proc.pid, 2)
@@ -269,7 +269,7 @@ def test_a_damaged_snapshot_is_refused_naming_it(two_round_run, capsys, tmp_path
 
     out = tmp_path / "copy"
     shutil.copytree(two_round_run, out)
-    snap = CheckpointDir(out, 0).results_path(2)
+    snap = CheckpointDir(out, 0, 1).results_path(2)
     snap.write_bytes(b"not hdf5")
     err = _refused(out, capsys)
     assert str(snap) in err and "cannot be read" in err

@@ -107,8 +107,54 @@ def test_sbatch_cpu_variant_runs_two_rounds(cluster, tmp_path, script, extra):
     assert res.attrs["finished"] and res.n_rounds == 2 and res.attrs["world_size"] == 2
     assert (run_dir / "final" / "config.json").is_file()
     assert f"job {job_id}, 1 node(s) x 2 rank(s)" in log
+    # progress in the log, not only "round 0" and "done": one line per round (issue 17)
+    for t in (1, 2):
+        assert re.search(rf"^round {t}/2  eval loss \d+\.\d{{4}}  round [\d.]+ s  elapsed .* ETA .* up .* down ", log,
+                         re.M), log[-3000:]
     if model:
         assert Results(run_dir / "results.h5").attrs["model"] == "tiny-llama"
+
+
+def _wait_for(env, job_id: str, limit_s: float = 240) -> tuple[str, str]:
+    start = time.monotonic()
+    state, reason = "PENDING", "?"
+    while time.monotonic() - start < limit_s:
+        state, reason = _job_state(env, job_id)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+            break
+        if state == "PENDING" and time.monotonic() - start > 60:
+            break
+        time.sleep(1)
+    return state, reason
+
+
+@needs_slurm
+def test_a_job_submitted_from_outside_the_repository_runs(cluster, tmp_path):
+    """sbatch /path/to/repo/slurm/fedpipe_gpt2.sh from another folder: Slurm runs a spooled copy of the script,
+    which finds the repository through scontrol (Command=), the job file there, and writes runs/ into the
+    submit folder. Python: the repository's .venv (as a user's would be), when there is one."""
+    elsewhere = tmp_path / "my_experiments"
+    elsewhere.mkdir()
+    venv = REPO / ".venv" / "bin" / "python"
+    extra = {} if venv.exists() else {"FEDPIPE_PYTHON": sys.executable}
+    env = subprocess_env(SLURM_CONF=str(cluster / "slurm.conf"), FEDPIPE_CPU=1, FEDPIPE_NPROC=2, **extra)
+    env.pop("FEDPIPE_RUNS", None)
+    env.pop("FEDPIPE_HOME", None)
+    r = subprocess.run(["sbatch", "--parsable", "--gres=none", "--cpus-per-task=2", "--job-name=fp-away",
+                        f"--output={elsewhere / 'job-%j.out'}", str(REPO / "slurm" / "fedpipe_gpt2.sh"),
+                        "jobs/quickstart.yaml", "rounds=1", "train.local_steps=2", "data.synthetic_train_size=32",
+                        "data.synthetic_eval_size=8", "eval.max_samples=8", "clients.slowdown=1"],
+                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    state, reason = _wait_for(env, job_id)
+    log = "".join(p.read_text() for p in elsewhere.glob("job-*.out"))
+    if state != "COMPLETED":
+        subprocess.run(["scancel", job_id], env=env, timeout=30)
+        pytest.fail(f"Slurm job {job_id} ended {state} (reason {reason})\n{log[-3000:]}")
+    res = Results(elsewhere / "runs" / f"fp-away-{job_id}" / "results.h5")
+    assert res.attrs["finished"] and res.n_rounds == 1
+    assert f"job {REPO / 'jobs' / 'quickstart.yaml'}" in log
 
 
 @needs_slurm
@@ -133,9 +179,9 @@ def test_a_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     run_dir = tmp_path / "runs" / f"fp-rq-{job_id}"
     start = time.monotonic()
     try:
-        while time.monotonic() - start < 240 and not all(2 in CheckpointDir(run_dir, k).rounds() for k in range(2)):
+        while time.monotonic() - start < 240 and not all(2 in CheckpointDir(run_dir, k, 2).rounds() for k in range(2)):
             time.sleep(0.1)
-        assert all(2 in CheckpointDir(run_dir, k).rounds() for k in range(2)), "the job never finished round 2"
+        assert all(2 in CheckpointDir(run_dir, k, 2).rounds() for k in range(2)), "the job never finished round 2"
         q = subprocess.run(["scontrol", "requeue", job_id], env=env, capture_output=True, text=True, timeout=30)
         assert q.returncode == 0, q.stderr
         state, reason = "PENDING", "?"

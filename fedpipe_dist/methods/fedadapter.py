@@ -118,7 +118,7 @@ class FedAdapter(Method):
 
     def load_state_dict(self, state: dict) -> None:
         target = self.run.comm.device if state["global_state_device"] == "cuda" else "cpu"
-        self.global_state = tree_to(state["global_state"], target)
+        self.global_state = tree_to(state["global_state"], target, copy=True)
         self.config = AdapterConfig(*state["adapter_config"])
 
     def export(self, folder) -> None:

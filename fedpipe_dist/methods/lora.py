@@ -105,7 +105,7 @@ class LoRAMethod(Method):
 
     def load_state_dict(self, state: dict) -> None:
         target = self.run.comm.device if state["global_state_device"] == "cuda" else "cpu"
-        self.global_state = tree_to(state["global_state"], target)
+        self.global_state = tree_to(state["global_state"], target, copy=True)
 
     def finish(self) -> None:
         if self.global_state:  # a kept global adapter joins the base once

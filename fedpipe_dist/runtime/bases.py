@@ -180,10 +180,13 @@ class RankBases:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Put a state_dict() back into bases built alike (same model, sites and precisions)."""
-        fp32, residuals = state["fp32"], state["residuals"]
-        if set(fp32) != ({s.module_name for s in self.sites} if "fp32" in self.views else set()) \
-                or set(residuals) != set(self.residuals):
+        """Put a state_dict() back into bases built alike (same model and sites). The state may hold parts
+        this rank does not keep (another rank's precisions, in a resume on another number of ranks): the fp32
+        weights are used when this rank has an fp32 view, the residuals when it has a quantized one."""
+        fp32 = state["fp32"] if "fp32" in self.views else {}
+        residuals = state["residuals"] if self.residuals else {}
+        if ("fp32" in self.views and set(fp32) != {s.module_name for s in self.sites}) \
+                or not set(self.residuals) <= set(residuals):
             raise UserInputError("resume: the checkpoint's bases do not match this job's (other adapted weights or "
                                  "base precisions); resume with the job that wrote it")
         for name, w in fp32.items():
@@ -198,8 +201,9 @@ class RankBases:
                 raise UserInputError(f"resume: the checkpoint's merged residual of {key} does not fit this model; "
                                      "resume with the model that wrote it")
             device = r.U.device
-            r.U, r.V = saved["U"].to(device), saved["V"].to(device)
-            r.D = None if saved["D"] is None else saved["D"].to(device)
+            # copies: the saved tensors may be memory-mapped from the checkpoint file
+            r.U, r.V = saved["U"].to(device, copy=True), saved["V"].to(device, copy=True)
+            r.D = None if saved["D"] is None else saved["D"].to(device, copy=True)
 
     # ---- export --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -37,6 +37,15 @@ def detect_launch(env: dict[str, str] | None = None) -> LaunchInfo:
     return LaunchInfo(0, 1, 0, "single")
 
 
+def idle_ranks_warning(world_size: int, n_clients: int) -> str | None:
+    """A warning when some ranks would host no edge server (server c runs on rank c mod world size)."""
+    if world_size <= n_clients:
+        return None
+    return (f"warning: {world_size} ranks but clients.n={n_clients}: ranks {n_clients}..{world_size - 1} host no "
+            f"edge server and only share the evaluation; launch {n_clients} ranks (torchrun --nproc_per_node="
+            f"{n_clients}), or raise clients.n to {world_size}")
+
+
 def device_for(info: LaunchInfo) -> torch.device:
     if torch.cuda.is_available():
         n = torch.cuda.device_count()

@@ -36,8 +36,9 @@ def agree(comm, fn):
 def check_output_dir(out: Path, overwrite: bool) -> None:
     results = out / "results.h5"
     if results.exists() and not overwrite:
-        raise UserInputError(f"output.dir: {str(out)!r} already holds results.h5 from an earlier run; choose a new "
-                             "output.dir, or set output.overwrite=true to replace it")
+        raise UserInputError(f"output.dir: {str(out)!r} already holds results.h5 from an earlier run; add "
+                             "resume=true to continue that run from its newest checkpoint, output.overwrite=true to "
+                             "replace it, or choose a new output.dir")
     if out.exists() and not out.is_dir():
         raise UserInputError(f"output.dir: {str(out)!r} exists and is not a folder; choose another output.dir")
 

@@ -1,6 +1,6 @@
 """What a run reports: the rank-0 progress log and the rows it appends to results.h5 (docs/hdf5_schema.md).
 
-    log = Log(rank0)                                  # a tqdm bar on rank 0, lines printed above it
+    log = Log(rank0)              # rank 0: a tqdm bar on a terminal, one line per round in a log file
     writer.append_round(round_row(t, ...), client_arrays(...))
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 import numpy as np
 
@@ -18,37 +19,79 @@ from .client import ClientStats
 
 
 class Log:
-    """The single rank-0 sink for human-readable progress (a tqdm bar plus lines printed above it)."""
+    """The single rank-0 sink for human-readable progress: a tqdm bar with lines printed above it on a
+    terminal; elsewhere (a Slurm log, a file, a pipe, --no-progress) one flushed line per round instead, so
+    a long job's log shows how far it is:
 
-    def __init__(self, enabled: bool, show_bar: bool = True):
+        round 12/50  eval loss 2.8431  round 41.2 s  elapsed 8m14s  ETA 26m05s  up 3.1 MB  down 12.4 MB
+    """
+
+    def __init__(self, enabled: bool, show_bar: bool = True, stream=None):
         self.enabled = enabled
-        self.show_bar = show_bar
+        self.stream = stream or sys.stderr
+        self.show_bar = show_bar and _is_terminal(self.stream)
         self.bar = None
+        self.total = self.done = self.first = 0
+        self.t0 = time.monotonic()
 
     def open_bar(self, total: int, done: int = 0) -> None:
+        self.total, self.done, self.first = total, done, done
+        self.t0 = time.monotonic()
         if self.enabled and self.show_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=done, desc="rounds", unit="round", file=sys.stderr,
+            self.bar = tqdm(total=total, initial=done, desc="rounds", unit="round", file=self.stream,
                             dynamic_ncols=True)
 
     def __call__(self, msg: str) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
+            self.bar.write(msg, file=self.stream)
         else:
-            print(msg, file=sys.stderr, flush=True)
+            print(msg, file=self.stream, flush=True)
 
-    def step(self, **postfix) -> None:
+    def step(self, row: dict) -> None:
+        """Round `row` (results.h5's row of the round just recorded) is done."""
+        self.done += 1
+        loss = row.get("eval_loss", math.nan)
         if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}" if loss == loss else "-", refresh=False)
             self.bar.update(1)
+            return
+        elapsed = time.monotonic() - self.t0
+        rounds_here = self.done - self.first
+        eta = elapsed / rounds_here * (self.total - self.done) if rounds_here else math.nan
+        self(f"round {row['round']}/{self.total}  eval loss {_num(loss, '.4f')}"
+             f"  round {_num(row.get('wall_s'), '.1f')} s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}"
+             f"  up {_mb(row.get('bytes_up', 0))}  down {_mb(row.get('bytes_down', 0))}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed or not a file
+        return False
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None or x != x else format(x, fmt)
+
+
+def _clock(s: float) -> str:
+    if s != s:
+        return "-"
+    s = int(round(s))
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0, stats: dict | None = None,

@@ -6,10 +6,11 @@
     for t in range(point.round + 1, cfg.rounds + 1): ...
 
 A resume happens when the job says resume=true, or on its own in a process that torchrun restarted
-(TORCHELASTIC_RESTART_COUNT > 0, under --max-restarts). Every rank agrees on the newest round that all of
-them hold a checkpoint of, loads its own file, and checks that it belongs to this job (the same run, world
-size and settings; only the keys in MAY_CHANGE may differ). Any problem is a UserInputError on every rank
-(exit code 2) raised before anything on disk changes.
+(TORCHELASTIC_RESTART_COUNT > 0, under --max-restarts). Every rank agrees on the newest round that all ranks
+of one world size hold a checkpoint of, loads its own file (or, on another number of ranks, composes its
+state from the files of the ranks that hosted its servers: elastic resume), and checks that it belongs to
+this job (the same run and settings; only the keys in MAY_CHANGE may differ). Any problem is a
+UserInputError on every rank (exit code 2) raised before anything on disk changes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from ..config import JobConfig, UserInputError
-from ..io.checkpoint import CheckpointDir
+from ..io.checkpoint import CheckpointDir, complete, scan, snapshots
 from .heterogeneity import ServerProfile
 
 # Settings a resumed run may change: they do not alter the rounds already done or the ones to come.
@@ -69,21 +70,34 @@ def raise_on_all_ranks(comm, err: str | None) -> None:
 
 def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, log) -> ResumePoint | None:
     """The checkpoint this rank continues from, or None for a fresh start (the caller then replaces whatever
-    an earlier attempt left in out_dir). Raises UserInputError on every rank when out_dir cannot be resumed."""
+    an earlier attempt left in out_dir). Raises UserInputError on every rank when out_dir cannot be resumed.
+
+    Elastic: the newest round whose checkpoint every rank of *some* world size wrote is taken, whatever the
+    world size now; on another number of ranks each rank composes its state from the files of that round
+    (compose_state)."""
     results = out_dir / "results.h5"
-    held = comm.all_gather_object(ckpt.rounds())
-    common = set(held[0]).intersection(*held[1:])
-    t0 = max(common) if common else None
+    # what each rank sees (node-local folders: each node its own ranks' files), joined
+    seen = comm.all_gather_object((scan(ckpt.dir), snapshots(ckpt.dir)))
+    found: dict[int, dict[int, set[int]]] = {}
+    snaps: set[int] = set()
+    for f, sn in seen:
+        for t, by_w in f.items():
+            for w, ranks in by_w.items():
+                found.setdefault(t, {}).setdefault(w, set()).update(ranks)
+        snaps |= sn
+    done = complete(found, snaps)
+    t0 = max(done) if done else None
+    w0 = (comm.world_size if comm.world_size in done[t0] else done[t0][-1]) if done else None
     err, start_fresh = None, False
     if comm.rank == 0:
         if t0 is None:
-            done = _rounds_in(results)
-            if done is None or done == 0:  # nothing there, or the run died in its first round
+            n = _rounds_in(results)
+            if n is None or n == 0:  # nothing there, or the run died in its first round
                 start_fresh = True
             else:
-                err = (f"resume: {str(results)!r} holds {done} round(s) but {str(ckpt.dir)!r} has no checkpoint that "
-                       "every rank wrote (checkpoint.enabled was false, or the folder was removed or written by "
-                       "another number of ranks); start over with output.overwrite=true or use a new output.dir")
+                err = (f"resume: {str(results)!r} holds {n} round(s) but {str(ckpt.dir)!r} has no checkpoint that "
+                       "every rank wrote (checkpoint.enabled was false, or the folder was removed); start over "
+                       "with output.overwrite=true or use a new output.dir")
         elif t0 > cfg.rounds:
             err = (f"resume: the newest checkpoint is of round {t0}, past rounds={cfg.rounds}; set rounds >= {t0} "
                    "to continue this run")
@@ -95,10 +109,17 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
     if start_fresh:
         log(f"resume: nothing to resume in {out_dir} yet; starting the run from round 1")
         return None
+    if w0 != comm.world_size:
+        log(f"resume: round {t0}'s checkpoint was written by {w0} rank(s), this job has {comm.world_size}; each "
+            "rank takes its servers' state from the files of the ranks that hosted them")
     err, state = None, None
     try:
-        state = ckpt.load(t0)
-        err = _mismatch(state, cfg, comm.world_size)
+        if w0 == comm.world_size:
+            state = ckpt.load(t0)
+        else:
+            state = compose_state(ckpt, t0, w0, hosted=[c for c in range(cfg.clients.n)
+                                                        if c % comm.world_size == comm.rank])
+        err = _mismatch(state, cfg)
     except UserInputError as e:
         err = str(e)
     raise_on_all_ranks(comm, err)
@@ -107,6 +128,22 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
                     f"resume: the ranks' checkpoints of round {t0} come from different runs ({sorted(set(ids))}); "
                     "start over with output.overwrite=true")
     return ResumePoint(t0, state)
+
+
+def compose_state(ckpt: CheckpointDir, t0: int, w0: int, hosted: list[int]) -> dict:
+    """This rank's state after round t0 from the files of the w0 ranks that wrote it: what every rank holds
+    alike (the method's state, the planner's ranks, eval losses, profiles, RNG) from old rank 0; each hosted
+    server's importance state from the rank that hosted it (server c ran on rank c mod w0); the base's fp32
+    weights and merged residuals from a rank that kept them (every rank merged the same updates). Files are
+    memory-mapped, so only the tensors taken are read."""
+    files = {r: ckpt.load(t0, r, w0) for r in range(w0)}
+    state = dict(files[0])
+    state["importance"] = {c: files[c % w0]["importance"][c] for c in hosted}
+    if state["base"] is not None:
+        state["base"] = {"fp32": next((f["base"]["fp32"] for f in files.values() if f["base"]["fp32"]), {}),
+                         "residuals": next((f["base"]["residuals"] for f in files.values()
+                                            if f["base"]["residuals"]), {})}
+    return state
 
 
 def _rounds_in(results: Path) -> int | None:
@@ -144,11 +181,7 @@ def _check_snapshot(path: Path, t0: int) -> str | None:
     return None
 
 
-def _mismatch(state: dict, cfg: JobConfig, world_size: int) -> str | None:
-    where = f"checkpoint of round {state['round']} (rank {state['rank']})"
-    if state["world_size"] != world_size:
-        return (f"resume: the {where} was written by {state['world_size']} ranks, this job has {world_size}; resume "
-                "with the same number of ranks")
+def _mismatch(state: dict, cfg: JobConfig) -> str | None:
     now = settings_fingerprint(cfg)
     then = state["settings"]
     diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
@@ -168,13 +201,15 @@ def new_run_id(comm) -> str:
 # ---- what a rank's checkpoint holds --------------------------------------------------------------------------
 
 
-def tree_to(tree, device):
+def tree_to(tree, device, copy: bool = False):
+    """Every tensor in a tree of dicts, lists and tuples moved to `device` (copied when `copy`: a state read
+    from a memory-mapped checkpoint must not stay backed by the file)."""
     if torch.is_tensor(tree):
-        return tree.to(device)
+        return tree.to(device, copy=copy)
     if isinstance(tree, dict):
-        return {k: tree_to(v, device) for k, v in tree.items()}
+        return {k: tree_to(v, device, copy) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
-        return type(tree)(tree_to(v, device) for v in tree)
+        return type(tree)(tree_to(v, device, copy) for v in tree)
     return tree
 
 
@@ -224,10 +259,10 @@ def apply_state(state: dict, *, bases, method, planner) -> list[float]:
     method.load_state_dict(state["method"])
     if set(state["importance"]) != set(planner.states):
         raise UserInputError("resume: the checkpoint's servers are not the ones this rank hosts; resume with the same "
-                             "clients.n and number of ranks")
+                             "clients.n")
     for c, st in state["importance"].items():
-        planner.states[c].ibar, planner.states[c].ubar = st["ibar"].numpy(), st["ubar"].numpy()
-        planner.states[c].sv = st["sv"].numpy()
+        planner.states[c].ibar, planner.states[c].ubar = st["ibar"].numpy().copy(), st["ubar"].numpy().copy()
+        planner.states[c].sv = st["sv"].numpy().copy()
     planner.client_ranks = list(state["client_ranks"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])

@@ -29,6 +29,7 @@ from ..config import FaultsConfig, JobConfig
 from ..io.checkpoint import CheckpointDir
 from ..methods import Exchanged, Report
 from .client import peak_mem, reset_peak_mem
+from .launch import idle_ranks_warning
 from .outputs import agree, check_output_dir, finish, open_results
 from .record import Log, client_arrays, round_row
 from .resume import find_resume_point, new_run_id, rank_state, restarted_by_torchrun
@@ -50,6 +51,9 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     log = Log(comm.rank == 0, show_bar=show_progress)
     ckpt, point, run_id = _fresh_or_resumed(cfg, comm, log)
     run = set_up(cfg, comm, log, point)
+    idle = idle_ranks_warning(comm.world_size, cfg.clients.n)
+    if idle:
+        log(idle)
     method, start = run.method, point.round if point else 0
     writer, eval_losses = open_results(run, ckpt, point, run_id)
     log.open_bar(cfg.rounds, done=start)
@@ -88,7 +92,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
             row.update(agg_peak_bytes=agg_peak, eval_s=eval_s, wall_s=time.perf_counter() - t_round)
             row.update(eval_loss=ev["loss"] if ev else math.nan, eval_ppl=ev["ppl"] if ev else math.nan)
             writer.append_round(row, arrays)
-            log.step(loss=f"{row['eval_loss']:.4f}" if ev else "-")
+            log.step(row)
         # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
         if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
             ckpt.save(t, rank_state(cfg=cfg, world_size=comm.world_size, run_id=run_id, bases=run.bases,
@@ -105,7 +109,7 @@ def _fresh_or_resumed(cfg: JobConfig, comm: Communicator, log):
     """A fresh run, or the continuation of one (resume=true, or restarted by torchrun --max-restarts):
     the checkpoint folder, the checkpoint to continue from (None: fresh) and the run's id."""
     out_dir = Path(cfg.output.dir)
-    ckpt = CheckpointDir(out_dir, comm.rank)
+    ckpt = CheckpointDir(out_dir, comm.rank, comm.world_size)
     resuming = cfg.resume or restarted_by_torchrun()
     point = find_resume_point(cfg, comm, out_dir, ckpt, log) if resuming else None
     if not resuming:

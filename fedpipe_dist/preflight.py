@@ -1,0 +1,124 @@
+"""`fedpipe check`: what can be checked before a job waits in a queue for hours, then fails in a minute.
+
+    warnings = preflight(cfg, world_size=16)    # raises UserInputError naming the key and the fix
+
+Beyond the job file's own validation (config.py), it reads what the job will read: the model folder and its
+config (and max_length against the model's position limit), the data files with their columns and enough
+rows for clients.n, the generation data, whether output.dir can be written (and is not an earlier run's
+folder without resume=true or output.overwrite=true), and how many ranks would host no server. Hub names
+(a model or dataset to download) cannot be checked offline; they come back as notes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .config import JobConfig, UserInputError
+
+
+def preflight(cfg: JobConfig, *, world_size: int = 1) -> list[str]:
+    """Raise UserInputError at the first problem; return notes and warnings for what is not an error."""
+    notes: list[str] = []
+    notes += _model(cfg)
+    notes += _data(cfg)
+    _output_dir(cfg)
+    from .runtime.launch import idle_ranks_warning
+
+    idle = idle_ranks_warning(world_size, cfg.clients.n)
+    if idle:
+        notes.append(idle)
+    return notes
+
+
+def _model(cfg: JobConfig) -> list[str]:
+    from .models import TINY_CONFIGS, _looks_local, check_model_path
+
+    name = cfg.model.name_or_path
+    check_model_path(name)
+    if name in TINY_CONFIGS:
+        limit = TINY_CONFIGS[name].get("n_positions", TINY_CONFIGS[name].get("max_position_embeddings"))
+    elif _looks_local(name):
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserInputError(f"model.name_or_path: {name!r} has a config.json that cannot be read "
+                                 f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); point it at a "
+                                 "Hugging Face model folder written by save_pretrained") from None
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    else:
+        return [f"note: model.name_or_path={name!r} is a hub name: it is downloaded when the job starts (compute "
+                "nodes often have no network: download it once, point model.name_or_path at the folder, and set "
+                "HF_HUB_OFFLINE=1)"]
+    if limit is not None and cfg.model.max_length > limit:
+        raise UserInputError(f"model.max_length: {cfg.model.max_length} is longer than the model's position limit "
+                             f"({limit}); set model.max_length={limit} or less")
+    return []
+
+
+def _data(cfg: JobConfig) -> list[str]:
+    from .data import load_eval_pairs, load_train_pairs
+    from .data.alpaca import is_hub_name
+
+    d = cfg.data
+    hub = (d.name == "e2e" and (d.train_path is None or d.eval_path is None)) or \
+        (d.name == "alpaca" and is_hub_name(d.train_path))
+    if hub:
+        return [f"note: data.name={d.name} without a local file is downloaded when the job starts (set "
+                "data.train_path/data.eval_path to files on the shared filesystem for compute nodes without "
+                "network)"]
+    if d.name == "synthetic-e2e" and d.train_path is None:
+        n = d.synthetic_train_size  # generated at the start; nothing to read
+    else:
+        n = len(load_train_pairs(cfg))  # reads the file: missing files, columns, encoding, empty sets fail here
+    n = n if d.max_train_samples is None else min(n, d.max_train_samples)
+    if n < cfg.clients.n:
+        raise UserInputError(f"data.train_path: {n} training example(s) for clients.n={cfg.clients.n} servers; every "
+                             f"server needs at least one: add rows, raise data.max_train_samples, or lower clients.n")
+    if not (d.name == "synthetic-e2e" and d.eval_path is None):
+        load_eval_pairs(cfg)
+    if cfg.generation.enabled:
+        from .metrics.generate import generation_pairs
+
+        if not generation_pairs(cfg):
+            raise UserInputError("generation.data_path: no (mr, ref) pairs to generate from; point it at an E2E "
+                                 "CSV, or set generation.enabled=false")
+    return []
+
+
+def _output_dir(cfg: JobConfig) -> None:
+    from .runtime.outputs import check_output_dir
+
+    out = Path(cfg.output.dir).expanduser()
+    try:
+        out.exists()
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the filesystem
+        raise UserInputError(f"output.dir: {cfg.output.dir!r} is not a usable path ({e}); choose another "
+                             "output.dir") from None
+    if not cfg.resume:
+        check_output_dir(out, cfg.output.overwrite)
+    elif out.exists() and not out.is_dir():
+        raise UserInputError(f"output.dir: {str(out)!r} exists and is not a folder; choose another output.dir")
+    existing = out
+    while not existing.exists():  # the folder the run would create its own folders in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(f"output.dir: {str(existing)!r} is a file, so {str(out)!r} cannot be created; choose "
+                             "another output.dir")
+    try:  # a real write: permission bits alone do not tell (root, read-only mounts, quotas)
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".fedpipe-check-"):
+            pass
+    except OSError as e:
+        where = repr(str(out)) if existing == out else f"{str(out)!r} cannot be created: {str(existing)!r}"
+        raise UserInputError(f"output.dir: {where} is not writable ({e.strerror or type(e).__name__}); choose an "
+                             "output.dir you can write to") from None
+
+
+def world_size_from_env() -> int:
+    """The ranks a launcher would start, when `fedpipe check` itself runs under one (else 1)."""
+    from .runtime.launch import detect_launch
+
+    return detect_launch(dict(os.environ)).world_size
