@@ -33,7 +33,7 @@ set -euo pipefail
 export FEDPIPE_DEFAULT_JOB=jobs/alpaca_llama2_7b.yaml
 # Slurm runs a copy of this script from its spool folder: the repository is found from the path it was
 # submitted with (scontrol's Command=), or FEDPIPE_HOME when set (a copy of this script kept elsewhere).
-repo=${FEDPIPE_HOME:-$(dirname "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")")}
+repo=${FEDPIPE_HOME:-$(dirname "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q;}')")")}
 if [[ ! -f $repo/slurm/_launch.sh ]]; then
   echo "fedpipe slurm: no slurm/_launch.sh in '$repo'; export FEDPIPE_HOME=/path/to/the/fedpipe_dist/checkout" >&2
   exit 2

@@ -18,7 +18,7 @@
 #SBATCH --output=%x-%A_%a.out
 set -euo pipefail
 : "${SLURM_ARRAY_TASK_ID:?submit this with fedpipe sweep SWEEP.yaml --slurm (an array job), not directly}"
-repo=${FEDPIPE_HOME:-$(dirname "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")")}
+repo=${FEDPIPE_HOME:-$(dirname "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q;}')")")}
 if [[ ! -f $repo/slurm/_launch.sh ]]; then
   echo "fedpipe sweep: no slurm/_launch.sh in '$repo'; export FEDPIPE_HOME=/path/to/the/fedpipe_dist/checkout" >&2
   exit 2
