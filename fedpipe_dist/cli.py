@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                       "(raise clients.memory_gb or plan.step_time_s, or lower train.batch_min)", file=sys.stderr)
             return 0
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        from .runtime.launch import make_comm
+        from .runtime.launch import die_with_launcher, make_comm
+
+        die_with_launcher()
         from .runtime.server import run_job
 
         comm = make_comm(cfg.comm)

@@ -479,8 +479,12 @@ def validate(cfg: JobConfig) -> None:
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")
     if cfg.data.name == "synthetic-e2e":
-        _check(cfg.data.synthetic_train_size >= 1, "data.synthetic_train_size", "must be >= 1")
-        _check(cfg.data.synthetic_eval_size >= 1, "data.synthetic_eval_size", "must be >= 1")
+        for key in ("synthetic_train_size", "synthetic_eval_size"):
+            n = getattr(cfg.data, key)
+            # generated in memory at the start, about 13 us each (1 million: 13 s on one core)
+            _check(1 <= n <= MAX_SYNTHETIC, f"data.{key}", f"must be between 1 and {MAX_SYNTHETIC:,} (got {n:,}); "
+                   "the synthetic set is generated in memory at the start; use a real dataset (data.name=e2e) for "
+                   "more")
 
 
 def per_client_values(spec: Any, n: int, key: str, *, seed: int, positive: bool = False) -> list[float]:
@@ -679,7 +683,7 @@ def apply_override(tree: dict, override: str) -> None:
     """Apply one `dotted.key=value` override (value parsed as YAML) to a nested dict in place."""
     key, raw = _split_override(override)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml(raw, f"override {key}") if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e.__class__.__name__}); "
                           "quote strings and write lists as [a, b]", key=key) from None
@@ -704,6 +708,45 @@ def _yaml_error_hint(e: yaml.YAMLError) -> str:
             "'key: value' with a space after ':', and quote text that contains ':' or '#'")
 
 
+MAX_SYNTHETIC = 1_000_000  # synthetic examples: generated in memory at start-up
+MAX_JOB_BYTES = 1 << 20  # a job file is a page of settings; a megabyte is far beyond any real one
+MAX_YAML_NODES = 100_000  # after alias expansion: a "billion laughs" file is a few hundred bytes
+
+
+def safe_yaml(text: str, where: str):
+    """yaml.safe_load with bounds checked first: the text's size and the node count after alias expansion
+    (aliases are shared while loading, but anything that walks the result, such as building an error
+    message, pays for every expanded node). ConfigError names `where`; YAML errors pass through."""
+    if len(text) > MAX_JOB_BYTES:
+        raise ConfigError(f"{where} is {len(text):,} characters; a job holds at most {MAX_JOB_BYTES:,} (is it the "
+                          "right file?)")
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    sizes: dict[int, int] = {}
+
+    def size(n) -> int:  # expanded node count, each shared (aliased) node computed once
+        if id(n) in sizes:
+            return sizes[id(n)]
+        sizes[id(n)] = 1  # a node that contains itself (a recursive alias) counts once
+        children = [x for kv in n.value for x in kv] if isinstance(n, yaml.MappingNode) else \
+            n.value if isinstance(n, yaml.SequenceNode) else []
+        total = 1
+        for c in children:
+            total += size(c)
+            if total > MAX_YAML_NODES:
+                break
+        sizes[id(n)] = total
+        return total
+
+    try:
+        expanded = size(node) if node is not None else 0
+    except RecursionError:
+        raise ConfigError(f"{where} nests its values too deeply; write it as plain key: value lines") from None
+    if expanded > MAX_YAML_NODES:
+        raise ConfigError(f"{where} expands to more than {MAX_YAML_NODES:,} values through its aliases (*name); "
+                          "a job file needs none: write the values out")
+    return yaml.safe_load(text)
+
+
 def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Read a YAML job file (or start from defaults when path is None) and apply overrides."""
     tree: dict = {}
@@ -716,6 +759,9 @@ def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
         if not p.is_file():
             raise ConfigError(f"job file {str(p)!r} does not exist; pass a YAML file such as "
                               "jobs/quickstart.yaml")
+        if p.stat().st_size > MAX_JOB_BYTES:
+            raise ConfigError(f"job file {str(p)!r} is {p.stat().st_size:,} bytes; a job file holds at most "
+                              f"{MAX_JOB_BYTES:,} (is it the right file?)")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -724,7 +770,7 @@ def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
             raise ConfigError(f"job file {str(p)!r} cannot be read ({e.strerror}); check its "
                               "permissions") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = safe_yaml(text, f"job file {str(p)!r}")
         except yaml.YAMLError as e:
             raise ConfigError(f"job file {str(p)!r} is not valid YAML: {_yaml_error_hint(e)}") from None
         if loaded is None:

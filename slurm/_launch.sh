@@ -31,7 +31,7 @@ fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # fedpipe_dist importable by any python given
 
 nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
-head=$(echo "$nodes" | head -n 1)
+head=${FEDPIPE_RDZV_HOST:-$(echo "$nodes" | head -n 1)}  # FEDPIPE_RDZV_HOST: the first node's private address (docs/hpc.md)
 nnodes=${SLURM_NNODES:-1}
 cpus=${SLURM_CPUS_PER_TASK:-1}
 if [[ ${FEDPIPE_CPU:-0} == 1 ]]; then

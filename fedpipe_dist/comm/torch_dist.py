@@ -82,19 +82,21 @@ class TorchDistComm:
             except Exception:  # the store went away (shutdown): stop beating
                 return
 
-    def stale_ranks(self) -> list[tuple[int, float]]:
-        """(rank, seconds since its last heartbeat) for every peer silent for over 3 heartbeats."""
+    def stale_ranks(self) -> list[tuple[int, float]] | None:
+        """(rank, seconds since its last heartbeat) for every peer silent for over 3 heartbeats; None when the
+        store itself cannot be reached (it lives in rank 0's process, or torchrun's, so that one is gone)."""
         if self._store is None:
             return []
-        out, now = [], time.time()
+        out, now, reached = [], time.time(), False
         for r in range(self.world_size):
             try:
                 age = now - float(self._store.get(f"fedpipe/heartbeat/{r}").decode())
+                reached = True
             except Exception:
                 continue
             if age > 3 * HEARTBEAT_S:
                 out.append((r, age))
-        return out
+        return out if reached else None
 
     def _guard(self, what: str, fn, /, *args, **kwargs):
         try:
@@ -103,8 +105,17 @@ class TorchDistComm:
             if isinstance(e, CollectiveTimeout):
                 raise
             stale = self.stale_ranks()
-            who = (", ".join(f"rank {r} (no heartbeat for {age:.0f} s)" for r, age in stale) if stale else
-                   "no peer's heartbeat is stale (a network problem, or a peer stuck inside a collective)")
+            deadline = time.time() + 3.5 * HEARTBEAT_S
+            while stale == [] and time.time() < deadline:  # a peer that just died still looks fresh: wait for it
+                time.sleep(0.5)
+                stale = self.stale_ranks()
+            if stale is None:
+                who = ("the rendezvous store cannot be reached either, so the process that hosts it (rank 0, or "
+                       "the launcher) has most likely stopped")
+            elif stale:
+                who = ", ".join(f"rank {r} (no heartbeat for {age:.0f} s)" for r, age in stale)
+            else:
+                who = "no peer's heartbeat is stale (a network problem, or a peer stuck inside a collective)"
             raise CollectiveTimeout(f"rank {self.rank}: {what} failed or timed out (comm.timeout_s="
                                     f"{self.timeout_s:g}); stopped: {who}. Underlying error: "
                                     f"{str(e).splitlines()[0][:200]}") from None

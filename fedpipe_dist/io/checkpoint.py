@@ -2,6 +2,7 @@
 
     <output.dir>/checkpoint/round000012.rank0003of0004.pt   one per rank: what that rank needs to go on
     <output.dir>/checkpoint/round000012.results.h5          rank 0: results.h5 as it was after round 12
+    <output.dir>/checkpoint/<either>.sha256                  its SHA-256, written last
 
 A rank's file holds its base's merged state, the method's kept global adapter, the importance state of the
 servers it hosts (keyed by server), the planner's per-server state, the eval losses so far, the measured
@@ -10,7 +11,10 @@ it). The name says which rank of how many wrote it, so a round is complete when 
 size W are there (and rank 0's results snapshot): a resume on another number of ranks composes each new
 rank's state from them (runtime/resume.py, elastic resume).
 
-Every file is written under a temporary name, flushed to disk and renamed, so it is whole or absent. Each
+Every file is written under a temporary name, flushed to disk and renamed, so it is whole or absent; its
+SHA-256 is written last beside it (`<file>.sha256`): a file without one does not count, and a resume
+verifies every file it will use against it first (a damaged newest checkpoint falls back to the one before,
+runtime/resume.py). A full disk or a signal during a save leaves no .tmp file behind. Each
 rank keeps its two newest checkpoints: between two checkpoints every rank passes a collective, so when a job
 dies no rank is more than one checkpoint ahead of another, and the newest round that *every* rank holds is
 still on disk. Rank 0 also removes what earlier attempts (another world size) left of rounds before that.
@@ -24,6 +28,7 @@ Files are read with torch.load(weights_only=True): a checkpoint is data, and a t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 
 from ..config import UserInputError
+from .space import as_disk_error, disk_errors, require_space, tensor_bytes
 
 FORMAT = 2  # 2: files named by rank and world size (elastic resume)
 KEEP = 2
@@ -46,22 +52,74 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make tmp the file `final`, then write its SHA-256 beside it, last: a file counts as written only once
+    its checksum is there (scan, snapshots), and a damaged one is found before it is used (verify)."""
+    digest = sha256_of(tmp)
+    _fsync_replace(tmp, final)
+    side = checksum_path(final)
+    side_tmp = side.with_name(side.name + ".tmp")
+    side_tmp.write_text(f"{digest}  {final.name}\n")
+    _fsync_replace(side_tmp, side)
+
+
+def verify(path: Path) -> str | None:
+    """None when `path` matches the checksum written with it; else what is wrong, for a message."""
+    side = checksum_path(path)
+    try:
+        expected = side.read_text().split()[0]
+    except (OSError, IndexError):
+        return f"{side.name} is missing or unreadable"
+    try:
+        actual = sha256_of(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return None if actual == expected else f"its SHA-256 differs from the one written with it ({side.name})"
+
+
+def _written(ckpt_dir: Path):
+    """The names of the files here whose checksum was written (the files a crash did not cut short)."""
+    if not ckpt_dir.is_dir():
+        return []
+    names = {p.name for p in ckpt_dir.iterdir()}
+    return [n for n in names if n + ".sha256" in names]
+
+
 def scan(ckpt_dir: Path) -> dict[int, dict[int, set[int]]]:
     """{round: {world size: ranks whose checkpoint file of that round and world size is here}}."""
     found: dict[int, dict[int, set[int]]] = {}
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            m = _NAME.match(p.name)
-            if m:
-                found.setdefault(int(m.group(1)), {}).setdefault(int(m.group(3)), set()).add(int(m.group(2)))
+    for name in _written(ckpt_dir):
+        m = _NAME.match(name)
+        if m:
+            found.setdefault(int(m.group(1)), {}).setdefault(int(m.group(3)), set()).add(int(m.group(2)))
     return found
 
 
 def snapshots(ckpt_dir: Path) -> set[int]:
     """Rounds with a results.h5 snapshot here."""
-    if not ckpt_dir.is_dir():
-        return set()
-    return {int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _SNAPSHOT.match(p.name))}
+    return {int(m.group(1)) for name in _written(ckpt_dir) if (m := _SNAPSHOT.match(name))}
+
+
+def leftovers(ckpt_dir: Path) -> list[Path]:
+    """Every file in the folder (checkpoints, snapshots, checksums, .tmp files of an interrupted write)."""
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_file()) if ckpt_dir.is_dir() else []
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
 
 
 def complete(found: dict[int, dict[int, set[int]]], snaps: set[int]) -> dict[int, list[int]]:
@@ -75,6 +133,16 @@ def complete_rounds(out_dir: str | Path) -> list[int]:
     """Rounds a resume of `out_dir` could continue from (every rank's file and the snapshot are there)."""
     d = Path(out_dir) / "checkpoint"
     return sorted(complete(scan(d), snapshots(d)))
+
+
+def _drill_stall() -> None:
+    """FEDPIPE_DRILL_SNAPSHOT_STALL_S: hold rank 0 between writing the results snapshot and publishing it, so
+    that a crash drill (tests/test_resume.py) can kill it while the snapshot is still a .tmp file."""
+    stall = float(os.environ.get("FEDPIPE_DRILL_SNAPSHOT_STALL_S", "0") or 0)
+    if stall > 0:
+        import time
+
+        time.sleep(stall)
 
 
 class CheckpointDir:
@@ -103,19 +171,33 @@ class CheckpointDir:
     def save(self, round_idx: int, state: dict[str, Any], results: Path | None = None) -> None:
         """Write this rank's checkpoint of `round_idx` (rank 0: and a snapshot of `results`), then drop all
         but the KEEP newest."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if results is not None:  # the snapshot first: rounds() counts rank 0's checkpoint only with it
-            tmp = self.results_path(round_idx).with_suffix(".h5.tmp")
-            shutil.copyfile(results, tmp)
-            _fsync_replace(tmp, self.results_path(round_idx))
-        final = self.path(round_idx)
-        tmp = final.with_suffix(".pt.tmp")
-        torch.save({"format": FORMAT, "round": round_idx, "rank": self.rank, "world_size": self.world_size,
-                    **state}, tmp)
-        _fsync_replace(tmp, final)
+        with disk_errors(self.dir, f"round {round_idx}'s checkpoint"):
+            self.dir.mkdir(parents=True, exist_ok=True)
+        need = tensor_bytes(state) + (results.stat().st_size if results is not None else 0)
+        require_space(self.dir, need, f"round {round_idx}'s checkpoint")
+        tmps = []
+        try:
+            if results is not None:  # the snapshot first: rounds() counts rank 0's checkpoint only with it
+                tmps.append(self.results_path(round_idx).with_suffix(".h5.tmp"))
+                shutil.copyfile(results, tmps[-1])
+                _drill_stall()
+                _publish(tmps[-1], self.results_path(round_idx))
+            final = self.path(round_idx)
+            tmps.append(final.with_suffix(".pt.tmp"))
+            torch.save({"format": FORMAT, "round": round_idx, "rank": self.rank, "world_size": self.world_size,
+                        **state}, tmps[-1])
+            _publish(tmps[-1], final)
+        except BaseException as e:
+            err = as_disk_error(e, self.dir, f"round {round_idx}'s checkpoint")
+            for tmp in tmps:  # a full disk, a signal: no half-written file stays behind
+                tmp.unlink(missing_ok=True)
+                tmp.with_name(tmp.name.removesuffix(".tmp") + ".sha256.tmp").unlink(missing_ok=True)
+            if err is not None:
+                raise err from None
+            raise
         kept = self.rounds()[-KEEP:]
         for t in self.rounds()[:-KEEP]:
-            self.path(t).unlink(missing_ok=True)
+            _unlink(self.path(t))
         if self.rank == 0 and kept:
             # earlier attempts' files (another world size, or rounds this attempt redid) older than what this
             # attempt keeps: every rank of this attempt holds a newer checkpoint now
@@ -123,10 +205,10 @@ class CheckpointDir:
                 if t < kept[0]:
                     for w, ranks in by_w.items():
                         for r in ranks:
-                            self.path(t, r, w).unlink(missing_ok=True)
+                            _unlink(self.path(t, r, w))
             for t in snapshots(self.dir):
                 if t < kept[0]:
-                    self.results_path(t).unlink(missing_ok=True)
+                    _unlink(self.results_path(t))
 
     def load(self, round_idx: int, rank: int | None = None, world_size: int | None = None) -> dict[str, Any]:
         """A checkpoint file (this rank's, or rank `rank` of `world_size`'s), memory-mapped: tensors are read
@@ -149,6 +231,14 @@ class CheckpointDir:
             raise UserInputError(f"resume: {str(path)!r} is not a fedpipe checkpoint of round {round_idx} for rank "
                                  f"{r} of {w} (format {FORMAT}); delete it, or start over with output.overwrite=true")
         return state
+
+    def verify(self, round_idx: int, world_size: int, ranks) -> list[str]:
+        """What is damaged among round `round_idx`'s files of `ranks` (of `world_size`) and, on rank 0, its
+        results snapshot: one 'path: why' per damaged file (empty: all intact)."""
+        paths = [self.path(round_idx, r, world_size) for r in ranks]
+        if self.rank == 0:
+            paths.append(self.results_path(round_idx))
+        return [f"{str(p)!r}: {why}" for p in paths if (why := verify(p)) is not None]
 
     def restore_results(self, round_idx: int, results: Path) -> None:
         """Put results.h5 back as it was right after `round_idx` (rank 0)."""

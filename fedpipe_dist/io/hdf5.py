@@ -127,6 +127,12 @@ class ResultsWriter:
                     ds[i] = clients[name]
             f.flush()
 
+    def warn(self, message: str) -> None:
+        """Keep a warning the log showed (a round no server could run, ...) in the root attribute `warnings`."""
+        with _open(self.path, "a") as f:
+            kept = [str(w) for w in f.attrs.get("warnings", [])]
+            f.attrs["warnings"] = np.array([*kept, message], dtype=h5py.string_dtype())
+
     def finish(self, eval_metrics: dict[str, float]) -> None:
         with _open(self.path, "a") as f:
             for k, v in eval_metrics.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,30 @@ def detect_launch(env: dict[str, str] | None = None) -> LaunchInfo:
     if "PMI_RANK" in env and "PMI_SIZE" in env:
         return LaunchInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0)), "mpi", local)
     return LaunchInfo(0, 1, 0, "single")
+
+
+def die_with_launcher() -> None:
+    """A worker that torchrun started ends when torchrun dies, however it dies.
+
+    torchrun puts each worker in its own session, so `kill -9` on torchrun's process group leaves the workers
+    running on their own (and writing into output.dir). Linux's parent-death signal sends this process SIGTERM
+    when its parent exits; SIGTERM is held while results.h5 is open (io/hdf5.py), so an append completes.
+    Elsewhere (no prctl, not under torchrun) this does nothing.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def idle_ranks_warning(world_size: int, n_clients: int) -> str | None:

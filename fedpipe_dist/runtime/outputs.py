@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import ConfigError, UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..io.hdf5 import ResultsWriter
+from ..io.space import DiskError, disk_errors, require_space
 from ..metrics.generate import generate, one_line, write_generations
 from .record import round_row
 from .resume import apply_state, raise_on_all_ranks
@@ -63,7 +64,16 @@ def open_results(run: Run, ckpt: CheckpointDir, point, run_id: str) -> tuple[Res
                 f"(eval loss {eval_losses[-1]:.4f}); results.h5 continues from there")
         return writer, eval_losses
     ev0 = run.evaluate()  # the untrained base, on every rank (the eval is shared)
-    return (_fresh_results(run, run_id, ev0) if run.rank0 else None), [ev0["loss"]]
+    writer, err = None, None
+    if run.rank0:
+        try:
+            require_space(run.out_dir, 0, "results.h5")
+            with disk_errors(run.out_dir, "results.h5"):
+                writer = _fresh_results(run, run_id, ev0)
+        except DiskError as e:
+            err = str(e)
+    raise_on_all_ranks(run.comm, err)
+    return writer, [ev0["loss"]]
 
 
 def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
@@ -94,19 +104,32 @@ def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float]) -> 
     """Export the merged model to final/ (rank 0), generate and score (every rank), mark the file finished.
     Returns final/ (None when not saved or not rank 0)."""
     run.method.finish()
-    final_dir = None
+    final_dir, err = None, None
     if run.rank0 and run.cfg.output.save_final:
         final_dir, tmp = run.out_dir / "final", run.out_dir / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        run.bases.export(run.eval_precision).save_pretrained(tmp)  # plain HF modules: dequant(W0) + D
-        run.tok.save_pretrained(tmp)
-        run.method.export(tmp)  # what does not merge into weights is saved beside them
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp.rename(final_dir)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            require_space(run.out_dir, 4 * run.bases.base_params, "final/")  # fp32 weights, at most
+            with disk_errors(run.out_dir, "final/"):
+                run.bases.export(run.eval_precision).save_pretrained(tmp)  # plain HF modules: dequant(W0) + D
+                run.tok.save_pretrained(tmp)
+                run.method.export(tmp)  # what does not merge into weights is saved beside them
+                shutil.rmtree(final_dir, ignore_errors=True)
+                tmp.rename(final_dir)
+        except DiskError as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # no final.tmp left behind
+            err = str(e)
+    raise_on_all_ranks(run.comm, err)
     if run.cfg.generation.enabled:
         generate_and_score(run)
     if run.rank0:
-        writer.finish({"loss": eval_losses[-1], "ppl": math.exp(min(eval_losses[-1], 50.0))})
+        try:
+            with disk_errors(run.out_dir, "results.h5's final metrics"):
+                writer.finish({"loss": eval_losses[-1], "ppl": math.exp(min(eval_losses[-1], 50.0))})
+        except DiskError as e:
+            err = str(e)
+    raise_on_all_ranks(run.comm, err)
+    if run.rank0:
         run.log(f"done: eval loss {eval_losses[0]:.4f} -> {eval_losses[-1]:.4f}; results in {run.out_dir}")
     return final_dir
 

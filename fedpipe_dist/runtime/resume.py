@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,10 @@ import numpy as np
 import torch
 
 from ..config import JobConfig, UserInputError
-from ..io.checkpoint import CheckpointDir, complete, scan, snapshots
+from ..io.checkpoint import CheckpointDir, complete, leftovers, scan, snapshots
 from .heterogeneity import ServerProfile
+
+_ROUND = re.compile(r"round(\d{6})\.")
 
 # Settings a resumed run may change: they do not alter the rounds already done or the ones to come.
 MAY_CHANGE = ("rounds", "resume", "output.", "comm.", "checkpoint.", "generation.", "eval.every")
@@ -77,30 +80,39 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
     (compose_state)."""
     results = out_dir / "results.h5"
     # what each rank sees (node-local folders: each node its own ranks' files), joined
-    seen = comm.all_gather_object((scan(ckpt.dir), snapshots(ckpt.dir)))
+    seen = comm.all_gather_object((scan(ckpt.dir), snapshots(ckpt.dir), [p.name for p in leftovers(ckpt.dir)]))
     found: dict[int, dict[int, set[int]]] = {}
     snaps: set[int] = set()
-    for f, sn in seen:
+    names: set[str] = set()
+    for f, sn, nm in seen:
         for t, by_w in f.items():
             for w, ranks in by_w.items():
                 found.setdefault(t, {}).setdefault(w, set()).update(ranks)
         snaps |= sn
+        names |= set(nm)
     done = complete(found, snaps)
-    t0 = max(done) if done else None
-    w0 = (comm.world_size if comm.world_size in done[t0] else done[t0][-1]) if done else None
+    if done and max(done) > cfg.rounds:
+        raise UserInputError(f"resume: the newest checkpoint is of round {max(done)}, past rounds={cfg.rounds}; set "
+                             f"rounds >= {max(done)} to continue this run")
+    # the newest round whose files are intact (checksums), falling back round by round
+    t0 = w0 = None
+    damaged: list[str] = []
+    for t in sorted(done, reverse=True):
+        w = comm.world_size if comm.world_size in done[t] else done[t][-1]
+        bad = ckpt.verify(t, w, [comm.rank] if w == comm.world_size else range(w))
+        bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
+        if not bad:
+            t0, w0 = t, w
+            break
+        damaged += bad
+        log(f"resume: round {t}'s checkpoint is damaged ({'; '.join(bad)}); trying the one before")
     err, start_fresh = None, False
     if comm.rank == 0:
-        if t0 is None:
-            n = _rounds_in(results)
-            if n is None or n == 0:  # nothing there, or the run died in its first round
-                start_fresh = True
-            else:
-                err = (f"resume: {str(results)!r} holds {n} round(s) but {str(ckpt.dir)!r} has no checkpoint that "
-                       "every rank wrote (checkpoint.enabled was false, or the folder was removed); start over "
-                       "with output.overwrite=true or use a new output.dir")
-        elif t0 > cfg.rounds:
-            err = (f"resume: the newest checkpoint is of round {t0}, past rounds={cfg.rounds}; set rounds >= {t0} "
-                   "to continue this run")
+        if t0 is None and damaged:
+            err = (f"resume: no intact checkpoint in {str(ckpt.dir)!r}: {'; '.join(damaged)}. Nothing was changed; "
+                   "start over with output.overwrite=true, or use a new output.dir")
+        elif t0 is None:
+            err, start_fresh = _nothing_complete(cfg, results, ckpt.dir, names)
         else:
             err = _check_snapshot(ckpt.results_path(t0), t0)
     err, start_fresh = comm.broadcast_object((err, start_fresh))
@@ -146,8 +158,27 @@ def compose_state(ckpt: CheckpointDir, t0: int, w0: int, hosted: list[int]) -> d
     return state
 
 
+def _nothing_complete(cfg: JobConfig, results: Path, ckpt_dir: Path, names: set[str]) -> tuple[str | None, bool]:
+    """No round has every rank's checkpoint: (error, start fresh). Starting over is right only when nothing
+    could be continued: what a run that died before its first checkpoint completed leaves (results.h5
+    absent, or readable with no more rounds than that checkpoint's, and files of that round at most, such
+    as a snapshot still named .tmp). Anything else may be recoverable by hand: refused, naming it, and
+    nothing is deleted."""
+    first = cfg.checkpoint.every if cfg.checkpoint.enabled else 1
+    n = _rounds_in(results)
+    rounds = {int(m.group(1)) for name in names if (m := _ROUND.match(name))}
+    if (n is None or 0 <= n <= first) and all(t <= first for t in rounds):
+        return None, True
+    shown = ", ".join(sorted(names)[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    what = "cannot be read" if n == -1 else "is missing" if n is None else f"holds {n} round(s)"
+    return (f"resume: {str(results)!r} {what}, and {str(ckpt_dir)!r} has no round that every rank checkpointed "
+            f"({shown or 'no files'}; checkpoint.enabled was false, a rank's files were removed, or they are "
+            "damaged). Nothing was changed; start over with output.overwrite=true (it replaces them), or use a "
+            "new output.dir"), False
+
+
 def _rounds_in(results: Path) -> int | None:
-    """Training rounds in a results.h5 (None: no file); an unreadable file counts as holding none."""
+    """Training rounds in a results.h5: None when there is no file, -1 when it cannot be read."""
     if not results.exists():
         return None
     import h5py
@@ -155,8 +186,8 @@ def _rounds_in(results: Path) -> int | None:
     try:
         with h5py.File(results, "r", locking=False) as f:
             return int((f["rounds"]["round"][()] > 0).sum())
-    except Exception:  # a file cut short in its first round: nothing in it to keep
-        return 0
+    except Exception:  # h5py raises OSError, KeyError, ValueError for a damaged file
+        return -1
 
 
 def _check_snapshot(path: Path, t0: int) -> str | None:

@@ -25,14 +25,16 @@ from ..algorithm.aggregation import ClientUpdate
 from ..algorithm.planner import sample_clients
 from ..algorithm.sanitize import screen
 from ..comm.base import Communicator
-from ..config import FaultsConfig, JobConfig
+from ..config import FaultsConfig, JobConfig, UserInputError
 from ..io.checkpoint import CheckpointDir
+from ..io.lock import RunLock
+from ..io.space import DiskError, disk_errors, require_space
 from ..methods import Exchanged, Report
 from .client import peak_mem, reset_peak_mem
 from .launch import idle_ranks_warning
 from .outputs import agree, check_output_dir, finish, open_results
 from .record import Log, client_arrays, round_row
-from .resume import find_resume_point, new_run_id, rank_state, restarted_by_torchrun
+from .resume import find_resume_point, new_run_id, raise_on_all_ranks, rank_state, restarted_by_torchrun
 from .setup import Run, set_up
 
 
@@ -49,7 +51,15 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
 
     hf_logging.disable_progress_bar()  # one progress display per job: ours, on rank 0
     log = Log(comm.rank == 0, show_bar=show_progress)
-    ckpt, point, run_id = _fresh_or_resumed(cfg, comm, log)
+    lock = RunLock(cfg.output.dir)
+    try:
+        return _run(cfg, comm, log, lock)
+    finally:
+        lock.release()
+
+
+def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSummary | None:
+    ckpt, point, run_id = _fresh_or_resumed(cfg, comm, log, lock)
     run = set_up(cfg, comm, log, point)
     idle = idle_ranks_warning(comm.world_size, cfg.clients.n)
     if idle:
@@ -57,6 +67,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     method, start = run.method, point.round if point else 0
     writer, eval_losses = open_results(run, ckpt, point, run_id)
     log.open_bar(cfg.rounds, done=start)
+    trained_rounds = 0
     for t in range(start + 1, cfg.rounds + 1):
         t_round = time.perf_counter()
         # ---- plan: who trains this round, at which batch size, ranks and precision (Algorithm 1) ----
@@ -64,6 +75,10 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         method.begin_round(t, selected)
         plans, infos, scores = run.planner.plan(comm, t)
         runnable = [c for c in selected if infos[c].fits]  # a plan that does not fit is not run: under-training
+        if not runnable:
+            _warn(run, writer, f"round {t}: none of the {len(selected)} selected servers has a plan that fits its "
+                  "budgets, so none trains and the model stays as it is (raise clients.memory_gb or "
+                  "plan.step_time_s, or lower lora.rank or train.batch_min; fedpipe plan shows the plans)")
         # ---- train: each rank its own servers, on their private shards ----
         updates, stats = _train(run, t, plans, runnable)
         reports = _report(run, updates, stats)
@@ -74,6 +89,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         for c in ex.late:
             rejected[c] = "not the norm it reported"
             log(f"round {t}: server {c}'s update left out (its norm differs from the one it reported)")
+        trained_rounds += bool(contributors)
         method.end_round(t, contributors, reports)
         absorbed = run.bases.merge(ex.deltas, run.site_by_key, measure=cfg.quant.measure_absorbed)
         agg_peak = peak_mem(comm.device, agg_mem) if run.rank0 else 0
@@ -87,36 +103,63 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
         eval_s = time.perf_counter() - t_eval
         if ev is not None:
             eval_losses.append(ev["loss"])
-        if run.rank0:
-            row, arrays = _round_record(run, t, selected, plans, infos, scores, ex, rejected, gathered)
-            row.update(agg_peak_bytes=agg_peak, eval_s=eval_s, wall_s=time.perf_counter() - t_round)
-            row.update(eval_loss=ev["loss"] if ev else math.nan, eval_ppl=ev["ppl"] if ev else math.nan)
-            writer.append_round(row, arrays)
-            log.step(row)
-        # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
-        if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
-            ckpt.save(t, rank_state(cfg=cfg, world_size=comm.world_size, run_id=run_id, bases=run.bases,
-                                    method=method, planner=run.planner, eval_losses=eval_losses,
-                                    profiles=run.profiles),
-                      results=writer.path if run.rank0 else None)
+        err = None  # a disk that cannot take the round stops every rank with one message (exit 2)
+        try:
+            if run.rank0:
+                row, arrays = _round_record(run, t, selected, plans, infos, scores, ex, rejected, gathered)
+                row.update(agg_peak_bytes=agg_peak, eval_s=eval_s, wall_s=time.perf_counter() - t_round)
+                row.update(eval_loss=ev["loss"] if ev else math.nan, eval_ppl=ev["ppl"] if ev else math.nan)
+                _append(writer, t, row, arrays)
+                log.step(row)
+            # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
+            if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
+                ckpt.save(t, rank_state(cfg=cfg, world_size=comm.world_size, run_id=run_id, bases=run.bases,
+                                        method=method, planner=run.planner, eval_losses=eval_losses,
+                                        profiles=run.profiles),
+                          results=writer.path if run.rank0 else None)
+        except DiskError as e:
+            err = str(e)
+        raise_on_all_ranks(comm, err)
     log.close()
     final_dir = finish(run, writer, eval_losses)
     comm.barrier()
+    if trained_rounds == 0 and cfg.rounds > start:
+        raise UserInputError(f"no server trained in any of rounds {start + 1}..{cfg.rounds}: every plan exceeded its "
+                             "server's budgets or every update was left out (results.h5 records the rounds, "
+                             "unchanged model); see the warnings above")
     return RunSummary(run.out_dir / "results.h5", final_dir, eval_losses) if run.rank0 else None
 
 
-def _fresh_or_resumed(cfg: JobConfig, comm: Communicator, log):
+def _fresh_or_resumed(cfg: JobConfig, comm: Communicator, log, lock: RunLock):
     """A fresh run, or the continuation of one (resume=true, or restarted by torchrun --max-restarts):
-    the checkpoint folder, the checkpoint to continue from (None: fresh) and the run's id."""
+    the checkpoint folder, the checkpoint to continue from (None: fresh) and the run's id. Rank 0 holds the
+    folder's lock from here to the end (one writer per output.dir)."""
     out_dir = Path(cfg.output.dir)
     ckpt = CheckpointDir(out_dir, comm.rank, comm.world_size)
     resuming = cfg.resume or restarted_by_torchrun()
-    point = find_resume_point(cfg, comm, out_dir, ckpt, log) if resuming else None
-    if not resuming:
+    if not resuming:  # before the lock: a folder that is refused is not touched at all
         agree(comm, lambda: check_output_dir(out_dir, cfg.output.overwrite))
+    agree(comm, lambda: lock.acquire(log))
+    point = find_resume_point(cfg, comm, out_dir, ckpt, log) if resuming else None
     if point is None:  # leftovers of an earlier run here (overwrite, or an attempt that died in round 1) go
         ckpt.clear()
     return ckpt, point, point.state["run_id"] if point else new_run_id(comm)
+
+
+def _append(writer, t: int, row, arrays) -> None:
+    """Round t's row into results.h5, once the disk has room for it (HDF5 does not fail cleanly when the disk
+    fills in the middle of an append): twice the file's mean growth per round, free."""
+    grown = writer.path.stat().st_size // max(1, t)
+    require_space(writer.path.parent, 2 * grown, f"round {t}'s row of results.h5")
+    with disk_errors(writer.path.parent, f"round {t}'s row of results.h5"):
+        writer.append_round(row, arrays)
+
+
+def _warn(run: Run, writer, message: str) -> None:
+    """A warning in the log and in results.h5 (root attribute `warnings`)."""
+    run.log(f"warning: {message}")
+    if run.rank0:
+        writer.warn(message)
 
 
 def _train(run: Run, t: int, plans, runnable: list[int]):

@@ -18,7 +18,7 @@ import numpy as np
 from ..adapters.sites import Site, find_sites, n_layers
 from ..algorithm.cost import model_shape
 from ..comm.base import Communicator
-from ..config import JobConfig
+from ..config import JobConfig, UserInputError
 from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
 from ..methods import Method, make_method
 from ..metrics.generate import generation_pairs
@@ -116,6 +116,10 @@ def _load_model(cfg: JobConfig, comm: Communicator):
     # its device (each block weight is moved there, quantized, and only its codes stay).
     model = load_model(cfg.model.name_or_path, seed=cfg.seed, dtype=cfg.model.dtype, tokenizer=tok)
     model.eval()
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and cfg.model.max_length > limit:
+        raise UserInputError(f"model.max_length: {cfg.model.max_length} is longer than {cfg.model.name_or_path}'s "
+                             f"position limit ({limit}); set model.max_length={limit} or less")
     sites = [s for s in find_sites(model) if s.kind in cfg.lora.targets]
     checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
     checks = comm.all_gather_object(checksum)

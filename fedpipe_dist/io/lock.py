@@ -1,0 +1,92 @@
+"""One writer per output.dir: rank 0 holds <output.dir>/.fedpipe.lock for the job's life.
+
+    lock = RunLock(out_dir)
+    lock.acquire(log)        # UserInputError naming the holder when another live job has it
+    ...
+    lock.release()
+
+The lock is an flock(2) on the file, which the kernel drops when its holder dies however it dies (kill -9
+included), so a lock left by a dead job is simply free: it is taken over, and the log says whose it was
+(the file holds the holder's host, pid, job id and start time). While the holder lives, a second job
+exits 2 naming it. flock works across the nodes of a cluster on NFSv4 and Lustre (mounted with flock);
+where a filesystem does not support it, the lock is not enforced and the log says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from ..config import UserInputError
+
+NAME = ".fedpipe.lock"
+
+
+def _holder() -> dict:
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or ""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job": job,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _describe(text: str) -> str:
+    try:
+        h = json.loads(text)
+        job = f", job {h['job']}" if h.get("job") else ""
+        return f"host {h['host']}, pid {h['pid']}{job}, since {h['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "a holder that left no readable note"
+
+
+class RunLock:
+    def __init__(self, out_dir: str | Path):
+        self.dir = Path(out_dir)
+        self.path = self.dir / NAME
+        self.fd: int | None = None
+
+    def acquire(self, log) -> None:
+        import fcntl
+
+        if self.dir.exists() and not self.dir.is_dir():
+            raise UserInputError(f"output.dir: {str(self.dir)!r} exists and is not a folder; choose another "
+                                 "output.dir")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserInputError(f"output.dir: cannot write into {str(self.dir)!r} ({e.strerror}); choose an "
+                                 "output.dir you can write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            os.close(fd)
+            raise UserInputError(f"output.dir: {str(self.dir)!r} is being written by another job ({holder}); wait "
+                                 "for it to end or stop it, or choose another output.dir") from None
+        except OSError as e:  # a filesystem without flock
+            log(f"output.dir: cannot lock {str(self.path)!r} ({e.strerror}); nothing stops a second job from "
+                "writing into this folder")
+        previous = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if previous:
+            log(f"output.dir: taking over the lock of a job that is gone ({_describe(previous)})")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        """An empty lock file: released by a job that ended (the file stays, so that no two jobs ever lock two
+        different files of one name)."""
+        if self.fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
