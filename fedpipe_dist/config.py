@@ -261,8 +261,12 @@ class EvalConfig:
     every: int = 1
     """Evaluate after every k-th round (the last round is always evaluated)."""
     max_samples: Optional[int] = 256
-    """Evaluate on the first N eval examples; null = all."""
+    """Evaluate every round on N eval examples (a fixed random sample, the same for every run of a seed; its
+    standard error is recorded as eval_loss_se); null = all."""
     batch_size: int = 16
+    final_full: bool = True
+    """Also evaluate the final model on the whole eval set at the end (results.h5 eval/full_loss, full_ppl,
+    full_loss_se, full_tokens) when max_samples is a sample of it."""
 
 
 @dataclass(kw_only=True)

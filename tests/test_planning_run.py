@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from fedpipe_dist.adapters.sites import KINDS
 from fedpipe_dist.algorithm.planner import TIE_ORDER
 from fedpipe_dist.comm.local import LocalComm
-from fedpipe_dist.config import load_job
+from fedpipe_dist.config import UserInputError, load_job
 from fedpipe_dist.io.hdf5 import Results
 from fedpipe_dist.runtime.server import run_job
 
@@ -80,7 +81,8 @@ def test_server_whose_plan_does_not_fit_memory_under_trains(tmp_path):
 def test_missed_deadline_is_under_training_and_leaves_the_base_alone(tmp_path):
     # A deadline shorter than one step: every server stops early and counts as under-trained.
     cfg = load_job("jobs/quickstart.yaml", [*SMALL, "train.deadline_s=1e-6", f"output.dir={tmp_path}"])
-    run_job(cfg, LocalComm(), show_progress=False)
+    with pytest.raises(UserInputError, match="train.deadline_s cut every server short"):  # exit 2, after results
+        run_job(cfg, LocalComm(), show_progress=False)
     r = Results(tmp_path / "results.h5")
     assert (r.clients["completed"][1:] == 0).all() and (r.clients["local_steps"][1:] < 3).all()
     assert (r.rounds["under_training_rate"][1:] == 1.0).all() and (r.rounds["bytes_up"][1:] == 0).all()

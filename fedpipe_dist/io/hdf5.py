@@ -127,16 +127,27 @@ class ResultsWriter:
                     ds[i] = clients[name]
             f.flush()
 
+    def add_setup(self, seconds: float, phases: dict[str, float]) -> None:
+        """This attempt's set-up time (one entry per attempt: a resumed run appends), and rank 0's phases."""
+        import json
+
+        with _open(self.path, "a") as f:
+            f.attrs["setup_s"] = np.append(f.attrs.get("setup_s", np.zeros(0)), seconds)
+            kept = [str(x) for x in f.attrs.get("setup_phases_json", [])]
+            f.attrs["setup_phases_json"] = np.array([*kept, json.dumps(phases)], dtype=h5py.string_dtype())
+
     def warn(self, message: str) -> None:
         """Keep a warning the log showed (a round no server could run, ...) in the root attribute `warnings`."""
         with _open(self.path, "a") as f:
             kept = [str(w) for w in f.attrs.get("warnings", [])]
             f.attrs["warnings"] = np.array([*kept, message], dtype=h5py.string_dtype())
 
-    def finish(self, eval_metrics: dict[str, float]) -> None:
+    def finish(self, eval_metrics: dict[str, float], timing: dict[str, float] | None = None) -> None:
         with _open(self.path, "a") as f:
             for k, v in eval_metrics.items():
                 f["eval"].attrs[k] = v
+            for k, v in (timing or {}).items():  # checkpoint_s, finish_s: the finishing attempt's
+                f.attrs[k] = v
             f.attrs["finished"] = True
 
 

@@ -2,8 +2,9 @@
 
 # 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes; 3: adapter_depth/width; 4: agg_peak/held_bytes;
 # 5: update_norm, rejected, n_rejected; 6: root attrs run_id, resumed_from (checkpoints and resume);
-# 7: eval_s (so that time to quality can leave evaluation out)
-SCHEMA_VERSION = 7
+# 7: eval_s (so that time to quality can leave evaluation out); 8: eval_loss_se, eval_tokens, eval/full_*, the
+# round's phases (plan_s ... record_s), root attrs setup_s, setup_phases_json, checkpoint_s, finish_s
+SCHEMA_VERSION = 8
 
 ROOT_ATTRS = ("schema_version", "method", "model", "dataset", "world_size", "n_clients", "config_json",
               "finished", "eval_precision", "base_params", "run_id")  # + resumed_from, once resumed
@@ -13,11 +14,20 @@ ROUND_FIELDS = {
     "round": "i4",
     "wall_s": "f8",  # wall-clock of the round on rank 0 (plan, local training, exchange, merge, eval)
     "eval_s": "f8",  # the round's evaluation on rank 0 (part of wall_s; not training: time-to-quality leaves it out)
+    # rank 0's wall_s by phase (they add up to wall_s, less the append of the row itself):
+    "plan_s": "f8",  # sampling and planning (profiles and importance all-gathered)
+    "train_s": "f8",  # local training of rank 0's own servers
+    "sync_s": "f8",  # waiting for every rank's report: the straggler wait of the round's slowest rank
+    "exchange_s": "f8",  # the method's exchange of the updates (its agg_s and wait_s below are parts of it)
+    "merge_s": "f8",  # the method's end of round and the merge into every base
+    "record_s": "f8",  # gathering every rank's statistics and building the row
     "agg_s": "f8",  # rank 0's aggregation compute (stacking or dense sum, packing)
     "wait_s": "f8",  # rank 0's time blocked on receiving updates from other ranks (stragglers)
     "train_loss": "f8",  # mean over completed clients of their mean local training loss
     "eval_loss": "f8",  # mean target-token cross-entropy on the eval set (NaN when not evaluated)
     "eval_ppl": "f8",
+    "eval_loss_se": "f8",  # standard error of eval_loss over the sampled examples (ratio estimator; NaN: none)
+    "eval_tokens": "i8",  # target tokens eval_loss averages over (0 when not evaluated)
     "bytes_up": "i8",  # payload bytes of all client uploads this round
     "bytes_down": "i8",  # payload bytes of the merged update times the servers that receive it
     "n_selected": "i4",

@@ -20,21 +20,50 @@ def lm_loss(model, batch: Batch, reduction: str = "mean") -> torch.Tensor:
                            ignore_index=IGNORE, reduction=reduction)
 
 
-@torch.no_grad()
-def evaluate(model, data: TokenizedSet, *, batch_size: int, pad_id: int, device="cpu") -> dict:
-    """Mean loss per target token over the whole set, and its perplexity."""
+def example_losses(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the summed cross-entropy of its target tokens, and how many there are."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = logits[:, :-1, :].float()
+    labels = batch.labels[:, 1:]
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                                 reduction="none").view(labels.shape)
+    return token_loss.sum(dim=1), (labels != IGNORE).sum(dim=1)
+
+
+def length_buckets(data: TokenizedSet, batch_size: int) -> list[list[int]]:
+    """Batches of examples of similar length (sorted by length, stable): padding to each batch's longest
+    member then costs little, unlike batches drawn in a random order."""
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def evaluate(model, data: TokenizedSet, *, batch_size: int, pad_id: int, device="cpu", bucket: bool = True) -> dict:
+    """Mean loss per target token over the whole set, its perplexity, and the moments its standard error
+    needs (summarize). `bucket`: batches of similar length (the same loss, less padding computed)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        batch = collate(data, range(start, min(start + batch_size, len(data))), pad_id).to(device)
-        total += lm_loss(model, batch, reduction="sum").item()
-        count += int((batch.labels[:, 1:] != IGNORE).sum())
+    batches = length_buckets(data, batch_size) if bucket else \
+        [list(range(i, min(i + batch_size, len(data)))) for i in range(0, len(data), batch_size)]
+    sums = torch.zeros(6, dtype=torch.float64)  # loss, tokens, loss^2, loss*tokens, tokens^2, examples
+    for idx in batches:
+        batch = collate(data, idx, pad_id).to(device)
+        loss, n = (t.double().cpu() for t in example_losses(model, batch))
+        sums += torch.stack([loss.sum(), n.sum(), (loss * loss).sum(), (loss * n).sum(), (n * n).sum(),
+                             torch.tensor(float(len(idx)), dtype=torch.float64)])
     model.train(was_training)
-    return summarize(total, count)
+    return summarize(*sums.tolist())
 
 
-def summarize(loss_sum: float, tokens: int) -> dict:
-    """Mean loss per target token and perplexity from a summed loss (e.g. added up over ranks)."""
+def summarize(loss_sum: float, tokens: float, loss_sq: float = 0.0, loss_tokens: float = 0.0,
+              tokens_sq: float = 0.0, examples: float = 0.0) -> dict:
+    """Mean loss per target token, perplexity, and the standard error of that mean, from sums that add up
+    over ranks. The mean is a ratio of per-example sums (loss_i / tokens_i over the sampled examples), so
+    its standard error is the ratio estimator's: sqrt(sum_i (loss_i - m tokens_i)^2 / (k (k - 1))) / mean
+    tokens, with m the mean and k the examples (NaN for fewer than 2 examples)."""
     loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_sum": loss_sum, "tokens": tokens}
+    k = examples
+    spread = loss_sq - 2 * loss * loss_tokens + loss * loss * tokens_sq
+    se = math.sqrt(max(spread, 0.0) / (k * (k - 1))) / (tokens / k) if k >= 2 and tokens > 0 else math.nan
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_sum": loss_sum, "tokens": int(tokens),
+            "se": se, "moments": (loss_sum, tokens, loss_sq, loss_tokens, tokens_sq, examples)}

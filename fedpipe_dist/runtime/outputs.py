@@ -100,10 +100,18 @@ def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
     return writer
 
 
-def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float]) -> Path | None:
-    """Export the merged model to final/ (rank 0), generate and score (every rank), mark the file finished.
+def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float], checkpoint_s: float = 0.0) -> Path | None:
+    """The final eval on the whole eval set, export of the merged model to final/ (rank 0), generation and
+    scores (every rank), the file marked finished (with this attempt's checkpoint seconds and this finish's).
     Returns final/ (None when not saved or not rank 0)."""
+    t_finish = time.perf_counter()
     run.method.finish()
+    full = None
+    if run.cfg.eval.final_full and run.eval_full is not None:  # before export, which ends the bases' views
+        t0 = time.perf_counter()
+        full = run.evaluate(data=run.eval_full())
+        run.log(f"final eval on the whole eval set: loss {full['loss']:.4f} (se {full['se']:.4f}, {full['tokens']:,} "
+                f"tokens) in {time.perf_counter() - t0:.1f} s")
     final_dir, err = None, None
     if run.rank0 and run.cfg.output.save_final:
         final_dir, tmp = run.out_dir / "final", run.out_dir / "final.tmp"
@@ -125,7 +133,12 @@ def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float]) -> 
     if run.rank0:
         try:
             with disk_errors(run.out_dir, "results.h5's final metrics"):
-                writer.finish({"loss": eval_losses[-1], "ppl": math.exp(min(eval_losses[-1], 50.0))})
+                final = {"loss": eval_losses[-1], "ppl": math.exp(min(eval_losses[-1], 50.0))}
+                if full is not None:
+                    final.update(full_loss=full["loss"], full_ppl=full["ppl"], full_loss_se=full["se"],
+                                 full_tokens=full["tokens"])
+                writer.finish(final, timing={"checkpoint_s": checkpoint_s,
+                                             "finish_s": time.perf_counter() - t_finish})
         except DiskError as e:
             err = str(e)
     raise_on_all_ranks(run.comm, err)

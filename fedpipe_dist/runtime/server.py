@@ -59,6 +59,7 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
 
 
 def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSummary | None:
+    t_start = time.perf_counter()
     ckpt, point, run_id = _fresh_or_resumed(cfg, comm, log, lock)
     run = set_up(cfg, comm, log, point)
     idle = idle_ranks_warning(comm.world_size, cfg.clients.n)
@@ -66,10 +67,19 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         log(idle)
     method, start = run.method, point.round if point else 0
     writer, eval_losses = open_results(run, ckpt, point, run_id)
+    if run.rank0:  # set-up: everything before round 1 (row 0's evaluation of the base included)
+        writer.add_setup(time.perf_counter() - t_start, run.setup_phases)
     log.open_bar(cfg.rounds, done=start)
-    trained_rounds = 0
+    trained_rounds, ckpt_s = 0, 0.0
     for t in range(start + 1, cfg.rounds + 1):
-        t_round = time.perf_counter()
+        t_round = clock = time.perf_counter()
+        phases: dict[str, float] = {}
+
+        def lap(name: str) -> None:  # rank 0's seconds per phase of the round (results.h5 rounds/<name>)
+            nonlocal clock
+            now = time.perf_counter()
+            phases[name], clock = now - clock, now
+
         # ---- plan: who trains this round, at which batch size, ranks and precision (Algorithm 1) ----
         selected = sample_clients(cfg.clients.n, cfg.clients.fraction, seed=cfg.seed, round_idx=t)
         method.begin_round(t, selected)
@@ -79,54 +89,65 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
             _warn(run, writer, f"round {t}: none of the {len(selected)} selected servers has a plan that fits its "
                   "budgets, so none trains and the model stays as it is (raise clients.memory_gb or "
                   "plan.step_time_s, or lower lora.rank or train.batch_min; fedpipe plan shows the plans)")
+        lap("plan_s")
         # ---- train: each rank its own servers, on their private shards ----
         updates, stats = _train(run, t, plans, runnable)
-        reports = _report(run, updates, stats)
+        lap("train_s")
+        reports = _report(run, updates, stats)  # every rank waits here for the slowest one
+        lap("sync_s")
         contributors, rejected = _screen(run, t, runnable, reports)
         # ---- exchange and fold: combine the updates, then every base merges the same change ----
         agg_mem = reset_peak_mem(comm.device) if run.rank0 else False  # rank 0's peak from here to the merge
         ex = _exchange(run, t, plans, contributors, updates, reports)
+        lap("exchange_s")
         for c in ex.late:
             rejected[c] = "not the norm it reported"
             log(f"round {t}: server {c}'s update left out (its norm differs from the one it reported)")
         trained_rounds += bool(contributors)
         method.end_round(t, contributors, reports)
         absorbed = run.bases.merge(ex.deltas, run.site_by_key, measure=cfg.quant.measure_absorbed)
+        lap("merge_s")
         agg_peak = peak_mem(comm.device, agg_mem) if run.rank0 else 0
         for c in stats:
             stats[c].bytes_up = ex.traffic["client_bytes_up"].get(c, 0)
         gathered = comm.gather_object((list(stats.values()), absorbed,
                                        {p: run.bases.extra_bytes(p) for p in run.bases.views}))
         # ---- evaluate and record ----
-        t_eval = time.perf_counter()
+        lap("record_s")  # the gather of every rank's statistics (the row is built below)
         ev = run.evaluate() if (t % cfg.eval.every == 0 or t == cfg.rounds) else None
-        eval_s = time.perf_counter() - t_eval
+        lap("eval_s")
         if ev is not None:
             eval_losses.append(ev["loss"])
         err = None  # a disk that cannot take the round stops every rank with one message (exit 2)
         try:
             if run.rank0:
                 row, arrays = _round_record(run, t, selected, plans, infos, scores, ex, rejected, gathered)
-                row.update(agg_peak_bytes=agg_peak, eval_s=eval_s, wall_s=time.perf_counter() - t_round)
-                row.update(eval_loss=ev["loss"] if ev else math.nan, eval_ppl=ev["ppl"] if ev else math.nan)
+                lap("record_s_")
+                phases["record_s"] += phases.pop("record_s_")
+                row.update(agg_peak_bytes=agg_peak, wall_s=time.perf_counter() - t_round, **phases)
+                if ev:
+                    row.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"], eval_loss_se=ev["se"],
+                               eval_tokens=ev["tokens"])
                 _append(writer, t, row, arrays)
                 log.step(row)
             # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
             if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
+                t_ckpt = time.perf_counter()
                 ckpt.save(t, rank_state(cfg=cfg, world_size=comm.world_size, run_id=run_id, bases=run.bases,
                                         method=method, planner=run.planner, eval_losses=eval_losses,
                                         profiles=run.profiles),
                           results=writer.path if run.rank0 else None)
+                ckpt_s += time.perf_counter() - t_ckpt
         except DiskError as e:
             err = str(e)
         raise_on_all_ranks(comm, err)
     log.close()
-    final_dir = finish(run, writer, eval_losses)
+    final_dir = finish(run, writer, eval_losses, checkpoint_s=ckpt_s)
     comm.barrier()
     if trained_rounds == 0 and cfg.rounds > start:
-        raise UserInputError(f"no server trained in any of rounds {start + 1}..{cfg.rounds}: every plan exceeded its "
-                             "server's budgets or every update was left out (results.h5 records the rounds, "
-                             "unchanged model); see the warnings above")
+        raise UserInputError(f"no server trained in any of rounds {start + 1}..{cfg.rounds}: no plan fitted its "
+                             "server's budgets, train.deadline_s cut every server short, or every update was left "
+                             "out (results.h5 records the rounds: the model is unchanged); see the warnings above")
     return RunSummary(run.out_dir / "results.h5", final_dir, eval_losses) if run.rank0 else None
 
 

@@ -10,6 +10,7 @@ every rank scores a strided slice of it and the sums are all-gathered.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class Run:
     shard_sizes: list[int]  # |D_i| of every server (known to every rank)
     eval_slice: object  # this rank's strided share of the eval set
     eval_subset: object  # (k) -> this rank's share of the first k eval examples (run's eval order), tokenized
+    eval_full: object = None  # () -> this rank's share of the whole eval set (None: eval_slice is all of it)
     profiles: list[ServerProfile] = field(default_factory=list)
     method: Method | None = None
     planner: RoundPlanner | None = None
@@ -53,6 +55,7 @@ class Run:
     view_bytes: dict[str, int] = field(default_factory=dict)  # measured bytes of each base precision in use
     gen_mrs: list = field(default_factory=list)  # E2E generation at the end: distinct MRs ...
     gen_refs: list = field(default_factory=list)  # ... and all references of each
+    setup_phases: dict = field(default_factory=dict)  # seconds per set-up phase on this rank (set_up)
 
     @property
     def out_dir(self) -> Path:
@@ -88,26 +91,42 @@ class Run:
         with self.method.attach(state):
             part = evaluate(self.model, self.eval_slice if data is None else data, batch_size=self.cfg.eval.batch_size,
                             pad_id=self.pad_id, device=self.comm.device)
-        parts = self.comm.all_gather_object((part["loss_sum"], part["tokens"]))
-        return summarize(sum(p[0] for p in parts), sum(p[1] for p in parts))
+        parts = self.comm.all_gather_object(part["moments"])
+        return summarize(*(sum(p[i] for p in parts) for i in range(len(parts[0]))))
 
 
 def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     """Everything a round needs, on this rank; `point` (a resumed run) gives the profiles measured at the start."""
-    tok, model, sites = _load_model(cfg, comm)
-    shards, shard_sizes = _load_shards(cfg, comm, tok)
-    eval_slice, eval_subset = _load_eval(cfg, comm, tok)
+    clock = _Phases()
+    tok, model, sites = clock("model", _load_model, cfg, comm)
+    shards, shard_sizes = clock("train_data", _load_shards, cfg, comm, tok)
+    eval_slice, eval_subset, eval_full = clock("eval_data", _load_eval, cfg, comm, tok)
     run = Run(cfg=cfg, comm=comm, log=log, tok=tok, model=model, sites=sites, shards=shards,
-              shard_sizes=shard_sizes, eval_slice=eval_slice, eval_subset=eval_subset)
-    run.gen_mrs, run.gen_refs = _load_generation(cfg)
+              shard_sizes=shard_sizes, eval_slice=eval_slice, eval_subset=eval_subset, eval_full=eval_full)
+    run.gen_mrs, run.gen_refs = clock("generation_data", _load_generation, cfg)
     # A resumed run plans with the profiles measured when it started, so its plans are the ones it would have made.
-    run.profiles = saved_profiles(point.state) if point else _profile(cfg, comm, run.owner)
+    run.profiles = saved_profiles(point.state) if point else clock("profile", _profile, cfg, comm, run.owner)
     run.method = make_method(cfg)
     run.planner = RoundPlanner(cfg, model_shape(model, sites), sites, run.profiles, hosted=run.my_clients,
                                method=run.method)
-    _build_bases(run)
-    run.method.setup(run)
+    clock("bases", _build_bases, run)
+    clock("method", run.method.setup, run)
+    run.setup_phases = clock.seconds
     return run
+
+
+class _Phases:
+    """Seconds per named set-up phase on this rank (results.h5 setup_phases_json on rank 0;
+    benchmarks/round_breakdown.py reads them)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        return out
 
 
 def _load_model(cfg: JobConfig, comm: Communicator):
@@ -147,15 +166,16 @@ def _load_shards(cfg: JobConfig, comm: Communicator, tok):
 def _load_eval(cfg: JobConfig, comm: Communicator, tok):
     """This rank's strided slice of the eval set, and a tokenizer of its share of the first k examples."""
     ev = load_eval_pairs(cfg)
-    order = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))
-    if cfg.eval.max_samples is not None:
-        order = order[: cfg.eval.max_samples]
+    everything = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))
+    order = everything if cfg.eval.max_samples is None else everything[: cfg.eval.max_samples]
 
     def share(indices):
         return tokenize_pairs(tok, [format_example(*ev[i]) for i in indices[comm.rank::comm.world_size]],
                               cfg.model.max_length)
 
-    return share(order), lambda k: share(order[:k])
+    # the whole eval set, tokenized only when asked for (eval.final_full, at the end): None when the sample is it
+    full = None if len(order) == len(everything) else (lambda: share(everything))
+    return share(order), lambda k: share(order[:k]), full
 
 
 def _load_generation(cfg: JobConfig):

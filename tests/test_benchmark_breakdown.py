@@ -1,0 +1,54 @@
+"""Checks the issue-19 benchmarks without timing anything: benchmarks/round_breakdown.py adds a real run's
+recorded phases up to its round wall-clock and run time; benchmarks/gpu_check.sh --cpu (the GPU check's dry
+run at toy sizes) runs every step and prints its summary; step_vs_peft's JSON holds both sides.
+
+    .venv/bin/python -m pytest tests/test_benchmark_breakdown.py -q      (about a minute)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from fedpipe_dist.io.hdf5 import Results
+
+from ._util import REPO, SMALL_RUN, subprocess_env
+
+sys.path.insert(0, str(REPO))
+from benchmarks.round_breakdown import breakdown, table  # noqa: E402
+
+
+def test_round_breakdown_adds_up_the_recorded_phases(tmp_path):
+    from fedpipe_dist.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "jobs/quickstart.yaml", *SMALL_RUN, f"output.dir={out}", "--no-progress",
+                 "eval.max_samples=8"]) == 0
+    d = breakdown(out / "results.h5")
+    r = Results(out / "results.h5")
+    wall = float(r.rounds["wall_s"][1:].sum())
+    assert d["rounds"] == 3 and math.isclose(d["run"]["rounds_s"], wall)
+    assert math.isclose(sum(d["round_phases_s"].values()), wall, rel_tol=1e-9)
+    assert 0 <= d["round_phases_s"]["other_s"] < 0.2 * wall  # the phases cover the round, less the append
+    assert math.isclose(sum(d["run_share"].values()), 1.0)
+    assert set(d["setup_phases"][0]) >= {"model", "train_data", "eval_data", "profile", "bases"}
+    # a sample of 8 of the 24 eval examples: its standard error, and the whole set at the end
+    assert d["eval"]["sample_loss_se_last"] > 0 and d["eval"]["full_tokens"] > d["eval"]["sample_tokens"] > 0
+    assert "final model on the whole eval set" in table(d)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", str(tmp_path)], cwd=REPO,
+                       env=subprocess_env(FEDPIPE_PYTHON=sys.executable), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "quickstart: final eval loss" in p.stdout and "nf4: final eval loss" in p.stdout, p.stdout
+    d = json.loads((tmp_path / "step_vs_peft.json").read_text())
+    m = d["models"]["llama-25M"]
+    assert m["params"] > 20e6 and m["median_tokens_per_s"]["engine"] > 0 and m["median_tokens_per_s"]["peft"] > 0
+    assert "step_vs_peft llama-25M: engine" in p.stdout and "gpu_check: done" in p.stderr
