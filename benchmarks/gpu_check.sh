@@ -7,7 +7,7 @@
 #
 # 1. the quickstart on CUDA (2 rounds, one process: every server on the GPU);
 # 2. the quickstart with NF4 bases through bitsandbytes (quant.backend=bitsandbytes) on CUDA;
-# 3. benchmarks/step_vs_peft.py: the engine's step vs peft on the 25M models, then on a random-init Llama of
+# 3. benchmarks/step_vs_peft.py: the engine's step vs peft on the 34M/29M models, then on a random-init Llama of
 #    about 1.1B parameters (fp32), then that model's NF4 base: the engine's vs peft + bitsandbytes QLoRA;
 #    tokens/s, GFLOP/s against the measured matmul peak, peak memory;
 # 4. the cost model's memory prediction for the 1.1B plan, next to the measured peak.
@@ -32,7 +32,7 @@ if [[ $cpu == 1 ]]; then
   device=cpu
   export CUDA_VISIBLE_DEVICES=  # the CPU even on a GPU machine
   nf4=(quant.backend=native)  # bitsandbytes' NF4 kernels are CUDA's; the native NF4 is byte-identical
-  steps=(--steps 2 --repeats 1 --only llama-25M)
+  steps=(--steps 2 --repeats 1 --only llama-34M)
   big=()
 else
   device=cuda

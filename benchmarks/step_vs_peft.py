@@ -7,7 +7,8 @@ sensitivity measurement of Eqn 4 after every backward, gradient clipping); the p
 get_peft_model + a plain loop with the same optimizer and clipping. Each repeat runs engine then peft (then
 the next repeat), so drift in the machine's speed hits both alike; min and median over repeats.
 
-Models: the pretrained stories260K (with --stories-path), and random-init 25M-parameter Llama and GPT-2.
+Models: the pretrained stories260K (with --stories-path), and random-init Llama (34M parameters: 8 layers of
+width 512, vocabulary 8,000) and GPT-2 (29M, the same shape, tied embeddings).
 GFLOP/s counts the cost model's FLOPs (algorithm/cost.py: forward, backward through the frozen base,
 adapter weights) per token; the machine's matmul peak is measured here (runtime/heterogeneity.measure_tflops).
 
@@ -51,7 +52,7 @@ def _models(stories: Path | None, big: bool = False):
                                  num_key_value_heads=8, intermediate_size=1376, vocab_size=8000,
                                  max_position_embeddings=256)
     gpt2 = AutoConfig.for_model("gpt2", n_embd=512, n_layer=8, n_head=8, vocab_size=8000, n_positions=256)
-    for name, cfg in (("llama-25M", llama), ("gpt2-25M", gpt2)):
+    for name, cfg in (("llama-34M", llama), ("gpt2-29M", gpt2)):
         out.append((name, lambda c=cfg: _seeded(lambda: AutoModelForCausalLM.from_config(c))))
     return out
 
@@ -174,7 +175,9 @@ def main() -> None:
         torch.set_num_threads(1)
     from fedpipe_dist.runtime.heterogeneity import measure_tflops
 
-    peak = measure_tflops(device, n=4096 if device.type == "cuda" else 512) * 1e3
+    # the best of a few sizes: a small matmul understates what the models' larger ones reach
+    peak = max(measure_tflops(device, n=n) for n in ((2048, 4096, 8192) if device.type == "cuda" else
+                                                     (512, 1024, 2048))) * 1e3
     doc = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "qlora": args.qlora,
            "threads": torch.get_num_threads(), "batch": BATCH, "seq": SEQ, "rank": RANK, "steps": args.steps,
            "repeats": args.repeats, "matmul_peak_gflops": peak, "models": {}}

@@ -49,6 +49,6 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "quickstart: final eval loss" in p.stdout and "nf4: final eval loss" in p.stdout, p.stdout
     d = json.loads((tmp_path / "step_vs_peft.json").read_text())
-    m = d["models"]["llama-25M"]
+    m = d["models"]["llama-34M"]
     assert m["params"] > 20e6 and m["median_tokens_per_s"]["engine"] > 0 and m["median_tokens_per_s"]["peft"] > 0
-    assert "step_vs_peft llama-25M: engine" in p.stdout and "gpu_check: done" in p.stderr
+    assert "step_vs_peft llama-34M: engine" in p.stdout and "gpu_check: done" in p.stderr
