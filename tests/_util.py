@@ -81,3 +81,23 @@ def stop_and_wait(proc, pid: int, limit_s: float) -> tuple[str, float]:
         except ProcessLookupError:
             pass
         kill_job(proc)
+
+
+def worker_pids(root_pid: int) -> dict[int, int]:
+    """{RANK: pid} of the workers below the launcher process root_pid (torchrun), from /proc (Linux)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != root_pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"RANK" in env:
+            found[int(env[b"RANK"])] = int(entry)
+    return found

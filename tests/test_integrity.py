@@ -24,7 +24,7 @@ from fedpipe_dist.io.hdf5 import Results
 from fedpipe_dist.io.lock import NAME as LOCK_NAME
 from fedpipe_dist.io.lock import RunLock
 
-from ._util import REPO, SMALL_RUN, subprocess_env, torchrun_cmd
+from ._util import REPO, SMALL_RUN, subprocess_env, torchrun_cmd, worker_pids
 
 DECLARED = ["clients.tflops=[1,2,3,4]"]
 
@@ -108,26 +108,6 @@ def test_a_damaged_results_header_without_a_complete_checkpoint_keeps_every_file
 # ---- a crash during round 1's checkpoint ---------------------------------------------------------------------
 
 
-def _worker_pids(root_pid: int) -> dict[int, int]:
-    """{RANK: pid} of the workers below the torchrun process root_pid (from /proc)."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != root_pid:
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"RANK" in env:
-            found[int(env[b"RANK"])] = int(entry)
-    return found
-
-
 @pytest.mark.dist
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc (Linux)")
 def test_rank_0_killed_while_round_1s_snapshot_is_a_tmp_file_then_resume_completes(runs, tmp_path):
@@ -141,7 +121,7 @@ def test_rank_0_killed_while_round_1s_snapshot_is_a_tmp_file_then_resume_complet
         while time.time() < deadline and proc.poll() is None and not tmp.exists():
             time.sleep(0.05)
         assert tmp.exists(), "rank 0 never reached round 1's snapshot"
-        os.kill(_worker_pids(proc.pid)[0], signal.SIGKILL)
+        os.kill(worker_pids(proc.pid)[0], signal.SIGKILL)
         proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -193,7 +173,7 @@ def test_sigkill_of_the_launchers_process_group_leaves_no_worker(tmp_path):
         deadline = time.time() + 120
         workers = {}
         while time.time() < deadline and len(workers) < 2:
-            workers = _worker_pids(proc.pid)
+            workers = worker_pids(proc.pid)
             time.sleep(0.2)
         assert len(workers) == 2, "torchrun started no workers"
         while time.time() < deadline and not (out / "results.h5").exists():
@@ -206,7 +186,7 @@ def test_sigkill_of_the_launchers_process_group_leaves_no_worker(tmp_path):
             alive = [pid for pid in alive if _alive(pid)]
             time.sleep(0.2)
     finally:
-        for pid in _worker_pids(proc.pid).values():
+        for pid in worker_pids(proc.pid).values():
             os.kill(pid, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived their launcher"
 

@@ -23,7 +23,7 @@ from fedpipe_dist.cli import main
 from fedpipe_dist.io.checkpoint import CheckpointDir
 from fedpipe_dist.io.hdf5 import Results
 
-from ._util import REPO, SMALL_RUN, run_small, subprocess_env, torchrun_cmd
+from ._util import REPO, SMALL_RUN, run_small, subprocess_env, torchrun_cmd, worker_pids
 
 DECLARED = ["clients.tflops=[1,2,3,4]"]
 
@@ -192,25 +192,6 @@ TORCHRUN_JOB = ["run", "jobs/quickstart.yaml", "rounds=6", "train.local_steps=20
                 "--no-progress"]
 
 
-def _rank_pid(root_pid: int, rank: int) -> int | None:
-    """The pid of the worker with RANK=rank below the torchrun process root_pid (from /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != root_pid:
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-        except (OSError, ValueError, IndexError):
-            continue
-        if env.get(b"RANK") == str(rank).encode():
-            return int(entry)
-    return None
-
-
 def _rows(results) -> int:
     try:
         with h5py.File(results, "r", locking=False) as f:
@@ -238,7 +219,7 @@ def test_sigkill_in_round_3_restarts_and_resumes_to_the_uninterrupted_result(tmp
                 not all(2 in CheckpointDir(out, r, 4).rounds() for r in range(4)):
             time.sleep(0.05)
         assert _rows(out / "results.h5") == 3, "the job is not in round 3"  # rows of rounds 0, 1, 2
-        victim = _rank_pid(proc.pid, 2)
+        victim = worker_pids(proc.pid).get(2)
         assert victim is not None, "found no worker with RANK=2 below torchrun"
         os.kill(victim, signal.SIGKILL)
         _, err = proc.communicate(timeout=400)
