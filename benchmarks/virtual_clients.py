@@ -2,7 +2,7 @@
 
 For N = 8, 16, 32, 64 virtual servers (tiny GPT-2, synthetic E2E, every server sampled), one `torchrun` job
 of 4 gloo ranks each; read back from results.h5: the round's wall-clock (rank 0), rank 0's aggregation
-compute (agg_s: folding the streamed updates in, packing the downlink) and time blocked on receives (wait_s),
+compute (agg_s: folding the streamed updates in, packing the downlink) and time blocked on receives (recv_wait_s),
 and rank 0's peak memory from the end of local training to the merge (agg_peak_bytes, VmHWM on CPU: the
 whole process, mostly the Python/torch runtime), and the update bytes rank 0 held at once while folding
 updates in (agg_held_bytes; holding every update would be the round's bytes up). Means over rounds 2..R
@@ -44,7 +44,7 @@ def run(args, n: int) -> dict:
     done = r.clients["completed"][1:]
     return dict(clients=n, ranks=args.ranks, job_s=elapsed, completed_per_round=float(done.sum(axis=1).mean()),
                 round_s=float(r.rounds["wall_s"][rows].mean()), agg_s=float(r.rounds["agg_s"][rows].mean()),
-                wait_s=float(r.rounds["wait_s"][rows].mean()),
+                wait_s=float(r.rounds["recv_wait_s"][rows].mean()),
                 agg_peak_mib=float(r.rounds["agg_peak_bytes"][rows].max()) / 2**20,
                 agg_held_mib=float(r.rounds["agg_held_bytes"][rows].max()) / 2**20,
                 bytes_up_per_round=float(r.rounds["bytes_up"][rows].mean()),

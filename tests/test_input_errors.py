@@ -8,6 +8,7 @@ Run: .venv/bin/python -m pytest tests/test_input_errors.py -q
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -206,5 +207,6 @@ def test_a_bad_override_under_torchrun_is_said_once_and_last(REPO_ROOT):
     message = "rounds: expected an integer (got 'abc')"
     assert out.count(message) == 1, out
     assert message in "\n".join(out.strip().splitlines()[-3:]), out[-2000:]
-    assert out.count("exitcode  : 2") == 4, out[-3000:]
+    codes = re.findall(r"exitcode  : (-?\d+)", out)  # a rank still exiting when torchrun sees rank 0's exit
+    assert codes.count("2") >= 1 and set(codes) <= {"2", "-15"}, out[-3000:]  # is stopped by its SIGTERM
     assert proc.returncode != 0

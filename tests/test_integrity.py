@@ -7,6 +7,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_integrity.py -q    
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -321,7 +322,10 @@ def test_a_full_disk_exits_2_once_and_resume_continues_to_the_uninterrupted_resu
     out = p.stdout + p.stderr
     assert p.returncode != 0 and out.count("fedpipe: error: output.dir:") == 1, out[-3000:]
     assert "free space there" in out and "resume=true" in out
-    assert out.count("exitcode  : 2") == 2, out[-3000:]  # both workers exit 2 (torchrun itself exits 1)
+    # the workers exit 2 (torchrun itself exits 1); one that is still finishing when torchrun sees the first
+    # exit is stopped by torchrun's SIGTERM (-15)
+    codes = re.findall(r"exitcode  : (-?\d+)", out)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, out[-3000:]
     assert "Segmentation" not in out and "SIGSEGV" not in out
     assert not list(mnt.rglob("*.tmp")), list(mnt.rglob("*"))
     grow()

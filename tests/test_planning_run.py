@@ -87,3 +87,26 @@ def test_missed_deadline_is_under_training_and_leaves_the_base_alone(tmp_path):
     assert (r.clients["completed"][1:] == 0).all() and (r.clients["local_steps"][1:] < 3).all()
     assert (r.rounds["under_training_rate"][1:] == 1.0).all() and (r.rounds["bytes_up"][1:] == 0).all()
     np.testing.assert_allclose(r.rounds["eval_loss"], r.rounds["eval_loss"][0], rtol=1e-6)
+
+
+@pytest.mark.dist
+def test_rounds_wait_s_is_the_straggler_wait_servers_really_had(tmp_path):
+    """Two servers on two gloo ranks, the second 3x slower: each round the fast rank waits for the slow one
+    where the servers' reports are all-gathered; rounds/wait_s is that wait, so it matches the difference of
+    the two servers' local training times (clients/local_s) within 20 %."""
+    from ._util import torchrun_cmd
+
+    out = tmp_path / "run"
+    job = ["run", "jobs/quickstart.yaml", "rounds=3", "clients.n=2", "clients.slowdown=[1,3]", "clients.tflops=[1,1]",
+           "clients.memory_gb=24",
+           "plan.mode=uniform", "train.local_steps=20", "data.synthetic_train_size=64", "data.synthetic_eval_size=16",
+           "eval.max_samples=16", "model.max_length=96", f"output.dir={out}", "--no-progress"]
+    p = subprocess.run(torchrun_cmd(2, *job),
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = Results(out / "results.h5")
+    local = r.clients["local_s"][1:]
+    gap = local.max(axis=1) - local.min(axis=1)
+    wait = r.rounds["wait_s"][1:]
+    assert (gap > 0.2).all(), gap  # the slow server really is slower (same batch: plan.mode=uniform)
+    np.testing.assert_allclose(wait, gap, rtol=0.2)

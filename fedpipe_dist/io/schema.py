@@ -3,7 +3,8 @@
 # 2: absorbed_min, absorbed, extra_bytes_per_param, base_weight_bytes; 3: adapter_depth/width; 4: agg_peak/held_bytes;
 # 5: update_norm, rejected, n_rejected; 6: root attrs run_id, resumed_from (checkpoints and resume);
 # 7: eval_s (so that time to quality can leave evaluation out); 8: eval_loss_se, eval_tokens, eval/full_*, the
-# round's phases (plan_s ... record_s), root attrs setup_s, setup_phases_json, checkpoint_s, finish_s
+# round's phases (plan_s ... record_s), recv_wait_s (wait_s is now the straggler wait), root attrs setup_s,
+# setup_phases_json, checkpoint_s, finish_s
 SCHEMA_VERSION = 8
 
 ROOT_ATTRS = ("schema_version", "method", "model", "dataset", "world_size", "n_clients", "config_json",
@@ -22,7 +23,10 @@ ROUND_FIELDS = {
     "merge_s": "f8",  # the method's end of round and the merge into every base
     "record_s": "f8",  # gathering every rank's statistics and building the row
     "agg_s": "f8",  # rank 0's aggregation compute (stacking or dense sum, packing)
-    "wait_s": "f8",  # rank 0's time blocked on receiving updates from other ranks (stragglers)
+    # the straggler wait: the longest any rank waited, after training its servers, for the slowest rank to
+    # finish (measured around the all-gather of the servers' reports, where the wait happens)
+    "wait_s": "f8",
+    "recv_wait_s": "f8",  # rank 0's time blocked on receives inside the exchange (the updates' arrival)
     "train_loss": "f8",  # mean over completed clients of their mean local training loss
     "eval_loss": "f8",  # mean target-token cross-entropy on the eval set (NaN when not evaluated)
     "eval_ppl": "f8",

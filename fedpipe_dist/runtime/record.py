@@ -71,6 +71,19 @@ class Log:
             self.bar.close()
 
 
+class Laps:
+    """Seconds per named phase: lap(name) adds the time since the previous lap (or since creation)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.clock
+        self.clock = now
+
+
 def _is_terminal(stream) -> bool:
     try:
         return stream.isatty()
@@ -108,7 +121,8 @@ def round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0,
         "eval_s": 0.0,
         **{k: 0.0 for k in ("plan_s", "train_s", "sync_s", "exchange_s", "merge_s", "record_s")},
         "agg_s": traffic["agg_s"] if traffic else 0.0,
-        "wait_s": traffic["wait_s"] if traffic else 0.0,
+        "wait_s": 0.0,  # the round's straggler wait (runtime/server.py sets it)
+        "recv_wait_s": traffic["wait_s"] if traffic else 0.0,
         "train_loss": float(np.mean([s.train_loss for s in done])) if done else math.nan,
         "eval_loss": eval["loss"] if eval else math.nan,
         "eval_ppl": eval["ppl"] if eval else math.nan,

@@ -33,7 +33,7 @@ from ..methods import Exchanged, Report
 from .client import peak_mem, reset_peak_mem
 from .launch import idle_ranks_warning
 from .outputs import agree, check_output_dir, finish, open_results
-from .record import Log, client_arrays, round_row
+from .record import Laps, Log, client_arrays, round_row
 from .resume import find_resume_point, new_run_id, raise_on_all_ranks, rank_state, restarted_by_torchrun
 from .setup import Run, set_up
 
@@ -72,14 +72,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
     log.open_bar(cfg.rounds, done=start)
     trained_rounds, ckpt_s = 0, 0.0
     for t in range(start + 1, cfg.rounds + 1):
-        t_round = clock = time.perf_counter()
-        phases: dict[str, float] = {}
-
-        def lap(name: str) -> None:  # rank 0's seconds per phase of the round (results.h5 rounds/<name>)
-            nonlocal clock
-            now = time.perf_counter()
-            phases[name], clock = now - clock, now
-
+        t_round, lap = time.perf_counter(), Laps()  # rank 0's seconds per phase (results.h5 rounds/<phase>)
         # ---- plan: who trains this round, at which batch size, ranks and precision (Algorithm 1) ----
         selected = sample_clients(cfg.clients.n, cfg.clients.fraction, seed=cfg.seed, round_idx=t)
         method.begin_round(t, selected)
@@ -111,7 +104,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         for c in stats:
             stats[c].bytes_up = ex.traffic["client_bytes_up"].get(c, 0)
         gathered = comm.gather_object((list(stats.values()), absorbed,
-                                       {p: run.bases.extra_bytes(p) for p in run.bases.views}))
+                                       {p: run.bases.extra_bytes(p) for p in run.bases.views}, run.straggler_wait_s))
         # ---- evaluate and record ----
         lap("record_s")  # the gather of every rank's statistics (the row is built below)
         ev = run.evaluate() if (t % cfg.eval.every == 0 or t == cfg.rounds) else None
@@ -122,9 +115,8 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         try:
             if run.rank0:
                 row, arrays = _round_record(run, t, selected, plans, infos, scores, ex, rejected, gathered)
-                lap("record_s_")
-                phases["record_s"] += phases.pop("record_s_")
-                row.update(agg_peak_bytes=agg_peak, wall_s=time.perf_counter() - t_round, **phases)
+                lap("record_s")
+                row.update(agg_peak_bytes=agg_peak, wall_s=time.perf_counter() - t_round, **lap.seconds)
                 if ev:
                     row.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"], eval_loss_se=ev["se"],
                                eval_tokens=ev["tokens"])
@@ -132,12 +124,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
                 log.step(row)
             # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
             if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
-                t_ckpt = time.perf_counter()
-                ckpt.save(t, rank_state(cfg=cfg, world_size=comm.world_size, run_id=run_id, bases=run.bases,
-                                        method=method, planner=run.planner, eval_losses=eval_losses,
-                                        profiles=run.profiles),
-                          results=writer.path if run.rank0 else None)
-                ckpt_s += time.perf_counter() - t_ckpt
+                ckpt_s += _checkpoint(run, ckpt, t, run_id, eval_losses, writer)
         except DiskError as e:
             err = str(e)
         raise_on_all_ranks(comm, err)
@@ -145,9 +132,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
     final_dir = finish(run, writer, eval_losses, checkpoint_s=ckpt_s)
     comm.barrier()
     if trained_rounds == 0 and cfg.rounds > start:
-        raise UserInputError(f"no server trained in any of rounds {start + 1}..{cfg.rounds}: no plan fitted its "
-                             "server's budgets, train.deadline_s cut every server short, or every update was left "
-                             "out (results.h5 records the rounds: the model is unchanged); see the warnings above")
+        raise UserInputError(f"no server trained in any of rounds {start + 1}..{cfg.rounds}: {NONE_TRAINED}")
     return RunSummary(run.out_dir / "results.h5", final_dir, eval_losses) if run.rank0 else None
 
 
@@ -174,6 +159,19 @@ def _append(writer, t: int, row, arrays) -> None:
     require_space(writer.path.parent, 2 * grown, f"round {t}'s row of results.h5")
     with disk_errors(writer.path.parent, f"round {t}'s row of results.h5"):
         writer.append_round(row, arrays)
+
+
+NONE_TRAINED = ("no plan fitted its server's budgets, train.deadline_s cut every server short, or every update "
+                "was left out (results.h5 records the rounds: the model is unchanged); see the warnings above")
+
+
+def _checkpoint(run: Run, ckpt: CheckpointDir, t: int, run_id: str, eval_losses: list[float], writer) -> float:
+    """This rank's checkpoint of round t (rank 0: with the results.h5 snapshot); returns its seconds."""
+    t0 = time.perf_counter()
+    ckpt.save(t, rank_state(cfg=run.cfg, world_size=run.comm.world_size, run_id=run_id, bases=run.bases,
+                            method=run.method, planner=run.planner, eval_losses=eval_losses, profiles=run.profiles),
+              results=writer.path if run.rank0 else None)
+    return time.perf_counter() - t0
 
 
 def _warn(run: Run, writer, message: str) -> None:
@@ -207,9 +205,11 @@ def _report(run: Run, updates: dict[int, ClientUpdate], stats: dict) -> dict[int
         if c in faults.misreport_clients:
             stats[c].update_norm /= faults.scale
     reports: dict[int, Report] = {}
+    t0 = time.perf_counter()  # this rank now waits for the slowest one: the round's straggler wait, measured
     for part in run.comm.all_gather_object({c: Report(st.completed, st.prune_norm, st.update_norm)
                                             for c, st in stats.items()}):
         reports.update(part)
+    run.straggler_wait_s = time.perf_counter() - t0
     return reports
 
 
@@ -241,10 +241,12 @@ def _round_record(run: Run, t: int, selected, plans, infos, scores, ex: Exchange
     n, precisions = run.cfg.clients.n, run.precisions
     all_stats = {s.client: s for part in gathered for s in part[0]}
     absorbed_by, extra_by = {}, {}
-    for _, a, e in gathered:
+    for _, a, e, _ in gathered:
         absorbed_by.update(a)
         extra_by.update(e)
     row = round_row(t, eval=None, n_selected=len(selected), n_clients=n, stats=all_stats, traffic=ex.traffic)
+    row["wait_s"] = max(g[3] for g in gathered)  # the rank that waited longest for the slowest one
+    row["recv_wait_s"] = ex.traffic["wait_s"]  # rank 0 blocked on receives inside the exchange
     in_use = set(precisions) | {run.eval_precision}
     # NaN when nothing was merged or quant.measure_absorbed is off (np.min keeps the NaN)
     row["absorbed_min"] = float(np.min([absorbed_by[p] for p in in_use])) if ex.deltas else math.nan

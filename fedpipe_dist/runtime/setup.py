@@ -56,6 +56,7 @@ class Run:
     gen_mrs: list = field(default_factory=list)  # E2E generation at the end: distinct MRs ...
     gen_refs: list = field(default_factory=list)  # ... and all references of each
     setup_phases: dict = field(default_factory=dict)  # seconds per set-up phase on this rank (set_up)
+    straggler_wait_s: float = 0.0  # this round: this rank's wait for the slowest rank's report
 
     @property
     def out_dir(self) -> Path:
