@@ -137,6 +137,16 @@ def _model_path_message(name_or_path: str, err: Exception) -> str:
             f"{sorted(TINY_CONFIGS)}")
 
 
+def check_max_length(max_length: int, config, name: str) -> None:
+    """model.max_length must fit the model's position limit (`config`: a transformers config, or a dict such as
+    TINY_CONFIGS' entries); a UserInputError names the limit."""
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    limit = get("max_position_embeddings") or get("n_positions")
+    if limit and max_length > limit:
+        raise UserInputError(f"model.max_length: {max_length} is longer than {name}'s position limit ({limit}); "
+                             f"set model.max_length={limit} or less")
+
+
 def load_model(name_or_path: str, *, seed: int = 0, dtype: str = "float32", tokenizer=None):
     """Return a causal LM on CPU in `dtype`. Built-in tiny models are initialized from `seed`."""
     from transformers import AutoModelForCausalLM

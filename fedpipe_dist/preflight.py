@@ -33,12 +33,12 @@ def preflight(cfg: JobConfig, *, world_size: int = 1) -> list[str]:
 
 
 def _model(cfg: JobConfig) -> list[str]:
-    from .models import TINY_CONFIGS, _looks_local, check_model_path
+    from .models import TINY_CONFIGS, _looks_local, check_max_length, check_model_path
 
     name = cfg.model.name_or_path
     check_model_path(name)
     if name in TINY_CONFIGS:
-        limit = TINY_CONFIGS[name].get("n_positions", TINY_CONFIGS[name].get("max_position_embeddings"))
+        config = TINY_CONFIGS[name]
     elif _looks_local(name):
         from transformers import AutoConfig
 
@@ -48,14 +48,11 @@ def _model(cfg: JobConfig) -> list[str]:
             raise UserInputError(f"model.name_or_path: {name!r} has a config.json that cannot be read "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); point it at a "
                                  "Hugging Face model folder written by save_pretrained") from None
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     else:
         return [f"note: model.name_or_path={name!r} is a hub name: it is downloaded when the job starts (compute "
                 "nodes often have no network: download it once, point model.name_or_path at the folder, and set "
                 "HF_HUB_OFFLINE=1)"]
-    if limit is not None and cfg.model.max_length > limit:
-        raise UserInputError(f"model.max_length: {cfg.model.max_length} is longer than the model's position limit "
-                             f"({limit}); set model.max_length={limit} or less")
+    check_max_length(cfg.model.max_length, config, name)
     return []
 
 
@@ -90,6 +87,7 @@ def _data(cfg: JobConfig) -> list[str]:
 
 
 def _output_dir(cfg: JobConfig) -> None:
+    from .io.space import existing_ancestor
     from .runtime.outputs import check_output_dir
 
     out = Path(cfg.output.dir).expanduser()
@@ -98,13 +96,8 @@ def _output_dir(cfg: JobConfig) -> None:
     except (OSError, ValueError) as e:  # a NUL byte, a name too long for the filesystem
         raise UserInputError(f"output.dir: {cfg.output.dir!r} is not a usable path ({e}); choose another "
                              "output.dir") from None
-    if not cfg.resume:
-        check_output_dir(out, cfg.output.overwrite)
-    elif out.exists() and not out.is_dir():
-        raise UserInputError(f"output.dir: {str(out)!r} exists and is not a folder; choose another output.dir")
-    existing = out
-    while not existing.exists():  # the folder the run would create its own folders in
-        existing = existing.parent
+    check_output_dir(out, cfg.output.overwrite or cfg.resume)  # resume=true: an earlier results.h5 is the point
+    existing = existing_ancestor(out)  # the folder the run would create its own folders in
     if not existing.is_dir():
         raise UserInputError(f"output.dir: {str(existing)!r} is a file, so {str(out)!r} cannot be created; choose "
                              "another output.dir")

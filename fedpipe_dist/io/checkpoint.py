@@ -195,20 +195,22 @@ class CheckpointDir:
             if err is not None:
                 raise err from None
             raise
-        kept = self.rounds()[-KEEP:]
-        for t in self.rounds()[:-KEEP]:
-            _unlink(self.path(t))
-        if self.rank == 0 and kept:
-            # earlier attempts' files (another world size, or rounds this attempt redid) older than what this
-            # attempt keeps: every rank of this attempt holds a newer checkpoint now
-            for t, by_w in scan(self.dir).items():
-                if t < kept[0]:
-                    for w, ranks in by_w.items():
-                        for r in ranks:
-                            _unlink(self.path(t, r, w))
-            for t in snapshots(self.dir):
-                if t < kept[0]:
-                    _unlink(self.results_path(t))
+        held = self.rounds()
+        oldest_kept = held[-KEEP:][0]
+        if self.rank != 0:
+            for t in held[:-KEEP]:
+                _unlink(self.path(t))
+            return
+        # rank 0: every file older than what it keeps, its own and earlier attempts' (another world size, or
+        # rounds this attempt redid): every rank of this attempt holds a newer checkpoint now
+        for t, by_w in scan(self.dir).items():
+            if t < oldest_kept:
+                for w, ranks in by_w.items():
+                    for r in ranks:
+                        _unlink(self.path(t, r, w))
+        for t in snapshots(self.dir):
+            if t < oldest_kept:
+                _unlink(self.results_path(t))
 
     def load(self, round_idx: int, rank: int | None = None, world_size: int | None = None) -> dict[str, Any]:
         """A checkpoint file (this rank's, or rank `rank` of `world_size`'s), memory-mapped: tensors are read

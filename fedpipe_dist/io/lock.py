@@ -49,10 +49,7 @@ class RunLock:
     def acquire(self, log) -> None:
         import fcntl
 
-        if self.dir.exists() and not self.dir.is_dir():
-            raise UserInputError(f"output.dir: {str(self.dir)!r} exists and is not a folder; choose another "
-                                 "output.dir")
-        try:
+        try:  # (runtime/outputs.check_output_dir has refused an output.dir that is a file)
             self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:

@@ -26,18 +26,23 @@ class DiskError(UserInputError):
     """output.dir cannot take a write (full, read-only, not permitted); exit code 2 like any user error."""
 
 
-def free_bytes(path: Path) -> int:
+def existing_ancestor(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (where a run would create its folders)."""
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent
-    return shutil.disk_usage(p).free
+    return p
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(existing_ancestor(path)).free
 
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _fix(what: str) -> str:
+def _fix() -> str:
     return ("free space there (or move the folder to a larger disk), then run the same command with resume=true: it "
             "continues from the newest checkpoint (or starts the run when there is none yet)")
 
@@ -46,7 +51,7 @@ def require_space(path: Path, need: int, what: str) -> None:
     free = free_bytes(path)
     if free < need + MARGIN:
         raise DiskError(f"output.dir: {what} needs about {_mb(need + MARGIN)} free in {str(path)!r}, and {_mb(free)} "
-                        f"is free; {_fix(what)}")
+                        f"is free; {_fix()}")
 
 
 def as_disk_error(e: BaseException, path: Path, what: str) -> DiskError | None:
@@ -55,7 +60,7 @@ def as_disk_error(e: BaseException, path: Path, what: str) -> DiskError | None:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or \
             isinstance(e, RuntimeError) and free_bytes(path) < MARGIN:  # torch.save: "unexpected pos ..."
         return DiskError(f"output.dir: no space left writing {what} to {str(path)!r} ({_mb(free_bytes(path))} "
-                         f"free); {_fix(what)}")
+                         f"free); {_fix()}")
     if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return DiskError(f"output.dir: {str(path)!r} refused {what} ({e.strerror}); make it writable or choose "
                          "another output.dir, then run the same command with resume=true")

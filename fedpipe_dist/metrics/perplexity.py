@@ -10,24 +10,25 @@ import torch.nn.functional as F
 from ..data.tokenize import IGNORE, Batch, TokenizedSet, collate
 
 
-def lm_loss(model, batch: Batch, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over labelled (target) positions only."""
+def _token_losses(model, batch: Batch, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy over labelled (target) positions only, and the shifted labels."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     # Position t predicts token t+1: drop the last logit and the first label.
     logits = logits[:, :-1, :].float()
     labels = batch.labels[:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction=reduction)
+                           ignore_index=IGNORE, reduction=reduction), labels
+
+
+def lm_loss(model, batch: Batch, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over labelled (target) positions only."""
+    return _token_losses(model, batch, reduction)[0]
 
 
 def example_losses(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: the summed cross-entropy of its target tokens, and how many there are."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    logits = logits[:, :-1, :].float()
-    labels = batch.labels[:, 1:]
-    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                                 reduction="none").view(labels.shape)
-    return token_loss.sum(dim=1), (labels != IGNORE).sum(dim=1)
+    token_loss, labels = _token_losses(model, batch, "none")
+    return token_loss.view(labels.shape).sum(dim=1), (labels != IGNORE).sum(dim=1)
 
 
 def length_buckets(data: TokenizedSet, batch_size: int) -> list[list[int]]:

@@ -86,7 +86,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         # ---- train: each rank its own servers, on their private shards ----
         updates, stats = _train(run, t, plans, runnable)
         lap("train_s")
-        reports = _report(run, updates, stats)  # every rank waits here for the slowest one
+        reports, waited = _report(run, updates, stats)  # every rank waits here for the slowest one
         lap("sync_s")
         contributors, rejected = _screen(run, t, runnable, reports)
         # ---- exchange and fold: combine the updates, then every base merges the same change ----
@@ -104,7 +104,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         for c in stats:
             stats[c].bytes_up = ex.traffic["client_bytes_up"].get(c, 0)
         gathered = comm.gather_object((list(stats.values()), absorbed,
-                                       {p: run.bases.extra_bytes(p) for p in run.bases.views}, run.straggler_wait_s))
+                                       {p: run.bases.extra_bytes(p) for p in run.bases.views}, waited))
         # ---- evaluate and record ----
         lap("record_s")  # the gather of every rank's statistics (the row is built below)
         ev = run.evaluate() if (t % cfg.eval.every == 0 or t == cfg.rounds) else None
@@ -143,8 +143,8 @@ def _fresh_or_resumed(cfg: JobConfig, comm: Communicator, log, lock: RunLock):
     out_dir = Path(cfg.output.dir)
     ckpt = CheckpointDir(out_dir, comm.rank, comm.world_size)
     resuming = cfg.resume or restarted_by_torchrun()
-    if not resuming:  # before the lock: a folder that is refused is not touched at all
-        agree(comm, lambda: check_output_dir(out_dir, cfg.output.overwrite))
+    # before the lock: a folder that is refused is not touched at all (resuming: its results.h5 is the point)
+    agree(comm, lambda: check_output_dir(out_dir, cfg.output.overwrite or resuming))
     agree(comm, lambda: lock.acquire(log))
     point = find_resume_point(cfg, comm, out_dir, ckpt, log) if resuming else None
     if point is None:  # leftovers of an earlier run here (overwrite, or an attempt that died in round 1) go
@@ -195,9 +195,10 @@ def _train(run: Run, t: int, plans, runnable: list[int]):
     return updates, stats
 
 
-def _report(run: Run, updates: dict[int, ClientUpdate], stats: dict) -> dict[int, Report]:
+def _report(run: Run, updates: dict[int, ClientUpdate], stats: dict) -> tuple[dict[int, Report], float]:
     """Each server reports whether it finished and its update's norm (rank 0 re-checks what it receives);
-    the reports are all-gathered, so every rank judges alike."""
+    the reports are all-gathered, so every rank judges alike. Also returns how long this rank waited there
+    for the slowest one."""
     faults = run.cfg.faults
     for c in updates:
         _inject_faults(faults, c, updates[c])
@@ -209,8 +210,7 @@ def _report(run: Run, updates: dict[int, ClientUpdate], stats: dict) -> dict[int
     for part in run.comm.all_gather_object({c: Report(st.completed, st.prune_norm, st.update_norm)
                                             for c, st in stats.items()}):
         reports.update(part)
-    run.straggler_wait_s = time.perf_counter() - t0
-    return reports
+    return reports, time.perf_counter() - t0
 
 
 def _screen(run: Run, t: int, runnable: list[int], reports: dict[int, Report]):

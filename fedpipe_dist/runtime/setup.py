@@ -10,7 +10,6 @@ every rank scores a strided slice of it and the sums are all-gathered.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,15 +18,16 @@ import numpy as np
 from ..adapters.sites import Site, find_sites, n_layers
 from ..algorithm.cost import model_shape
 from ..comm.base import Communicator
-from ..config import JobConfig, UserInputError
+from ..config import JobConfig
 from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
 from ..methods import Method, make_method
 from ..metrics.generate import generation_pairs
 from ..metrics.perplexity import evaluate, summarize
-from ..models import load_model, load_tokenizer
+from ..models import check_max_length, load_model, load_tokenizer
 from .bases import RankBases, lowest_precision
 from .heterogeneity import ServerProfile, client_profiles, device_memory_bytes, measure_tflops
 from .planning import RoundPlanner
+from .record import Laps
 from .resume import saved_profiles
 
 
@@ -56,7 +56,6 @@ class Run:
     gen_mrs: list = field(default_factory=list)  # E2E generation at the end: distinct MRs ...
     gen_refs: list = field(default_factory=list)  # ... and all references of each
     setup_phases: dict = field(default_factory=dict)  # seconds per set-up phase on this rank (set_up)
-    straggler_wait_s: float = 0.0  # this round: this rank's wait for the slowest rank's report
 
     @property
     def out_dir(self) -> Path:
@@ -98,36 +97,29 @@ class Run:
 
 def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     """Everything a round needs, on this rank; `point` (a resumed run) gives the profiles measured at the start."""
-    clock = _Phases()
-    tok, model, sites = clock("model", _load_model, cfg, comm)
-    shards, shard_sizes = clock("train_data", _load_shards, cfg, comm, tok)
-    eval_slice, eval_subset, eval_full = clock("eval_data", _load_eval, cfg, comm, tok)
+    lap = Laps()  # seconds per set-up phase on this rank (results.h5 setup_phases_json on rank 0)
+    tok, model, sites = _load_model(cfg, comm)
+    lap("model")
+    shards, shard_sizes = _load_shards(cfg, comm, tok)
+    lap("train_data")
+    eval_slice, eval_subset, eval_full = _load_eval(cfg, comm, tok)
+    lap("eval_data")
     run = Run(cfg=cfg, comm=comm, log=log, tok=tok, model=model, sites=sites, shards=shards,
               shard_sizes=shard_sizes, eval_slice=eval_slice, eval_subset=eval_subset, eval_full=eval_full)
-    run.gen_mrs, run.gen_refs = clock("generation_data", _load_generation, cfg)
+    run.gen_mrs, run.gen_refs = _load_generation(cfg)
+    lap("generation_data")
     # A resumed run plans with the profiles measured when it started, so its plans are the ones it would have made.
-    run.profiles = saved_profiles(point.state) if point else clock("profile", _profile, cfg, comm, run.owner)
+    run.profiles = saved_profiles(point.state) if point else _profile(cfg, comm, run.owner)
+    lap("profile")
     run.method = make_method(cfg)
     run.planner = RoundPlanner(cfg, model_shape(model, sites), sites, run.profiles, hosted=run.my_clients,
                                method=run.method)
-    clock("bases", _build_bases, run)
-    clock("method", run.method.setup, run)
-    run.setup_phases = clock.seconds
+    _build_bases(run)
+    lap("bases")
+    run.method.setup(run)
+    lap("method")
+    run.setup_phases = lap.seconds
     return run
-
-
-class _Phases:
-    """Seconds per named set-up phase on this rank (results.h5 setup_phases_json on rank 0;
-    benchmarks/round_breakdown.py reads them)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-        return out
 
 
 def _load_model(cfg: JobConfig, comm: Communicator):
@@ -136,10 +128,7 @@ def _load_model(cfg: JobConfig, comm: Communicator):
     # its device (each block weight is moved there, quantized, and only its codes stay).
     model = load_model(cfg.model.name_or_path, seed=cfg.seed, dtype=cfg.model.dtype, tokenizer=tok)
     model.eval()
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit and cfg.model.max_length > limit:
-        raise UserInputError(f"model.max_length: {cfg.model.max_length} is longer than {cfg.model.name_or_path}'s "
-                             f"position limit ({limit}); set model.max_length={limit} or less")
+    check_max_length(cfg.model.max_length, model.config, cfg.model.name_or_path)
     sites = [s for s in find_sites(model) if s.kind in cfg.lora.targets]
     checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
     checks = comm.all_gather_object(checksum)
