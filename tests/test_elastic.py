@@ -77,3 +77,14 @@ def test_a_one_rank_run_resumes_on_four_ranks(runs, tmp_path):
     out = tmp_path / "stopped1-on-4"
     assert complete_rounds(out) == [3, 4]
     assert {w for by_w in scan(out / "checkpoint").values() for w in by_w} == {4}
+
+
+def test_the_old_world_sizes_checkpoint_stays_until_the_new_ranks_hold_two(runs, tmp_path):
+    """After a resume on another number of ranks, the first new checkpoint may not be on every rank yet when a
+    job dies: the old world size's round must still be there to resume from."""
+    out = tmp_path / "one-more"
+    shutil.copytree(runs / "stopped4", out)
+    _run(1, out, "rounds=3", "resume=true")
+    by_round = scan(out / "checkpoint")
+    assert set(by_round[2]) == {4} and set(by_round[3]) == {1}, by_round
+    assert complete_rounds(out) == [1, 2, 3]  # the old attempt's two, and the new one

@@ -196,7 +196,9 @@ class CheckpointDir:
                 raise err from None
             raise
         held = self.rounds()
-        oldest_kept = held[-KEEP:][0]
+        if len(held) < KEEP:  # this attempt's first checkpoint: other ranks may not hold it yet, keep the older
+            return
+        oldest_kept = held[-KEEP]
         if self.rank != 0:
             for t in held[:-KEEP]:
                 _unlink(self.path(t))
