@@ -40,8 +40,11 @@ class MergedResidual:
             return self.D.numel() * self.D.element_size()
         return (self.U.numel() + self.V.numel()) * 4
 
-    def dense(self) -> torch.Tensor:
-        """D as fp32 [out, in]."""
+    def dense(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """D as fp32 [out, in], or only the rows given (an index tensor)."""
+        if rows is not None:
+            rows = rows.to(self.U.device)
+            return self.D[rows].float() if self.D is not None else self.U[rows] @ self.V
         if self.D is not None:
             return self.D.float()
         return self.U @ self.V
