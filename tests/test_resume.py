@@ -76,6 +76,53 @@ def test_checkpoint_every_two_rounds_resumes_from_the_last_one(tmp_path):
     np.testing.assert_allclose(resumed.rounds["eval_loss"], whole.rounds["eval_loss"], rtol=0, atol=0)
 
 
+# rank-2 adapters on 4 servers: the stacked update (rank 8) is smaller than dense, so checkpoints between full
+# snapshots hold only the merged updates (runtime/chain.py); with full_every=2 rounds 2 and 4 are full ones
+CHAIN = [*METHOD_ARGS["fedpipe"], *DECLARED, "lora.ranks=[2]", "lora.rank=2", "checkpoint.full_every=2"]
+
+
+def _bases_of(out, t):
+    return CheckpointDir(out, 0, 1).load(t)["base"]
+
+
+@pytest.mark.parametrize("stop", [1, 3])
+def test_resume_across_a_full_snapshot_replays_the_updates_since(tmp_path, stop):
+    """Stopped after round 1 (its chain: the pretrained base + round 1's update) or round 3 (round 2's full
+    snapshot + round 3's update), the resumed run is bitwise the run that never stopped."""
+    _, whole = run_small(tmp_path, "whole", *CHAIN, "rounds=4")
+    assert [_bases_of(tmp_path / "whole", t)["full"] is not None for t in (2, 3, 4)] == [True, False, True]
+    run_small(tmp_path, "split", *CHAIN, f"rounds={stop}")
+    last = _bases_of(tmp_path / "split", stop)
+    assert last["full"] is None and last["prev"] == (None if stop == 1 else 2)
+    assert [t for t, _ in last["deltas"]] == [stop]
+    if stop == 3:  # an update is far smaller than the fp32 weights and residuals of a full one
+        ckpt = CheckpointDir(tmp_path / "split", 0, 1)
+        assert ckpt.path(3).stat().st_size < ckpt.path(2).stat().st_size / 3
+    _, resumed = run_small(tmp_path, "split", *CHAIN, "rounds=4", "resume=true")
+    assert list(resumed.attrs["resumed_from"]) == [stop]
+    np.testing.assert_allclose(resumed.rounds["eval_loss"], whole.rounds["eval_loss"], rtol=0, atol=0)
+    np.testing.assert_allclose(resumed.clients["train_loss"], whole.clients["train_loss"], rtol=0, atol=0)
+    a, b = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0
+    # the first checkpoint after a resume is a full one; a chain's files stay while a kept checkpoint needs them
+    assert _bases_of(tmp_path / "split", stop + 1)["full"] is not None
+    assert CheckpointDir(tmp_path / "whole", 0, 1).rounds() == [3, 4]
+    assert sorted(p.name[:11] for p in (tmp_path / "whole" / "checkpoint").glob("*.pt")) == \
+        ["round000002", "round000003", "round000004"]
+
+
+def test_a_damaged_file_in_the_chain_is_named_and_nothing_changes(tmp_path, capsys):
+    run_small(tmp_path, "run", *CHAIN, "rounds=3")  # round 3's checkpoint continues round 2's full one
+    path = CheckpointDir(tmp_path / "run", 0, 1).path(2)
+    path.write_bytes(path.read_bytes()[:100])
+    before = _snapshot(tmp_path / "run")
+    assert main(["run", "jobs/quickstart.yaml", *SMALL_RUN, *CHAIN, f"output.dir={tmp_path / 'run'}",
+                 "--no-progress", "resume=true", "rounds=3"]) == 2
+    assert _snapshot(tmp_path / "run") == before
+    err = capsys.readouterr().err
+    assert "round 3's checkpoint continues" in err and "Traceback" not in err, err[-2000:]
+
+
 def test_resume_with_nothing_to_resume_starts_the_run(tmp_path):
     _, r = run_small(tmp_path, "fresh", "resume=true", "rounds=1")
     assert r.n_rounds == 1 and r.attrs["finished"] and "resumed_from" not in r.attrs

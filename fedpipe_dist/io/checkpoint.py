@@ -15,9 +15,11 @@ Every file is written under a temporary name, flushed to disk and renamed, so it
 SHA-256 is written last beside it (`<file>.sha256`): a file without one does not count, and a resume
 verifies every file it will use against it first (a damaged newest checkpoint falls back to the one before,
 runtime/resume.py). A full disk or a signal during a save leaves no .tmp file behind. Each
-rank keeps its two newest checkpoints: between two checkpoints every rank passes a collective, so when a job
-dies no rank is more than one checkpoint ahead of another, and the newest round that *every* rank holds is
-still on disk. Rank 0 also removes what earlier attempts (another world size) left of rounds before that.
+rank keeps its two newest checkpoints and the earlier files their base state continues from (runtime/chain.py:
+a full snapshot every checkpoint.full_every rounds, merged updates between): between two checkpoints every
+rank passes a collective, so when a job dies no rank is more than one checkpoint ahead of another, and the
+newest round that *every* rank holds is still on disk. Rank 0 also removes what earlier attempts (another
+world size) left of rounds before that.
 
 Rank 0 writes results.h5's row of a round before its checkpoint of that round, and snapshots results.h5
 with it; a resume puts the snapshot back, so results.h5 ends exactly at the checkpoint's round (rows of
@@ -40,7 +42,7 @@ import torch
 from ..config import UserInputError
 from .space import as_disk_error, disk_errors, require_space, tensor_bytes
 
-FORMAT = 2  # 2: files named by rank and world size (elastic resume)
+FORMAT = 3  # 2: files named by rank and world size (elastic resume); 3: the base as a chain (runtime/chain.py)
 KEEP = 2
 _NAME = re.compile(r"round(\d{6})\.rank(\d{4})of(\d{4})\.pt$")
 _SNAPSHOT = re.compile(r"round(\d{6})\.results\.h5$")
@@ -152,6 +154,7 @@ class CheckpointDir:
         self.dir = Path(out_dir) / "checkpoint"
         self.rank = rank
         self.world_size = world_size
+        self._start: dict[int, int] = {}  # round -> its chain's start, for the checkpoints this attempt wrote
 
     def path(self, round_idx: int, rank: int | None = None, world_size: int | None = None) -> Path:
         """This rank's file of `round_idx` (or another rank's, of another world size)."""
@@ -195,18 +198,28 @@ class CheckpointDir:
             if err is not None:
                 raise err from None
             raise
+        base = state.get("base")
+        self._start[round_idx] = base["start"] if base else round_idx
+        self._rotate()
+
+    def _rotate(self) -> None:
+        """Drop what no resume can use any more: files before the chains (runtime/chain.py) of the KEEP newest
+        checkpoints, and results snapshots before the older of those two."""
         held = self.rounds()
         if len(held) < KEEP:  # this attempt's first checkpoint: other ranks may not hold it yet, keep the older
             return
         oldest_kept = held[-KEEP]
+        # a checkpoint another attempt wrote: its chain's start is not known here, so nothing is dropped
+        keep_from = min(self._start.get(t, 0) for t in held[-KEEP:])
         if self.rank != 0:
-            for t in held[:-KEEP]:
-                _unlink(self.path(t))
+            for t in held:
+                if t < keep_from:
+                    _unlink(self.path(t))
             return
-        # rank 0: every file older than what it keeps, its own and earlier attempts' (another world size, or
-        # rounds this attempt redid): every rank of this attempt holds a newer checkpoint now
+        # rank 0: every file older than that, its own and earlier attempts' (another world size, or rounds this
+        # attempt redid): every rank of this attempt holds a newer checkpoint and its chain now
         for t, by_w in scan(self.dir).items():
-            if t < oldest_kept:
+            if t < keep_from:
                 for w, ranks in by_w.items():
                     for r in ranks:
                         _unlink(self.path(t, r, w))

@@ -52,6 +52,7 @@ class RankBases:
                  block_size: int = 64, double_quant: bool = False, backend: str = "auto"):
         self.model = model
         self.sites = sites
+        self.device = device
         from transformers.pytorch_utils import Conv1D
 
         self.names = [n for n, m in model.named_modules() if is_block_linear(n, m)]

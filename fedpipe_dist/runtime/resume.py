@@ -30,6 +30,7 @@ import torch
 
 from ..config import JobConfig, UserInputError
 from ..io.checkpoint import CheckpointDir, complete, leftovers, scan, snapshots
+from .chain import chain_rounds, replay, resolve_base
 from .heterogeneity import ServerProfile
 
 _ROUND = re.compile(r"round(\d{6})\.")
@@ -99,7 +100,10 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
     damaged: list[str] = []
     for t in sorted(done, reverse=True):
         w = comm.world_size if comm.world_size in done[t] else done[t][-1]
-        bad = ckpt.verify(t, w, [comm.rank] if w == comm.world_size else range(w))
+        ranks = [comm.rank] if w == comm.world_size else list(range(w))
+        bad = ckpt.verify(t, w, ranks)
+        for r in ranks if not bad else ():  # the files its base state is built from (runtime/chain.py)
+            bad += _chain_problems(ckpt, t, w, r)
         bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
         if not bad:
             t0, w0 = t, w
@@ -128,6 +132,7 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
     try:
         if w0 == comm.world_size:
             state = ckpt.load(t0)
+            state["base"] = resolve_base(ckpt, t0, w0, [comm.rank])
         else:
             state = compose_state(ckpt, t0, w0, hosted=[c for c in range(cfg.clients.n)
                                                         if c % comm.world_size == comm.rank])
@@ -146,16 +151,21 @@ def compose_state(ckpt: CheckpointDir, t0: int, w0: int, hosted: list[int]) -> d
     """This rank's state after round t0 from the files of the w0 ranks that wrote it: what every rank holds
     alike (the method's state, the planner's ranks, eval losses, profiles, RNG) from old rank 0; each hosted
     server's importance state from the rank that hosted it (server c ran on rank c mod w0); the base's fp32
-    weights and merged residuals from a rank that kept them (every rank merged the same updates). Files are
-    memory-mapped, so only the tensors taken are read."""
+    weights and merged residuals from a rank that kept them (every rank merged the same updates; resolve_base).
+    Files are memory-mapped, so only the tensors taken are read."""
     files = {r: ckpt.load(t0, r, w0) for r in range(w0)}
     state = dict(files[0])
     state["importance"] = {c: files[c % w0]["importance"][c] for c in hosted}
-    if state["base"] is not None:
-        state["base"] = {"fp32": next((f["base"]["fp32"] for f in files.values() if f["base"]["fp32"]), {}),
-                         "residuals": next((f["base"]["residuals"] for f in files.values()
-                                            if f["base"]["residuals"]), {})}
+    state["base"] = resolve_base(ckpt, t0, w0, list(range(w0)))
     return state
+
+
+def _chain_problems(ckpt: CheckpointDir, t: int, w: int, rank: int) -> list[str]:
+    """What is damaged or missing among the earlier files round t's base state needs (rank `rank` of `w`)."""
+    try:
+        return chain_rounds(ckpt, t, w, rank)[1]
+    except UserInputError as e:  # an earlier file of the chain that cannot be read
+        return [str(e)]
 
 
 def _nothing_complete(cfg: JobConfig, results: Path, ckpt_dir: Path, names: set[str]) -> tuple[str | None, bool]:
@@ -255,16 +265,16 @@ def tree_device(tree) -> str:
     return "cpu"
 
 
-def rank_state(*, cfg: JobConfig, world_size: int, run_id: str, bases, method, planner, eval_losses: list[float],
-               profiles) -> dict:
-    """Everything this rank needs to continue after the round just finished."""
+def rank_state(*, cfg: JobConfig, t: int, world_size: int, run_id: str, bases, chain, method, planner,
+               eval_losses: list[float], profiles) -> dict:
+    """Everything this rank needs to continue after round t (the base's part from `chain`, runtime/chain.py)."""
     np_state = np.random.get_state()
     return {
         "run_id": run_id,
         "world_size": world_size,
         "settings": settings_fingerprint(cfg),
         "profiles": [dataclasses.asdict(p) for p in profiles],
-        "base": bases.state_dict() if method.checkpoints_base else None,
+        "base": chain.entry(t, bases) if method.checkpoints_base else None,
         "method": method.state_dict(),  # the method's own state (its global adapter, ft's parameters, ...)
         "importance": {c: {"ibar": torch.from_numpy(st.ibar), "ubar": torch.from_numpy(st.ubar),
                            "sv": torch.from_numpy(st.sv)} for c, st in planner.states.items()},
@@ -286,7 +296,7 @@ def apply_state(state: dict, *, bases, method, planner) -> list[float]:
     """Put this rank's checkpoint back into the bases, the method and the planner, and the random generators.
     Returns the eval losses recorded so far."""
     if state["base"] is not None:
-        bases.load_state_dict(state["base"])
+        replay(bases, state["base"])
     method.load_state_dict(state["method"])
     if set(state["importance"]) != set(planner.states):
         raise UserInputError("resume: the checkpoint's servers are not the ones this rank hosts; resume with the same "

@@ -30,6 +30,7 @@ from ..io.checkpoint import CheckpointDir
 from ..io.lock import RunLock
 from ..io.space import DiskError, disk_errors, require_space
 from ..methods import Exchanged, Report
+from .chain import BaseChain
 from .client import peak_mem, reset_peak_mem
 from .launch import idle_ranks_warning
 from .outputs import agree, check_output_dir, finish, open_results
@@ -71,6 +72,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         writer.add_setup(time.perf_counter() - t_start, run.setup_phases)
     log.open_bar(cfg.rounds, done=start)
     trained_rounds, ckpt_s = 0, 0.0
+    chain = BaseChain(cfg.checkpoint.full_every, resumed=point is not None)  # what checkpoints keep of the base
     for t in range(start + 1, cfg.rounds + 1):
         t_round, lap = time.perf_counter(), Laps()  # rank 0's seconds per phase (results.h5 rounds/<phase>)
         # ---- plan: who trains this round, at which batch size, ranks and precision (Algorithm 1) ----
@@ -99,6 +101,8 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         trained_rounds += bool(contributors)
         method.end_round(t, contributors, reports)
         absorbed = run.bases.merge(ex.deltas, run.site_by_key, measure=cfg.quant.measure_absorbed)
+        if cfg.checkpoint.enabled and method.checkpoints_base:
+            chain.record(t, ex.deltas)
         lap("merge_s")
         agg_peak = peak_mem(comm.device, agg_mem) if run.rank0 else 0
         for c in stats:
@@ -124,7 +128,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
                 log.step(row)
             # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
             if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
-                ckpt_s += _checkpoint(run, ckpt, t, run_id, eval_losses, writer)
+                ckpt_s += _checkpoint(run, ckpt, chain, t, run_id, eval_losses, writer)
         except DiskError as e:
             err = str(e)
         raise_on_all_ranks(comm, err)
@@ -165,11 +169,13 @@ NONE_TRAINED = ("no plan fitted its server's budgets, train.deadline_s cut every
                 "was left out (results.h5 records the rounds: the model is unchanged); see the warnings above")
 
 
-def _checkpoint(run: Run, ckpt: CheckpointDir, t: int, run_id: str, eval_losses: list[float], writer) -> float:
+def _checkpoint(run: Run, ckpt: CheckpointDir, chain: BaseChain, t: int, run_id: str, eval_losses: list[float],
+                writer) -> float:
     """This rank's checkpoint of round t (rank 0: with the results.h5 snapshot); returns its seconds."""
     t0 = time.perf_counter()
-    ckpt.save(t, rank_state(cfg=run.cfg, world_size=run.comm.world_size, run_id=run_id, bases=run.bases,
-                            method=run.method, planner=run.planner, eval_losses=eval_losses, profiles=run.profiles),
+    ckpt.save(t, rank_state(cfg=run.cfg, t=t, world_size=run.comm.world_size, run_id=run_id, bases=run.bases,
+                            chain=chain, method=run.method, planner=run.planner, eval_losses=eval_losses,
+                            profiles=run.profiles),
               results=writer.path if run.rank0 else None)
     return time.perf_counter() - t0
 
