@@ -29,9 +29,15 @@ def update_norm(update: dict, start: dict | None = None) -> float:
         elif torch.is_tensor(v):
             total += float(v.double().square().sum())
         else:
-            b, a = v
-            total += float((b.double() @ a.double()).square().sum())
+            total += factored_sq_norm(*v)
     return math.sqrt(total) if total == total and total != math.inf else float("nan")
+
+
+def factored_sq_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """||B A||_F^2 in float64 without forming the [out, in] product: sum((B^T B) * (A A^T)), two r x r Gram
+    matrices (at LLaMA-2-7B's 4096 x 4096 the product cost 0.15 CPU-s per weight and server; issue 20)."""
+    b, a = b.double(), a.double()
+    return float(((b.t() @ b) * (a @ a.t())).sum())
 
 
 def screen(norms: list[float], *, max_ratio: float) -> list[str]:

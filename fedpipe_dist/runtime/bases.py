@@ -28,6 +28,7 @@ from torch import nn
 from ..adapters.sites import Site, is_block_linear, weight_slice
 from ..algorithm.aggregation.base import to_dense
 from ..algorithm.merge import MergedResidual
+from ..algorithm.sanitize import factored_sq_norm
 from ..config import UserInputError
 from ..quantized import QuantLinear, linear_weight
 
@@ -266,11 +267,8 @@ def _dense_rows(d, rows: torch.Tensor | None) -> torch.Tensor:
 
 
 def _energy(d) -> float:
-    """||dW||_F^2 in float64, from the factors when factored (trace((B^T B)(A A^T)): no [out, in] product)."""
-    if torch.is_tensor(d):
-        return float(d.double().square().sum())
-    b, a = d[0].double(), d[1].double()
-    return float(((b.t() @ b) * (a @ a.t())).sum())
+    """||dW||_F^2 in float64, from the factors when factored (no [out, in] product)."""
+    return float(d.double().square().sum()) if torch.is_tensor(d) else factored_sq_norm(*d)
 
 
 def _error(before: torch.Tensor, after: torch.Tensor, dense: torch.Tensor, out_features: int) -> float:
