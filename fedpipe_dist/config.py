@@ -215,6 +215,15 @@ class FedAdapterConfig:
 class AggregationConfig:
     transport: Literal["factored", "dense"] = "factored"
     """factored: clients send B, A and rank 0 stacks them (exact); dense: weighted reduce of dW at rank 0."""
+    wire: Literal["fp32", "bf16"] = "fp32"
+    """Format of the LoRA factors in the factored transport. bf16 halves the factor bytes up (every server's
+    B, A) and down (the stack, or a global adapter's factors), but rounds each factor to 8 bits of mantissa,
+    so it changes results and is opt-in: every server is rounded alike (those on rank 0 too) and every rank
+    merges the same rounded values, so ranks stay in sync. A dense downlink (FlexLoRA's dW_g, or a stack
+    larger than its product) stays fp32, like every dense payload: bf16 here is a format for factors only
+    (so bf16 halves only the uplink when the downlink goes dense). Measured on the quickstart job
+    (benchmarks/wire_bf16.py): ||BA - bf16(B) bf16(A)||_F / ||BA||_F about 2.2e-3 per server, 1.7e-3 on the
+    merged update; final eval loss within 0.003 of fp32 over 3 seeds. transport=dense needs fp32."""
     sanitize: bool = True
     """Leave out updates that are not finite or whose norm exceeds max_norm_ratio x the round's median
     (algorithm/sanitize.py); rejected servers are recorded in HDF5 (clients/rejected) and the round goes on."""
@@ -395,6 +404,13 @@ def validate(cfg: JobConfig) -> None:
            f"must be >= 1 (got {cfg.checkpoint.full_every}); 1 makes every checkpoint a full one")
     _check(cfg.aggregation.max_norm_ratio > 1, "aggregation.max_norm_ratio",
            f"must be > 1 (got {cfg.aggregation.max_norm_ratio}); 10 leaves honest heterogeneous updates alone")
+    if cfg.aggregation.wire != "fp32":  # the wire format is the factored transport's; nothing else may ignore it
+        _check(method_class(cfg.method).trains_lora, "aggregation.wire",
+               f"{cfg.aggregation.wire} is a format for LoRA factors; method {cfg.method} sends whole tensors in "
+               "fp32, so set aggregation.wire=fp32")
+        _check(cfg.aggregation.transport == "factored", "aggregation.wire",
+               f"{cfg.aggregation.wire} rounds the factors of aggregation.transport=factored; the dense transport "
+               "sends a pre-summed dW in fp32, so set aggregation.wire=fp32 or aggregation.transport=factored")
     for key in ("nan_clients", "scale_clients", "misreport_clients"):
         bad = [c for c in getattr(cfg.faults, key) if not (isinstance(c, int) and 0 <= c < cfg.clients.n)]
         _check(not bad, f"faults.{key}", f"server ids must be in 0..{cfg.clients.n - 1} (got {bad})")

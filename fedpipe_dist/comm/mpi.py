@@ -4,7 +4,8 @@
 
 For sites whose launcher is mpirun and whose torch has no MPI backend (the PyPI wheels have none). Payload
 tensors travel as numpy buffers on the CPU (a CUDA tensor is copied to the host and back: mpi4py's
-CUDA-aware path needs an MPI built for it), objects as mpi4py pickles.
+CUDA-aware path needs an MPI built for it), objects as mpi4py pickles. numpy has no bfloat16, so a bf16
+payload (aggregation.wire=bf16) travels as its raw 16-bit words and is viewed back as bf16 on arrival.
 
 Timeouts: MPI has no per-call timeout, and a stopped or hung peer (not a dead one, which mpirun notices)
 would block a blocking collective forever. So every operation here is built from non-blocking
@@ -27,6 +28,8 @@ import torch
 
 from .base import CollectiveTimeout, Traffic, nbytes
 
+# dtypes numpy lacks -> a numpy-held dtype of the same size their bytes travel as
+RAW_WORDS = {torch.bfloat16: torch.int16}
 POLL_MAX_S = 0.002
 ROOT_GRACE = 1.5
 P2P_TAG = 1  # payload send/recv: MPI keeps messages of one (source, tag) in order
@@ -99,7 +102,13 @@ class MPIComm:
 
     @staticmethod
     def _host(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().contiguous().cpu().numpy()
+        t = tensor.detach().contiguous().cpu()
+        return t.view(RAW_WORDS.get(t.dtype, t.dtype)).numpy()
+
+    @staticmethod
+    def _arrived(buf: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        """A received numpy buffer as a tensor of `like`'s dtype (raw words viewed back, not converted)."""
+        return torch.from_numpy(buf).view(like.dtype)
 
     def _others(self, root: int) -> list[int]:
         return [r for r in range(self.world_size) if r != root]
@@ -135,11 +144,13 @@ class MPIComm:
     def recv(self, tensor: torch.Tensor, src: int) -> None:
         buf = np.empty(tuple(tensor.shape), dtype=self._host(tensor[:0]).dtype)
         self._recv_buf(buf, src, P2P_TAG, f"recv from rank {src}")
-        tensor.copy_(torch.from_numpy(buf))
+        tensor.copy_(self._arrived(buf, tensor))
         self.traffic.received += nbytes(tensor)
 
     def reduce_sum(self, tensor: torch.Tensor, dst: int = 0) -> None:
         """The root adds the ranks' buffers in rank order (one received buffer held at a time)."""
+        if tensor.dtype in RAW_WORDS:  # its raw words would be added as integers
+            raise TypeError(f"reduce_sum of {tensor.dtype} is not supported here; reduce in float32")
         tag = self._tag()
         mine = self._host(tensor)
         if self.rank != dst:
@@ -165,7 +176,7 @@ class MPIComm:
             return
         buf = np.empty(tuple(tensor.shape), dtype=self._host(tensor[:0]).dtype)
         self._recv_buf(buf, src, tag, "broadcast")
-        tensor.copy_(torch.from_numpy(buf))
+        tensor.copy_(self._arrived(buf, tensor))
         self.traffic.received += nbytes(tensor)
 
     def close(self) -> None:

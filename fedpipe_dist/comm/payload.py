@@ -2,6 +2,10 @@
 
 Because every rank knows every plan, a receiver can allocate the exact buffer and unpack it without
 any header: the bytes on the wire are the tensors' bytes and nothing else.
+
+Factors travel in the wire format `aggregation.wire` names (WIRE_DTYPES): fp32 (exact), or bf16 (half the
+bytes; every value rounded to nearest even). `to_wire` gives a sender's own factors exactly as a receiver
+gets them back, so an update that does not travel (a server hosted on rank 0) is rounded alike.
 """
 
 from __future__ import annotations
@@ -12,6 +16,17 @@ from ..adapters.sites import Site
 
 # A layout is a list of (site key, shape of B, shape of A) in a fixed order.
 Layout = list[tuple[str, tuple[int, int], tuple[int, int]]]
+
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # aggregation.wire -> the factors' dtype on the wire
+
+
+def to_wire(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The factors as a receiver gets them from a `dtype` wire, back in fp32: what
+    unpack(pack(factors, layout, dtype=dtype).float(), layout) holds. fp32: the factors themselves (no copy)."""
+    if dtype == torch.float32:
+        return factors
+    return {k: (b.to(dtype).float(), a.to(dtype).float()) for k, (b, a) in factors.items()}
 
 
 def factor_layout(sites: list[Site], ranks: dict[str, int]) -> Layout:

@@ -2,7 +2,8 @@
 
 A LoRA method trains LoRA adapters at the ranks its plan gives each attention weight, reads out the factors
 (B incl. alpha/r, A) and importance measurements, and sends them factored (or, where the job and the
-aggregator allow, as a pre-summed dense dW). What it does with the combined update depends on its aggregator:
+aggregator allow, as a pre-summed dense dW); factored, in the wire format aggregation.wire names (fp32, or bf16
+at half the bytes, runtime/exchange.py). What it does with the combined update depends on its aggregator:
 - merging (fedpipe, flora): every base folds the update in now; next round's adapters start fresh;
 - a kept global adapter (lora, flexlora, hetlora): the base stays W0 during the run; clients start from the
   global adapter at their own rank (`Aggregator.client_start`); it is evaluated through hooks (W0 + dW_g)
@@ -17,6 +18,8 @@ from __future__ import annotations
 from ..adapters.lora import FixedUpdates
 from ..algorithm.aggregation.base import REGISTRY as AGGREGATORS
 from ..algorithm.cost import flops_per_sample, memory_bytes
+from ..algorithm.sanitize import update_norm
+from ..comm.payload import WIRE_DTYPES, to_wire
 from ..runtime.client import train_client
 from ..runtime.exchange import dense_exchange, factored_exchange, update_meta
 from ..runtime.resume import tree_device, tree_to
@@ -79,11 +82,17 @@ class LoRAMethod(Method):
         return update, stats
 
     # ---- exchange and fold ---------------------------------------------------------------------------------
+    def update_norm(self, c, update) -> float:
+        """||B A|| of what server c sends: with aggregation.wire=bf16 its factors as rounded on the wire, which
+        is what rank 0 re-checks the claim against (config.validate keeps bf16 to the factored transport)."""
+        return update_norm(to_wire(update.factors, WIRE_DTYPES[self.cfg.aggregation.wire]))
+
     def exchange(self, t, plans, contributors, updates, claims) -> Exchanged:
         run, late = self.run, []
         if self.cfg.aggregation.transport == "factored":
             result, traffic = factored_exchange(run.comm, run.sites, plans, contributors, updates, run.owner,
-                                                self.aggregator, run.shard_sizes, claims)
+                                                self.aggregator, run.shard_sizes, claims,
+                                                wire=self.cfg.aggregation.wire)
             late = traffic.pop("rejected_late")
         else:  # weights from the plan (|D_i|, b_i, K_i), the same on every rank, which pre-sums its own servers
             meta = [update_meta(c, run.shard_sizes, plans) for c in contributors]
