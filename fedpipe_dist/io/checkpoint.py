@@ -30,10 +30,12 @@ Files are read with torch.load(weights_only=True): a checkpoint is data, and a t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,8 @@ class CheckpointDir:
         self.rank = rank
         self.world_size = world_size
         self._start: dict[int, int] = {}  # round -> its chain's start, for the checkpoints this attempt wrote
+        self._thread: threading.Thread | None = None  # a background save (save(background=True))
+        self._error: BaseException | None = None
 
     def path(self, round_idx: int, rank: int | None = None, world_size: int | None = None) -> Path:
         """This rank's file of `round_idx` (or another rank's, of another world size)."""
@@ -171,36 +175,95 @@ class CheckpointDir:
         return sorted(t for t, by_w in scan(self.dir).items() if self.rank in by_w.get(self.world_size, ())
                       and (snaps is None or t in snaps))
 
-    def save(self, round_idx: int, state: dict[str, Any], results: Path | None = None) -> None:
-        """Write this rank's checkpoint of `round_idx` (rank 0: and a snapshot of `results`), then drop all
-        but the KEEP newest."""
+    def save(self, round_idx: int, state: dict[str, Any], results: Path | None = None, *,
+             background: bool = False) -> None:
+        """Write this rank's checkpoint of `round_idx` (rank 0: and, first, a snapshot of `results`), then drop
+        what only older checkpoints needed (_rotate).
+
+        background: the snapshot is taken now, the state is written in a thread, so the next round trains
+        meanwhile; errors (a full disk) are raised by wait(), not here. The caller must keep `state` unchanged
+        until wait() returns (runtime/server.py copies it first) and must have made sure, before this call,
+        that every rank holds its previous checkpoint whole (a collective after wait()): the rotation after
+        this write may then drop what only older checkpoints needed, whatever the other ranks' writes do."""
+        self.wait_quietly()
+        if not background:
+            self._write(round_idx, state, results)
+            return
+        self._error = None
+        try:
+            self._prepare(round_idx, state, results)
+            if results is not None:
+                self._snapshot(round_idx, results)
+        except BaseException as e:  # raised again by wait(), where every rank stops alike
+            self._error = e
+            return
+
+        def write() -> None:
+            try:
+                self._write_state(round_idx, state)
+            except BaseException as e:
+                self._error = e
+
+        # not a daemon: an interpreter exit (a SIGTERM) lets the write finish, so no half-written file stays
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{round_idx}", daemon=False)
+        self._thread.start()
+
+    def wait_quietly(self) -> None:
+        """Let a background write finish; its error, if any, stays for wait()."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> None:
+        """Let a background write finish, and raise what it raised (DiskError for a full disk)."""
+        self.wait_quietly()
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    def _write(self, round_idx: int, state: dict[str, Any], results: Path | None) -> None:
+        self._prepare(round_idx, state, results)
+        if results is not None:  # the snapshot first: rounds() counts rank 0's checkpoint only with it
+            self._snapshot(round_idx, results)
+        self._write_state(round_idx, state)
+
+    def _prepare(self, round_idx: int, state: dict[str, Any], results: Path | None) -> None:
         with disk_errors(self.dir, f"round {round_idx}'s checkpoint"):
             self.dir.mkdir(parents=True, exist_ok=True)
         need = tensor_bytes(state) + (results.stat().st_size if results is not None else 0)
         require_space(self.dir, need, f"round {round_idx}'s checkpoint")
-        tmps = []
-        try:
-            if results is not None:  # the snapshot first: rounds() counts rank 0's checkpoint only with it
-                tmps.append(self.results_path(round_idx).with_suffix(".h5.tmp"))
-                shutil.copyfile(results, tmps[-1])
-                _drill_stall()
-                _publish(tmps[-1], self.results_path(round_idx))
-            final = self.path(round_idx)
-            tmps.append(final.with_suffix(".pt.tmp"))
+
+    def _snapshot(self, round_idx: int, results: Path) -> None:
+        tmp = self.results_path(round_idx).with_suffix(".h5.tmp")
+        with self._cleaned(round_idx, tmp):
+            shutil.copyfile(results, tmp)
+            _drill_stall()
+            _publish(tmp, self.results_path(round_idx))
+
+    def _write_state(self, round_idx: int, state: dict[str, Any]) -> None:
+        final = self.path(round_idx)
+        tmp = final.with_suffix(".pt.tmp")
+        with self._cleaned(round_idx, tmp):
             torch.save({"format": FORMAT, "round": round_idx, "rank": self.rank, "world_size": self.world_size,
-                        **state}, tmps[-1])
-            _publish(tmps[-1], final)
-        except BaseException as e:
-            err = as_disk_error(e, self.dir, f"round {round_idx}'s checkpoint")
-            for tmp in tmps:  # a full disk, a signal: no half-written file stays behind
-                tmp.unlink(missing_ok=True)
-                tmp.with_name(tmp.name.removesuffix(".tmp") + ".sha256.tmp").unlink(missing_ok=True)
-            if err is not None:
-                raise err from None
-            raise
+                        **state}, tmp)
+            _publish(tmp, final)
         base = state.get("base")
         self._start[round_idx] = base["start"] if base else round_idx
         self._rotate()
+
+    @contextlib.contextmanager
+    def _cleaned(self, round_idx: int, tmp: Path):
+        """A full disk or a signal while `tmp` is written: no half-written file stays behind; disk errors
+        become DiskError."""
+        try:
+            yield
+        except BaseException as e:
+            err = as_disk_error(e, self.dir, f"round {round_idx}'s checkpoint")
+            tmp.unlink(missing_ok=True)
+            tmp.with_name(tmp.name.removesuffix(".tmp") + ".sha256.tmp").unlink(missing_ok=True)
+            if err is not None:
+                raise err from None
+            raise
 
     def _rotate(self) -> None:
         """Drop what no resume can use any more: files before the chains (runtime/chain.py) of the KEEP newest

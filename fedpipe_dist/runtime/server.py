@@ -28,14 +28,14 @@ from ..comm.base import Communicator
 from ..config import FaultsConfig, JobConfig, UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..io.lock import RunLock
-from ..io.space import DiskError, disk_errors, require_space
+from ..io.space import DiskError, disk_errors, require_space, tensor_bytes
 from ..methods import Exchanged, Report
 from .chain import BaseChain
 from .client import peak_mem, reset_peak_mem
 from .launch import idle_ranks_warning
 from .outputs import agree, check_output_dir, finish, open_results
 from .record import Laps, Log, client_arrays, round_row
-from .resume import find_resume_point, new_run_id, raise_on_all_ranks, rank_state, restarted_by_torchrun
+from .resume import find_resume_point, new_run_id, raise_on_all_ranks, rank_state, restarted_by_torchrun, tree_to
 from .setup import Run, set_up
 
 
@@ -117,6 +117,9 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
             eval_losses.append(ev["loss"])
         err = None  # a disk that cannot take the round stops every rank with one message (exit 2)
         try:
+            ckpt.wait()  # the last checkpoint, written while this round trained: whole, or its error raised
+            lap("_checkpoint")
+            ckpt_s += lap.seconds.pop("_checkpoint")
             if run.rank0:
                 row, arrays = _round_record(run, t, selected, plans, infos, scores, ex, rejected, gathered)
                 lap("record_s")
@@ -126,12 +129,20 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
                                eval_tokens=ev["tokens"])
                 _append(writer, t, row, arrays)
                 log.step(row)
-            # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
-            if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
-                ckpt_s += _checkpoint(run, ckpt, chain, t, run_id, eval_losses, writer)
         except DiskError as e:
             err = str(e)
-        raise_on_all_ranks(comm, err)
+        raise_on_all_ranks(comm, err)  # from here every rank holds each earlier checkpoint whole
+        # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
+        if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
+            ckpt_s += _checkpoint(run, ckpt, chain, t, run_id, eval_losses, writer)
+    err = None
+    try:
+        t0 = time.perf_counter()
+        ckpt.wait()
+        ckpt_s += time.perf_counter() - t0
+    except DiskError as e:
+        err = str(e)
+    raise_on_all_ranks(comm, err)
     log.close()
     final_dir = finish(run, writer, eval_losses, checkpoint_s=ckpt_s)
     comm.barrier()
@@ -171,13 +182,34 @@ NONE_TRAINED = ("no plan fitted its server's budgets, train.deadline_s cut every
 
 def _checkpoint(run: Run, ckpt: CheckpointDir, chain: BaseChain, t: int, run_id: str, eval_losses: list[float],
                 writer) -> float:
-    """This rank's checkpoint of round t (rank 0: with the results.h5 snapshot); returns its seconds."""
+    """Start this rank's checkpoint of round t (rank 0: with the results.h5 snapshot): in the background while
+    the next round trains when its state can be copied cheaply (the base's part is then the rounds' merged
+    updates, already private copies), else written now. Its errors (a full disk) come from the next
+    ckpt.wait(), where every rank stops alike. Returns the seconds this rank spent here."""
     t0 = time.perf_counter()
-    ckpt.save(t, rank_state(cfg=run.cfg, t=t, world_size=run.comm.world_size, run_id=run_id, bases=run.bases,
-                            chain=chain, method=run.method, planner=run.planner, eval_losses=eval_losses,
-                            profiles=run.profiles),
-              results=writer.path if run.rank0 else None)
+    state = rank_state(cfg=run.cfg, t=t, world_size=run.comm.world_size, run_id=run_id, bases=run.bases,
+                       chain=chain, method=run.method, planner=run.planner, eval_losses=eval_losses,
+                       profiles=run.profiles)
+    private = _private(state)
+    ckpt.save(t, state, results=writer.path if run.rank0 else None, background=True)
+    if not private:  # it shares tensors the next round changes (the base's weights, a big global adapter)
+        ckpt.wait_quietly()
     return time.perf_counter() - t0
+
+
+PRIVATE_MAX = 256 * 2**20  # bytes of a checkpoint's state (besides the merged updates) copied for a background save
+
+
+def _private(state: dict) -> bool:
+    """Make `state` share no tensor with the running job, when that is cheap: the merged updates in its base
+    part are copies already (runtime/chain.py); everything else is copied here unless it is a full base
+    snapshot or over PRIVATE_MAX. Returns whether the state is now private."""
+    base = state.get("base")
+    rest = {k: v for k, v in state.items() if k != "base"}
+    if (base is not None and base["full"] is not None) or tensor_bytes(rest) > PRIVATE_MAX:
+        return False
+    state.update(tree_to(rest, "cpu", copy=True))
+    return True
 
 
 def _warn(run: Run, writer, message: str) -> None:
