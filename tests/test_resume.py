@@ -308,3 +308,15 @@ def test_a_damaged_snapshot_falls_back_to_the_round_before(two_round_run, capsys
     assert main(_cli(out, "resume=true", "rounds=3")) == 0
     err = capsys.readouterr().err
     assert f"'{snap}': its SHA-256 differs" in err and "after round 1 of 3" in err, err[-2000:]
+
+
+def test_a_background_checkpoint_is_whole_after_wait_and_its_error_comes_from_wait(tmp_path):
+    ckpt = CheckpointDir(tmp_path, 1, 2)  # rank 1 of 2: no results snapshot
+    ckpt.save(1, {"x": torch.ones(3)}, background=True)
+    ckpt.wait()
+    assert ckpt.rounds() == [1] and torch.equal(ckpt.load(1)["x"], torch.ones(3))
+    ckpt.save(2, {"x": lambda: 0}, background=True)  # torch.save cannot pickle a function: the write fails
+    with pytest.raises(Exception, match="pickle"):
+        ckpt.wait()
+    ckpt.wait()  # raised once
+    assert ckpt.rounds() == [1] and not [p for p in ckpt.dir.iterdir() if p.name.endswith(".tmp")]
