@@ -10,7 +10,9 @@
 # 3. benchmarks/step_vs_peft.py: the engine's step vs peft on the 34M/29M models, then on a random-init Llama of
 #    about 1.1B parameters (fp32), then that model's NF4 base: the engine's vs peft + bitsandbytes QLoRA;
 #    tokens/s, GFLOP/s against the measured matmul peak, peak memory;
-# 4. the cost model's memory prediction for the 1.1B plan, next to the measured peak.
+# 4. benchmarks/scale_7b.py --micro-only: one LLaMA-2-7B layer's merge, its fidelity check and the importance
+#    measurement, timed on the device (what scale_7b.py's A100 column estimates from the CPU);
+# 5. the cost model's memory prediction for the 1.1B plan, next to the measured peak.
 # Each step's JSON and log go to OUT_DIR (default benchmarks/out/gpu_check); the summary to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,12 +36,14 @@ if [[ $cpu == 1 ]]; then
   nf4=(quant.backend=native)  # bitsandbytes' NF4 kernels are CUDA's; the native NF4 is byte-identical
   steps=(--steps 2 --repeats 1 --only llama-34M)
   big=()
+  hidden=2048
 else
   device=cuda
   "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "gpu_check: no CUDA device (use --cpu for the dry run)")'
   nf4=(quant.backend=bitsandbytes)
   steps=(--steps 8 --repeats 3)
   big=(--big --steps 4 --repeats 2)
+  hidden=4096
 fi
 t0=$SECONDS
 echo "== 1. quickstart on $device" >&2
@@ -56,7 +60,10 @@ if [[ ${#big[@]} -gt 0 ]]; then
   "$py" benchmarks/step_vs_peft.py --device "$device" "${big[@]}" --out "$out/step_vs_peft_1b.json"
   "$py" benchmarks/step_vs_peft.py --device "$device" "${big[@]}" --qlora --out "$out/step_vs_peft_1b_qlora.json"
 fi
-echo "== 4. the cost model's memory for the measured plans" >&2
+echo "== 4. one 7B-wide layer's merge, fidelity check and importance ($device)" >&2
+"$py" benchmarks/scale_7b.py --micro-only --device "$device" --hidden "$hidden" --out "$out/scale_7b_micro.json" \
+  > /dev/null
+echo "== 5. the cost model's memory for the measured plans" >&2
 "$py" - "$out" <<'PY'
 import json, sys
 from pathlib import Path
@@ -74,5 +81,9 @@ for f in sorted(out.glob("step_vs_peft*.json")):
         print(f"{f.stem} {m}: engine {v['median_tokens_per_s']['engine']:.0f} tok/s vs peft "
               f"{v['median_tokens_per_s']['peft']:.0f} ({v['engine_vs_peft']:.3f}x), engine "
               f"{v['share_of_peak']['engine']:.0%} of the matmul peak{mem}")
+m = json.loads((out / "scale_7b_micro.json").read_text())
+print(f"scale_7b micro ({m['device']}, {m['hidden']} wide, stacked rank {m['stack_rank']}): merge {m['merge_s']:.4f} s "
+      f"per layer, sampled check {m['check_s']:.4f} s, exact check {m['exact_check_s']:.4f} s, importance "
+      f"{m['importance_s']:.4f} s, copy bandwidth {m['copy_bw'] / 1e9:.0f} GB/s")
 PY
 echo "gpu_check: done in $(( SECONDS - t0 )) s on $device; outputs in $out" >&2

@@ -52,3 +52,6 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     m = d["models"]["llama-34M"]
     assert m["params"] > 20e6 and m["median_tokens_per_s"]["engine"] > 0 and m["median_tokens_per_s"]["peft"] > 0
     assert "step_vs_peft llama-34M: engine" in p.stdout and "gpu_check: done" in p.stderr
+    micro = json.loads((tmp_path / "scale_7b_micro.json").read_text())  # 2048 wide: the sampled check
+    assert micro["merge_s"] > 0 and micro["copy_bw"] > 0 and micro["stack_rank"] == 60, micro
+    assert "scale_7b micro (cpu, 2048 wide" in p.stdout
