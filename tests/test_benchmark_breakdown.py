@@ -55,3 +55,28 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     micro = json.loads((tmp_path / "scale_7b_micro.json").read_text())  # 2048 wide: the sampled check
     assert micro["merge_s"] > 0 and micro["copy_bw"] > 0 and micro["stack_rank"] == 60, micro
     assert "scale_7b micro (cpu, 2048 wide" in p.stdout
+
+
+def test_scale_7b_summary_extrapolates_each_phase_to_32_layers_and_totals_the_shares():
+    from argparse import Namespace
+
+    from benchmarks import scale_7b
+
+    def run(L, ckpt_mib):  # every phase 0.1 s + 0.2 s per layer
+        phases = {k: 0.1 + 0.2 * L for k in (*scale_7b.PHASES, "report_s", "checkpoint_s")}
+        return {**phases, "bytes_up": 7.5 * 2**20 * L, "bytes_down": 120 * 2**20 * L, "rank0_peak_bytes": 2**30 * L,
+                "checkpoint_bytes_per_rank": ckpt_mib * 2**20 * L}
+
+    runs = {"full": {1: run(1, 256), 2: run(2, 256)}, "chain": {1: run(1, 7.5), 2: run(2, 7.5)}}
+    mic = {"check_s": 0.04, "exact_check_s": 1.9, "importance_s": 0.006, "copy_bw": 4e9}
+    res = scale_7b.summarize(runs, mic, Namespace(layers=[1, 2], rounds=2, seq=32, a100_tflops=156.0, link_gbs=25.0))
+    rows = res["phases"]
+    assert rows["merge_s"]["at_32"] == pytest.approx(0.1 + 0.2 * 32)
+    assert rows["merge_s"]["a100_s"] == pytest.approx(rows["merge_s"]["at_32"] * 4e9 / scale_7b.A100_BW)
+    assert rows["plan_s"]["at_32"] == pytest.approx(0.1 + 0.2 * 1.5)  # width-independent: the mean over runs
+    assert rows["check_s"]["at_32"] == pytest.approx(0.04 * 32)
+    assert res["checkpoint_bytes_ratio"] == pytest.approx(7.5 / 256)
+    assert res["non_training_a100_s"] == pytest.approx(sum(rows[k]["a100_s"] for k in res["non_training"]))
+    assert res["a100_round_train_s"] > 0 and res["non_training_share"] == pytest.approx(
+        res["non_training_a100_s"] / res["a100_round_train_s"])
+    assert "share of A100 round" in scale_7b.table(res)
