@@ -100,10 +100,12 @@ def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
     return writer
 
 
-def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float], checkpoint_s: float = 0.0) -> Path | None:
+def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float], checkpoint_s: float = 0.0,
+           flush_s: float = 0.0) -> Path | None:
     """The final eval on the whole eval set, export of the merged model to final/ (rank 0), generation and
-    scores (every rank), the file marked finished (with this attempt's checkpoint seconds and this finish's).
-    Returns final/ (None when not saved or not rank 0)."""
+    scores (every rank), the file marked finished (with this attempt's checkpoint seconds, and this finish's,
+    which include `flush_s`: the wait for the last checkpoint's background write). Returns final/ (None when
+    not saved or not rank 0)."""
     t_finish = time.perf_counter()
     run.method.finish()
     full = None
@@ -138,7 +140,7 @@ def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float], che
                     final.update(full_loss=full["loss"], full_ppl=full["ppl"], full_loss_se=full["se"],
                                  full_tokens=full["tokens"])
                 writer.finish(final, timing={"checkpoint_s": checkpoint_s,
-                                             "finish_s": time.perf_counter() - t_finish})
+                                             "finish_s": flush_s + time.perf_counter() - t_finish})
         except DiskError as e:
             err = str(e)
     raise_on_all_ranks(run.comm, err)

@@ -135,16 +135,14 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
         if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
             ckpt_s += _checkpoint(run, ckpt, chain, t, run_id, eval_losses, writer)
-    err = None
+    err, t0 = None, time.perf_counter()
     try:
-        t0 = time.perf_counter()
-        ckpt.wait()
-        ckpt_s += time.perf_counter() - t0
+        ckpt.wait()  # the last checkpoint's write: part of finishing (finish_s), not of a round
     except DiskError as e:
         err = str(e)
     raise_on_all_ranks(comm, err)
     log.close()
-    final_dir = finish(run, writer, eval_losses, checkpoint_s=ckpt_s)
+    final_dir = finish(run, writer, eval_losses, checkpoint_s=ckpt_s, flush_s=time.perf_counter() - t0)
     comm.barrier()
     if trained_rounds == 0 and cfg.rounds > start:
         raise UserInputError(f"no server trained in any of rounds {start + 1}..{cfg.rounds}: {NONE_TRAINED}")
