@@ -226,6 +226,8 @@ def summarize(runs: dict, mic: dict, args) -> dict:
 
     def line(key: str, values: list[float], model: str) -> dict:
         fixed, per = fit(layers, values)
+        if per < 0:  # a cost that does not grow with width, and noise: its mean
+            fixed, per, model = float(np.mean(values)), 0.0, "measured; no growth with the layers: mean over them"
         rows[key] = {"fixed": fixed, "per_layer": per, "at_32": fixed + per * FULL_LAYERS, "model": model}
         return rows[key]
 
@@ -267,6 +269,7 @@ def summarize(runs: dict, mic: dict, args) -> dict:
             "copy_bw_ratio_to_a100": bw_ratio, "phases": rows, "non_training": list(non_training),
             "non_training_a100_s": total, "non_training_share": total / round_s,
             "alpaca_eval_a100_s": eval_s, "alpaca_eval_share": eval_s / round_s,
+            "eval_samples": job.eval.max_samples, "with_eval_share": (total + eval_s) / round_s,
             "checkpoint_bytes_ratio": rows["checkpoint_bytes_chain"]["at_32"] / rows["checkpoint_bytes_full"]["at_32"],
             # with a full snapshot every K rounds (the default K), per round on average
             "checkpoint_bytes_ratio_amortized": (rows["checkpoint_bytes_full"]["at_32"]
@@ -287,8 +290,9 @@ def table(res: dict) -> str:
                      f"{gpu} | {share} |")
     lines.append(f"\nA100 round (cost model, {res['a100_tflops']:.0f} TFLOP/s): {res['a100_round_train_s']:.2f} s of "
                  f"training; non-training ({', '.join(res['non_training'])}): {res['non_training_a100_s']:.3f} s = "
-                 f"{100 * res['non_training_share']:.1f} %; the job's evaluation: {res['alpaca_eval_a100_s']:.2f} s = "
-                 f"{100 * res['alpaca_eval_share']:.1f} %; checkpoint bytes per round per rank, chain / full: "
+                 f"{100 * res['non_training_share']:.1f} %; the job's evaluation ({res['eval_samples']} examples, at "
+                 f"most): {res['alpaca_eval_a100_s']:.2f} s = {100 * res['alpaca_eval_share']:.1f} %; both: "
+                 f"{100 * res['with_eval_share']:.1f} %; checkpoint bytes per round per rank, chain / full: "
                  f"{res['checkpoint_bytes_ratio']:.4f} (with a full one every {res['full_every']} rounds: "
                  f"{res['checkpoint_bytes_ratio_amortized']:.4f})")
     return "\n".join(lines)
