@@ -99,7 +99,7 @@ def measure_run(out: Path, rounds: int) -> dict:
     return m
 
 
-def micro(stack_rank: int, *, device: str = "cpu", hidden: int = 4096, reps: int = 3) -> dict:
+def micro(stack_rank: int, *, device: str = "cpu", hidden: int = 4096, reps: int = 5) -> dict:
     """One 7B layer's four attention weights (hidden x hidden) on `device`: the merge without and with its
     fidelity check (sampled, and the exact check it replaced), the importance measurement of 15 servers'
     rank-4 factors (per rank of 2), and the device's copy bandwidth (for the GPU estimate)."""
@@ -124,32 +124,36 @@ def micro(stack_rank: int, *, device: str = "cpu", hidden: int = 4096, reps: int
     exact = bases_mod._check_rows
 
     def timed(fn) -> float:
-        best = float("inf")
-        for _ in range(reps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            best = min(best, time.perf_counter() - t0)
-        return best
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
 
-    out = {"device": device, "hidden": hidden, "stack_rank": stack_rank,
-           "merge_s": timed(lambda: bases.merge(deltas, by_key, measure=False))}
-    out["merge_sampled_check_s"] = timed(lambda: bases.merge(deltas, by_key, measure=True))
-    bases_mod._check_rows = lambda o, i: None
-    try:
-        out["merge_exact_check_s"] = timed(lambda: bases.merge(deltas, by_key, measure=True))
-    finally:
-        bases_mod._check_rows = exact
+    def exact_merge() -> None:
+        bases_mod._check_rows = lambda o, i: None
+        try:
+            bases.merge(deltas, by_key, measure=True)
+        finally:
+            bases_mod._check_rows = exact
+
+    variants = {"merge_s": lambda: bases.merge(deltas, by_key, measure=False),
+                "merge_sampled_check_s": lambda: bases.merge(deltas, by_key, measure=True),
+                "merge_exact_check_s": exact_merge}
+    best = {k: float("inf") for k in variants}
+    for _ in range(reps):  # interleaved, so that drifting load hits the variants alike
+        for k, fn in variants.items():
+            best[k] = min(best[k], timed(fn))
+    out = {"device": device, "hidden": hidden, "stack_rank": stack_rank, **best}
     out["check_s"] = out["merge_sampled_check_s"] - out["merge_s"]
     out["exact_check_s"] = out["merge_exact_check_s"] - out["merge_s"]
     factors = [(torch.randn(hidden, 4, generator=g).to(dev), torch.randn(4, hidden, generator=g).to(dev))
                for _ in range(15 * 4)]
-    out["importance_s"] = timed(lambda: [mean_singular_value(b, a) for b, a in factors]) / 2
+    out["importance_s"] = min(timed(lambda: [mean_singular_value(b, a) for b, a in factors]) for _ in range(reps)) / 2
     big = torch.empty(256 * 2**20 // 4, device=dev)
-    out["copy_bw"] = 2 * big.numel() * 4 / timed(lambda: big.clone())  # read + write
+    out["copy_bw"] = 2 * big.numel() * 4 / min(timed(lambda: big.clone()) for _ in range(reps))  # read + write
     return out
 
 
