@@ -121,12 +121,9 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
             lap("_checkpoint")
             ckpt_s += lap.seconds.pop("_checkpoint")
             if run.rank0:
-                row, arrays = _round_record(run, t, selected, plans, infos, scores, ex, rejected, gathered)
+                row, arrays = _round_record(run, t, selected, plans, infos, scores, ex, rejected, gathered, ev)
                 lap("record_s")
                 row.update(agg_peak_bytes=agg_peak, wall_s=time.perf_counter() - t_round, **lap.seconds)
-                if ev:
-                    row.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"], eval_loss_se=ev["se"],
-                               eval_tokens=ev["tokens"])
                 _append(writer, t, row, arrays)
                 log.step(row)
         except DiskError as e:
@@ -135,14 +132,9 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
         if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
             ckpt_s += _checkpoint(run, ckpt, chain, t, run_id, eval_losses, writer)
-    err, t0 = None, time.perf_counter()
-    try:
-        ckpt.wait()  # the last checkpoint's write: part of finishing (finish_s), not of a round
-    except DiskError as e:
-        err = str(e)
-    raise_on_all_ranks(comm, err)
+    flush_s = _last_checkpoint_written(run, ckpt)
     log.close()
-    final_dir = finish(run, writer, eval_losses, checkpoint_s=ckpt_s, flush_s=time.perf_counter() - t0)
+    final_dir = finish(run, writer, eval_losses, checkpoint_s=ckpt_s, flush_s=flush_s)
     comm.barrier()
     if trained_rounds == 0 and cfg.rounds > start:
         raise UserInputError(f"no server trained in any of rounds {start + 1}..{cfg.rounds}: {NONE_TRAINED}")
@@ -192,6 +184,18 @@ def _checkpoint(run: Run, ckpt: CheckpointDir, chain: BaseChain, t: int, run_id:
     ckpt.save(t, state, results=writer.path if run.rank0 else None, background=True)
     if not private:  # it shares tensors the next round changes (the base's weights, a big global adapter)
         ckpt.wait_quietly()
+    return time.perf_counter() - t0
+
+
+def _last_checkpoint_written(run: Run, ckpt: CheckpointDir) -> float:
+    """Wait for the last checkpoint's background write (part of finishing, not of a round); a write that failed
+    stops every rank alike. Returns the seconds waited."""
+    err, t0 = None, time.perf_counter()
+    try:
+        ckpt.wait()
+    except DiskError as e:
+        err = str(e)
+    raise_on_all_ranks(run.comm, err)
     return time.perf_counter() - t0
 
 
@@ -271,16 +275,16 @@ def _exchange(run: Run, t: int, plans, contributors: list[int], updates, reports
     return run.method.exchange(t, plans, contributors, updates, claims)
 
 
-def _round_record(run: Run, t: int, selected, plans, infos, scores, ex: Exchanged, rejected, gathered):
+def _round_record(run: Run, t: int, selected, plans, infos, scores, ex: Exchanged, rejected, gathered, ev):
     """Rank 0: round t's row and per-server arrays for results.h5 (docs/hdf5_schema.md), from every rank's
-    gathered (stats, absorbed fractions, extra bytes)."""
+    gathered (stats, absorbed fractions, extra bytes) and the round's evaluation `ev` (None: not evaluated)."""
     n, precisions = run.cfg.clients.n, run.precisions
     all_stats = {s.client: s for part in gathered for s in part[0]}
     absorbed_by, extra_by = {}, {}
     for _, a, e, _ in gathered:
         absorbed_by.update(a)
         extra_by.update(e)
-    row = round_row(t, eval=None, n_selected=len(selected), n_clients=n, stats=all_stats, traffic=ex.traffic)
+    row = round_row(t, eval=ev, n_selected=len(selected), n_clients=n, stats=all_stats, traffic=ex.traffic)
     row["wait_s"] = max(g[3] for g in gathered)  # the rank that waited longest for the slowest one
     row["recv_wait_s"] = ex.traffic["wait_s"]  # rank 0 blocked on receives inside the exchange
     in_use = set(precisions) | {run.eval_precision}
