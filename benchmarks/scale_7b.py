@@ -89,7 +89,6 @@ def measure_run(out: Path, rounds: int) -> dict:
     m["bytes_up"] = float(np.mean(rows["bytes_up"][trained]))
     m["bytes_down"] = float(np.mean(rows["bytes_down"][trained]))
     files = sorted((out / "checkpoint").glob("round*.rank*of0002.pt"))
-    m["report_s"] = m["sync_s"] - m["wait_s"]  # the reports (update norms, the all-gather) less the straggler wait
     m["checkpoint_bytes_per_rank"] = float(np.mean([p.stat().st_size for p in files]))
     hosted0 = [c for c in range(r.clients["peak_mem_bytes"].shape[1]) if c % 2 == 0]
     m["rank0_peak_bytes"] = float(max(np.nanmax(r.clients["peak_mem_bytes"][1:, hosted0]),
@@ -151,6 +150,10 @@ def micro(stack_rank: int, *, device: str = "cpu", hidden: int = 4096, reps: int
     out["exact_check_s"] = out["merge_exact_check_s"] - out["merge_s"]
     factors = [(torch.randn(hidden, 4, generator=g).to(dev), torch.randn(4, hidden, generator=g).to(dev))
                for _ in range(15 * 4)]
+    from fedpipe_dist.algorithm.sanitize import update_norm
+
+    own = [{f"s{j}": factors[4 * i + j] for j in range(4)} for i in range(8)]  # one rank's 8 servers, one layer
+    out["norms_s"] = min(timed(lambda: [update_norm(u) for u in own]) for _ in range(reps))
     out["importance_s"] = min(timed(lambda: [mean_singular_value(b, a) for b, a in factors]) for _ in range(reps)) / 2
     big = torch.empty(256 * 2**20 // 4, device=dev)
     out["copy_bw"] = 2 * big.numel() * 4 / min(timed(lambda: big.clone()) for _ in range(reps))  # read + write
@@ -238,10 +241,10 @@ def summarize(runs: dict, mic: dict, args) -> dict:
     for k in ("train_s", "wait_s", "eval_s", "merge_s", "checkpoint_s", "exchange_s", "bytes_up", "bytes_down",
               "rank0_peak_bytes"):
         line(k, [chain[L][k] for L in layers], "measured, line through the layer counts")
-    for k in ("plan_s", "report_s", "record_s"):  # per server and per round: no weight is touched
+    for k in ("plan_s", "record_s"):  # per server and per round: no weight is touched
         v = float(np.mean([run[L][k] for run in runs.values() for L in layers]))
         rows[k] = {"fixed": v, "per_layer": 0.0, "at_32": v, "model": "width-independent: mean over all runs"}
-    for k in ("check_s", "exact_check_s", "importance_s"):
+    for k in ("check_s", "exact_check_s", "importance_s", "norms_s"):
         rows[k] = {"fixed": 0.0, "per_layer": mic[k], "at_32": mic[k] * FULL_LAYERS,
                    "model": "timed on one 7B layer in this process"}
     for variant in ("full", "chain"):
@@ -259,7 +262,7 @@ def summarize(runs: dict, mic: dict, args) -> dict:
             row["a100_s"], why = row["at_32"], "CPU seconds as measured (host work, this machine's disk)"
         row["model"] += f"; A100: {why}"
         row["share"] = row["a100_s"] / round_s
-    non_training = ("plan_s", "report_s", "exchange_s", "merge_s", "importance_s", "record_s", "checkpoint_s")
+    non_training = ("plan_s", "norms_s", "exchange_s", "merge_s", "importance_s", "record_s", "checkpoint_s")
     total = sum(rows[k]["a100_s"] for k in non_training)
     # evaluation as alpaca_llama2_7b.yaml sets it: eval.max_samples examples of max_length tokens, forward only,
     # shared by its 16 ranks (an upper bound: examples are often shorter)

@@ -63,12 +63,12 @@ def test_scale_7b_summary_extrapolates_each_phase_to_32_layers_and_totals_the_sh
     from benchmarks import scale_7b
 
     def run(L, ckpt_mib):  # every phase 0.1 s + 0.2 s per layer
-        phases = {k: 0.1 + 0.2 * L for k in (*scale_7b.PHASES, "report_s", "checkpoint_s")}
+        phases = {k: 0.1 + 0.2 * L for k in (*scale_7b.PHASES, "checkpoint_s")}
         return {**phases, "bytes_up": 7.5 * 2**20 * L, "bytes_down": 120 * 2**20 * L, "rank0_peak_bytes": 2**30 * L,
                 "checkpoint_bytes_per_rank": ckpt_mib * 2**20 * L}
 
     runs = {"full": {1: run(1, 256), 2: run(2, 256)}, "chain": {1: run(1, 7.5), 2: run(2, 7.5)}}
-    mic = {"check_s": 0.04, "exact_check_s": 1.9, "importance_s": 0.006, "copy_bw": 4e9}
+    mic = {"check_s": 0.04, "exact_check_s": 1.9, "importance_s": 0.006, "norms_s": 0.002, "copy_bw": 4e9}
     res = scale_7b.summarize(runs, mic, Namespace(layers=[1, 2], rounds=2, seq=32, a100_tflops=156.0, link_gbs=25.0))
     rows = res["phases"]
     assert rows["merge_s"]["at_32"] == pytest.approx(0.1 + 0.2 * 32)
