@@ -132,9 +132,8 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         # ---- checkpoint: after rank 0's row of round t, so a checkpoint every rank holds has its row ----
         if cfg.checkpoint.enabled and (t % cfg.checkpoint.every == 0 or t == cfg.rounds):
             ckpt_s += _checkpoint(run, ckpt, chain, t, run_id, eval_losses, writer)
-    flush_s = _last_checkpoint_written(run, ckpt)
     log.close()
-    final_dir = finish(run, writer, eval_losses, checkpoint_s=ckpt_s, flush_s=flush_s)
+    final_dir = finish(run, writer, eval_losses, checkpoint_s=ckpt_s, flush_s=_last_checkpoint_written(run, ckpt))
     comm.barrier()
     if trained_rounds == 0 and cfg.rounds > start:
         raise UserInputError(f"no server trained in any of rounds {start + 1}..{cfg.rounds}: {NONE_TRAINED}")
