@@ -325,7 +325,8 @@ class CheckpointConfig:
 
     enabled: bool = True
     """Each rank saves what it needs to continue (its base's merged state, the kept global adapter,
-    importance and planner state, RNG states) into <output.dir>/checkpoint/, keeping the two newest."""
+    importance and planner state, RNG states) into <output.dir>/checkpoint/, keeping the two newest (and the
+    earlier files their base state continues from: full_every)."""
     every: int = 1
     """Checkpoint every this many rounds (and after the last); a resume repeats the rounds since."""
     full_every: int = 50
