@@ -102,6 +102,9 @@ def _rank_prefix() -> str:
     return f"[rank {r}] " if r not in (None, "0") else ""
 
 
+QUIET_RANK_WAIT_S = 3.0
+
+
 def report_user_error(msg: str) -> None:
     """Say a user error once per job, as the last thing the user reads.
 
@@ -109,11 +112,18 @@ def report_user_error(msg: str) -> None:
     rank alike (load_job runs everywhere; the engine raises them through agree/raise_on_all_ranks), so only
     rank 0 says it and the other ranks exit quietly with the same code. Under torchrun, rank 0 writes it into
     torchrun's error file instead of stderr: torchrun then prints it once, at the end of its failure summary
-    ("Root Cause ... traceback : fedpipe: error: ..."), below its own traceback.
+    ("Root Cause ... traceback : fedpipe: error: ..."), below its own traceback. torchrun stops the other
+    workers at the first failure it sees and names that one the root cause, so under torchrun the quiet
+    ranks wait QUIET_RANK_WAIT_S before exiting: rank 0's failure, with the message, comes first (on a loaded
+    machine a quiet rank did once exit first, and torchrun's SIGTERM cut rank 0 short of its error file).
     """
-    if _rank_prefix():
-        return
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if _rank_prefix():
+        if error_file:
+            import time
+
+            time.sleep(QUIET_RANK_WAIT_S)
+        return
     if error_file:
         import json
         import time
