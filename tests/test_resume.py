@@ -312,10 +312,10 @@ def test_a_damaged_snapshot_falls_back_to_the_round_before(two_round_run, capsys
 
 def test_a_background_checkpoint_is_whole_after_wait_and_its_error_comes_from_wait(tmp_path):
     ckpt = CheckpointDir(tmp_path, 1, 2)  # rank 1 of 2: no results snapshot
-    ckpt.save(1, {"x": torch.ones(3)}, background=True)
+    ckpt.save(1, {"x": torch.ones(3)})
     ckpt.wait()
     assert ckpt.rounds() == [1] and torch.equal(ckpt.load(1)["x"], torch.ones(3))
-    ckpt.save(2, {"x": lambda: 0}, background=True)  # torch.save cannot pickle a function: the write fails
+    ckpt.save(2, {"x": lambda: 0})  # torch.save cannot pickle a function: the write fails
     with pytest.raises(Exception, match="pickle"):
         ckpt.wait()
     ckpt.wait()  # raised once

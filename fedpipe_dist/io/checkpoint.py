@@ -157,7 +157,7 @@ class CheckpointDir:
         self.rank = rank
         self.world_size = world_size
         self._start: dict[int, int] = {}  # round -> its chain's start, for the checkpoints this attempt wrote
-        self._thread: threading.Thread | None = None  # a background save (save(background=True))
+        self._thread: threading.Thread | None = None  # the write save() started
         self._error: BaseException | None = None
 
     def path(self, round_idx: int, rank: int | None = None, world_size: int | None = None) -> Path:
@@ -175,24 +175,19 @@ class CheckpointDir:
         return sorted(t for t, by_w in scan(self.dir).items() if self.rank in by_w.get(self.world_size, ())
                       and (snaps is None or t in snaps))
 
-    def save(self, round_idx: int, state: dict[str, Any], results: Path | None = None, *,
-             background: bool = False) -> None:
-        """Write this rank's checkpoint of `round_idx` (rank 0: and, first, a snapshot of `results`), then drop
-        what only older checkpoints needed (_rotate).
-
-        background: the snapshot is taken now, the state is written in a thread, so the next round trains
-        meanwhile; errors (a full disk) are raised by wait(), not here. The caller must keep `state` unchanged
-        until wait() returns (runtime/server.py copies it first) and must have made sure, before this call,
-        that every rank holds its previous checkpoint whole (a collective after wait()): the rotation after
-        this write may then drop what only older checkpoints needed, whatever the other ranks' writes do."""
+    def save(self, round_idx: int, state: dict[str, Any], results: Path | None = None) -> None:
+        """Start this rank's checkpoint of `round_idx`: rank 0's snapshot of `results` is taken now, the state is
+        written in a thread (so the next round trains meanwhile), then what only older checkpoints needed is
+        dropped (_rotate). Errors (a full disk) are raised by wait(), not here; wait_quietly() makes the write
+        synchronous. The caller must keep `state` unchanged until the write ends (runtime/server.py copies it
+        first) and must have made sure, before this call, that every rank holds its previous checkpoint whole
+        (a collective after wait()): the rotation may then drop what only older checkpoints needed, whatever
+        the other ranks' writes do."""
         self.wait_quietly()
-        if not background:
-            self._write(round_idx, state, results)
-            return
         self._error = None
         try:
             self._prepare(round_idx, state, results)
-            if results is not None:
+            if results is not None:  # the snapshot first: rounds() counts rank 0's checkpoint only with it
                 self._snapshot(round_idx, results)
         except BaseException as e:  # raised again by wait(), where every rank stops alike
             self._error = e
@@ -220,12 +215,6 @@ class CheckpointDir:
         err, self._error = self._error, None
         if err is not None:
             raise err
-
-    def _write(self, round_idx: int, state: dict[str, Any], results: Path | None) -> None:
-        self._prepare(round_idx, state, results)
-        if results is not None:  # the snapshot first: rounds() counts rank 0's checkpoint only with it
-            self._snapshot(round_idx, results)
-        self._write_state(round_idx, state)
 
     def _prepare(self, round_idx: int, state: dict[str, Any], results: Path | None) -> None:
         with disk_errors(self.dir, f"round {round_idx}'s checkpoint"):

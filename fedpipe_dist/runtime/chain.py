@@ -60,20 +60,21 @@ class BaseChain:
         return out
 
 
-def chain_rounds(ckpt: CheckpointDir, t: int, w: int, rank: int) -> tuple[list[int], list[str]]:
-    """The checkpoint rounds that round t's base state is built from (oldest first; rank `rank` of `w`), and
-    what is damaged or missing among them (t's own file is verified by the caller)."""
-    rounds, problems, cur = [t], [], t
+def chain_rounds(ckpt: CheckpointDir, t: int, w: int, rank: int
+                 ) -> tuple[list[tuple[int, dict | None]], list[str]]:
+    """The checkpoints round t's base state is built from, oldest first, as (round, the base part of rank
+    `rank` of `w`'s file), and what is damaged or missing among them (t's own file is verified by the caller)."""
+    chain, cur = [], t
     while True:
         base = ckpt.load(cur, rank, w)["base"]
+        chain.append((cur, base))
         if base is None or base["full"] is not None or base["prev"] is None:
-            return rounds[::-1], problems
+            return chain[::-1], []
         cur = base["prev"]
         path = ckpt.path(cur, rank, w)
         why = verify(path) if path.is_file() else "is missing (removed by hand?)"
         if why is not None:
-            return rounds[::-1], [f"{str(path)!r}, which round {t}'s checkpoint continues: {why}"]
-        rounds.append(cur)
+            return chain[::-1], [f"{str(path)!r}, which round {t}'s checkpoint continues: {why}"]
 
 
 def resolve_base(ckpt: CheckpointDir, t: int, w: int, ranks: list[int]) -> dict | None:
@@ -81,16 +82,16 @@ def resolve_base(ckpt: CheckpointDir, t: int, w: int, ranks: list[int]) -> dict 
     base), "deltas": [(round, update)] merged after it}. `ranks` of `w`: the files the full snapshot is
     composed from (a resume on another number of ranks takes the fp32 weights and the residuals from the
     ranks that kept them; every rank merged the same updates, so the first one's chain gives them)."""
-    rounds, _ = chain_rounds(ckpt, t, w, ranks[0])
-    files = [ckpt.load(r, ranks[0], w)["base"] for r in rounds]
-    if files[0] is None:
+    chain, _ = chain_rounds(ckpt, t, w, ranks[0])
+    first_round, first = chain[0]
+    if first is None:
         return None
     full = None
-    if files[0]["full"] is not None:
-        snaps = [ckpt.load(rounds[0], r, w)["base"]["full"] for r in ranks]
+    if first["full"] is not None:
+        snaps = [ckpt.load(first_round, r, w)["base"]["full"] for r in ranks]
         full = {"fp32": next((s["fp32"] for s in snaps if s["fp32"]), {}),
                 "residuals": next((s["residuals"] for s in snaps if s["residuals"]), {})}
-    return {"full": full, "deltas": [d for f in files for d in f["deltas"]]}
+    return {"full": full, "deltas": [d for _, base in chain for d in base["deltas"]]}
 
 
 def replay(bases, base: dict) -> None:

@@ -180,7 +180,7 @@ def _checkpoint(run: Run, ckpt: CheckpointDir, chain: BaseChain, t: int, run_id:
                        chain=chain, method=run.method, planner=run.planner, eval_losses=eval_losses,
                        profiles=run.profiles)
     private = _private(state)
-    ckpt.save(t, state, results=writer.path if run.rank0 else None, background=True)
+    ckpt.save(t, state, results=writer.path if run.rank0 else None)
     if not private:  # it shares tensors the next round changes (the base's weights, a big global adapter)
         ckpt.wait_quietly()
     return time.perf_counter() - t0
