@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,3 +31,11 @@ def _run(cmd: list[str], label: str) -> float:
     if p.returncode != 0:
         raise SystemExit(f"{label} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     return time.perf_counter() - t0
+
+
+def write_json(path, doc, **dumps) -> Path:
+    """`doc` as JSON at `path` (its folder made first); `dumps`: json.dumps options (default indent=1)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, **{"indent": 1, **dumps}) + "\n")
+    return out

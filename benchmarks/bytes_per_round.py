@@ -32,7 +32,6 @@ loaded with transformers.AutoConfig. Output: a Markdown table on stdout and JSON
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -46,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout without installing the package
     sys.path.insert(0, str(REPO))
 
+from benchmarks._jobs import write_json  # noqa: E402
 from fedpipe_dist.adapters.sites import KINDS, find_sites, n_layers  # noqa: E402
 from fedpipe_dist.algorithm.aggregation import (  # noqa: E402
     ClientUpdate,
@@ -243,9 +243,7 @@ def main(argv=None) -> dict:
         "results": rows,
     }
     print(markdown_table(rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_json(args.out, doc, indent=2)
     print(f"\nJSON: {out}")
     return doc
 

@@ -15,7 +15,6 @@ Output: Markdown on stdout and JSON at --out (default benchmarks/out/checkpoint_
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._jobs import write_json  # noqa: E402
 from fedpipe_dist.comm.local import LocalComm  # noqa: E402
 from fedpipe_dist.config import load_job  # noqa: E402
 from fedpipe_dist.io import checkpoint  # noqa: E402
@@ -91,8 +91,7 @@ def main(argv=None) -> dict:
                              **{k: on[-1][k] for k in ("saves", "save_s_median", "rank_file_bytes",
                                                        "results_snapshot_bytes")}))
     doc = dict(command=" ".join(sys.argv), results=rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    write_json(args.out, doc)
     print("| model | base | rank checkpoint KiB | results.h5 snapshot KiB | save ms (median) | saves / wall | "
           "wall on/off |")
     print("|---|---|---|---|---|---|---|")

@@ -17,7 +17,6 @@ Markdown on stdout, JSON at --out (default benchmarks/out/compare_methods.json),
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:  # run as a plain script from a checkout
         sys.path.insert(0, str(p))
 
-from _jobs import torchrun_job  # noqa: E402
+from _jobs import torchrun_job, write_json  # noqa: E402
 
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
 from fedpipe_dist.methods import REGISTRY as METHODS  # noqa: E402
@@ -122,8 +121,7 @@ def main(argv=None) -> dict:
         elapsed = run_method(args, m, out)
         doc["methods"][m] = dict(summarize(out / "results.h5"), job_s=elapsed)
         print(f"{m}: done in {elapsed:.0f} s", file=sys.stderr, flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    write_json(args.out, doc)
     print(markdown(doc))
     return doc
 

@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout without installing the package
     sys.path.insert(0, str(REPO))
 
+from benchmarks._jobs import write_json  # noqa: E402
 from fedpipe_dist.adapters.lora import LoRAAdapters, _pkey  # noqa: E402
 from fedpipe_dist.adapters.sites import KINDS, find_sites  # noqa: E402
 from fedpipe_dist.algorithm.cost import (  # noqa: E402
@@ -615,9 +616,7 @@ def main(argv=None) -> dict:
         if not args.no_fit:
             doc["memory"]["activation_fit"] = fit_activation_constants(args, shape)
     doc["meta"]["loadavg_end"] = list(os.getloadavg())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    out = write_json(args.out, doc)
     print(markdown(doc))
     print(f"\nJSON: {out}")
     return doc

@@ -14,7 +14,6 @@ Output: Markdown on stdout and JSON at --out (default benchmarks/out/long_run.js
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from _jobs import torchrun_job  # noqa: E402
+from _jobs import torchrun_job, write_json  # noqa: E402
 
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
 
@@ -54,8 +53,7 @@ def main(argv=None) -> dict:
     res = [run(args, n) for n in args.rounds]
     per_round = [(b["file_bytes"] - a["file_bytes"]) / (b["rounds"] - a["rounds"]) for a, b in zip(res, res[1:])]
     doc = dict(command=" ".join(sys.argv), results=res, file_bytes_per_round=per_round)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    write_json(args.out, doc)
     print("| rounds | results.h5 bytes | RSS MiB per rank at round 10 | RSS MiB per rank at the last round | job s |")
     print("|---|---|---|---|---|")
     for x in res:

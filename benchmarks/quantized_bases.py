@@ -48,6 +48,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:  # run as a plain script from a checkout
         sys.path.insert(0, str(p))
 
+from _jobs import write_json  # noqa: E402
 from cost_model import Trainer, Variant, build, fixed_length_set, profiled_peak_bytes  # noqa: E402
 
 from fedpipe_dist.adapters.sites import find_sites  # noqa: E402
@@ -272,8 +273,7 @@ def main(argv=None) -> dict:
             res["eval"] = eval_runs(args)
         doc["models"][model_key] = res
         print(f"{model_key} done", file=sys.stderr, flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    write_json(args.out, doc)
     print(markdown(doc))
     return doc
 

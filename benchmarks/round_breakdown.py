@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._jobs import torchrun_job  # noqa: E402
+from benchmarks._jobs import torchrun_job, write_json  # noqa: E402
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
 
 PHASES = ("plan_s", "train_s", "sync_s", "exchange_s", "merge_s", "eval_s", "record_s")
@@ -105,9 +105,7 @@ def main() -> None:
     if job_s is not None:
         print(f"\nthe job's wall-clock under torchrun: {job_s:.1f} s (run_s above excludes interpreter start-up "
               f"and imports: {job_s - d['run_s']:.1f} s)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(d, indent=1))
+    write_json(args.out, d)
 
 
 if __name__ == "__main__":

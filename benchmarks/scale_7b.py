@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._jobs import torchrun_job  # noqa: E402
+from benchmarks._jobs import torchrun_job, write_json  # noqa: E402
 
 SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
              vocab_size=32000, max_position_embeddings=4096)
@@ -199,8 +199,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.micro_only:
         res = micro(args.stack_rank, device=args.device, hidden=args.hidden)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2))
+        write_json(args.out, res, indent=2)
         print(json.dumps(res))
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="scale_7b_"))
@@ -217,8 +216,7 @@ def main(argv=None) -> int:
             print(f"{L} layers, {variant}: {json.dumps(runs[variant][L])}", file=sys.stderr)
     mic = micro(int(round(np.mean([runs["chain"][L]["stack_rank_mean"] for L in args.layers]))))
     result = summarize(runs, mic, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result, indent=2)
     print(table(result))
     return 0
 

@@ -21,7 +21,6 @@ Output: a Markdown table on stdout and JSON at --out (default benchmarks/out/ste
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from benchmarks._jobs import write_json  # noqa: E402
 
 BATCH, SEQ, RANK = 8, 64, 4
 
@@ -223,9 +224,7 @@ def main() -> None:
               f"{m['min_tokens_per_s']['engine']:.0f} | {m['median_tokens_per_s']['peft']:.0f}, "
               f"{m['min_tokens_per_s']['peft']:.0f} | {m['engine_vs_peft']:.3f} | {m['gflops']['engine']:.2f} "
               f"({m['share_of_peak']['engine']:.0%}) |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    write_json(args.out, doc)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ to reach the same eval loss (the worse of the two final losses), as a ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from _jobs import torchrun_job  # noqa: E402
+from _jobs import torchrun_job, write_json  # noqa: E402
 
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
 
@@ -107,9 +106,7 @@ def main(argv=None) -> dict:
     print(f"\nsame eval loss {target:.4f}: FedPipe after {f['time_to_target_s']:.1f} s, LoRA after "
           f"{u['time_to_target_s']:.1f} s (LoRA / FedPipe = {doc['time_to_target_ratio_uniform_over_fedpipe']:.2f}x); "
           f"idle fraction FedPipe / LoRA = {doc['idle_ratio_fedpipe_over_uniform']:.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_json(args.out, doc, indent=2)
     print(f"JSON: {out}")
     return doc
 

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from _jobs import process_job  # noqa: E402
+from _jobs import process_job, write_json  # noqa: E402
 
 from fedpipe_dist.analysis.runs import compute_bound, round_train_s  # noqa: E402
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
@@ -242,8 +242,7 @@ def main(argv=None) -> dict:
             print(f"  {name:24s} speedup {row['speedup']:.3f} ({row['speedup'] / bound:.2f} of bound)  "
                   f"loss@{equal:.1f}s {row['loss_at_equal_time']:.4f}  rounds {row['rounds']}",
                   file=sys.stderr, flush=True)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(results, indent=1, default=float))  # after every seed: nothing lost
+        write_json(out_json, results, default=float)  # after every seed: nothing lost
     print(markdown(results))
     return results
 

@@ -17,7 +17,6 @@ Output: Markdown on stdout and JSON at --out (default benchmarks/out/virtual_cli
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from _jobs import torchrun_job  # noqa: E402
+from _jobs import torchrun_job, write_json  # noqa: E402
 
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
 
@@ -62,8 +61,7 @@ def main(argv=None) -> dict:
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every job")
     args = ap.parse_args(argv)
     doc = dict(command=" ".join(sys.argv), results=[run(args, n) for n in args.clients])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    write_json(args.out, doc)
     base = doc["results"][0]
     print("| virtual servers | ranks | round s | agg s (rank 0) | agg s / server | wait s | rank 0 peak RSS MiB "
           "(exchange to merge) | update MiB held by rank 0 at once | MiB up / round (all updates) |")

@@ -22,7 +22,6 @@ Output: Markdown on stdout and JSON at --out (default benchmarks/out/wire_bf16.j
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -36,6 +35,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 import fedpipe_dist.methods.lora as lora_methods  # noqa: E402
+from benchmarks._jobs import write_json  # noqa: E402
 from fedpipe_dist.algorithm.aggregation.base import to_dense  # noqa: E402
 from fedpipe_dist.comm.local import LocalComm  # noqa: E402
 from fedpipe_dist.comm.payload import to_wire  # noqa: E402
@@ -155,9 +155,7 @@ def main(argv=None) -> dict:
           f"{b['bytes_down_per_round'] / f['bytes_down_per_round']:.3f}; final eval loss bf16 - fp32: mean "
           f"{summary['final_loss_delta_bf16_minus_fp32']['mean']:+.4f}, max |.| "
           f"{summary['final_loss_delta_bf16_minus_fp32']['max_abs']:.4f} over {len(args.seeds)} seeds")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_json(args.out, doc, indent=2)
     print(f"JSON: {out}")
     return doc
 
