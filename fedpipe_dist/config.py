@@ -362,6 +362,10 @@ class JobConfig:
     resume: bool = False
     """Continue the run in output.dir from its newest complete checkpoint, appending to its results.h5
     (a restart under torchrun --max-restarts resumes without it). Nothing to resume from: a fresh start."""
+    central: bool = False
+    """The job's centralized limit instead of the job (runtime/central.py): one process trains LoRA at lora.rank
+    (every parameter for method ft) on exactly the samples the servers would train on, each step the union of
+    the servers' batches of that step, one AdamW for the whole run. results.h5 records method=central."""
 
     def __post_init__(self) -> None:
         validate(self)

@@ -2,6 +2,7 @@
 to the numbers a refactor of the round engine must keep: eval and train losses, bytes, plans.
 
     .venv/bin/python -m tests._golden            # rewrites tests/golden/engine_methods.json (only on purpose)
+    .venv/bin/python -m tests._golden lora       # rewrites the named cases only (a change meant to alter them)
 
 tests/test_engine_golden.py reruns every case and compares (losses to 1e-6, bytes and plans exactly).
 """
@@ -84,13 +85,20 @@ def compare(got: dict, want: dict, where: str) -> list[str]:
     return problems
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Record every case, or only the cases named on the command line (the others are kept as recorded)."""
     import tempfile
 
+    names = list(argv if argv is not None else sys.argv[1:]) or list(CASES)
+    unknown = set(names) - set(CASES)
+    if unknown:
+        raise SystemExit(f"unknown golden cases {sorted(unknown)}; choose from {list(CASES)}")
     record = {"note": "tests/_golden.py: jobs/quickstart.yaml with SMALL_RUN and each case's overrides", "cases": {}}
+    if GOLDEN.exists() and len(names) < len(CASES):
+        record = json.loads(GOLDEN.read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (_, sizes) in CASES.items():
-            for ws in sizes:
+        for name in names:
+            for ws in CASES[name][1]:
                 print(f"{name} on {ws} rank(s)", file=sys.stderr, flush=True)
                 record["cases"][f"{name}@{ws}"] = run_case(name, ws, Path(tmp) / f"{name}-{ws}")
     GOLDEN.write_text(json.dumps(record, indent=0) + "\n")

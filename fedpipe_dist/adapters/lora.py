@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,6 +119,21 @@ class LoRAAdapters(nn.Module):
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def shared_initial_adapter(sites: list[Site], rank: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One initial adapter for every server of a job (FedAvg-LoRA as the field's code runs it: OpenFedLLM's
+    main_sft.py copies one peft state dict to every client before round 1): site.key -> (B' = 0 [out, rank],
+    A [rank, in]) with A drawn as peft draws it (kaiming-uniform), from the job's seed alone, so every rank
+    draws the same adapter without a broadcast. A server of rank r <= `rank` takes A[:r]: kaiming-uniform's
+    bound depends on in_features only, so the rows of a larger draw are distributed as a rank-r draw."""
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0x1A17]).generate_state(1)[0]))
+    out = {}
+    for s in sites:  # find_sites order: the same on every rank
+        a = torch.empty(rank, s.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        out[s.key] = (torch.zeros(s.out_features, rank), a)
+    return out
 
 
 class FixedUpdates:

@@ -81,6 +81,10 @@ class Method:
         """Each server's LoRA rank in a uniform plan."""
         return [self.cfg.lora.rank] * self.cfg.clients.n
 
+    def batch_sizes(self, flops_per_s: list[float], shape, seq_len: int) -> list[int]:
+        """Each server's batch in a uniform plan: train.batch_max everywhere (the baselines as published)."""
+        return [self.cfg.train.batch_max] * self.cfg.clients.n
+
     def step_cost(self, c: int, plan, shape, seq_len: int, act_bytes: int) -> tuple[float, float]:
         """FLOPs of one local step and peak memory of server c's uniform plan (algorithm/cost.py)."""
         raise NotImplementedError

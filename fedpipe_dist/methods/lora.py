@@ -15,8 +15,9 @@ separately, with |D_i| weights.
 
 from __future__ import annotations
 
-from ..adapters.lora import FixedUpdates
+from ..adapters.lora import FixedUpdates, shared_initial_adapter
 from ..algorithm.aggregation.base import REGISTRY as AGGREGATORS
+from ..algorithm.aggregation.fedavg import WeightedLoRAFedAvg
 from ..algorithm.cost import flops_per_sample, memory_bytes
 from ..algorithm.sanitize import update_norm
 from ..comm.payload import WIRE_DTYPES, to_wire
@@ -57,6 +58,11 @@ class LoRAMethod(Method):
     def setup(self, run) -> None:
         super().setup(run)
         self.global_state: dict = {}  # the kept global adapter (LoRA factors or dense dW), the same on every rank
+        self.initial: dict = {}  # what every server starts from while there is no global adapter yet (round 1)
+        if self.aggregator.keeps_global_adapter:
+            cfg = self.cfg
+            top = max([*cfg.lora.ranks, cfg.lora.rank, *(cfg.lora.client_ranks or [])])
+            self.initial = shared_initial_adapter(run.sites, top, cfg.seed)
 
     # ---- local training ----------------------------------------------------------------------------------
     def trainable(self, adapters) -> list:
@@ -68,11 +74,21 @@ class LoRAMethod(Method):
         return None
 
     def client_start(self, plan) -> dict | None:
-        """The factors server `plan.client` starts from: the global adapter at its ranks, or fresh adapters."""
+        """The factors server `plan.client` starts from: the global adapter at its ranks, before there is one
+        the job's shared initial adapter (every server alike, as FedAvg-LoRA code in the field starts), or, for
+        a method that merges every round, None: fresh adapters of its own."""
         if not self.aggregator.keeps_global_adapter:
             return None
-        return {k: f for k, r in plan.ranks.items() if r > 0
-                for f in [self.aggregator.client_start(self.global_state, k, r)] if f is not None}
+        start = {}
+        for k, r in plan.ranks.items():
+            if r <= 0:
+                continue
+            if k in self.global_state:
+                start[k] = self.aggregator.client_start(self.global_state, k, r)
+            else:
+                b0, a0 = self.initial[k]
+                start[k] = (b0[:, :r], a0[:r])
+        return start
 
     def train(self, c, plan, shard, **common):
         run = self.run
@@ -125,3 +141,32 @@ class LoRAMethod(Method):
 @register_method
 class LoRA(LoRAMethod):
     name = "lora"
+
+
+@register_method
+class LoRAHB(LoRA):
+    """The heterogeneity-aware LoRA baseline (`method: lora_hb`): fixed-rank LoRA FedAvg (lora.rank on every
+    target, one global adapter) given FedPipe's batch sizing, a batch in proportion to each server's compute at
+    the same local steps (algorithm/planner.stage1_batch, with plan.step_overhead_s), and FedAvg weights from
+    aggregation.weights (plan.variant's choice: tuned weights by samples trained). What FedPipe adds beyond it
+    is its own: rank placement, precision and its aggregation."""
+
+    name = "lora_hb"
+    aggregator_name = "lora_hb"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        require(cfg.aggregation.weights in WeightedLoRAFedAvg.WEIGHTINGS, "aggregation.weights",
+                f"method lora_hb averages factors with weights {list(WeightedLoRAFedAvg.WEIGHTINGS)} (got "
+                f"{cfg.aggregation.weights}); fednova's rescaled sum has no FedAvg-of-factors form")
+
+    def batch_sizes(self, flops_per_s, shape, seq_len):
+        from ..algorithm.cost import flops_per_sample
+        from ..algorithm.planner import stage1_batch
+
+        cfg = self.cfg
+        ref = flops_per_sample(shape, {s.key: cfg.lora.rank for s in shape.sites if s.kind in cfg.lora.targets},
+                               seq_len)  # one sample's FLOPs at lora.rank: the fixed cost in samples' worth
+        overhead = (cfg.plan.step_overhead_s or 0.0) * max(flops_per_s) / ref
+        return stage1_batch(flops_per_s, cfg.train.batch_min, cfg.train.batch_max, overhead)

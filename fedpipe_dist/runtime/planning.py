@@ -87,7 +87,8 @@ class RoundPlanner:
         return plans, infos, scores
 
     def _uniform(self) -> tuple[list[ClientPlan], list[PlanInfo]]:
-        """The plan of a method that does not adapt (and of FedPipe's uniform ablation): batch_max, every
+        """The plan of a method that does not adapt (and of FedPipe's uniform ablation): the method's batch sizes
+        (batch_max; lora_hb: in proportion to compute), every
         target at the server's rank (client_ranks; none for a method without LoRA), and the precision the job
         names; auto: the most bits whose memory fits, among the method's options (QLoRA-style bases for the
         baselines too; ft has fp32 only, so a server it does not fit under-trains)."""
@@ -97,8 +98,10 @@ class RoundPlanner:
         plans = uniform_plan(self.sites, n, targets=cfg.lora.targets, rank=cfg.lora.rank,
                              batch_size=cfg.train.batch_max, local_steps=cfg.train.local_steps)
         options = self.method.precision_options or self.auto_options
+        batches = self.method.batch_sizes([srv.flops_per_s for srv in self.servers], self.shape, cfg.model.max_length)
         infos = []
         for c, (pl, p, r, srv) in enumerate(zip(plans, prec, self.client_ranks, self.servers)):
+            pl.batch_size = batches[c]
             pl.ranks = {k: r for k in pl.ranks} if self.method.trains_lora else {}
             for option in (options if p == "auto" else (p,)):
                 pl.precision = option

@@ -54,6 +54,10 @@ def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -
     log = Log(comm.rank == 0, show_bar=show_progress)
     lock = RunLock(cfg.output.dir)
     try:
+        if cfg.central:  # the job's centralized limit: one process, the same samples (runtime/central.py)
+            from .central import run_central
+
+            return run_central(cfg, comm, log, lock)
         return _run(cfg, comm, log, lock)
     finally:
         lock.release()

@@ -2,7 +2,8 @@
 
     B_g = sum_i p_i B_i,   A_g = sum_i p_i A_i,   p_i = |D_i| / sum_j |D_j|
 
-Every client starts the next round from (B_g, A_g). Needs one rank per weight across clients. Note that
+Every client starts the next round from (B_g, A_g), and round 1 from one initial adapter shared by every client
+(methods/lora.py). `lora_hb` is the same average with the weights aggregation.weights names. Needs one rank per weight across clients. Note that
 B_g A_g != sum_i p_i B_i A_i in general (the cross terms B_i A_j): the inexactness FLoRA and FedPipe avoid.
 """
 
@@ -45,3 +46,29 @@ class LoRAFedAvg(Aggregator):
         if b.shape[1] != rank:
             raise ValueError(f"{key}: the global adapter has rank {b.shape[1]}, the client asks for {rank}")
         return b, a
+
+
+@register
+class WeightedLoRAFedAvg(LoRAFedAvg):
+    """FedAvg of factors with the weights aggregation.weights names (method lora_hb, the heterogeneity-aware
+    LoRA): data |D_i| (FedAvg), samples b_i K_i (the examples a server trained on this round; plan.variant=tuned),
+    paper |D_i| / b_i (Eqn 10). Like FedPipe's (fedpipe.py), every input is known from the plans."""
+
+    name = "lora_hb"
+    WEIGHTINGS = ("paper", "data", "samples")
+
+    def __init__(self, weighting: str = "samples"):
+        if weighting not in self.WEIGHTINGS:
+            raise ValueError(f"method lora_hb averages factors with weights {self.WEIGHTINGS}, not {weighting!r}")
+        self.weighting = weighting
+
+    @classmethod
+    def from_config(cls, cfg) -> "WeightedLoRAFedAvg":
+        return cls(cfg.aggregation.weights)
+
+    def raw_weight(self, update):
+        if self.weighting == "paper":
+            return update.n_samples / update.batch_size
+        if self.weighting == "samples":
+            return float(update.batch_size * update.local_steps)
+        return float(update.n_samples)
