@@ -54,10 +54,14 @@ PROFILES = {
     "p4": {"slowdown": [1, 1.5, 2, 3], "precisions": ["fp32"] * 4},
     "p8": {"slowdown": [1, 1, 1.5, 2, 2, 3, 4, 6], "precisions": ["fp32", "fp32", "fp16", "fp16", "nf8", "nf8",
                                                                    "nf4", "nf4"]},
+    "h4": {"slowdown": [1, 1, 1, 1], "precisions": ["fp32"] * 4},  # homogeneous: nothing to adapt to
+    "s4": {"slowdown": [1, 1, 1, 4], "precisions": ["fp32"] * 4},  # one straggler
 }
 # The seven methods (fedpipe at its default variant) plus the paper's exact FedPipe.
 METHODS = {
     "lora": ["method=lora"],
+    "central": ["method=lora", "central=true"],  # the centralized limit of LoRA's job (runtime/central.py)
+    "lora_hb": ["method=lora_hb"],  # the heterogeneity-aware LoRA: batch in proportion to compute
     "fedpipe": ["method=fedpipe"],
     "fedpipe-paper": ["method=fedpipe", "plan.variant=paper"],
     "ft": ["method=ft"],
@@ -109,43 +113,72 @@ def memory_budgets(stories: Path, precisions: list[str], *, batch: int, rank: in
     return out
 
 
+def work_units(r: Results) -> np.ndarray:
+    """Per round row, the work-unit clock in samples' worth of the fastest server's time: the largest
+    steps x batch x slowdown over the servers that trained (they run in parallel; a slowdown-s server takes s
+    times as long per sample). The centralized limit has one machine at the fastest speed: its samples."""
+    c = r.clients
+    if r.attrs.get("method") == "central":
+        out = c["samples"].sum(axis=1).astype(float)
+    else:
+        slow = np.asarray(r.profile["slowdown"], dtype=float)
+        out = (c["samples"] * slow[None, :]).max(axis=1).astype(float)  # samples = steps x batch
+    out[0] = 0.0
+    return out
+
+
 def curve(path: Path) -> dict:
-    """Cumulative training time and eval loss per round, and the per-round counters, from results.h5."""
+    """Cumulative training time (measured, and in work units) and eval loss per round, and the per-round
+    counters, from results.h5."""
     r = Results(path)
     rows, c = r.rounds, r.clients
     t = np.cumsum(round_train_s(r))
     local = c["local_s"][1:]
     idle = [float(np.sum(np.nanmax(x) - x[np.isfinite(x)]) / (np.isfinite(x).sum() * np.nanmax(x)))
             if np.isfinite(x).any() else math.nan for x in local]
-    return {"time_s": t.tolist(), "eval_loss": rows["eval_loss"].tolist(),
+    return {"time_s": t.tolist(), "work": np.cumsum(work_units(r)).tolist(), "eval_loss": rows["eval_loss"].tolist(),
             "samples": c["samples"][1:].sum(axis=1).tolist(), "idle_fraction": idle,
             "bytes": (rows["bytes_up"][1:] + rows["bytes_down"][1:]).tolist(),
             "batch_size": c["batch_size"][1].tolist(), "local_steps": c["local_steps"][1].tolist(),
             "quant_bits": c["quant_bits"][1].tolist(), "under_training": rows["under_training_rate"][1:].tolist()}
 
 
-def time_to(cv: dict, target: float) -> float:
-    """Training time at the first evaluated round whose eval loss is at or below `target` (NaN: never)."""
-    for t, loss in zip(cv["time_s"][1:], cv["eval_loss"][1:]):
+def time_to(cv: dict, target: float, clock: str = "time_s") -> float:
+    """Training time (`clock`: time_s measured, work in work units) at the first evaluated round whose eval
+    loss is at or below `target` (NaN: never)."""
+    for t, loss in zip(cv[clock][1:], cv["eval_loss"][1:]):
         if np.isfinite(loss) and loss <= target + 1e-12:
             return float(t)
     return math.nan
 
 
-def loss_at(cv: dict, when: float) -> float:
-    """Eval loss of the last evaluated round finished by training time `when` (the base's loss before any)."""
+def loss_at(cv: dict, when: float, clock: str = "time_s") -> float:
+    """Eval loss of the last evaluated round finished by training time `when` on `clock` (the base's loss
+    before any)."""
     best = cv["eval_loss"][0]
-    for t, loss in zip(cv["time_s"], cv["eval_loss"]):
+    for t, loss in zip(cv[clock], cv["eval_loss"]):
         if t <= when + 1e-12 and np.isfinite(loss):
             best = loss
     return float(best)
 
 
+CLOCKS = ("time_s", "work")  # measured seconds (clients.throttle=clock), and work units (work_units)
+
+
+def interleaved(names: list[str], i: int) -> list[str]:
+    """The methods' order for the i-th seed: rotated by i and reversed on odd i, so that no method always runs
+    in the same place of the sequence (machine load drifts; the work-unit clock does not see it anyway)."""
+    k = i % len(names) if names else 0
+    order = names[k:] + names[:k]
+    return order[::-1] if i % 2 else order
+
+
 def run_method(name: str, overrides: list[str], common: list[str], out: Path, *, first_rounds: int,
-               stop, max_rounds: int, reuse: bool | str = False) -> dict:
+               stop, max_rounds: int, reuse: bool | str = False, resumable: bool = True) -> dict:
     """Run a method for `first_rounds`, then extend it one chunk at a time (resume=true) until stop(curve).
     `reuse`: a finished run already in `out` is read (and extended if it must be) instead of run again;
-    "only": read it as it is, run nothing."""
+    "only": read it as it is, run nothing. Not `resumable` (central=true keeps no checkpoints): an extension
+    runs the longer job again from the start."""
     old = out / "results.h5"
     if reuse == "only":
         if not old.exists():
@@ -159,8 +192,8 @@ def run_method(name: str, overrides: list[str], common: list[str], out: Path, *,
     cv = curve(out / "results.h5")
     while not stop(cv) and rounds < max_rounds:
         rounds = min(max_rounds, rounds + max(2, rounds // 3))
-        process_job([*common, *overrides, f"rounds={rounds}", f"output.dir={out}", "resume=true"],
-                    f"{name} (resumed)")
+        more = ["resume=true"] if resumable else ["output.overwrite=true"]
+        process_job([*common, *overrides, f"rounds={rounds}", f"output.dir={out}", *more], f"{name} (extended)")
         cv = curve(out / "results.h5")
     return cv
 
@@ -213,33 +246,38 @@ def main(argv=None) -> dict:
                           first_rounds=a.target_rounds, stop=lambda cv: True, max_rounds=a.target_rounds,
                           reuse="only" if a.report_only else a.reuse)
         target = lora["eval_loss"][a.target_rounds]
-        t_ref = lora["time_s"][a.target_rounds]
+        refs = {clock: lora[clock][a.target_rounds] for clock in CLOCKS}  # T_R on each clock
+        t_ref = refs["time_s"]
         equal = t_ref / bound  # the ideal method's time to LoRA's R-round loss: the equal wall-clock column
         runs = {"lora": lora}
-        for name, overrides in table.items():
-            if name == "lora":
-                continue
-            def stop(cv, equal=equal, t_ref=t_ref, target=target):
-                reached = math.isfinite(time_to(cv, target))
-                return (reached and cv["time_s"][-1] >= equal) or cv["time_s"][-1] >= 1.25 * t_ref
-            runs[name] = run_method(name, overrides, seed_args, work / prof / f"seed{seed}" / name,
+        for name in interleaved([m for m in table if m != "lora"], a.seeds.index(seed)):
+            def stop(cv, refs=refs, target=target):  # on every clock: reached and past T_R / bound, or 1.25 T_R
+                return all((math.isfinite(time_to(cv, target, k)) and cv[k][-1] >= ref / bound)
+                           or cv[k][-1] >= 1.25 * ref for k, ref in refs.items())
+            runs[name] = run_method(name, table[name], seed_args, work / prof / f"seed{seed}" / name,
                                     first_rounds=a.target_rounds, stop=stop, max_rounds=12 * a.target_rounds,
-                                    reuse="only" if a.report_only else a.reuse)
+                                    reuse="only" if a.report_only else a.reuse, resumable=name != "central")
         rows = {}
         for name, cv in runs.items():
             ttt = time_to(cv, target)
+            ttw = time_to(cv, target, "work")
             rows[name] = {"time_to_target_s": ttt, "speedup": t_ref / ttt if math.isfinite(ttt) else math.nan,
+                          "time_to_target_work": ttw,
+                          "speedup_work": refs["work"] / ttw if math.isfinite(ttw) else math.nan,
+                          "loss_at_equal_work": loss_at(cv, refs["work"] / bound, "work"),
                           "loss_at_equal_time": loss_at(cv, equal), "rounds": len(cv["time_s"]) - 1,
                           "loss_at_round_R": cv["eval_loss"][min(a.target_rounds, len(cv["eval_loss"]) - 1)],
                           "samples_per_s": float(np.sum(cv["samples"]) / cv["time_s"][-1]),
                           "idle_fraction": float(np.nanmean(cv["idle_fraction"])),
                           "bytes_per_round": float(np.mean(cv["bytes"])),
                           "under_training": float(np.nanmean(cv["under_training"])), "curve": cv}
-        pres["seeds"][seed] = {"target": target, "t_ref_s": t_ref, "equal_time_s": equal, "methods": rows}
+        pres["seeds"][seed] = {"target": target, "t_ref_s": t_ref, "t_ref_work": refs["work"], "equal_time_s": equal,
+                               "order": list(runs), "methods": rows}
         print(f"[{prof} seed {seed}] target {target:.4f} (lora after {a.target_rounds} rounds, {t_ref:.1f} s); "
               f"bound {bound:.3f}; {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         for name, row in rows.items():
-            print(f"  {name:24s} speedup {row['speedup']:.3f} ({row['speedup'] / bound:.2f} of bound)  "
+            print(f"  {name:24s} speedup {row['speedup']:.3f} (work units {row['speedup_work']:.3f}; "
+                  f"{row['speedup'] / bound:.2f} of bound)  "
                   f"loss@{equal:.1f}s {row['loss_at_equal_time']:.4f}  rounds {row['rounds']}",
                   file=sys.stderr, flush=True)
         write_json(out_json, results, default=float)  # after every seed: nothing lost
@@ -262,14 +300,17 @@ def markdown(results: dict) -> str:
         bound = p["compute_bound"]
         out.append(f"\n{prof}: slowdowns {p['slowdown']}, compute bound {bound:.3f}, {len(seeds)} seed(s); target "
                    f"{_mean_spread([s['target'] for s in seeds])} (LoRA's eval loss after its R rounds)\n")
-        out.append("| method | speedup to target (x LoRA) | share of bound | eval loss at T_R/bound | eval loss after "
-                   "R rounds | rounds run | samples/s | idle fraction | KiB/round | under-training |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
-        for name in seeds[0]["methods"]:
+        out.append("| method | speedup to target (x LoRA), measured | in work units | share of bound (measured) | "
+                   "eval loss at T_R/bound, measured | in work units | eval loss after R rounds | rounds run | "
+                   "samples/s | idle fraction | KiB/round | under-training |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for name in [m for m in {**METHODS, **ABLATION} if any(m in s["methods"] for s in seeds)]:
             rows = [s["methods"][name] for s in seeds if name in s["methods"]]
             sp = [r["speedup"] for r in rows]
-            out.append(f"| {name} | {_mean_spread(sp)} | {_mean_spread([x / bound for x in sp])} | "
+            out.append(f"| {name} | {_mean_spread(sp)} | {_mean_spread([r.get('speedup_work', math.nan) for r in rows])} | "
+                       f"{_mean_spread([x / bound for x in sp])} | "
                        f"{_mean_spread([r['loss_at_equal_time'] for r in rows])} | "
+                       f"{_mean_spread([r.get('loss_at_equal_work', math.nan) for r in rows])} | "
                        f"{_mean_spread([r['loss_at_round_R'] for r in rows])} | "
                        f"{np.mean([r['rounds'] for r in rows]):.1f} | "
                        f"{np.mean([r['samples_per_s'] for r in rows]):.1f} | "

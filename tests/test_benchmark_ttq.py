@@ -83,3 +83,31 @@ def test_without_the_data_it_says_what_is_missing(tmp_path):
     p = subprocess.run([sys.executable, str(SCRIPT), "--stories-path", str(tmp_path)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "needs the pretrained stories260K" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_work_units_by_hand(bench, tmp_path):
+    """A round's work: the largest steps x batch x slowdown over the servers that trained; central's: its samples."""
+    import numpy as np
+
+    class FakeResults:
+        def __init__(self, method, samples, slowdown):
+            self.attrs = {"method": method}
+            self.clients = {"samples": np.array(samples)}
+            self.profile = {"slowdown": np.array(slowdown)}
+
+    r = FakeResults("lora", [[0, 0, 0], [80, 80, 0], [80, 40, 20]], [1.0, 2.0, 3.0])
+    assert bench.work_units(r).tolist() == [0.0, 160.0, 80.0]  # row 0 is the base; round 2: max(80, 80, 60)
+    c = FakeResults("central", [[0, 0, 0], [80, 80, 0], [80, 40, 20]], [1.0, 2.0, 3.0])
+    assert bench.work_units(c).tolist() == [0.0, 160.0, 140.0]
+
+
+def test_interleaved_orders_differ_by_seed(bench):
+    names = ["a", "b", "c"]
+    orders = [bench.interleaved(names, i) for i in range(3)]
+    assert orders == [["a", "b", "c"], ["a", "c", "b"], ["c", "a", "b"]]
+    assert all(sorted(o) == names for o in orders) and orders[0][0] != orders[2][0]
+
+
+def test_time_to_on_the_work_clock(bench):
+    cv = dict(CURVE, work=[0.0, 10.0, 30.0, 50.0])
+    assert bench.time_to(cv, 3.0, "work") == 10.0 and bench.loss_at(cv, 40.0, "work") == 3.0

@@ -131,3 +131,31 @@ def test_central_refuses_more_than_one_rank_and_resume(tmp_path):
     cfg = load_job("jobs/quickstart.yaml", [*SMALL_RUN, "central=true", "resume=true", f"output.dir={tmp_path}"])
     with pytest.raises(UserInputError, match="no checkpoints"):
         run_job(cfg, LocalComm(), show_progress=False)
+
+
+def test_the_shared_adapter_at_rank_r_is_the_first_r_rows_of_any_larger_one():
+    from fedpipe_dist.adapters.lora import shared_initial_adapter
+    from fedpipe_dist.adapters.sites import find_sites
+    from fedpipe_dist.models import load_model, load_tokenizer
+
+    sites = find_sites(load_model("tiny-llama", seed=0, dtype="float32", tokenizer=load_tokenizer("tiny-llama")))
+    big, small = shared_initial_adapter(sites, 16, 0), shared_initial_adapter(sites, 4, 0)
+    for key, (b, a) in small.items():
+        assert torch.equal(big[key][1][:4], a) and torch.count_nonzero(b) == 0
+    assert not torch.equal(small[sites[0].key][1], small[sites[1].key][1])  # each site its own draw
+
+
+def test_method_lora_is_fedavg_of_peft_lora_as_the_field_writes_it(tmp_path):
+    """benchmarks/peft_fedavg.py (peft + OpenFedLLM's loop, none of the engine's LoRA) and method=lora, on a tiny
+    Llama with the same samples and initial A: the same eval loss every round."""
+    pytest.importorskip("peft", reason="peft is not installed")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("peft_fedavg", REPO / "benchmarks" / "peft_fedavg.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    extra = ["model.name_or_path=tiny-llama", "lora.rank=4", "method=lora"]
+    want = ref.peft_fedavg(load_job("jobs/quickstart.yaml", [*SMALL_RUN, *extra, f"output.dir={tmp_path / 'ref'}"]))
+    _, res = run_small(tmp_path, "engine", *extra)
+    np.testing.assert_allclose(res.rounds["eval_loss"], want, rtol=1e-5)
+    assert want[-1] < want[0] - 0.5  # it trained

@@ -100,13 +100,13 @@ def run_central(cfg: JobConfig, comm, log, lock):
         steps = round_steps(run, t)
         losses = [trainer.step(union_batch(run, parts), t, k) for k, parts in enumerate(steps)]
         train_s = time.perf_counter() - t0
-        ev = None
+        ev, t_eval = None, time.perf_counter()
         if t % cfg.eval.every == 0 or t == cfg.rounds:
             ev = trainer.evaluate()
             eval_losses.append(ev["loss"])
         row = round_row(t, eval=ev, n_selected=len({c for parts in steps for c, _ in parts}))
         row.update(train_loss=float(np.mean(losses)) if losses else float("nan"), train_s=train_s,
-                   wall_s=time.perf_counter() - t0, under_training_rate=0.0)
+                   eval_s=time.perf_counter() - t_eval, wall_s=time.perf_counter() - t0, under_training_rate=0.0)
         samples = _samples(cfg.clients.n, steps)
         writer.append_round(row, {"samples": samples, "selected": (samples > 0).astype(np.int64),
                                   "local_steps": _steps(cfg.clients.n, steps)})
