@@ -56,6 +56,7 @@ NOTES = {
     "fedadapter": "another adapter (Houlsby) than the LoRA limit, grown by trials",
     "hetlora": "ranks differ per server and self-prune; a rank regularizer joins every step",
     "flexlora": "each server restarts from a truncated SVD of the global update",
+    "peft-fedavg": "FedAvg-LoRA written with peft (benchmarks/peft_fedavg.py), same samples and initial A; se not paired",
 }
 
 
@@ -114,6 +115,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default=str(REPO / "benchmarks" / "out" / "federated_gap"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "federated_gap.json"))
     ap.add_argument("--reuse", action="store_true", help="score finished runs already in --workdir instead of rerunning")
+    ap.add_argument("--peft-reference", action="store_true",
+                    help="also run benchmarks/peft_fedavg.py (FedAvg-LoRA written with peft, OpenFedLLM's loop) on the "
+                         "same samples: its final eval loss beside method=lora's")
     ap.add_argument("extra", nargs="*", help="more dotted overrides for every run")
     a = ap.parse_args(argv)
     if not a.stories_path or not (Path(a.stories_path) / "models" / "stories260K-hf").is_dir():
@@ -148,6 +152,18 @@ def main(argv=None) -> dict:
             limits = {"peft": run("central", ["method=lora", "central=true"], seed, S)}
             if "ft" in a.methods:
                 limits["ft"] = run("central-ft", ["method=ft", "central=true"], seed, S)
+            if a.peft_reference:
+                from peft_fedavg import peft_fedavg
+
+                from fedpipe_dist.config import load_job
+
+                cfg = load_job(common[0], [*common[1:], "method=lora", f"seed={seed}", f"train.local_steps={S}",
+                                           f"output.dir={work / 'peft_reference'}"])
+                loss = peft_fedavg(cfg)[-1]
+                central = doc["runs"][f"S{S}"]["central"][str(seed)]["loss"]
+                doc["runs"][f"S{S}"].setdefault("peft-fedavg", {})[str(seed)] = {"loss": loss, "gap": loss - central,
+                                                                                "se": math.nan}
+                print(f"[S={S} seed {seed}] peft FedAvg reference loss {loss:.4f}", file=sys.stderr, flush=True)
             for name in a.methods:
                 scored = run(name, METHODS[name], seed, S)
                 gap, se = paired_gap(scored, limits["ft" if name == "ft" else "peft"])
@@ -164,7 +180,7 @@ def main(argv=None) -> dict:
 def markdown(doc: dict) -> str:
     """Per method and S: the mean gap over seeds, the seeds' spread and the mean paired standard error."""
     steps = list(doc["runs"])
-    methods = [m for m in METHODS if any(m in doc["runs"][s] for s in steps)]
+    methods = [m for m in [*METHODS, "peft-fedavg"] if any(m in doc["runs"][s] for s in steps)]
     lines = ["| method | " + " | ".join(f"gap at {s[1:]} local step(s) (se)" for s in steps) + " | note |",
              "|---|" + "---|" * len(steps) + "---|"]
     lim = ["| centralized limit (loss) | " + " | ".join(

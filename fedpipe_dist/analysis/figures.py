@@ -23,6 +23,7 @@ import numpy as np
 from .runs import Run, Seeds, by_cohort, group_repeats
 
 METHOD_ORDER = ("fedpipe", "ft", "lora", "fedadapter", "flora", "flexlora", "hetlora")
+EXTRA_ORDER = ("fedpipe-paper", "lora_hb", "central")  # drawn after the paper's methods when present
 PAPER_METHODS = ("fedpipe", "ft", "lora", "fedadapter")  # the paper's Fig. 13 compares these
 E2E_METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "nf8", "nf4")
@@ -94,8 +95,8 @@ def _by_method(d: _Drawn, setting: str | None = "hetero") -> dict[str, Seeds]:
     """Per method (FedPipe's paper variant apart: fedpipe-paper), the repeats of its plain setup."""
     out: dict[str, Seeds] = {}
     labels = {r.label for r in d.runs}
-    for label in sorted(labels, key=lambda m: (METHOD_ORDER + ("fedpipe-paper",)).index(m)
-                        if m in METHOD_ORDER + ("fedpipe-paper",) else 99):
+    for label in sorted(labels, key=lambda m: (METHOD_ORDER + EXTRA_ORDER).index(m)
+                        if m in METHOD_ORDER + EXTRA_ORDER else 99):
         rs = [r for r in d.runs if r.label == label and _plain(r) and (setting is None or r.setting == setting)]
         g = d.pick(rs, f"{label} ({setting or 'any'})")
         if g is not None:
@@ -414,7 +415,7 @@ def fig_time_to_quality(runs: list[Run]):
     if not shown:
         missing.append("no heterogeneous lora run (the reference for the compute bound)")
     fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(6.5 * max(1, len(shown)), 4.5), squeeze=False)
-    order = [*METHOD_ORDER, "fedpipe-paper"]
+    order = [*METHOD_ORDER, *EXTRA_ORDER]
     for ax, (slow, by_label) in zip(axes[0], sorted(shown.items(), key=lambda kv: len(kv[0]))):
         bound = compute_bound(slow)
         for label in sorted(by_label, key=lambda m: order.index(m) if m in order else 99):
@@ -422,8 +423,10 @@ def fig_time_to_quality(runs: list[Run]):
             curves = [r.train_curve()[1:] for r in by_label[label]]
             grid = np.linspace(0, max(t[-1] for t, _ in curves), 200)  # a repeat that ended keeps its final loss
             vals = np.stack([_loss_on_grid(t, loss, grid) for t, loss in curves])
-            line, = ax.plot(grid, vals.mean(axis=0), label=f"{label} (n={len(curves)})",
-                            lw=2.2 if label == "fedpipe" else 1.3)
+            style = {"color": "0.45", "ls": ":", "lw": 1.6} if label == "central" else \
+                {"lw": 2.2 if label == "fedpipe" else 1.3}
+            name = "centralized limit (one machine, LoRA's samples)" if label == "central" else label
+            line, = ax.plot(grid, vals.mean(axis=0), label=f"{name} (n={len(curves)})", **style)
             if len(curves) > 1:
                 ax.fill_between(grid, vals.min(axis=0), vals.max(axis=0), color=line.get_color(), alpha=0.15)
             if label == "lora":

@@ -61,6 +61,7 @@ class Method:
     trains_lora = False  # plans carry LoRA ranks per attention weight
     precision_options: tuple[str, ...] | None = None  # what precision=auto may pick (None: every one that loads)
     checkpoints_base = True  # False: the method checkpoints every parameter itself (ft)
+    central_trains = "lora"  # what its centralized limit trains (runtime/central.py): "lora" or "full" (ft)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -19,6 +19,7 @@ class FullFineTuning(Method):
     name = "ft"
     precision_options = ("fp32",)  # it trains its fp32 weights: a server they do not fit under-trains
     checkpoints_base = False
+    central_trains = "full"  # its centralized limit fine-tunes every parameter too
 
     @classmethod
     def validate(cls, cfg) -> None:

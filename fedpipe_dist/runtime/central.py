@@ -141,7 +141,7 @@ class _Trainer:
         cfg = self.cfg = run.cfg
         self.run = run
         run.bases.use(run.eval_precision)
-        self.full = run.method.name == "ft"
+        self.full = run.method.central_trains == "full"
         if self.full:
             self.adapters = None
             params = list(model_parameters(run.model).values())
