@@ -166,7 +166,7 @@ CLOCKS = ("time_s", "work")  # measured seconds (clients.throttle=clock), and wo
 
 
 def interleaved(names: list[str], i: int) -> list[str]:
-    """The methods' order for the i-th seed: rotated by i and reversed on odd i, so that no method always runs
+    """The methods' order for seed i: rotated by i and reversed on odd i, so that no method always runs
     in the same place of the sequence (machine load drifts; the work-unit clock does not see it anyway)."""
     k = i % len(names) if names else 0
     order = names[k:] + names[:k]
@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
         t_ref = refs["time_s"]
         equal = t_ref / bound  # the ideal method's time to LoRA's R-round loss: the equal wall-clock column
         runs = {"lora": lora}
-        for name in interleaved([m for m in table if m != "lora"], a.seeds.index(seed)):
+        for name in interleaved([m for m in table if m != "lora"], seed):
             def stop(cv, refs=refs, target=target):  # on every clock: reached and past T_R / bound, or 1.25 T_R
                 return all((math.isfinite(time_to(cv, target, k)) and cv[k][-1] >= ref / bound)
                            or cv[k][-1] >= 1.25 * ref for k, ref in refs.items())
