@@ -37,6 +37,8 @@ def test_time_to_and_loss_at_by_hand(bench):
     assert bench.time_to(CURVE, 3.0) == 1.0
     assert bench.time_to(CURVE, 2.5) == 4.0  # round 2 was not evaluated
     assert math.isnan(bench.time_to(CURVE, 1.0))  # never reached
+    assert bench.time_to(CURVE, 3.0 - bench.TOLERANCE / 2) == 1.0  # within the tolerance: reached
+    assert bench.time_to(CURVE, 3.0 - 2 * bench.TOLERANCE) == 4.0
     assert bench.time_to(CURVE, 4.0) == 1.0  # row 0 (the untrained base) never counts
     assert bench.loss_at(CURVE, 0.5) == 4.0  # before the first round: the base
     assert bench.loss_at(CURVE, 3.0) == 3.0  # round 2 has no eval: the last evaluated one
