@@ -11,6 +11,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The rows the benchmarks compare, as job overrides: every method (fedpipe at its default variant), the paper's
+# exact FedPipe, and lora_hb, the heterogeneity-aware LoRA (batch in proportion to compute).
+METHODS = {
+    "lora": ["method=lora"],
+    "lora_hb": ["method=lora_hb"],
+    "fedpipe": ["method=fedpipe"],
+    "fedpipe-paper": ["method=fedpipe", "plan.variant=paper"],
+    "ft": ["method=ft"],
+    "fedadapter": ["method=fedadapter"],
+    "flora": ["method=flora"],
+    "flexlora": ["method=flexlora"],
+    "hetlora": ["method=hetlora"],
+}
+CENTRAL = ["method=lora", "central=true"]  # the centralized limit of LoRA's job (runtime/central.py)
+
 
 def torchrun_job(nproc: int, job_args: list[str], label: str) -> float:
     """`torchrun --standalone --nproc_per_node=nproc -m fedpipe_dist run *job_args` (gloo on CPU, one thread per

@@ -35,19 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from _jobs import process_job, write_json  # noqa: E402
+from _jobs import CENTRAL, METHODS, process_job, write_json  # noqa: E402
 
-METHODS = {
-    "lora": ["method=lora"],
-    "lora_hb": ["method=lora_hb"],
-    "fedpipe": ["method=fedpipe"],
-    "fedpipe-paper": ["method=fedpipe", "plan.variant=paper"],
-    "ft": ["method=ft"],
-    "fedadapter": ["method=fedadapter"],
-    "flora": ["method=flora"],
-    "flexlora": ["method=flexlora"],
-    "hetlora": ["method=hetlora"],
-}
 # Why a method may sit above the limit by construction (the table's notes; measured, not assumed: the gap is).
 NOTES = {
     "fedpipe": "re-initializes its adapters (fresh A, B = 0) and its optimizer every round",
@@ -56,7 +45,8 @@ NOTES = {
     "fedadapter": "another adapter (Houlsby) than the LoRA limit, grown by trials",
     "hetlora": "ranks differ per server and self-prune; a rank regularizer joins every step",
     "flexlora": "each server restarts from a truncated SVD of the global update",
-    "peft-fedavg": "FedAvg-LoRA written with peft (benchmarks/peft_fedavg.py), same samples and initial A; se not paired",
+    "peft-fedavg": ("FedAvg-LoRA written with peft (benchmarks/peft_fedavg.py), same samples and initial A; "
+                    "se not paired"),
 }
 
 
@@ -114,7 +104,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-samples", type=int, default=128)
     ap.add_argument("--workdir", default=str(REPO / "benchmarks" / "out" / "federated_gap"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "federated_gap.json"))
-    ap.add_argument("--reuse", action="store_true", help="score finished runs already in --workdir instead of rerunning")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score finished runs already in --workdir instead of rerunning")
     ap.add_argument("--peft-reference", action="store_true",
                     help="also run benchmarks/peft_fedavg.py (FedAvg-LoRA written with peft, OpenFedLLM's loop) on the "
                          "same samples: its final eval loss beside method=lora's")
@@ -149,7 +140,7 @@ def main(argv=None) -> dict:
     for seed in a.seeds:
         for S in a.steps:
             t0 = time.perf_counter()
-            limits = {"peft": run("central", ["method=lora", "central=true"], seed, S)}
+            limits = {"peft": run("central", CENTRAL, seed, S)}
             if "ft" in a.methods:
                 limits["ft"] = run("central-ft", ["method=ft", "central=true"], seed, S)
             if a.peft_reference:
@@ -192,7 +183,8 @@ def markdown(doc: dict) -> str:
             g = [r["gap"] for r in rows if "gap" in r]
             cells.append(f"{np.mean(g):+.4f} ± {np.std(g):.4f} ({np.mean([r['se'] for r in rows]):.4f})" if g else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {NOTES.get(m, '')} |")
-    return "\n".join(lines[:2] + lim + lines[2:]) + "\n\nMean over seeds ± their standard deviation (mean paired standard error)."
+    return ("\n".join(lines[:2] + lim + lines[2:])
+            + "\n\nMean over seeds ± their standard deviation (mean paired standard error).")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from _jobs import process_job, write_json  # noqa: E402
+from _jobs import CENTRAL, process_job, write_json  # noqa: E402
+from _jobs import METHODS as _METHODS  # noqa: E402
 
 from fedpipe_dist.analysis.runs import compute_bound, round_train_s  # noqa: E402
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
@@ -57,19 +58,8 @@ PROFILES = {
     "h4": {"slowdown": [1, 1, 1, 1], "precisions": ["fp32"] * 4},  # homogeneous: nothing to adapt to
     "s4": {"slowdown": [1, 1, 1, 4], "precisions": ["fp32"] * 4},  # one straggler
 }
-# The seven methods (fedpipe at its default variant) plus the paper's exact FedPipe.
-METHODS = {
-    "lora": ["method=lora"],
-    "central": ["method=lora", "central=true"],  # the centralized limit of LoRA's job (runtime/central.py)
-    "lora_hb": ["method=lora_hb"],  # the heterogeneity-aware LoRA: batch in proportion to compute
-    "fedpipe": ["method=fedpipe"],
-    "fedpipe-paper": ["method=fedpipe", "plan.variant=paper"],
-    "ft": ["method=ft"],
-    "fedadapter": ["method=fedadapter"],
-    "flora": ["method=flora"],
-    "flexlora": ["method=flexlora"],
-    "hetlora": ["method=hetlora"],
-}
+# The rows: LoRA (the reference), the centralized limit of its job, then every other method (_jobs.METHODS).
+METHODS = {"lora": _METHODS["lora"], "central": CENTRAL, **_METHODS}
 # docs/planner.md's switch table: the paper's variant with one switch changed at a time, then combinations.
 ABLATION = {
     "paper": ["method=fedpipe", "plan.variant=paper"],
@@ -311,7 +301,8 @@ def markdown(results: dict) -> str:
         for name in [m for m in {**METHODS, **ABLATION} if any(m in s["methods"] for s in seeds)]:
             rows = [s["methods"][name] for s in seeds if name in s["methods"]]
             sp = [r["speedup"] for r in rows]
-            out.append(f"| {name} | {_mean_spread(sp)} | {_mean_spread([r.get('speedup_work', math.nan) for r in rows])} | "
+            work = [r.get("speedup_work", math.nan) for r in rows]
+            out.append(f"| {name} | {_mean_spread(sp)} | {_mean_spread(work)} | "
                        f"{_mean_spread([x / bound for x in sp])} | "
                        f"{_mean_spread([r['loss_at_equal_time'] for r in rows])} | "
                        f"{_mean_spread([r.get('loss_at_equal_work', math.nan) for r in rows])} | "

@@ -101,3 +101,18 @@ def worker_pids(root_pid: int) -> dict[int, int]:
         if b"RANK" in env:
             found[int(env[b"RANK"])] = int(entry)
     return found
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (with benchmarks/ on sys.path while it loads, as when run as a script)."""
+    import importlib.util
+
+    script = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(script.parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    return mod

@@ -6,7 +6,6 @@ the table, and its refusal to run without the data.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -14,21 +13,14 @@ import sys
 import numpy as np
 import pytest
 
-from ._util import REPO, subprocess_env
+from ._util import REPO, load_benchmark, subprocess_env
 
 SCRIPT = REPO / "benchmarks" / "federated_gap.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("federated_gap", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.pop(0)
-    return mod
+    return load_benchmark("federated_gap")
 
 
 def test_paired_gap_by_hand(bench):
@@ -46,7 +38,8 @@ def test_paired_gap_by_hand(bench):
 
 def test_markdown_rows(bench):
     runs = {"S1": {"central": {"0": {"loss": 2.70}, "1": {"loss": 2.72}},
-                   "lora": {"0": {"loss": 2.72, "gap": 0.02, "se": 0.01}, "1": {"loss": 2.76, "gap": 0.04, "se": 0.01}}}}
+                   "lora": {"0": {"loss": 2.72, "gap": 0.02, "se": 0.01},
+                            "1": {"loss": 2.76, "gap": 0.04, "se": 0.01}}}}
     text = bench.markdown({"runs": runs})
     assert "| centralized limit (loss) | 2.7100 |" in text
     assert "| lora | +0.0300 ± 0.0100 (0.0100) |" in text

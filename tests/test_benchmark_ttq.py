@@ -6,28 +6,20 @@ memory budgets that force each base precision, the table, and its refusal to run
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
 
 import pytest
 
-from ._util import REPO, shared_data, subprocess_env
+from ._util import REPO, load_benchmark, shared_data, subprocess_env
 
 SCRIPT = REPO / "benchmarks" / "time_to_quality.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("time_to_quality", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports benchmarks/_jobs.py, as when run as a script
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.pop(0)
-    return mod
+    return load_benchmark("time_to_quality")
 
 
 CURVE = {"time_s": [0.0, 1.0, 2.5, 4.0], "eval_loss": [4.0, 3.0, float("nan"), 2.0]}

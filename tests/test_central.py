@@ -19,7 +19,7 @@ from fedpipe_dist.config import UserInputError, load_job
 from fedpipe_dist.methods import lora as lora_module
 from fedpipe_dist.runtime.server import run_job
 
-from ._util import REPO, SMALL_RUN, run_small, subprocess_env, torchrun_cmd
+from ._util import REPO, SMALL_RUN, load_benchmark, run_small, subprocess_env, torchrun_cmd
 
 
 def _record_starts(monkeypatch) -> dict:
@@ -149,11 +149,7 @@ def test_method_lora_is_fedavg_of_peft_lora_as_the_field_writes_it(tmp_path):
     """benchmarks/peft_fedavg.py (peft + OpenFedLLM's loop, none of the engine's LoRA) and method=lora, on a tiny
     Llama with the same samples and initial A: the same eval loss every round."""
     pytest.importorskip("peft", reason="peft is not installed")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("peft_fedavg", REPO / "benchmarks" / "peft_fedavg.py")
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
+    ref = load_benchmark("peft_fedavg")
     extra = ["model.name_or_path=tiny-llama", "lora.rank=4", "method=lora"]
     want = ref.peft_fedavg(load_job("jobs/quickstart.yaml", [*SMALL_RUN, *extra, f"output.dir={tmp_path / 'ref'}"]))
     _, res = run_small(tmp_path, "engine", *extra)

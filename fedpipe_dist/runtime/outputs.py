@@ -82,7 +82,8 @@ def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
         (out / "results.h5").unlink(missing_ok=True)
         shutil.rmtree(out / "final", ignore_errors=True)
     writer = ResultsWriter(out / "results.h5", n_clients=cfg.clients.n, n_layers=run.L, attrs={
-        "method": "central" if cfg.central else cfg.method, "mirrors": cfg.method, "model": cfg.model.name_or_path, "dataset": cfg.data.name,
+        "method": "central" if cfg.central else cfg.method, "mirrors": cfg.method,
+        "model": cfg.model.name_or_path, "dataset": cfg.data.name,
         "world_size": run.comm.world_size, "n_clients": cfg.clients.n, "config_json": cfg.to_json(),
         "eval_precision": run.eval_precision, "base_params": run.bases.base_params, "run_id": run_id})
     profiles, precisions = run.profiles, run.precisions
@@ -91,7 +92,8 @@ def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
                           "slowdown": [p.slowdown for p in profiles],
                           "base_weight_bytes": [run.view_bytes[p] for p in precisions]})
     writer.append_round(round_row(0, eval=ev0, n_selected=0), {})
-    run.log(f"fedpipe: {'the centralized limit of ' if cfg.central else ''}{cfg.method} on {cfg.model.name_or_path} ({len(run.sites)} adapter sites), {cfg.clients.n} "
+    what = f"the centralized limit of {cfg.method}" if cfg.central else cfg.method
+    run.log(f"fedpipe: {what} on {cfg.model.name_or_path} ({len(run.sites)} adapter sites), {cfg.clients.n} "
             f"servers on {run.comm.world_size} rank(s), {cfg.rounds} rounds -> {out / 'results.h5'}")
     counts = {p: precisions.count(p) for p in dict.fromkeys(precisions)}
     run.log("bases: " + ", ".join(f"{k} x {p} ({run.view_bytes[p] / 2**20:.1f} MiB)" for p, k in counts.items())

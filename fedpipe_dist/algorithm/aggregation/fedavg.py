@@ -3,8 +3,8 @@
     B_g = sum_i p_i B_i,   A_g = sum_i p_i A_i,   p_i = |D_i| / sum_j |D_j|
 
 Every client starts the next round from (B_g, A_g), and round 1 from one initial adapter shared by every client
-(methods/lora.py). `lora_hb` is the same average with the weights aggregation.weights names. Needs one rank per weight across clients. Note that
-B_g A_g != sum_i p_i B_i A_i in general (the cross terms B_i A_j): the inexactness FLoRA and FedPipe avoid.
+(methods/lora.py). `lora_hb` is the same average with the weights aggregation.weights names. Needs one rank per
+weight across clients. Note that B_g A_g != sum_i p_i B_i A_i in general (the cross terms B_i A_j): the inexactness FLoRA and FedPipe avoid.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .base import Aggregate, Aggregator, register
+from .fedpipe import plan_weight
 
 
 def average_factors(updates, weights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -67,8 +68,4 @@ class WeightedLoRAFedAvg(LoRAFedAvg):
         return cls(cfg.aggregation.weights)
 
     def raw_weight(self, update):
-        if self.weighting == "paper":
-            return update.n_samples / update.batch_size
-        if self.weighting == "samples":
-            return float(update.batch_size * update.local_steps)
-        return float(update.n_samples)
+        return plan_weight(update, self.weighting)

@@ -26,6 +26,18 @@ def aggregation_weights(n_samples: list[int], batch_sizes: list[int]) -> list[fl
     return [r / total for r in raw]
 
 
+def plan_weight(update: ClientUpdate, weighting: str) -> float:
+    """A server's raw weight from what its plan says (the same on every rank): paper |D_i| / b_i (Eqn 10), data
+    |D_i|, samples b_i K_i, fednova |D_i| / K_i."""
+    if weighting == "paper":
+        return update.n_samples / update.batch_size
+    if weighting == "data":
+        return float(update.n_samples)
+    if weighting == "samples":
+        return float(update.batch_size * update.local_steps)
+    return update.n_samples / update.local_steps  # fednova
+
+
 def aggregate_factored(updates: list[ClientUpdate], weights: list[float]) -> Factors:
     """Stacked factors (B_stack [out, sum r], A_stack [sum r, in]) whose product is the merged update."""
     stacks: dict[str, tuple[list, list]] = {}
@@ -97,13 +109,7 @@ class FedPipeAggregator(StackingAggregator):
         return cls(cfg.aggregation.weights)
 
     def raw_weight(self, update: ClientUpdate) -> float:
-        if self.weighting == "paper":
-            return update.n_samples / update.batch_size
-        if self.weighting == "data":
-            return float(update.n_samples)
-        if self.weighting == "samples":
-            return float(update.batch_size * update.local_steps)
-        return update.n_samples / update.local_steps  # fednova
+        return plan_weight(update, self.weighting)
 
     def round_scale(self, updates: list[ClientUpdate]) -> float:
         if self.weighting != "fednova" or not updates:
