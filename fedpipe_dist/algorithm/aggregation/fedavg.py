@@ -4,7 +4,8 @@
 
 Every client starts the next round from (B_g, A_g), and round 1 from one initial adapter shared by every client
 (methods/lora.py). `lora_hb` is the same average with the weights aggregation.weights names. Needs one rank per
-weight across clients. Note that B_g A_g != sum_i p_i B_i A_i in general (the cross terms B_i A_j): the inexactness FLoRA and FedPipe avoid.
+weight across clients. Note that B_g A_g != sum_i p_i B_i A_i in general (the cross terms B_i A_j): the
+inexactness FLoRA and FedPipe avoid.
 """
 
 from __future__ import annotations
