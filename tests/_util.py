@@ -116,3 +116,13 @@ def load_benchmark(name: str):
     finally:
         sys.path.pop(0)
     return mod
+
+
+def run_without_data(script: Path, empty_dir: Path):
+    """Run a benchmark script pointed at a folder without the shared data (and no FEDPIPE_SHARED_DATA)."""
+    import subprocess
+
+    env = subprocess_env()
+    env.pop("FEDPIPE_SHARED_DATA", None)
+    return subprocess.run([sys.executable, str(script), "--stories-path", str(empty_dir)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)

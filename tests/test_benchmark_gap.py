@@ -7,13 +7,11 @@ the table, and its refusal to run without the data.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from ._util import REPO, load_benchmark, subprocess_env
+from ._util import REPO, load_benchmark, run_without_data
 
 SCRIPT = REPO / "benchmarks" / "federated_gap.py"
 
@@ -46,8 +44,5 @@ def test_markdown_rows(bench):
 
 
 def test_without_the_data_it_says_what_is_missing(tmp_path):
-    env = subprocess_env()
-    env.pop("FEDPIPE_SHARED_DATA", None)
-    p = subprocess.run([sys.executable, str(SCRIPT), "--stories-path", str(tmp_path)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = run_without_data(SCRIPT, tmp_path)
     assert p.returncode != 0 and "needs the pretrained stories260K" in p.stderr and "Traceback" not in p.stderr

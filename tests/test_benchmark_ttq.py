@@ -7,12 +7,10 @@ memory budgets that force each base precision, the table, and its refusal to run
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 
-from ._util import REPO, load_benchmark, shared_data, subprocess_env
+from ._util import REPO, load_benchmark, run_without_data, shared_data
 
 SCRIPT = REPO / "benchmarks" / "time_to_quality.py"
 
@@ -72,10 +70,7 @@ def test_memory_budgets_force_each_precision_for_rank8_lora(bench):
 
 
 def test_without_the_data_it_says_what_is_missing(tmp_path):
-    env = subprocess_env()
-    env.pop("FEDPIPE_SHARED_DATA", None)
-    p = subprocess.run([sys.executable, str(SCRIPT), "--stories-path", str(tmp_path)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = run_without_data(SCRIPT, tmp_path)
     assert p.returncode != 0 and "needs the pretrained stories260K" in p.stderr and "Traceback" not in p.stderr
 
 
