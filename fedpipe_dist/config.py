@@ -315,6 +315,9 @@ class OutputConfig:
     dir: str = "runs/quickstart"
     overwrite: bool = False
     """Replace an existing results.h5 in dir (otherwise a run refuses to touch it)."""
+    foreign_files: Literal["refuse", "keep"] = "refuse"
+    """Files the project did not write in dir/checkpoint/ or dir/final/ (io/owned.py): refuse to start beside
+    them, or keep them in place and start anyway (a fresh run never deletes them either way)."""
     save_final: bool = True
     """Write <dir>/final/ (merged model + tokenizer) at the end."""
 

@@ -96,7 +96,8 @@ def _output_dir(cfg: JobConfig) -> None:
     except (OSError, ValueError) as e:  # a NUL byte, a name too long for the filesystem
         raise UserInputError(f"output.dir: {cfg.output.dir!r} is not a usable path ({e}); choose another "
                              "output.dir") from None
-    check_output_dir(out, cfg.output.overwrite or cfg.resume)  # resume=true: an earlier results.h5 is the point
+    # resume=true: an earlier results.h5 is the point
+    check_output_dir(out, cfg.output.overwrite or cfg.resume, cfg.output.foreign_files)
     existing = existing_ancestor(out)  # the folder the run would create its own folders in
     if not existing.is_dir():
         raise UserInputError(f"output.dir: {str(existing)!r} is a file, so {str(out)!r} cannot be created; choose "

@@ -314,7 +314,3 @@ class CheckpointDir:
         tmp = results.with_suffix(".h5.tmp")
         shutil.copyfile(self.results_path(round_idx), tmp)
         _fsync_replace(tmp, results)
-
-    def clear(self) -> None:
-        """A fresh start: forget every checkpoint of an earlier run in this folder (rank 0, all ranks' files)."""
-        shutil.rmtree(self.dir, ignore_errors=True)

@@ -86,10 +86,9 @@ def run_central(cfg: JobConfig, comm, log, lock):
 
     check_central(cfg, comm.world_size)
     t_start = time.perf_counter()
-    agree(comm, lambda: check_output_dir(Path(cfg.output.dir), cfg.output.overwrite))
+    agree(comm, lambda: check_output_dir(Path(cfg.output.dir), cfg.output.overwrite, cfg.output.foreign_files))
     agree(comm, lambda: lock.acquire(log))
     ckpt = CheckpointDir(cfg.output.dir, comm.rank, comm.world_size)
-    ckpt.clear()  # an earlier run's checkpoints here would not continue this one
     run = set_up(cfg, comm, log, None)
     writer, eval_losses = open_results(run, ckpt, None, new_run_id(comm))
     writer.add_setup(time.perf_counter() - t_start, run.setup_phases)

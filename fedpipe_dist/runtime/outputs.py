@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import ConfigError, UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..io.hdf5 import ResultsWriter
+from ..io.owned import describe, foreign_files, publish_final, remove_checkpoints, remove_results
 from ..io.space import DiskError, disk_errors, require_space
 from ..metrics.generate import generate, one_line, write_generations
 from .record import round_row
@@ -34,7 +35,9 @@ def agree(comm, fn):
     return result
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool, foreign: str = "refuse") -> None:
+    """Refuse an output.dir whose results.h5 would be replaced without output.overwrite=true, that is a file,
+    or that holds files the project did not write where a fresh run clears its own (io/owned.py)."""
     results = out / "results.h5"
     if results.exists() and not overwrite:
         raise UserInputError(f"output.dir: {str(out)!r} already holds results.h5 from an earlier run; add "
@@ -42,6 +45,12 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
                              "replace it, or choose a new output.dir")
     if out.exists() and not out.is_dir():
         raise UserInputError(f"output.dir: {str(out)!r} exists and is not a folder; choose another output.dir")
+    found = foreign_files(out) if foreign != "keep" else []
+    if found:
+        raise UserInputError(f"output.dir: {str(out)!r} holds {len(found)} file(s) this project did not write where "
+                             f"a run replaces its own: {describe(found)}; move them elsewhere, choose a new "
+                             "output.dir, or add output.foreign_files=keep to run beside them (they are left in "
+                             "place)")
 
 
 def open_results(run: Run, ckpt: CheckpointDir, point, run_id: str) -> tuple[ResultsWriter | None, list[float]]:
@@ -63,6 +72,10 @@ def open_results(run: Run, ckpt: CheckpointDir, point, run_id: str) -> tuple[Res
         run.log(f"fedpipe: resuming {run.cfg.method} in {run.out_dir} after round {point.round} of {run.cfg.rounds} "
                 f"(eval loss {eval_losses[-1]:.4f}); results.h5 continues from there")
         return writer, eval_losses
+    # an earlier run's files here (overwrite=true, or an attempt that died in round 1) go now that this run is
+    # set up (a run refused on bad input deletes nothing), and no other file: its checkpoints on every rank (a
+    # node's own disk may hold them), its results.h5 and final/ on rank 0
+    remove_checkpoints(run.out_dir)
     ev0 = run.evaluate()  # the untrained base, on every rank (the eval is shared)
     writer, err = None, None
     if run.rank0:
@@ -78,9 +91,7 @@ def open_results(run: Run, ckpt: CheckpointDir, point, run_id: str) -> tuple[Res
 
 def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
     cfg, out = run.cfg, run.out_dir
-    if out.exists():  # whatever is left is replaceable: overwrite=true, or an attempt that died in round 1
-        (out / "results.h5").unlink(missing_ok=True)
-        shutil.rmtree(out / "final", ignore_errors=True)
+    remove_results(out)
     writer = ResultsWriter(out / "results.h5", n_clients=cfg.clients.n, n_layers=run.L, attrs={
         "method": "central" if cfg.central else cfg.method, "mirrors": cfg.method,
         "model": cfg.model.name_or_path, "dataset": cfg.data.name,
@@ -126,8 +137,7 @@ def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float], che
                 run.bases.export(run.eval_precision).save_pretrained(tmp)  # plain HF modules: dequant(W0) + D
                 run.tok.save_pretrained(tmp)
                 run.method.export(tmp)  # what does not merge into weights is saved beside them
-                shutil.rmtree(final_dir, ignore_errors=True)
-                tmp.rename(final_dir)
+                publish_final(tmp, final_dir)
         except DiskError as e:
             shutil.rmtree(tmp, ignore_errors=True)  # no final.tmp left behind
             err = str(e)

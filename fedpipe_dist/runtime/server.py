@@ -152,11 +152,9 @@ def _fresh_or_resumed(cfg: JobConfig, comm: Communicator, log, lock: RunLock):
     ckpt = CheckpointDir(out_dir, comm.rank, comm.world_size)
     resuming = cfg.resume or restarted_by_torchrun()
     # before the lock: a folder that is refused is not touched at all (resuming: its results.h5 is the point)
-    agree(comm, lambda: check_output_dir(out_dir, cfg.output.overwrite or resuming))
+    agree(comm, lambda: check_output_dir(out_dir, cfg.output.overwrite or resuming, cfg.output.foreign_files))
     agree(comm, lambda: lock.acquire(log))
     point = find_resume_point(cfg, comm, out_dir, ckpt, log) if resuming else None
-    if point is None:  # leftovers of an earlier run here (overwrite, or an attempt that died in round 1) go
-        ckpt.clear()
     return ckpt, point, point.state["run_id"] if point else new_run_id(comm)
 
 
