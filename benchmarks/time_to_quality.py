@@ -79,6 +79,10 @@ ABLATION = {
                             "aggregation.weights=data"],
     "spread+weights=samples": ["method=fedpipe", "plan.variant=paper", "plan.rank_alloc=spread",
                                "aggregation.weights=samples"],
+    # issue 27: what the next round starts from (lora.carry), against the heterogeneity-aware LoRA
+    "lora_hb": ["method=lora_hb"],
+    "tuned": ["method=fedpipe", "plan.variant=tuned", "lora.carry=none"],
+    "tuned+carry=adapter": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter"],
 }  # plan.variant=tuned is spread+weights=samples (config.PLAN_VARIANTS)
 
 

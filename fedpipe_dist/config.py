@@ -47,9 +47,9 @@ BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # block sizes bitsandbytes' 
 # paper: Algorithm 1 and Eqn 10 as published. tuned: the measured best (docs/planner.md, "Variants").
 PLAN_VARIANTS = {
     "paper": {"plan.split": "batch", "plan.rank_alloc": "greedy", "plan.step_overhead_s": 0.0,
-              "plan.lr_scaling": "none", "aggregation.weights": "paper"},
+              "plan.lr_scaling": "none", "aggregation.weights": "paper", "lora.carry": "none"},
     "tuned": {"plan.split": "batch", "plan.rank_alloc": "spread", "plan.step_overhead_s": 0.0,
-              "plan.lr_scaling": "none", "aggregation.weights": "samples"},
+              "plan.lr_scaling": "none", "aggregation.weights": "samples", "lora.carry": "none"},
 }
 
 
@@ -179,6 +179,11 @@ class LoraConfig:
     by compute: the largest of lora.ranks not above max(lora.ranks) x C_i / max_j C_j (at least the smallest)."""
     alpha: float = 16.0
     """LoRA scaling numerator: the update is (alpha / r) * B @ A."""
+    carry: Optional[Literal["none", "adapter"]] = None
+    """method=fedpipe, what a server starts the next round from. none (the paper): the merged update is in the
+    base and every server draws fresh adapters (B = 0, a new A). adapter: every server starts from one global
+    adapter, the weighted average of the round's factors, and the base takes the rest of the exact average
+    (algorithm/aggregation/fedpipe.kept_adapter_step). null = plan.variant's choice."""
     dropout: float = 0.0
 
 

@@ -29,6 +29,7 @@ DECLARED = ["clients.tflops=[1,2,3,4]"]
 
 METHOD_ARGS = {
     "fedpipe": ["clients.precision=[fp32,fp16,nf8,nf4]"],  # the fp32 view and the merged residuals
+    "fedpipe+carry": ["clients.precision=[fp32,fp16,nf8,nf4]", "lora.carry=adapter"],  # the kept adapter too
     "lora": [],
     "flora": [],
     "flexlora": [],
@@ -46,7 +47,7 @@ def _final_weights(folder):
 
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
 def test_stop_after_round_2_and_resume_equals_the_run_that_never_stopped(tmp_path, method):
-    extra = [f"method={method}", *METHOD_ARGS[method], *DECLARED, "rounds=4"]
+    extra = [f"method={method.split('+')[0]}", *METHOD_ARGS[method], *DECLARED, "rounds=4"]
     _, whole = run_small(tmp_path, "whole", *extra)
     _, first = run_small(tmp_path, "split", *extra[:-1], "rounds=2")
     assert first.n_rounds == 2 and first.attrs["finished"]

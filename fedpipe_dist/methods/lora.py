@@ -90,10 +90,15 @@ class LoRAMethod(Method):
                 start[k] = (b0[:, :r], a0[:r])
         return start
 
+    def frozen(self, plan) -> dict | None:
+        """Updates on the model while server `plan.client` trains that are not its to train; None: none."""
+        return None
+
     def train(self, c, plan, shard, **common):
         run = self.run
         update, stats = train_client(run.model, run.sites, plan, shard, self.cfg, start=self.client_start(plan),
-                                     prune=self.prune(), trainable=self.trainable, **common)
+                                     prune=self.prune(), trainable=self.trainable, frozen=self.frozen(plan),
+                                     **common)
         run.planner.observe(c, stats.sensitivity, stats.singular)
         return update, stats
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..adapters.lora import LoRAAdapters, _pkey
+from ..adapters.lora import FixedUpdates, LoRAAdapters, _pkey
 from ..adapters.sites import KIND_INDEX, Site, n_layers
 from ..algorithm.aggregation import ClientUpdate
 from ..algorithm.importance import mean_singular_value, sensitivity_of
@@ -155,8 +156,8 @@ def _budget_memory(device: torch.device, mem_budget_bytes: int | None) -> bool:
 def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
                  round_idx: int, pad_id: int, device: torch.device, slowdown: float = 1.0,
                  deadline_s: float | None = None, mem_budget_bytes: int | None = None,
-                 start: dict | None = None, prune: tuple[float, float] | None = None, trainable=None
-                 ) -> tuple[ClientUpdate, ClientStats]:
+                 start: dict | None = None, prune: tuple[float, float] | None = None, trainable=None,
+                 frozen: dict | None = None) -> tuple[ClientUpdate, ClientStats]:
     """Train fresh adapters on this client's shard for cfg.train.local_steps and return their factors.
 
     A slowdown s > 1 makes the server really slower: after each step it waits (s - 1) times the step's
@@ -165,7 +166,9 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     budget caps this process's allocations (torch's per-process memory fraction).
     `start`: factors the adapters start from (methods with a global adapter); `prune`: HetLoRA's
     (gamma, reg): reg * ||B[:, k:]|| ||A[k:]|| (k = floor(gamma r)) joins the loss of every step;
-    `trainable(adapters)`: the adapter tensors the optimizer updates (default: every A and B).
+    `trainable(adapters)`: the adapter tensors the optimizer updates (default: every A and B); `frozen`: updates
+    (factors or dense, by site key) added to the model during training and left out of the update (the part of
+    a kept global adapter beyond this server's rank, methods/fedpipe.py).
     """
     seed = client_seed(cfg.seed, round_idx, plan.client)
     gen = torch.Generator().manual_seed(seed)
@@ -181,7 +184,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
 
     extra = (lambda: prune[1] * _prune_term(adapters, prune[0])) if prune is not None and prune[1] > 0 else None
     t0 = time.perf_counter()
-    with adapters.attach(model):
+    with adapters.attach(model), (FixedUpdates(sites, frozen).attach(model) if frozen else nullcontext()):
         params = list(adapters.parameters()) if trainable is None else trainable(adapters)
         losses, completed, charged = _run_steps(model, params, data, plan, cfg, seed=seed,
                                                 pad_id=pad_id, device=device, slowdown=slowdown,

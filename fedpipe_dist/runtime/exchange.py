@@ -98,6 +98,8 @@ def _downlink(sites, plans: list[ClientPlan], contributors, aggregator):
         r_max = {k: max(plans[c].ranks.get(k, 0) for c in contributors) for k in keys}  # the largest rank
         return factor_layout(sites, r_max), None
     down_layout = stacked_layout(sites, [plans[c].ranks for c in contributors])
+    if aggregator.raw_stack:  # every rank reads each server's factors back from it (lora.carry=adapter)
+        return down_layout, None
     # The merged update goes down in whichever exact form is smaller (see downlink_is_dense).
     return down_layout, (dense_layout(sites, {k for k, _, _ in down_layout}) if downlink_is_dense(down_layout)
                          else None)

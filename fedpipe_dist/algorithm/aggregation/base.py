@@ -42,6 +42,8 @@ class Aggregator:
     pad_ranks = False  # True: summing factors of different ranks zero-pads them (HetLoRA); False: ranks must match
     averages_factors = False  # True: the result is an average of B and of A (not of products): never dense
     dense_global = False  # True: the global adapter is a dense dW_g (FlexLoRA), so it travels dense
+    raw_stack = False  # True: rank 0 stacks the factors unweighted and the stack always travels factored, so every
+    # rank reads each server's (B_i, A_i) back and applies the weights itself (fedpipe with lora.carry=adapter)
 
     @classmethod
     def from_config(cls, cfg) -> "Aggregator":

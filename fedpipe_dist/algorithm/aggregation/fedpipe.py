@@ -73,6 +73,7 @@ class StackingAggregator(Aggregator):
 
     def accumulate(self, acc, update, weight, *, dense=False):
         acc = {} if acc is None else acc
+        weight = 1.0 if self.raw_stack else weight  # (the weights are applied by every rank afterwards)
         for key, (b, a) in update.factors.items():
             if dense:
                 d = (b @ a) * weight
@@ -84,6 +85,8 @@ class StackingAggregator(Aggregator):
         return acc
 
     def finish(self, acc, total_weight) -> Aggregate:
+        if self.raw_stack:
+            return Aggregate(merge=acc or {})
         s = 1.0 / total_weight if total_weight > 0 else 1.0
         # the weights ride on B only: scaling the product means scaling B
         return Aggregate(merge={k: v * s if torch.is_tensor(v) else (v[0] * s, v[1]) for k, v in (acc or {}).items()})
@@ -99,14 +102,15 @@ class FedPipeAggregator(StackingAggregator):
     name = "fedpipe"
     WEIGHTINGS = ("paper", "data", "samples", "fednova")
 
-    def __init__(self, weighting: str = "paper"):
+    def __init__(self, weighting: str = "paper", raw_stack: bool = False):
         if weighting not in self.WEIGHTINGS:
             raise ValueError(f"unknown fedpipe weighting {weighting!r}; choose one of {self.WEIGHTINGS}")
         self.weighting = weighting
+        self.raw_stack = raw_stack
 
     @classmethod
     def from_config(cls, cfg) -> "FedPipeAggregator":
-        return cls(cfg.aggregation.weights)
+        return cls(cfg.aggregation.weights, raw_stack=cfg.lora.carry == "adapter")
 
     def raw_weight(self, update: ClientUpdate) -> float:
         return plan_weight(update, self.weighting)
@@ -120,3 +124,63 @@ class FedPipeAggregator(StackingAggregator):
         p = [u.n_samples / n for u in updates]
         tau_eff = sum(pi * u.local_steps for pi, u in zip(p, updates))
         return tau_eff * sum(pi / u.local_steps for pi, u in zip(p, updates))
+
+
+# ---- lora.carry=adapter: the exact average of the servers' models, with the adapter kept across rounds -------
+#
+# The paper merges sum_i w_i B_i A_i into the base and every server starts the next round from fresh adapters
+# (B = 0, a new A) and a fresh optimizer, so whatever direction the adapters had learned is dropped each round.
+# With carry=adapter every server starts round t+1 from the same global adapter (B_g, A_g) on the same base W,
+# as FedAvg-LoRA does, and the aggregate stays exact: server i trains the head of (B_g, A_g) at its rank r_i
+# (the tail beyond r_i rides along frozen, so every server starts from the global model itself) and ends
+# with the model W + B~_i A~_i, where B~_i = [B_i | B_g[:, r_i:]] and A~_i = [A_i; A_g[r_i:]]. The new global
+# model is the exact weighted average of the servers' changes,
+#     W + B_g A_g + sum_i w_i (B~_i A~_i - B_g A_g),
+# held as the new adapter B'_g = B_g + sum_i w_i (B~_i - B_g), A'_g likewise (FedAvg of the factors), plus the
+# residual that averaging factors leaves out (the cross terms), which goes into the base:
+#     R = B_g A_g + sum_i w_i (B~_i A~_i - B_g A_g) - B'_g A'_g.
+# Every rank forms this from the stacked factors the exchange broadcasts anyway (unweighted, so each (B_i, A_i)
+# can be read back), so it costs no byte beyond the paper's stack. Servers without an adapter on a weight leave
+# it as it was (their change there is 0, as in Eqn 12).
+
+
+def split_stack(stack: Factors, ranks: list[dict[str, int]]) -> list[Factors]:
+    """The unweighted stack [B_1 | ... | B_n], [A_1; ...; A_n] back into each contributor's factors, given the
+    contributors' ranks in stacking order (a weight a contributor did not adapt is absent from its factors)."""
+    out: list[Factors] = [{} for _ in ranks]
+    for key, (b, a) in stack.items():
+        at = 0
+        for i, rk in enumerate(ranks):
+            r = rk.get(key, 0)
+            if r > 0:
+                out[i][key] = (b[:, at:at + r], a[at:at + r])
+                at += r
+    return out
+
+
+def kept_adapter_step(global_adapter: Factors, updates: list[Factors], weights: list[float]
+                      ) -> tuple[Factors, dict]:
+    """(new global adapter, residual to merge into the base) from the global adapter every server started from
+    (key -> (B_g [out, R], A_g [R, in]) at the top rank R), the servers' trained factors (key -> (B_i, A_i) at
+    their rank r_i <= R) and their weights. The residual is factored (B, A), or dense [out, in] where that is
+    smaller."""
+    new, residual = dict(global_adapter), {}
+    for key, (bg_full, ag_full) in global_adapter.items():
+        mine = [(w, u[key]) for w, u in zip(weights, updates) if key in u and w != 0.0]
+        if not mine:
+            continue
+        h = max(b.shape[1] for _, (b, _) in mine)  # the head: rows some server trained
+        bg, ag = bg_full[:, :h], ag_full[:h]
+        bt = [torch.cat([b, bg[:, b.shape[1]:]], dim=1) for _, (b, _) in mine]  # B~_i
+        at = [torch.cat([a, ag[a.shape[0]:]], dim=0) for _, (_, a) in mine]  # A~_i
+        ws = [w for w, _ in mine]
+        b_new = bg + sum(w * (b - bg) for w, b in zip(ws, bt))
+        a_new = ag + sum(w * (a - ag) for w, a in zip(ws, at))
+        new[key] = (torch.cat([b_new, bg_full[:, h:]], dim=1), torch.cat([a_new, ag_full[h:]], dim=0))
+        rest = 1.0 - sum(ws)  # B_g A_g's share left (0 when the weights sum to one)
+        bs = ([rest * bg] if rest != 0.0 else []) + [w * b for w, b in zip(ws, bt)] + [-b_new]
+        as_ = ([ag] if rest != 0.0 else []) + at + [a_new]
+        b_res, a_res = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+        out_f, in_f = b_res.shape[0], a_res.shape[1]
+        residual[key] = b_res @ a_res if b_res.shape[1] * (out_f + in_f) > out_f * in_f else (b_res, a_res)
+    return new, residual

@@ -1,0 +1,120 @@
+"""Issue 27: FedPipe with lora.carry=adapter, one global adapter kept across rounds while the aggregate stays
+the exact weighted average of the servers' models (algorithm/aggregation/fedpipe.kept_adapter_step).
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_carry.py -q      (about 2 minutes on 2 cores)
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fedpipe_dist.algorithm.aggregation import ClientUpdate
+from fedpipe_dist.algorithm.aggregation.base import to_dense
+from fedpipe_dist.algorithm.aggregation.fedpipe import aggregate_factored, kept_adapter_step, split_stack
+from fedpipe_dist.io.hdf5 import Results
+
+from ._util import REPO, SMALL_RUN, run_small, subprocess_env, torchrun_cmd
+
+OUT, IN, TOP = 12, 10, 6
+
+
+def _global(gen):
+    """A global adapter at the top rank whose B is not zero (a round after the first)."""
+    return {"k": (torch.randn(OUT, TOP, generator=gen), torch.randn(TOP, IN, generator=gen)),
+            "j": (torch.randn(OUT, TOP, generator=gen), torch.randn(TOP, IN, generator=gen))}
+
+
+def _trained(gen, ranks):
+    return [{k: (torch.randn(OUT, r, generator=gen), torch.randn(r, IN, generator=gen)) for k, r in rk.items()}
+            for rk in ranks]
+
+
+def _model(bg, ag, b, a):
+    """A server's whole adapter product: its trained head and the global tail it left untouched."""
+    r = b.shape[1]
+    return torch.cat([b, bg[:, r:]], 1) @ torch.cat([a, ag[r:]], 0)
+
+
+@pytest.mark.parametrize("weights", [[0.2, 0.3, 0.5], [0.5, 1.0, 0.25]])  # sums to one; FedNova-like scale
+def test_new_adapter_plus_residual_is_the_exact_average_of_the_servers_models(weights):
+    gen = torch.Generator().manual_seed(0)
+    g = _global(gen)
+    ranks = [{"k": 2, "j": 6}, {"k": 4}, {"k": 6, "j": 3}]  # server 1 has no adapter on j
+    ups = _trained(gen, ranks)
+    new, residual = kept_adapter_step(g, ups, weights)
+    for key in ("k", "j"):
+        bg, ag = g[key]
+        want = bg @ ag + sum(w * (_model(bg, ag, *u[key]) - bg @ ag) for w, u in zip(weights, ups) if key in u)
+        got = new[key][0] @ new[key][1] + to_dense(residual[key])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert new[key][0].shape == (OUT, TOP) and new[key][1].shape == (TOP, IN)
+    # weights summing to one: the new adapter is FedAvg of the servers' whole factors (head trained, tail kept)
+    if abs(sum(weights) - 1) < 1e-12:
+        bg, ag = g["k"]
+        want_b = sum(w * torch.cat([u["k"][0], bg[:, u["k"][0].shape[1]:]], 1) for w, u in zip(weights, ups))
+        torch.testing.assert_close(new["k"][0], want_b)
+
+
+def test_rows_no_server_trained_stay_and_one_server_is_its_own_average():
+    gen = torch.Generator().manual_seed(1)
+    g = _global(gen)
+    ups = _trained(gen, [{"k": 3}])
+    new, residual = kept_adapter_step(g, ups, [1.0])
+    torch.testing.assert_close(new["k"][0][:, :3], ups[0]["k"][0])
+    torch.testing.assert_close(new["k"][0][:, 3:], g["k"][0][:, 3:])  # the tail nobody trained
+    torch.testing.assert_close(new["k"][1][3:], g["k"][1][3:])
+    assert new["j"] is g["j"] and "j" not in residual  # nobody adapted j: unchanged, nothing to merge
+    assert float(to_dense(residual["k"]).abs().max()) < 1e-5  # one server: no cross terms to merge
+
+
+def test_split_stack_reads_back_each_servers_factors():
+    gen = torch.Generator().manual_seed(2)
+    ranks = [{"k": 2, "j": 6}, {"k": 4}, {"k": 6, "j": 3}]
+    ups = _trained(gen, ranks)
+    stack = aggregate_factored([ClientUpdate(i, 1, 1, u) for i, u in enumerate(ups)], [1.0] * 3)
+    back = split_stack(stack, ranks)
+    for u, v in zip(ups, back):
+        assert u.keys() == v.keys()
+        for k in u:
+            assert torch.equal(u[k][0], v[k][0]) and torch.equal(u[k][1], v[k][1])
+
+
+CARRY = ["method=fedpipe", "lora.carry=adapter", "clients.tflops=[1,2,3,4]"]
+
+
+def test_one_server_carrying_its_adapter_trains_as_fedavg_lora_does(tmp_path):
+    """With one server the exact average is that server's adapter and nothing merges, so FedPipe with the
+    kept adapter and the uniform plan is FedAvg-LoRA: the same start, the same steps, the same eval losses."""
+    one = ["clients.n=1", "clients.memory_gb=24", "clients.slowdown=1", "plan.mode=uniform", "lora.rank=4",
+           "rounds=3"]
+    _, carry = run_small(tmp_path, "carry", *CARRY[:2], *one)
+    _, lora = run_small(tmp_path, "lora", "method=lora", *one)
+    np.testing.assert_allclose(carry.rounds["eval_loss"], lora.rounds["eval_loss"], rtol=1e-5)
+    np.testing.assert_allclose(carry.clients["train_loss"], lora.clients["train_loss"], rtol=1e-5)
+    _, fresh = run_small(tmp_path, "fresh", "method=fedpipe", "lora.carry=none", *one)
+    assert not np.allclose(fresh.rounds["eval_loss"][2:], lora.rounds["eval_loss"][2:], rtol=1e-4)
+
+
+def test_four_gloo_ranks_match_one_process_with_mixed_precisions_and_ranks(tmp_path):
+    """Every rank forms the new adapter and the residual itself from the broadcast stack: 4 ranks and 1
+    process give the same losses, plans and bytes (planned ranks and bases differ by server)."""
+    extra = [*SMALL_RUN, *CARRY, "clients.precision=[fp32,fp16,nf8,nf4]", "plan.variant=paper",
+             "plan.granularity=layer", "plan.importance=random"]  # adapters on different weights by server
+
+    def run(cmd):
+        p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    run(torchrun_cmd(4, "run", "jobs/quickstart.yaml", *extra, f"output.dir={tmp_path / 'dist'}", "--no-progress"))
+    run([sys.executable, "-m", "fedpipe_dist", "run", "jobs/quickstart.yaml", *extra,
+         f"output.dir={tmp_path / 'single'}", "--no-progress"])
+    d, s = Results(tmp_path / "dist" / "results.h5"), Results(tmp_path / "single" / "results.h5")
+    np.testing.assert_allclose(d.rounds["eval_loss"], s.rounds["eval_loss"], rtol=1e-5)
+    for name in ("ranks", "batch_size", "quant_bits", "bytes_up"):
+        assert (d.clients[name] == s.clients[name]).all(), name
+    assert (d.rounds["bytes_down"] == s.rounds["bytes_down"]).all()
+    assert len(set(map(tuple, d.clients["ranks"][1].reshape(4, -1).tolist()))) > 1  # ranks differ by server
+    assert d.rounds["eval_loss"][-1] < d.rounds["eval_loss"][0]
