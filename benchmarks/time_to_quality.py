@@ -83,6 +83,9 @@ ABLATION = {
     "lora_hb": ["method=lora_hb"],
     "tuned": ["method=fedpipe", "plan.variant=tuned", "lora.carry=none"],
     "tuned+carry=adapter": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter"],
+    "tuned+carry+moments": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter",
+                            "train.optimizer_state=kept"],
+    "lora_hb+moments": ["method=lora_hb", "train.optimizer_state=kept"],
 }  # plan.variant=tuned is spread+weights=samples (config.PLAN_VARIANTS)
 
 
@@ -121,6 +124,20 @@ def work_units(r: Results) -> np.ndarray:
     return out
 
 
+def step_units(r: Results) -> np.ndarray:
+    """Per round row, the flat-step clock in steps of the fastest server: a step costs the same at any batch
+    (a GPU on a small model, or a large fixed cost per step), so a round takes the largest steps x slowdown over
+    the servers that trained. The centralized limit: its steps (one union batch per step)."""
+    c = r.clients
+    steps = np.where(c["samples"] > 0, c["local_steps"], 0).astype(float)
+    if r.attrs.get("method") == "central":
+        out = steps.max(axis=1)
+    else:
+        out = (steps * np.asarray(r.profile["slowdown"], dtype=float)[None, :]).max(axis=1)
+    out[0] = 0.0
+    return out
+
+
 def curve(path: Path) -> dict:
     """Cumulative training time (measured, and in work units) and eval loss per round, and the per-round
     counters, from results.h5."""
@@ -130,7 +147,8 @@ def curve(path: Path) -> dict:
     local = c["local_s"][1:]
     idle = [float(np.sum(np.nanmax(x) - x[np.isfinite(x)]) / (np.isfinite(x).sum() * np.nanmax(x)))
             if np.isfinite(x).any() else math.nan for x in local]
-    return {"time_s": t.tolist(), "work": np.cumsum(work_units(r)).tolist(), "eval_loss": rows["eval_loss"].tolist(),
+    return {"time_s": t.tolist(), "work": np.cumsum(work_units(r)).tolist(),
+            "flat": np.cumsum(step_units(r)).tolist(), "eval_loss": rows["eval_loss"].tolist(),
             "samples": c["samples"][1:].sum(axis=1).tolist(), "idle_fraction": idle,
             "bytes": (rows["bytes_up"][1:] + rows["bytes_down"][1:]).tolist(),
             "batch_size": c["batch_size"][1].tolist(), "local_steps": c["local_steps"][1].tolist(),
@@ -160,7 +178,8 @@ def loss_at(cv: dict, when: float, clock: str = "time_s") -> float:
     return float(best)
 
 
-CLOCKS = ("time_s", "work")  # measured seconds (clients.throttle=clock), and work units (work_units)
+CLOCKS = ("time_s", "work", "flat")  # measured seconds (clients.throttle=clock), work units (work_units: a step's
+# time grows with its batch, as on one CPU thread), flat steps (step_units: a step costs the same at any batch)
 
 
 def interleaved(names: list[str], i: int) -> list[str]:
@@ -262,6 +281,8 @@ def main(argv=None) -> dict:
             rows[name] = {"time_to_target_s": ttt, "speedup": t_ref / ttt if math.isfinite(ttt) else math.nan,
                           "time_to_target_work": ttw,
                           "speedup_work": refs["work"] / ttw if math.isfinite(ttw) else math.nan,
+                          "speedup_flat": (refs["flat"] / ttf if math.isfinite(ttf := time_to(cv, target, "flat"))
+                                           else math.nan),
                           "loss_at_equal_work": loss_at(cv, refs["work"] / bound, "work"),
                           "loss_at_equal_time": loss_at(cv, equal), "rounds": len(cv["time_s"]) - 1,
                           "loss_at_round_R": cv["eval_loss"][min(a.target_rounds, len(cv["eval_loss"]) - 1)],
@@ -274,7 +295,8 @@ def main(argv=None) -> dict:
         print(f"[{prof} seed {seed}] target {target:.4f} (lora after {a.target_rounds} rounds, {t_ref:.1f} s); "
               f"bound {bound:.3f}; {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         for name, row in rows.items():
-            print(f"  {name:24s} speedup {row['speedup']:.3f} (work units {row['speedup_work']:.3f}; "
+            print(f"  {name:24s} speedup {row['speedup']:.3f} (work units {row['speedup_work']:.3f}; flat steps "
+                  f"{row['speedup_flat']:.3f}; "
                   f"{row['speedup'] / bound:.2f} of bound)  "
                   f"loss@{equal:.1f}s {row['loss_at_equal_time']:.4f}  rounds {row['rounds']}",
                   file=sys.stderr, flush=True)
@@ -298,15 +320,17 @@ def markdown(results: dict) -> str:
         bound = p["compute_bound"]
         out.append(f"\n{prof}: slowdowns {p['slowdown']}, compute bound {bound:.3f}, {len(seeds)} seed(s); target "
                    f"{_mean_spread([s['target'] for s in seeds])} (LoRA's eval loss after its R rounds)\n")
-        out.append("| method | speedup to target (x LoRA), measured | in work units | share of bound (measured) | "
+        out.append("| method | speedup to target (x LoRA), measured | in work units | in flat steps | "
+                   "share of bound (measured) | "
                    "eval loss at T_R/bound, measured | in work units | eval loss after R rounds | rounds run | "
                    "samples/s | idle fraction | KiB/round | under-training |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name in [m for m in {**METHODS, **ABLATION} if any(m in s["methods"] for s in seeds)]:
             rows = [s["methods"][name] for s in seeds if name in s["methods"]]
             sp = [r["speedup"] for r in rows]
             work = [r.get("speedup_work", math.nan) for r in rows]
-            out.append(f"| {name} | {_mean_spread(sp)} | {_mean_spread(work)} | "
+            flat = [r.get("speedup_flat", math.nan) for r in rows]
+            out.append(f"| {name} | {_mean_spread(sp)} | {_mean_spread(work)} | {_mean_spread(flat)} | "
                        f"{_mean_spread([x / bound for x in sp])} | "
                        f"{_mean_spread([r['loss_at_equal_time'] for r in rows])} | "
                        f"{_mean_spread([r.get('loss_at_equal_work', math.nan) for r in rows])} | "

@@ -125,6 +125,9 @@ class TrainConfig:
     batch_max: int = 8
     max_grad_norm: float = 1.0
     """Clip adapter gradients to this norm (0 = off)."""
+    optimizer_state: Literal["fresh", "kept"] = "fresh"
+    """fresh: every server starts each round with a new AdamW (the field's FedAvg code); kept: each server keeps
+    its AdamW moments and step count across rounds for the adapter tensors whose shape did not change."""
     deadline_s: Optional[float] = None
     """Round deadline for local training; a server still training then stops, is counted as
     under-trained, and its update is left out of the round. null = no deadline."""

@@ -118,3 +118,25 @@ def test_four_gloo_ranks_match_one_process_with_mixed_precisions_and_ranks(tmp_p
     assert (d.rounds["bytes_down"] == s.rounds["bytes_down"]).all()
     assert len(set(map(tuple, d.clients["ranks"][1].reshape(4, -1).tolist()))) > 1  # ranks differ by server
     assert d.rounds["eval_loss"][-1] < d.rounds["eval_loss"][0]
+
+
+@pytest.mark.dist
+def test_kept_adapter_and_moments_resume_on_another_number_of_ranks(tmp_path):
+    """A 4-rank run with the kept adapter and each server's kept AdamW moments, stopped after round 2 and
+    resumed on 2 ranks, ends as the run that never stopped: each server's moments come from the rank that
+    hosted it."""
+    job = ["run", "jobs/quickstart.yaml", *SMALL_RUN, *CARRY, "train.optimizer_state=kept", "--no-progress",
+           "clients.precision=[fp32,fp16,nf8,nf4]"]
+
+    def run(nproc, out, *extra):
+        p = subprocess.run(torchrun_cmd(nproc, *job, f"output.dir={out}", *extra), cwd=REPO, env=subprocess_env(),
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    run(4, tmp_path / "whole", "rounds=4")
+    run(4, tmp_path / "split", "rounds=2")
+    run(2, tmp_path / "split", "rounds=4", "resume=true")
+    whole, split = Results(tmp_path / "whole" / "results.h5"), Results(tmp_path / "split" / "results.h5")
+    assert list(split.attrs["resumed_from"]) == [2]
+    np.testing.assert_allclose(split.rounds["eval_loss"], whole.rounds["eval_loss"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(split.clients["train_loss"], whole.clients["train_loss"], rtol=0, atol=1e-6)

@@ -29,7 +29,8 @@ DECLARED = ["clients.tflops=[1,2,3,4]"]
 
 METHOD_ARGS = {
     "fedpipe": ["clients.precision=[fp32,fp16,nf8,nf4]"],  # the fp32 view and the merged residuals
-    "fedpipe+carry": ["clients.precision=[fp32,fp16,nf8,nf4]", "lora.carry=adapter"],  # the kept adapter too
+    "fedpipe+carry": ["clients.precision=[fp32,fp16,nf8,nf4]", "lora.carry=adapter",  # the kept adapter, and
+                      "train.optimizer_state=kept"],  # each server's AdamW moments
     "lora": [],
     "flora": [],
     "flexlora": [],

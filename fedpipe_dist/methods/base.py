@@ -129,6 +129,14 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         """Put state_dict() back (raise UserInputError when it does not fit this job)."""
 
+    def server_states(self) -> dict[int, dict]:
+        """Per hosted server, what only that server keeps (its AdamW moments with train.optimizer_state=kept);
+        a resume on another number of ranks takes each from the rank that hosted the server."""
+        return {}
+
+    def load_server_states(self, states: dict[int, dict]) -> None:
+        """Put server_states() back."""
+
     # ---- the end ------------------------------------------------------------------------------------------
     def finish(self) -> None:
         """After the last round, before final/ is written (a kept LoRA adapter joins the base here)."""

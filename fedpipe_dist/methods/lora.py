@@ -59,6 +59,7 @@ class LoRAMethod(Method):
         super().setup(run)
         self.global_state: dict = {}  # the kept global adapter (LoRA factors or dense dW), the same on every rank
         self.initial: dict = {}  # what every server starts from while there is no global adapter yet (round 1)
+        self.opt_memory: dict[int, dict] = {}  # train.optimizer_state=kept: each hosted server's AdamW state
         if self.aggregator.keeps_global_adapter:
             cfg = self.cfg
             top = max([*cfg.lora.ranks, cfg.lora.rank, *(cfg.lora.client_ranks or [])])
@@ -90,6 +91,9 @@ class LoRAMethod(Method):
                 start[k] = (b0[:, :r], a0[:r])
         return start
 
+    def keeps_moments(self) -> bool:
+        return self.cfg.train.optimizer_state == "kept"
+
     def frozen(self, plan) -> dict | None:
         """Updates on the model while server `plan.client` trains that are not its to train; None: none."""
         return None
@@ -98,6 +102,7 @@ class LoRAMethod(Method):
         run = self.run
         update, stats = train_client(run.model, run.sites, plan, shard, self.cfg, start=self.client_start(plan),
                                      prune=self.prune(), trainable=self.trainable, frozen=self.frozen(plan),
+                                     opt_memory=self.opt_memory.setdefault(c, {}) if self.keeps_moments() else None,
                                      **common)
         run.planner.observe(c, stats.sensitivity, stats.singular)
         return update, stats
@@ -132,6 +137,12 @@ class LoRAMethod(Method):
     def state_dict(self) -> dict:
         return {"global_state": tree_to(self.global_state, "cpu"),
                 "global_state_device": tree_device(self.global_state)}
+
+    def server_states(self) -> dict[int, dict]:
+        return {c: {"opt": tree_to(m, "cpu")} for c, m in self.opt_memory.items()}
+
+    def load_server_states(self, states: dict[int, dict]) -> None:
+        self.opt_memory = {c: tree_to(st["opt"], "cpu", copy=True) for c, st in states.items()}
 
     def load_state_dict(self, state: dict) -> None:
         target = self.run.comm.device if state["global_state_device"] == "cuda" else "cpu"

@@ -91,14 +91,19 @@ def _prune_term(adapters: LoRAAdapters, gamma: float) -> torch.Tensor:
 
 def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: ClientPlan, cfg: JobConfig, *,
                seed: int, pad_id: int, device: torch.device, slowdown: float, deadline_s: float | None,
-               extra_loss=None, after_backward=None) -> tuple[list[float], bool, float]:
+               extra_loss=None, after_backward=None, opt_memory: dict | None = None
+               ) -> tuple[list[float], bool, float]:
     """The local loop every method shares: seeded batches, AdamW on `params`, gradient clipping, the
     server's slowdown and the round deadline. `extra_loss()` joins the objective (HetLoRA's regularizer);
     `after_backward()` sees the raw gradients (FedPipe's sensitivity). Returns the step losses, whether
     the plan completed before the deadline, and the slowdown time charged without waiting
-    (clients.throttle=clock; 0 when the server really waited)."""
+    (clients.throttle=clock; 0 when the server really waited). `opt_memory`: the server's AdamW state of its
+    last round (train.optimizer_state=kept), put back where a tensor's shape is the same, and replaced by this
+    round's at the end."""
     opt = torch.optim.AdamW(params, lr=cfg.train.lr * lr_factor(cfg, plan.batch_size),
                             weight_decay=cfg.train.weight_decay)
+    if opt_memory:
+        _restore_moments(opt, params, opt_memory)
     batches = batch_indices(len(data), plan.batch_size, np.random.default_rng(seed))
     losses: list[float] = []
     completed = True
@@ -135,7 +140,20 @@ def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: Clie
                         time.sleep(wait)
     finally:
         model.eval()
+    if opt_memory is not None:
+        opt_memory.clear()
+        opt_memory.update({i: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                           for i, p in enumerate(params) if (st := opt.state.get(p))})
+        opt_memory["shapes"] = [tuple(p.shape) for p in params]
     return losses, completed, charged
+
+
+def _restore_moments(opt, params, memory: dict) -> None:
+    """Put a server's AdamW state back on the tensors whose index and shape are those of its last round."""
+    shapes = memory.get("shapes", [])
+    for i, p in enumerate(params):
+        if i in memory and i < len(shapes) and shapes[i] == tuple(p.shape):
+            opt.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in memory[i].items()}
 
 
 def lr_factor(cfg: JobConfig, batch_size: int) -> float:
@@ -157,7 +175,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
                  round_idx: int, pad_id: int, device: torch.device, slowdown: float = 1.0,
                  deadline_s: float | None = None, mem_budget_bytes: int | None = None,
                  start: dict | None = None, prune: tuple[float, float] | None = None, trainable=None,
-                 frozen: dict | None = None) -> tuple[ClientUpdate, ClientStats]:
+                 frozen: dict | None = None, opt_memory: dict | None = None) -> tuple[ClientUpdate, ClientStats]:
     """Train fresh adapters on this client's shard for cfg.train.local_steps and return their factors.
 
     A slowdown s > 1 makes the server really slower: after each step it waits (s - 1) times the step's
@@ -189,7 +207,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
         losses, completed, charged = _run_steps(model, params, data, plan, cfg, seed=seed,
                                                 pad_id=pad_id, device=device, slowdown=slowdown,
                                                 deadline_s=deadline_s, extra_loss=extra,
-                                                after_backward=measure_sensitivity)
+                                                after_backward=measure_sensitivity, opt_memory=opt_memory)
     sensitivity = np.full((L, 4), np.nan)
     singular = np.full((L, 4), np.nan)
     factors = adapters.factors()

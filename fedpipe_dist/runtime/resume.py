@@ -156,6 +156,7 @@ def compose_state(ckpt: CheckpointDir, t0: int, w0: int, hosted: list[int]) -> d
     files = {r: ckpt.load(t0, r, w0) for r in range(w0)}
     state = dict(files[0])
     state["importance"] = {c: files[c % w0]["importance"][c] for c in hosted}
+    state["servers"] = {c: files[c % w0]["servers"][c] for c in hosted if c in files[c % w0].get("servers", {})}
     state["base"] = resolve_base(ckpt, t0, w0, list(range(w0)))
     return state
 
@@ -276,6 +277,7 @@ def rank_state(*, cfg: JobConfig, t: int, world_size: int, run_id: str, bases, c
         "profiles": [dataclasses.asdict(p) for p in profiles],
         "base": chain.entry(t, bases) if method.checkpoints_base else None,
         "method": method.state_dict(),  # the method's own state (its global adapter, ft's parameters, ...)
+        "servers": method.server_states(),  # what each hosted server keeps itself (its AdamW moments, ...)
         "importance": {c: {"ibar": torch.from_numpy(st.ibar), "ubar": torch.from_numpy(st.ubar),
                            "sv": torch.from_numpy(st.sv)} for c, st in planner.states.items()},
         "client_ranks": list(planner.client_ranks),
@@ -298,6 +300,7 @@ def apply_state(state: dict, *, bases, method, planner) -> list[float]:
     if state["base"] is not None:
         replay(bases, state["base"])
     method.load_state_dict(state["method"])
+    method.load_server_states(state.get("servers", {}))
     if set(state["importance"]) != set(planner.states):
         raise UserInputError("resume: the checkpoint's servers are not the ones this rank hosts; resume with the same "
                              "clients.n")
