@@ -86,6 +86,9 @@ ABLATION = {
     "tuned+carry+moments": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter",
                             "train.optimizer_state=kept"],
     "lora_hb+moments": ["method=lora_hb", "train.optimizer_state=kept"],
+    # planned for a flat step cost (t0 far above a step's FLOPs time): read its flat-step clock only
+    "carry+auto@flat": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.split=auto",
+                        "plan.step_overhead_s=10"],
 }  # plan.variant=tuned is spread+weights=samples (config.PLAN_VARIANTS)
 
 

@@ -150,9 +150,12 @@ class PlanConfig:
     variant: Literal["paper", "tuned"] = "tuned"
     """Presets for the switches below that are left null (docs/planner.md has the measured table): paper is
     Algorithm 1 and Eqn 10 as published; tuned is the combination that measured fastest to quality."""
-    split: Optional[Literal["batch", "steps"]] = None
+    split: Optional[Literal["batch", "steps", "auto"]] = None
     """How a server's compute share is spent. batch (the paper): b_i from its compute ratio, every server
-    train.local_steps steps; steps: every server train.batch_max, local steps from its compute ratio."""
+    train.local_steps steps; steps: every server train.batch_max, local steps from its compute ratio; auto: from
+    the step-cost shape t(b) = t0 + c b (plan.step_overhead_s = t0): a smaller batch while that keeps every
+    step, fewer steps where even batch_min does not fit (algorithm/planner.stage1_auto). It is batch at t0 = 0
+    and tends to steps as t0 grows (a GPU on a small model: a step costs nearly the same at any batch)."""
     rank_alloc: Optional[Literal["greedy", "spread"]] = None
     """greedy (Algorithm 1): most important weight first, at the highest rank that fits; spread: every
     targeted weight at the highest rank all of them fit at, then the leftover budget by importance."""

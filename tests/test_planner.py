@@ -154,3 +154,34 @@ def test_ablation_switches(shape):
     uni, plans = chosen("platon", mode="uniform")
     assert set(uni) == {("k", "o", "q", "v")} and {p.batch_size for p in plans} == {8}
     assert all(set(p.ranks.values()) == {8} for p in plans)
+
+
+def test_stage1_auto_by_hand():
+    from fedpipe_dist.algorithm.planner import stage1_auto
+
+    # o = 0: the paper's batches where u_i b_max >= b_min; a server below that takes fewer steps at b_min
+    assert stage1_auto([1.0, 0.5, 0.25, 0.1], 1, 8, 10) == ([8, 4, 2, 1], [10, 10, 10, 8])
+    # a step costing nearly the same at any batch: batch_max and steps in proportion to compute (split=steps)
+    assert stage1_auto([1.0, 0.5, 0.25], 1, 8, 10, overhead=1e6) == ([8, 8, 8], [10, 5, 2])
+    # in between, o = 8 (half of a batch-8 step is fixed): server 2's round is 10 x 0.5 x 16 = 80 samples' worth,
+    # too little for 10 steps even at b_min (10 x 9 = 90): floor(80 / 9) = 8 steps, at batch floor(80 / 8 - 8) = 2
+    assert stage1_auto([1.0, 0.5], 1, 8, 10, overhead=8.0) == ([8, 2], [10, 8])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.05, 1.0), min_size=1, max_size=8), st.integers(1, 4), st.integers(4, 16),
+       st.integers(1, 20), st.floats(0.0, 1e4))
+def test_stage1_auto_never_plans_past_a_servers_round(us, b_min, b_max, steps, o):
+    from fedpipe_dist.algorithm.planner import stage1_auto
+
+    speeds = [1.0, *us]
+    batches, ks = stage1_auto(speeds, b_min, b_max, steps, o)
+    for u, b, k in zip(speeds, batches, ks):
+        assert b_min <= b <= b_max and 1 <= k <= steps
+        room = steps * u * (o + b_max)
+        fits_min = steps * (o + b_min) <= room * (1 + 1e-9)
+        # within the server's round, unless even one step at b_min is more than it has
+        assert k * (o + b) <= room * (1 + 1e-9) or (k == 1 and b == b_min)
+        if fits_min:  # every step kept while b_min allows it
+            assert k == steps
+    assert batches[0] == b_max and ks[0] == steps  # the fastest server: the uniform plan

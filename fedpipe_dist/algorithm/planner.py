@@ -92,6 +92,27 @@ def stage1_steps(flops_per_s: list[float], steps: int) -> list[int]:
     return [max(1, int(np.floor(c / top * steps + 1e-9))) for c in flops_per_s]
 
 
+def stage1_auto(flops_per_s: list[float], b_min: int, b_max: int, steps: int, overhead: float = 0.0
+                ) -> tuple[list[int], list[int]]:
+    """plan.split=auto: batch first, then steps, from the step-cost shape t(b) = o + b (samples' worth of the
+    fastest server's compute; `overhead` o is plan.step_overhead_s in those units). Server i has u_i of the
+    fastest server's round, K (o + b_max) u_i. It keeps all K steps at the largest batch that fits (the paper's
+    batch split, stage1_batch) while that batch is at least b_min; where even b_min does not fit (a slow server,
+    or a large o: a step costs nearly the same at any batch, as on a GPU with a small model) it takes the most
+    steps that fit at b_min, K_i = floor(K u_i (o + b_max) / (o + b_min)), and then the largest batch those K_i
+    steps leave room for. At o = 0 it is the paper's rule wherever u_i b_max >= b_min; as o grows it becomes
+    plan.split=steps (b_max, K_i = floor(u_i K))."""
+    top = max(flops_per_s)
+    batches, out_steps = [], []
+    for c in flops_per_s:
+        room = steps * c / top * (overhead + b_max)  # the server's round, in samples' worth
+        k = min(steps, max(1, int(np.floor(room / (overhead + b_min) + 1e-9))))
+        b = max(b_min, min(b_max, int(np.floor(room / k - overhead + 1e-9))))
+        batches.append(b)
+        out_steps.append(k)
+    return batches, out_steps
+
+
 def _items(sites: list[Site], targets: list[str], granularity: str) -> list[tuple[tuple, list[Site]]]:
     """Units the greedy search picks: one per weight type (all layers) or one per (layer, weight)."""
     chosen = [s for s in sites if s.kind in targets]
@@ -174,7 +195,8 @@ def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *
     A step also has a fixed cost (`step_overhead_s` on the fastest server, t0): O = t0 * C_top FLOPs' worth,
     the same for every server of a homogeneous-hardware profile (a slowed server's t0 is slowed too).
     `split="steps"`: every server plans batch b_max and local_steps * u_i steps (stage1_steps) instead of a
-    smaller batch; the round budget, local_steps * tau, is the same either way.
+    smaller batch; `split="auto"`: a smaller batch while that keeps every step, fewer steps beyond (stage1_auto);
+    the round budget, local_steps * tau, is the same either way.
     """
     from .cost import adapter_flops_per_sample, base_flops_per_sample, flops_per_sample, memory_bytes
 
@@ -196,6 +218,8 @@ def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *
 
     if split == "steps":
         batches, steps = [b_max] * len(servers), stage1_steps(speeds, local_steps)
+    elif split == "auto":
+        batches, steps = stage1_auto(speeds, b_min, b_max, local_steps, overhead / f_ref)
     else:
         batches, steps = stage1_batch(speeds, b_min, b_max, overhead / f_ref), [local_steps] * len(servers)
     plans, infos = [], []
