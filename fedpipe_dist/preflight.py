@@ -22,7 +22,7 @@ def preflight(cfg: JobConfig, *, world_size: int = 1) -> list[str]:
     """Raise UserInputError at the first problem; return notes and warnings for what is not an error."""
     notes: list[str] = []
     notes += _model(cfg)
-    notes += _data(cfg)
+    notes += _data(cfg, world_size)
     _output_dir(cfg)
     from .runtime.launch import idle_ranks_warning
 
@@ -56,7 +56,7 @@ def _model(cfg: JobConfig) -> list[str]:
     return []
 
 
-def _data(cfg: JobConfig) -> list[str]:
+def _data(cfg: JobConfig, world_size: int = 1) -> list[str]:
     from .data import load_eval_pairs, load_train_pairs
     from .data.alpaca import is_hub_name
 
@@ -75,15 +75,27 @@ def _data(cfg: JobConfig) -> list[str]:
     if n < cfg.clients.n:
         raise UserInputError(f"data.train_path: {n} training example(s) for clients.n={cfg.clients.n} servers; every "
                              f"server needs at least one: add rows, raise data.max_train_samples, or lower clients.n")
-    if not (d.name == "synthetic-e2e" and d.eval_path is None):
-        load_eval_pairs(cfg)
+    n_eval = d.synthetic_eval_size if d.name == "synthetic-e2e" and d.eval_path is None else len(load_eval_pairs(cfg))
+    notes = [eval_shares(n_eval if cfg.eval.max_samples is None else min(n_eval, cfg.eval.max_samples), world_size)]
     if cfg.generation.enabled:
         from .metrics.generate import generation_pairs
 
         if not generation_pairs(cfg):
             raise UserInputError("generation.data_path: no (mr, ref) pairs to generate from; point it at an E2E "
                                  "CSV, or set generation.enabled=false")
-    return []
+    return notes
+
+
+def eval_shares(n: int, world_size: int) -> str:
+    """What each rank evaluates every round: the eval sample dealt round-robin (runtime/setup.py); a rank with
+    no share adds nothing to the sums the loss is formed from."""
+    counts = [len(range(r, n, world_size)) for r in range(world_size)]
+    idle = [r for r, k in enumerate(counts) if k == 0]
+    text = f"eval: {n} example(s) each round over {world_size} rank(s), {min(counts)}-{max(counts)} per rank"
+    if idle:
+        text += (f"; rank(s) {idle[0]}..{idle[-1]} have none and add nothing (raise eval.max_samples to spread the "
+                 "eval)" if len(idle) > 1 else f"; rank {idle[0]} has none and adds nothing")
+    return text
 
 
 def _output_dir(cfg: JobConfig) -> None:

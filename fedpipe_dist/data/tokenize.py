@@ -37,6 +37,8 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> 
     Truncation keeps the prompt whole when it can and cuts the target; an example whose prompt alone
     fills max_length keeps one target token so that it still carries loss.
     """
+    if not pairs:  # a rank's share of an eval sample smaller than the world size (fast tokenizers fail on [])
+        return TokenizedSet([], [])
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
     targets = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
