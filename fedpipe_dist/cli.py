@@ -171,13 +171,21 @@ def main(argv: list[str] | None = None) -> int:
             if not src.is_dir() and not (src.is_file() and src.suffix == ".h5"):
                 raise UserInputError(f"fedpipe report: {args.job!r} is neither a folder nor a results.h5 file; give "
                                      "the folder your runs are in, or one run's results.h5")
-            runs = load_runs(src)
+            skipped: list = []
+            runs = load_runs(src, skipped)
+            if not runs and skipped:
+                raise UserInputError(f"fedpipe report: none of the {len(skipped)} results.h5 below {args.job!r} can "
+                                     "be read (" + "; ".join(f"{p}: {why}" for p, why in skipped[:5]) + "); rerun "
+                                     "those jobs, or resume them with resume=true")
             if not runs:
                 raise UserInputError(f"fedpipe report: no results.h5 below {args.job!r}; run a job first "
                                      "(fedpipe run JOB output.dir=...)")
             out = Path(args.out or (src.parent if src.is_file() else src) / "report")
             written = figures.write_report(runs, out, log=lambda m: print(m, file=sys.stderr))
             print(f"report: {len(runs)} run(s) -> " + ", ".join(str(p) for p in written.values()))
+            if skipped:
+                print(f"report: left out {len(skipped)} run(s) that cannot be read: "
+                      + "; ".join(f"{p} ({why})" for p, why in skipped), file=sys.stderr)
             return 0
         if args.command == "sweep":
             return _sweep(args)

@@ -229,19 +229,46 @@ def round_train_s(results: Results) -> np.ndarray:
     return out
 
 
-def load_runs(root: str | Path) -> list[Run]:
-    """Every finished or partial run (a results.h5) below `root` (a folder, or one results.h5 file), sorted by
-    folder name."""
+def load_runs(root: str | Path, skipped: list[tuple[Path, str]] | None = None) -> list[Run]:
+    """Every finished or partial run (a results.h5) below `root` (a folder, or one results.h5 file) that can
+    be read, sorted by folder name. One that cannot (damaged bytes, a missing dataset, an unreadable
+    config_json, no finite eval loss, a file still being created) is left out, said on stdout, and appended
+    to `skipped` as (path, reason)."""
     root = Path(root)
     paths = [root] if root.is_file() else sorted(root.rglob("results.h5"))
     root = root.parent.parent if root.is_file() else root  # one file: the run is named by its folder
     runs = []
     for path in paths:
+        why = None
         try:
             res = Results(path)
-        except (OSError, KeyError) as e:  # a file still being created, or not ours: say so and go on
-            print(f"analysis: skipping {path} ({e.__class__.__name__}: {e})")
+            cfg = json.loads(res.attrs.get("config_json", "{}") or "{}")
+            if not isinstance(cfg, dict):
+                raise ValueError("config_json is not a mapping")
+            run = Run(path, str(path.parent.relative_to(root)) or ".", res, cfg)
+            why = _unusable(run)
+        # a damaged HDF5 file raises what h5py and numpy happen to raise (OSError, KeyError, ValueError, ...):
+        # every one of them means this run cannot be reported, and the others still can
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+        if why is not None:
+            print(f"analysis: skipping {path} ({why})")
+            if skipped is not None:
+                skipped.append((path, why))
             continue
-        cfg = json.loads(res.attrs.get("config_json", "{}") or "{}")
-        runs.append(Run(path, str(path.parent.relative_to(root)) or ".", res, cfg))
+        runs.append(run)
     return runs
+
+
+def _unusable(run: Run) -> str | None:
+    """Why a readable file still cannot be reported (None: it can): every number the report reads, read once."""
+    r = run.results
+    missing = [f"rounds/{k}" for k in ("round", "eval_loss", "wall_s", "bytes_up", "bytes_down") if k not in r.rounds]
+    missing += [f"clients/{k}" for k in ("completed", "selected", "trainable_params") if k not in r.clients]
+    if missing:
+        return f"missing dataset(s) {', '.join(missing)}"
+    if not np.isfinite(r.rounds["eval_loss"]).any():
+        return "no finite eval loss in any round"
+    _ = (run.label, run.setting, run.curve(), run.train_curve(), run.bytes_per_round(), run.under_training(),
+         run.trainable_params())  # raises what a damaged dataset raises
+    return None
