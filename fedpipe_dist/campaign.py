@@ -27,7 +27,9 @@ laptop or as a job array, until every point is done.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import re
 import subprocess
 import sys
@@ -57,10 +59,13 @@ class Campaign:
     out: Path
     points: list[Point]
 
-    def job_args(self, p: Point) -> list[str]:
-        """`fedpipe run` arguments of point p in its current state (resume=true when it has a checkpoint)."""
-        return [self.base, *p.overrides, *(["resume=true"] if state(self, p) == "partial" else
-                                            ["output.overwrite=true"])]
+    def job_args(self, p: Point, st: str | None = None) -> list[str]:
+        """`fedpipe run` arguments of point p in its state `st` (default: read now): resume=true when it has a
+        checkpoint, output.overwrite=true for a point to do. A done point has none: it is never run again."""
+        st = state(self, p) if st is None else st
+        if st == "done":
+            raise ValueError(f"point {p.name} is done; it has no run arguments")
+        return [self.base, *p.overrides, *(["resume=true"] if st == "partial" else ["output.overwrite=true"])]
 
 
 def load_campaign(path: str | Path) -> Campaign:
@@ -148,21 +153,51 @@ def table(campaign: Campaign) -> str:
     return "\n".join(lines)
 
 
-def run_local(campaign: Campaign, nproc: int = 1, log=print) -> int:
-    """Run every point not done, one after another (torchrun with `nproc` ranks when nproc > 1). Returns the
-    number of points that failed; a failed point does not stop the others (rerun the command to retry)."""
+@contextlib.contextmanager
+def point_lock(p: Point):
+    """Hold point p's lock (<out>/.<name>.sweep.lock, flock) for as long as this sweep works on it; yields
+    False, holding nothing, when another sweep process holds it. The kernel drops it when its holder dies."""
+    import fcntl
+
+    p.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p.out_dir.parent / f".{p.name}.sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def run_local(campaign: Campaign, nproc: int = 1, log=print, todo: list[Point] | None = None) -> int:
+    """Run every point not done (or those of `todo`), one after another (torchrun with `nproc` ranks when
+    nproc > 1). Each point's state is read again under its lock right before it runs, so a point another sweep
+    process is running is skipped, and one that finished since the list was made is never run again.
+    Returns the number of points that failed; a failed point does not stop the others (rerun to retry)."""
     failed = 0
-    todo = [p for p in campaign.points if state(campaign, p) != "done"]
-    log(f"sweep: {len(campaign.points) - len(todo)} of {len(campaign.points)} points done; running {len(todo)}")
+    if todo is None:
+        todo = [p for p in campaign.points if state(campaign, p) != "done"]
+        log(f"sweep: {len(campaign.points) - len(todo)} of {len(campaign.points)} points done; running {len(todo)}")
     for k, p in enumerate(todo, 1):
-        args = campaign.job_args(p)
-        log(f"sweep [{k}/{len(todo)}] {p.name}" + (" (resuming)" if "resume=true" in args else ""))
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                    if nproc > 1 else [sys.executable])
-        p.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(p.out_dir.parent / f"{p.name}.log", "a") as out:
-            rc = subprocess.run([*launcher, "-m", "fedpipe_dist", "run", *args, "--no-progress"], stdout=out,
-                                stderr=subprocess.STDOUT).returncode
+        with point_lock(p) as mine:
+            if not mine:
+                log(f"sweep [{k}/{len(todo)}] {p.name}: another sweep process is running it; skipped")
+                continue
+            st = state(campaign, p)
+            if st == "done":
+                log(f"sweep [{k}/{len(todo)}] {p.name}: finished meanwhile; skipped")
+                continue
+            args = campaign.job_args(p, st)
+            log(f"sweep [{k}/{len(todo)}] {p.name}" + (" (resuming)" if st == "partial" else ""))
+            launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                        if nproc > 1 else [sys.executable])
+            p.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(p.out_dir.parent / f"{p.name}.log", "a") as out:
+                rc = subprocess.run([*launcher, "-m", "fedpipe_dist", "run", *args, "--no-progress"], stdout=out,
+                                    stderr=subprocess.STDOUT).returncode
         if rc != 0:
             failed += 1
             log(f"sweep: {p.name} failed (exit {rc}); its log: {p.out_dir.parent / f'{p.name}.log'}")

@@ -81,8 +81,9 @@ def _sweep(args) -> int:
         if not 0 <= args.point < len(c.points):
             raise UserInputError(f"--point {args.point}: the sweep has points 0..{len(c.points) - 1}")
         p = c.points[args.point]
-        if args.args and cp.state(c, p) != "done":
-            print("\n".join(c.job_args(p)))
+        st = cp.state(c, p)
+        if args.args and st != "done":
+            print("\n".join(c.job_args(p, st)))
         return 0
     if args.list:
         print(cp.table(c))

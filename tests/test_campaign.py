@@ -92,3 +92,27 @@ def test_sweep_runs_every_point_then_skips_them_and_resumes_when_rounds_grow(tmp
     assert _fedpipe("sweep", sweep, "--point", "2", "--args").stdout == ""
     bad = _fedpipe("sweep", sweep, "--point", "9", "--args")
     assert bad.returncode == 2 and "points 0..3" in bad.stderr
+
+
+def test_a_point_done_since_the_list_was_made_or_held_by_another_sweep_is_not_run(tmp_path):
+    """Issue 28, item 3: two sweep processes on one file. A point the first finished while the second's to-do
+    list was stale is read again under the point's lock and skipped (it used to run again with
+    output.overwrite=true, replacing results.h5 and final/); a point another sweep holds is skipped."""
+    from fedpipe_dist.campaign import point_lock, run_local
+
+    c = load_campaign(_sweep_file(tmp_path, 1))
+    p, q = c.points[0], c.points[1]
+    stale = [p, q]  # the second process's list, made before the first finished p
+    assert run_local(c, todo=[p], log=lambda m: None) == 0
+    assert state(c, p) == "done"
+    before = (p.out_dir / "results.h5").read_bytes()
+    said = []
+    with point_lock(q) as mine:  # the first process is still running q
+        assert mine
+        assert run_local(c, todo=stale, log=said.append) == 0
+    assert (p.out_dir / "results.h5").read_bytes() == before  # not run again
+    assert any("finished meanwhile; skipped" in m and p.name in m for m in said), said
+    assert any("another sweep process is running it; skipped" in m and q.name in m for m in said), said
+    assert state(c, q) == "todo"
+    with pytest.raises(ValueError, match="is done"):
+        c.job_args(p)
