@@ -57,6 +57,8 @@ PROFILES = {
                                                                    "nf4", "nf4"]},
     "h4": {"slowdown": [1, 1, 1, 1], "precisions": ["fp32"] * 4},  # homogeneous: nothing to adapt to
     "s4": {"slowdown": [1, 1, 1, 4], "precisions": ["fp32"] * 4},  # one straggler
+    # issue 27: a graded profile whose slower servers also have less memory
+    "p6": {"slowdown": [1, 1.2, 1.5, 2, 3, 5], "precisions": ["fp32", "fp32", "fp16", "fp16", "nf8", "nf4"]},
 }
 # The rows: LoRA (the reference), the centralized limit of its job, then every other method (_jobs.METHODS).
 METHODS = {"lora": _METHODS["lora"], "central": CENTRAL, **_METHODS}
