@@ -13,8 +13,15 @@ from pathlib import Path
 from ..config import UserInputError
 
 
-def read_e2e_csv(path: str | Path, key: str) -> list[tuple[str, str]]:
-    """(mr, ref) rows of an E2E CSV. `key` names the setting in messages (e.g. data.train_path)."""
+class Rows(list):
+    """(mr, ref) pairs read from a file, with the number of rows left out for an empty mr or ref."""
+
+    dropped: int = 0
+
+
+def read_e2e_csv(path: str | Path, key: str) -> Rows:
+    """(mr, ref) rows of an E2E CSV (rows with an empty mr or ref are left out and counted in `.dropped`).
+    `key` names the setting in messages (e.g. data.train_path)."""
     p = Path(path).expanduser()
     what = "training" if "train" in key else "eval"
     fix = f"point {key} at an E2E CSV with a header row mr,ref, e.g. trainset.csv from the E2E dataset"
@@ -57,7 +64,9 @@ def read_e2e_csv(path: str | Path, key: str) -> list[tuple[str, str]]:
             why = f"has {skipped} row(s), but every one has an empty mr or ref"
         raise UserInputError(f"{key}: {str(p)!r} {why}, so the {what} set would be empty; add rows with both "
                              f"mr and ref filled in, or {fix}")
-    return rows
+    out = Rows(rows)
+    out.dropped = skipped
+    return out
 
 
 def load_e2e_hub(split: str, key: str) -> list[tuple[str, str]]:

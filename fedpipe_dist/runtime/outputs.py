@@ -96,7 +96,8 @@ def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
         "method": "central" if cfg.central else cfg.method, "mirrors": cfg.method,
         "model": cfg.model.name_or_path, "dataset": cfg.data.name,
         "world_size": run.comm.world_size, "n_clients": cfg.clients.n, "config_json": cfg.to_json(),
-        "eval_precision": run.eval_precision, "base_params": run.bases.base_params, "run_id": run_id})
+        "eval_precision": run.eval_precision, "base_params": run.bases.base_params, "run_id": run_id,
+        **{f"dropped_rows_{part}": n for part, n in run.dropped_rows.items()}})
     profiles, precisions = run.profiles, run.precisions
     writer.write_profile({"tflops": [p.tflops for p in profiles],
                           "mem_budget_bytes": [p.mem_budget_bytes for p in profiles],

@@ -56,6 +56,7 @@ class Run:
     gen_mrs: list = field(default_factory=list)  # E2E generation at the end: distinct MRs ...
     gen_refs: list = field(default_factory=list)  # ... and all references of each
     setup_phases: dict = field(default_factory=dict)  # seconds per set-up phase on this rank (set_up)
+    dropped_rows: dict = field(default_factory=dict)  # {"train"/"eval": rows left out for an empty mr or ref}
 
     @property
     def out_dir(self) -> Path:
@@ -100,12 +101,18 @@ def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     lap = Laps()  # seconds per set-up phase on this rank (results.h5 setup_phases_json on rank 0)
     tok, model, sites = _load_model(cfg, comm)
     lap("model")
-    shards, shard_sizes = _load_shards(cfg, comm, tok)
+    dropped: dict = {}
+    shards, shard_sizes = _load_shards(cfg, comm, tok, dropped)
     lap("train_data")
-    eval_slice, eval_subset, eval_full = _load_eval(cfg, comm, tok)
+    eval_slice, eval_subset, eval_full = _load_eval(cfg, comm, tok, dropped)
     lap("eval_data")
     run = Run(cfg=cfg, comm=comm, log=log, tok=tok, model=model, sites=sites, shards=shards,
-              shard_sizes=shard_sizes, eval_slice=eval_slice, eval_subset=eval_subset, eval_full=eval_full)
+              shard_sizes=shard_sizes, eval_slice=eval_slice, eval_subset=eval_subset, eval_full=eval_full,
+              dropped_rows=dropped)
+    for part, n in dropped.items():
+        if n and comm.rank == 0:
+            log(f"data: left out {n} row(s) of data.{part}_path with an empty mr or ref (results.h5: "
+                f"dropped_rows_{part})")
     run.gen_mrs, run.gen_refs = _load_generation(cfg)
     lap("generation_data")
     # A resumed run plans with the profiles measured when it started, so its plans are the ones it would have made.
@@ -138,10 +145,12 @@ def _load_model(cfg: JobConfig, comm: Communicator):
     return tok, model, sites
 
 
-def _load_shards(cfg: JobConfig, comm: Communicator, tok):
-    """The training set split over the servers; this rank tokenizes only the shards of the servers it hosts."""
+def _load_shards(cfg: JobConfig, comm: Communicator, tok, dropped: dict):
+    """The training set split over the servers; this rank tokenizes only the shards of the servers it hosts.
+    `dropped["train"]`: the rows the file reader left out."""
     n = cfg.clients.n
     pairs = load_train_pairs(cfg)
+    dropped["train"] = getattr(pairs, "dropped", 0)
     if cfg.data.max_train_samples is not None:
         keep = np.random.default_rng([cfg.seed, 7]).permutation(len(pairs))[: cfg.data.max_train_samples]
         pairs = [pairs[i] for i in sorted(keep)]
@@ -153,9 +162,10 @@ def _load_shards(cfg: JobConfig, comm: Communicator, tok):
     return shards, [len(ix) for ix in shard_idx]
 
 
-def _load_eval(cfg: JobConfig, comm: Communicator, tok):
+def _load_eval(cfg: JobConfig, comm: Communicator, tok, dropped: dict):
     """This rank's strided slice of the eval set, and a tokenizer of its share of the first k examples."""
     ev = load_eval_pairs(cfg)
+    dropped["eval"] = getattr(ev, "dropped", 0)
     everything = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))
     order = everything if cfg.eval.max_samples is None else everything[: cfg.eval.max_samples]
 

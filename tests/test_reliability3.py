@@ -1,8 +1,8 @@
-"""Issue 28, item 4: an eval sample smaller than the world size. Ranks with no share of it add nothing to the
-loss's sums (an empty share used to end rank 1 with an IndexError in the tokenizer), and `fedpipe check` says
-what each rank evaluates.
+"""Issue 28, items 4 and 6: an eval sample smaller than the world size (ranks with no share of it add nothing
+to the loss's sums; an empty share used to end rank 1 with an IndexError in the tokenizer, and `fedpipe check`
+says what each rank evaluates), and rows with an empty mr or ref counted, not dropped silently.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_small_eval.py -q      (about 30 s on 2 cores)
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_reliability3.py -q      (about 30 s on 2 cores)
 """
 
 import subprocess
@@ -38,3 +38,17 @@ def test_eval_shares_by_hand():
     assert eval_shares(24, 4) == "eval: 24 example(s) each round over 4 rank(s), 6-6 per rank"
     assert eval_shares(2, 4).endswith("rank(s) 2..3 have none and add nothing (raise eval.max_samples to spread "
                                       "the eval)")
+
+
+def test_rows_with_an_empty_mr_or_ref_are_counted_in_the_log_and_results(tmp_path, capsys):
+    rows = ["mr,ref", *[f'"name[A{i}], food[Thai]",A{i} serves Thai food.' for i in range(12)], '"name[B]",',
+            ',Only a reference.', '"name[C], food[Thai]",C serves Thai food.']
+    train = tmp_path / "train.csv"
+    train.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["run", "jobs/quickstart.yaml", *SMALL_RUN, "rounds=1", "data.name=e2e", f"data.train_path={train}",
+                 f"data.eval_path={train}", "eval.max_samples=4", f"output.dir={out}", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "left out 2 row(s) of data.train_path with an empty mr or ref" in err, err
+    attrs = Results(out / "results.h5").attrs
+    assert attrs["dropped_rows_train"] == 2 and attrs["dropped_rows_eval"] == 2
