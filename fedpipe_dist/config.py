@@ -49,7 +49,7 @@ PLAN_VARIANTS = {
     "paper": {"plan.split": "batch", "plan.rank_alloc": "greedy", "plan.step_overhead_s": 0.0,
               "plan.lr_scaling": "none", "aggregation.weights": "paper", "lora.carry": "none"},
     "tuned": {"plan.split": "batch", "plan.rank_alloc": "spread", "plan.step_overhead_s": 0.0,
-              "plan.lr_scaling": "none", "aggregation.weights": "samples", "lora.carry": "none"},
+              "plan.lr_scaling": "none", "aggregation.weights": "samples", "lora.carry": "adapter"},
 }
 
 

@@ -22,12 +22,15 @@ GOLDEN = REPO / "tests" / "golden" / "engine_methods.json"
 
 HETERO = ["lora.client_ranks=[8,4,4,2]"]
 # name -> (overrides on jobs/quickstart.yaml + SMALL_RUN, world sizes it is recorded on)
+FRESH = ["lora.carry=none"]  # FedPipe's fresh adapters each round: the tuned default before issue 27
 CASES: dict[str, tuple[list[str], tuple[int, ...]]] = {
-    "fedpipe": ([], (1, 4)),
+    "fedpipe": (FRESH, (1, 4)),
     "fedpipe-paper-dense": (["plan.variant=paper", "aggregation.transport=dense"], (1, 4)),
-    "fedpipe-mixed-bases": (["clients.precision=[fp32,fp16,nf8,nf4]"], (1,)),
-    "fedpipe-sanitize": (["aggregation.sanitize=true", "faults.nan_clients=[2]", "faults.scale_clients=[1]",
+    "fedpipe-mixed-bases": ([*FRESH, "clients.precision=[fp32,fp16,nf8,nf4]"], (1,)),
+    "fedpipe-sanitize": ([*FRESH, "aggregation.sanitize=true", "faults.nan_clients=[2]", "faults.scale_clients=[1]",
                           "faults.scale=1000"], (1,)),
+    # the tuned default since issue 27: the kept adapter (lora.carry=adapter), on mixed bases
+    "fedpipe-carry": (["clients.precision=[fp32,fp16,nf8,nf4]"], (1, 4)),
     "ft": (["method=ft"], (1, 4)),
     "lora": (["method=lora", "lora.rank=4"], (1, 4)),
     # tiny-gpt2 has 2 layers: depth 1 leaves a deeper trial; period 2 makes round 2 a trial round
