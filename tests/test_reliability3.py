@@ -5,9 +5,13 @@ says what each rank evaluates), and rows with an empty mr or ref counted, not dr
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_reliability3.py -q      (about 30 s on 2 cores)
 """
 
+import shutil
 import subprocess
 
 import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedpipe_dist.cli import main
 from fedpipe_dist.io.hdf5 import Results
@@ -52,3 +56,84 @@ def test_rows_with_an_empty_mr_or_ref_are_counted_in_the_log_and_results(tmp_pat
     assert "left out 2 row(s) of data.train_path with an empty mr or ref" in err, err
     attrs = Results(out / "results.h5").attrs
     assert attrs["dropped_rows_train"] == 2 and attrs["dropped_rows_eval"] == 2
+
+
+# ---- issue 28, item 2 and the foreign newest checkpoint: files of another run are never used ------------------
+FOREIGN_JOB = ["jobs/quickstart.yaml", *SMALL_RUN, "clients.tflops=[1,2,3,4]", "lora.ranks=[2]", "lora.rank=2",
+               "checkpoint.full_every=10", "--no-progress"]  # factored updates: each checkpoint a chain link
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Run A (seed 0) stopped after 3 rounds, the same run uninterrupted to 5, and run B (seed 1) to 3."""
+    d = tmp_path_factory.mktemp("foreign")
+    assert main(["run", *FOREIGN_JOB, "rounds=5", f"output.dir={d / 'whole'}"]) == 0
+    assert main(["run", *FOREIGN_JOB, "rounds=3", f"output.dir={d / 'a'}"]) == 0
+    assert main(["run", *FOREIGN_JOB, "rounds=3", "seed=1", f"output.dir={d / 'b'}"]) == 0
+    return d
+
+
+def _swap(run, other, names):
+    """Put `other`'s checkpoint files `names` (with their checksums) in place of `run`'s."""
+    for name in names:
+        for n in (name, name + ".sha256"):
+            shutil.copyfile(other / "checkpoint" / n, run / "checkpoint" / n)
+
+
+def _resume(out) -> int:
+    return main(["run", *FOREIGN_JOB, "rounds=5", "resume=true", f"output.dir={out}"])
+
+
+def _equal_to_whole(two_runs, out):
+    got, want = Results(out / "results.h5"), Results(two_runs / "whole" / "results.h5")
+    np.testing.assert_allclose(got.rounds["eval_loss"], want.rounds["eval_loss"], rtol=0, atol=0)
+    assert got.attrs["run_id"] == Results(two_runs / "a" / "results.h5").attrs["run_id"]
+
+
+@pytest.mark.parametrize("swapped, falls_back_to", [
+    (["round000003.rank0000of0001.pt"], 2),  # the newest checkpoint is another run's: the round before
+    (["round000003.results.h5"], 2),  # its results snapshot is another run's
+])
+def test_another_runs_files_are_never_used_and_the_resume_falls_back(two_runs, tmp_path, capsys, swapped,
+                                                                      falls_back_to):
+    out = tmp_path / "a"
+    shutil.copytree(two_runs / "a", out)
+    _swap(out, two_runs / "b", swapped)
+    assert _resume(out) == 0
+    err = capsys.readouterr().err
+    assert "holds another run's files" in err and swapped[0] in err, err[-3000:]
+    assert f"after round {falls_back_to} of 5" in err, err[-3000:]
+    _equal_to_whole(two_runs, out)
+
+
+def test_a_foreign_chain_link_with_nothing_older_to_resume_exits_2_naming_it(two_runs, tmp_path, capsys):
+    """Round 3 continues round 2's link, which is another run's (and round 1 kept no results snapshot): exit 2
+    naming the file, and nothing changed."""
+    out = tmp_path / "a"
+    shutil.copytree(two_runs / "a", out)
+    _swap(out, two_runs / "b", ["round000002.rank0000of0001.pt"])
+    before = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".fedpipe.lock"}
+    assert _resume(out) == 2
+    err = capsys.readouterr().err
+    assert "no intact checkpoint of this run" in err and "round000002.rank0000of0001.pt' belongs to run" in err
+    assert {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".fedpipe.lock"} \
+        == before
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sets(st.sampled_from(["round000001.rank0000of0001.pt", "round000002.rank0000of0001.pt",
+                                "round000003.rank0000of0001.pt", "round000002.results.h5",
+                                "round000003.results.h5"]), min_size=1))
+def test_random_foreign_files_resume_bitwise_or_exit_2_naming_a_file(two_runs, tmp_path_factory, capsys, swapped):
+    capsys.readouterr()
+    out = tmp_path_factory.mktemp("prop") / "a"
+    shutil.copytree(two_runs / "a", out)
+    present = {p.name for p in (out / "checkpoint").iterdir()}
+    _swap(out, two_runs / "b", [n for n in swapped if n in present])
+    rc = _resume(out)
+    assert rc in (0, 2)
+    if rc == 0:
+        _equal_to_whole(two_runs, out)
+    else:
+        err = capsys.readouterr().err
+        assert any(f"{name}' belongs to run" in err for name in swapped), err[-2000:]

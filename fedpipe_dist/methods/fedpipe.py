@@ -12,6 +12,7 @@ import torch
 
 from ..adapters.lora import shared_initial_adapter
 from ..algorithm.aggregation.fedpipe import kept_adapter_step, split_stack
+from ..config import UserInputError
 from ..runtime.exchange import factored_exchange, update_meta
 from .base import Exchanged, register_method, require
 from .lora import LoRAMethod
@@ -39,7 +40,9 @@ class FedPipe(LoRAMethod):
         super().setup(run)
         if self.carries():  # the global adapter at the top rank on every site, B = 0 until a server trains it
             cfg = self.cfg
-            self.top = max([*cfg.lora.ranks, cfg.lora.rank])
+            # a rank past a weight's full rank min(out, in) adds nothing, and would only cost memory here
+            self.full_rank = max(min(x.out_features, x.in_features) for x in run.sites)
+            self.top = min(max([*cfg.lora.ranks, cfg.lora.rank]), self.full_rank)
             self.initial = shared_initial_adapter(run.sites, self.top, cfg.seed)
 
     def global_adapter(self) -> dict:
@@ -50,6 +53,10 @@ class FedPipe(LoRAMethod):
         if not self.carries():
             return None
         g = self.global_adapter()
+        if max(plan.ranks.values(), default=0) > self.top:
+            raise UserInputError(f"lora.carry=adapter keeps one global adapter of rank at most {self.top} (the "
+                                 f"largest weight's full rank is {self.full_rank}); server {plan.client}'s plan asks "
+                                 f"for rank {max(plan.ranks.values())}: lower lora.rank / lora.ranks")
         return {k: (g[k][0][:, :r], g[k][1][:r]) for k, r in plan.ranks.items() if r > 0}
 
     def frozen(self, plan) -> dict | None:

@@ -92,6 +92,8 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
         snaps |= sn
         names |= set(nm)
     done = complete(found, snaps)
+    # the run this folder holds: results.h5's run id (rank 0's node); a file of another run is never used
+    run_id = comm.broadcast_object(_run_id_of(results) if comm.rank == 0 else None)
     if done and max(done) > cfg.rounds:
         raise UserInputError(f"resume: the newest checkpoint is of round {max(done)}, past rounds={cfg.rounds}; set "
                              f"rounds >= {max(done)} to continue this run")
@@ -105,15 +107,22 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
         for r in ranks if not bad else ():  # the files its base state is built from (runtime/chain.py)
             bad += _chain_problems(ckpt, t, w, r)
         bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
+        what = "is damaged"
+        if not bad:  # intact: are they all this run's? (files of another run carry valid checksums too)
+            anchor = run_id or comm.broadcast_object(_file_run_id(ckpt, t, w) if comm.rank == 0 else None)
+            bad = _foreign(ckpt, t, w, ranks, anchor)
+            bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
+            what = "holds another run's files"
         if not bad:
             t0, w0 = t, w
             break
         damaged += bad
-        log(f"resume: round {t}'s checkpoint is damaged ({'; '.join(bad)}); trying the one before")
+        log(f"resume: round {t}'s checkpoint {what} ({'; '.join(bad)}); trying the one before")
     err, start_fresh = None, False
     if comm.rank == 0:
         if t0 is None and damaged:
-            err = (f"resume: no intact checkpoint in {str(ckpt.dir)!r}: {'; '.join(damaged)}. Nothing was changed; "
+            named = "; ".join(dict.fromkeys(damaged))
+            err = (f"resume: no intact checkpoint of this run in {str(ckpt.dir)!r}: {named}. Nothing was changed; "
                    "start over with output.overwrite=true, or use a new output.dir")
         elif t0 is None:
             err, start_fresh = _nothing_complete(cfg, results, ckpt.dir, names)
@@ -159,6 +168,49 @@ def compose_state(ckpt: CheckpointDir, t0: int, w0: int, hosted: list[int]) -> d
     state["servers"] = {c: files[c % w0]["servers"][c] for c in hosted if c in files[c % w0].get("servers", {})}
     state["base"] = resolve_base(ckpt, t0, w0, list(range(w0)))
     return state
+
+
+def _run_id_of(results: Path) -> str | None:
+    """The run id in a results.h5 (None: no file, or none readable)."""
+    import h5py
+
+    try:
+        with h5py.File(results, "r", locking=False) as f:
+            rid = f.attrs.get("run_id")
+    except Exception:  # h5py raises OSError, KeyError, ValueError for a damaged file
+        return None
+    return rid.decode() if isinstance(rid, bytes) else (str(rid) if rid is not None else None)
+
+
+def _file_run_id(ckpt: CheckpointDir, t: int, w: int) -> str | None:
+    """The run id inside rank 0's file of round t (of w ranks): the anchor when results.h5 names none."""
+    try:
+        return ckpt.load(t, 0, w).get("run_id")
+    except UserInputError:
+        return None
+
+
+def _foreign(ckpt: CheckpointDir, t: int, w: int, ranks: list[int], run_id: str | None) -> list[str]:
+    """The files round t's state would be read from (this rank's share of the rank files, the chain links they
+    continue, and on rank 0 the results snapshot) whose run id, inside the checksummed bytes, is not `run_id`:
+    files of another run of the same job, which a checksum cannot tell apart."""
+    if run_id is None:
+        return []
+    out = []
+    for r in ranks:
+        try:
+            rounds = [tt for tt, _ in chain_rounds(ckpt, t, w, r)[0]]
+        except UserInputError as e:
+            return [str(e)]
+        for tt in rounds:
+            other = ckpt.load(tt, r, w).get("run_id")
+            if other != run_id:
+                out.append(f"{str(ckpt.path(tt, r, w))!r} belongs to run {other}, not to this folder's run {run_id}")
+    if ckpt.rank == 0:
+        other = _run_id_of(ckpt.results_path(t))
+        if other is not None and other != run_id:
+            out.append(f"{str(ckpt.results_path(t))!r} belongs to run {other}, not to this folder's run {run_id}")
+    return out
 
 
 def _chain_problems(ckpt: CheckpointDir, t: int, w: int, rank: int) -> list[str]:
