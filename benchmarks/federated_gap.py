@@ -39,7 +39,7 @@ from _jobs import CENTRAL, METHODS, process_job, write_json  # noqa: E402
 
 # Why a method may sit above the limit by construction (the table's notes; measured, not assumed: the gap is).
 NOTES = {
-    "fedpipe": "re-initializes its adapters (fresh A, B = 0) and its optimizer every round",
+    "fedpipe": "keeps one global adapter (lora.carry=adapter); a fresh optimizer every round, as LoRA's",
     "fedpipe-paper": "re-initializes its adapters every round; Algorithm 1 puts the budget on two weight types",
     "flora": "re-initializes its adapters every round (stacked update merged into the base)",
     "fedadapter": "another adapter (Houlsby) than the LoRA limit, grown by trials",
