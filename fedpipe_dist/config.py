@@ -48,7 +48,7 @@ BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # block sizes bitsandbytes' 
 PLAN_VARIANTS = {
     "paper": {"plan.split": "batch", "plan.rank_alloc": "greedy", "plan.step_overhead_s": 0.0,
               "plan.lr_scaling": "none", "aggregation.weights": "paper", "lora.carry": "none"},
-    "tuned": {"plan.split": "batch", "plan.rank_alloc": "spread", "plan.step_overhead_s": 0.0,
+    "tuned": {"plan.split": "auto", "plan.rank_alloc": "spread", "plan.step_overhead_s": 0.0,
               "plan.lr_scaling": "none", "aggregation.weights": "samples", "lora.carry": "adapter"},
 }
 
