@@ -140,3 +140,11 @@ def test_kept_adapter_and_moments_resume_on_another_number_of_ranks(tmp_path):
     assert list(split.attrs["resumed_from"]) == [2]
     np.testing.assert_allclose(split.rounds["eval_loss"], whole.rounds["eval_loss"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(split.clients["train_loss"], whole.clients["train_loss"], rtol=0, atol=1e-6)
+
+
+def test_the_dense_transport_with_the_kept_adapter_is_refused_naming_both_fixes(tmp_path, capsys):
+    from fedpipe_dist.cli import main
+
+    assert main(["run", "jobs/quickstart.yaml", "aggregation.transport=dense", f"output.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "aggregation.transport=factored" in err and "lora.carry=none" in err

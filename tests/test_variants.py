@@ -257,8 +257,8 @@ def test_uniform_auto_precision_picks_the_most_bits_that_fit():
             assert not all(i.fits for i in infos)  # ft's 16 B per parameter does not fit the tight budgets
 
 
-@pytest.mark.parametrize("switches", [["plan.split=steps", "aggregation.weights=fednova"],
-                                      ["plan.variant=tuned"]])
+@pytest.mark.parametrize("switches", [["plan.split=steps", "aggregation.weights=fednova", "lora.carry=none"],
+                                      ["plan.variant=tuned", "lora.carry=none"]])  # (carry=adapter: factored only)
 def test_factored_and_dense_transports_agree_under_the_switches(tmp_path, switches):
     """FedNova's tau_eff rides on the factored stack's normalization and on the dense reduce's weights alike:
     both transports must merge the same update (steps split: local steps 3, 2, 1, 1)."""

@@ -212,7 +212,7 @@ def test_bf16_wire_needs_the_factored_transport_and_lora_factors():
     assert load_job("jobs/quickstart.yaml", ["aggregation.wire=bf16"]).aggregation.wire == "bf16"
     assert load_job("jobs/quickstart.yaml", []).aggregation.wire == "fp32"
     with pytest.raises(ConfigError, match=r"^aggregation\.wire: bf16 .*aggregation\.transport=factored"):
-        load_job("jobs/quickstart.yaml", ["aggregation.transport=dense", "aggregation.wire=bf16"])
+        load_job("jobs/quickstart.yaml", ["aggregation.transport=dense", "aggregation.wire=bf16", "lora.carry=none"])
     with pytest.raises(ConfigError, match=r"^aggregation\.wire: bf16 .*method ft"):
         load_job("jobs/quickstart.yaml", ["method=ft", "aggregation.wire=bf16"])
     with pytest.raises(ConfigError, match="aggregation.wire"):

@@ -27,8 +27,9 @@ class FedPipe(LoRAMethod):
         super().validate(cfg)
         if cfg.lora.carry == "adapter":
             require(cfg.aggregation.transport == "factored", "aggregation.transport",
-                    "lora.carry=adapter reads every server's factors back from the factored stack, so it needs "
-                    "aggregation.transport=factored")
+                    "lora.carry=adapter (plan.variant=tuned's choice) reads every server's factors back from the "
+                    "factored stack, so it needs aggregation.transport=factored; for the dense reduce set "
+                    "lora.carry=none (fresh adapters each round, as the paper)")
 
     def adaptive(self) -> bool:
         return self.cfg.plan.mode != "uniform"
