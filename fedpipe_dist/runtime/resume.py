@@ -97,27 +97,7 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
     if done and max(done) > cfg.rounds:
         raise UserInputError(f"resume: the newest checkpoint is of round {max(done)}, past rounds={cfg.rounds}; set "
                              f"rounds >= {max(done)} to continue this run")
-    # the newest round whose files are intact (checksums), falling back round by round
-    t0 = w0 = None
-    damaged: list[str] = []
-    for t in sorted(done, reverse=True):
-        w = comm.world_size if comm.world_size in done[t] else done[t][-1]
-        ranks = [comm.rank] if w == comm.world_size else list(range(w))
-        bad = ckpt.verify(t, w, ranks)
-        for r in ranks if not bad else ():  # the files its base state is built from (runtime/chain.py)
-            bad += _chain_problems(ckpt, t, w, r)
-        bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
-        what = "is damaged"
-        if not bad:  # intact: are they all this run's? (files of another run carry valid checksums too)
-            anchor = run_id or comm.broadcast_object(_file_run_id(ckpt, t, w) if comm.rank == 0 else None)
-            bad = _foreign(ckpt, t, w, ranks, anchor)
-            bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
-            what = "holds another run's files"
-        if not bad:
-            t0, w0 = t, w
-            break
-        damaged += bad
-        log(f"resume: round {t}'s checkpoint {what} ({'; '.join(bad)}); trying the one before")
+    t0, w0, damaged = _newest_usable(comm, ckpt, done, run_id, log)
     err, start_fresh = None, False
     if comm.rank == 0:
         if t0 is None and damaged:
@@ -154,6 +134,30 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
                     f"resume: the ranks' checkpoints of round {t0} come from different runs ({sorted(set(ids))}); "
                     "start over with output.overwrite=true")
     return ResumePoint(t0, state)
+
+
+def _newest_usable(comm, ckpt: CheckpointDir, done: dict[int, list[int]], run_id: str | None, log):
+    """The newest round (and its world size) whose files are intact (checksums) and all this run's, falling back
+    round by round: (t0, w0, what was wrong with the newer ones); (None, None, ...) when none is."""
+    damaged: list[str] = []
+    for t in sorted(done, reverse=True):
+        w = comm.world_size if comm.world_size in done[t] else done[t][-1]
+        ranks = [comm.rank] if w == comm.world_size else list(range(w))
+        bad = ckpt.verify(t, w, ranks)
+        for r in ranks if not bad else ():  # the files its base state is built from (runtime/chain.py)
+            bad += _chain_problems(ckpt, t, w, r)
+        bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
+        what = "is damaged"
+        if not bad:  # intact: are they all this run's? (files of another run carry valid checksums too)
+            anchor = run_id or comm.broadcast_object(_file_run_id(ckpt, t, w) if comm.rank == 0 else None)
+            bad = _foreign(ckpt, t, w, ranks, anchor)
+            bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
+            what = "holds another run's files"
+        if not bad:
+            return t, w, damaged
+        damaged += bad
+        log(f"resume: round {t}'s checkpoint {what} ({'; '.join(bad)}); trying the one before")
+    return None, None, damaged
 
 
 def compose_state(ckpt: CheckpointDir, t0: int, w0: int, hosted: list[int]) -> dict:
