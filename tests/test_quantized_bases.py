@@ -130,7 +130,12 @@ def ref_w0(name, site):
 
 FIDELITY = ["rounds=20", "train.local_steps=2", "train.batch_max=4", "train.lr=5e-3", "clients.slowdown=1",
             "data.synthetic_train_size=160", "data.synthetic_eval_size=16", "model.max_length=64",
-            "eval.max_samples=16", "eval.every=20", "plan.mode=uniform", "lora.rank=4", "quant.backend=native"]
+            "eval.max_samples=16", "eval.every=20", "plan.mode=uniform", "lora.rank=4", "quant.backend=native",
+            # every round's whole update merged into the base (the paper's path): what the absorption and the
+            # weight comparison below are about. With lora.carry=adapter the update stays in the fp32 adapter until
+            # the end and only the cross terms merge; its runs on fp16 and fp32 bases end 0.008 apart in eval loss
+            # (2.1785 vs 2.1862 after 20 rounds) but their weights drift apart by 2 % (trajectories over 20 rounds)
+            "lora.carry=none"]
 
 
 @pytest.fixture(scope="module")
