@@ -144,13 +144,14 @@ def _newest_usable(comm, ckpt: CheckpointDir, done: dict[int, list[int]], run_id
         w = comm.world_size if comm.world_size in done[t] else done[t][-1]
         ranks = [comm.rank] if w == comm.world_size else list(range(w))
         bad = ckpt.verify(t, w, ranks)
+        ids: dict[tuple[int, int], str | None] = {}  # (round, rank) -> run id, of every file the chains read
         for r in ranks if not bad else ():  # the files its base state is built from (runtime/chain.py)
-            bad += _chain_problems(ckpt, t, w, r)
+            bad += _chain_problems(ckpt, t, w, r, ids)
         bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
         what = "is damaged"
         if not bad:  # intact: are they all this run's? (files of another run carry valid checksums too)
             anchor = run_id or comm.broadcast_object(_file_run_id(ckpt, t, w) if comm.rank == 0 else None)
-            bad = _foreign(ckpt, t, w, ranks, anchor)
+            bad = _foreign(ckpt, t, w, ids, anchor)
             bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
             what = "holds another run's files"
         if not bad:
@@ -194,22 +195,16 @@ def _file_run_id(ckpt: CheckpointDir, t: int, w: int) -> str | None:
         return None
 
 
-def _foreign(ckpt: CheckpointDir, t: int, w: int, ranks: list[int], run_id: str | None) -> list[str]:
-    """The files round t's state would be read from (this rank's share of the rank files, the chain links they
-    continue, and on rank 0 the results snapshot) whose run id, inside the checksummed bytes, is not `run_id`:
-    files of another run of the same job, which a checksum cannot tell apart."""
+def _foreign(ckpt: CheckpointDir, t: int, w: int, ids: dict[tuple[int, int], str | None],
+             run_id: str | None) -> list[str]:
+    """The files round t's state would be read from whose run id, inside the checksummed bytes, is not
+    `run_id`: `ids` holds those of this rank's share of the rank files and the chain links they continue (as
+    _chain_problems read them), and rank 0 adds its results snapshot. Files of another run of the same job,
+    which a checksum cannot tell apart."""
     if run_id is None:
         return []
-    out = []
-    for r in ranks:
-        try:
-            rounds = [tt for tt, _ in chain_rounds(ckpt, t, w, r)[0]]
-        except UserInputError as e:
-            return [str(e)]
-        for tt in rounds:
-            other = ckpt.load(tt, r, w).get("run_id")
-            if other != run_id:
-                out.append(f"{str(ckpt.path(tt, r, w))!r} belongs to run {other}, not to this folder's run {run_id}")
+    out = [f"{str(ckpt.path(tt, r, w))!r} belongs to run {other}, not to this folder's run {run_id}"
+           for (tt, r), other in sorted(ids.items()) if other != run_id]
     if ckpt.rank == 0:
         other = _run_id_of(ckpt.results_path(t))
         if other is not None and other != run_id:
@@ -217,10 +212,11 @@ def _foreign(ckpt: CheckpointDir, t: int, w: int, ranks: list[int], run_id: str 
     return out
 
 
-def _chain_problems(ckpt: CheckpointDir, t: int, w: int, rank: int) -> list[str]:
-    """What is damaged or missing among the earlier files round t's base state needs (rank `rank` of `w`)."""
+def _chain_problems(ckpt: CheckpointDir, t: int, w: int, rank: int, run_ids: dict | None = None) -> list[str]:
+    """What is damaged or missing among the earlier files round t's base state needs (rank `rank` of `w`);
+    `run_ids` collects the run id of each file read (chain_rounds)."""
     try:
-        return chain_rounds(ckpt, t, w, rank)[1]
+        return chain_rounds(ckpt, t, w, rank, run_ids)[1]
     except UserInputError as e:  # an earlier file of the chain that cannot be read
         return [str(e)]
 
