@@ -157,7 +157,9 @@ def curve(path: Path) -> dict:
             "samples": c["samples"][1:].sum(axis=1).tolist(), "idle_fraction": idle,
             "bytes": (rows["bytes_up"][1:] + rows["bytes_down"][1:]).tolist(),
             "batch_size": c["batch_size"][1].tolist(), "local_steps": c["local_steps"][1].tolist(),
-            "quant_bits": c["quant_bits"][1].tolist(), "under_training": rows["under_training_rate"][1:].tolist()}
+            "quant_bits": c["quant_bits"][1].tolist(), "under_training": rows["under_training_rate"][1:].tolist(),
+            # each server's own-data eval loss per round (a results.h5 written before the column: none)
+            "own": c["eval_loss_own"].tolist() if "eval_loss_own" in c else None}
 
 
 TOLERANCE = 1e-3  # nats: a loss this close to the target reaches it (far below the eval sample's se, ~0.01), so a
@@ -181,6 +183,18 @@ def loss_at(cv: dict, when: float, clock: str = "time_s") -> float:
         if t <= when + 1e-12 and np.isfinite(loss):
             best = loss
     return float(best)
+
+
+def worst_own_at(cv: dict, when: float, clock: str) -> float:
+    """The highest own-data eval loss over the servers (clients/eval_loss_own) at the last evaluated round
+    finished by `when` on `clock` (the base's before any); NaN without the column."""
+    if not cv.get("own"):
+        return math.nan
+    best = max(cv["own"][0])
+    for t, loss, own in zip(cv[clock], cv["eval_loss"], cv["own"]):
+        if t <= when + 1e-12 and np.isfinite(loss):
+            best = float(np.nanmax(own))
+    return best
 
 
 CLOCKS = ("time_s", "work", "flat")  # measured seconds (clients.throttle=clock), work units (work_units: a step's
@@ -235,6 +249,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--stop-clocks", nargs="+", default=list(CLOCKS), choices=list(CLOCKS),
                     help="the clocks a run is extended on until it has reached the target past T_R / bound (or spent "
                          "1.25 T_R): leave out time_s when the machine is not quiet (its noise decides the length)")
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="non-iid: a Dirichlet(alpha) split over E2E's food type, dealt so that the slower a server, "
+                         "the rarer its keys (data.rare_to_slow); adds each server's own-data loss to the table")
     ap.add_argument("--target-rounds", type=int, default=8, help="R: the target is LoRA's eval loss after R rounds")
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--train-samples", type=int, default=4000)
@@ -263,11 +280,14 @@ def main(argv=None) -> dict:
                   "clients.throttle=clock", f"train.local_steps={a.local_steps}",
                   f"data.max_train_samples={a.train_samples}", f"eval.max_samples={a.eval_samples}", "eval.every=1",
                   "eval.precision=fp32", "output.save_final=false", *a.extra]
-        pres = results["profiles"].setdefault(prof, {"slowdown": slow, "memory_gb": mem, "compute_bound": bound,
+        if a.alpha is not None:
+            common += ["data.partition=dirichlet", f"data.dirichlet_alpha={a.alpha}", "data.rare_to_slow=true"]
+        label = prof if a.alpha is None else f"{prof}-alpha{a.alpha:g}"  # its own folder: a non-iid run
+        pres = results["profiles"].setdefault(label, {"slowdown": slow, "memory_gb": mem, "compute_bound": bound,
                                                       "seeds": {}})
         seed_args = [*common, f"seed={seed}"]
         t0 = time.perf_counter()
-        lora = run_method("lora", METHODS["lora"], seed_args, work / prof / f"seed{seed}" / "lora",
+        lora = run_method("lora", METHODS["lora"], seed_args, work / label / f"seed{seed}" / "lora",
                           first_rounds=a.target_rounds, stop=lambda cv: True, max_rounds=a.target_rounds,
                           reuse="only" if a.report_only else a.reuse)
         target = lora["eval_loss"][a.target_rounds]
@@ -280,7 +300,7 @@ def main(argv=None) -> dict:
             def stop(cv, refs=stop_refs, target=target):  # on each stop clock: reached and past T_R / bound,
                 return all((math.isfinite(time_to(cv, target, k)) and cv[k][-1] >= ref / bound)  # or 1.25 T_R
                            or cv[k][-1] >= 1.25 * ref for k, ref in refs.items())
-            runs[name] = run_method(name, table[name], seed_args, work / prof / f"seed{seed}" / name,
+            runs[name] = run_method(name, table[name], seed_args, work / label / f"seed{seed}" / name,
                                     first_rounds=a.target_rounds, stop=stop, max_rounds=12 * a.target_rounds,
                                     reuse="only" if a.report_only else a.reuse, resumable=name != "central")
         rows = {}
@@ -294,6 +314,9 @@ def main(argv=None) -> dict:
                                            else math.nan),
                           "loss_at_equal_work": loss_at(cv, refs["work"] / bound, "work"),
                           "loss_at_equal_time": loss_at(cv, equal), "rounds": len(cv["time_s"]) - 1,
+                          "loss_at_equal_flat": loss_at(cv, refs["flat"] / bound, "flat"),
+                          "worst_own_at_equal_work": worst_own_at(cv, refs["work"] / bound, "work"),
+                          "worst_own_at_equal_flat": worst_own_at(cv, refs["flat"] / bound, "flat"),
                           "loss_at_round_R": cv["eval_loss"][min(a.target_rounds, len(cv["eval_loss"]) - 1)],
                           "samples_per_s": float(np.sum(cv["samples"]) / cv["time_s"][-1]),
                           "idle_fraction": float(np.nanmean(cv["idle_fraction"])),
@@ -301,7 +324,7 @@ def main(argv=None) -> dict:
                           "under_training": float(np.nanmean(cv["under_training"])), "curve": cv}
         pres["seeds"][seed] = {"target": target, "t_ref_s": t_ref, "t_ref_work": refs["work"], "equal_time_s": equal,
                                "order": list(runs), "methods": rows}
-        print(f"[{prof} seed {seed}] target {target:.4f} (lora after {a.target_rounds} rounds, {t_ref:.1f} s); "
+        print(f"[{label} seed {seed}] target {target:.4f} (lora after {a.target_rounds} rounds, {t_ref:.1f} s); "
               f"bound {bound:.3f}; {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         for name, row in rows.items():
             print(f"  {name:24s} speedup {row['speedup']:.3f} (work units {row['speedup_work']:.3f}; flat steps "
@@ -349,7 +372,24 @@ def markdown(results: dict) -> str:
                        f"{np.mean([r['idle_fraction'] for r in rows]):.2f} | "
                        f"{np.mean([r['bytes_per_round'] for r in rows]) / 1024:.0f} | "
                        f"{np.mean([r['under_training'] for r in rows]):.2f} |")
+        out.extend(_own_table(p, seeds))
     return "\n".join(out)
+
+
+def _own_table(p: dict, seeds: list[dict]) -> list[str]:
+    """Where servers hold different data: the global eval loss and the worst server's own-data loss at
+    T_R / bound on the work-unit and flat-step clocks (none when no run recorded own-data losses)."""
+    names = [m for m in {**METHODS, **ABLATION} if any(m in s["methods"] for s in seeds)]
+    if not any(math.isfinite(s["methods"][m].get("worst_own_at_equal_work", math.nan))
+               for s in seeds for m in names if m in s["methods"]):
+        return []
+    out = ["", "| method | global eval loss at T_R/bound, work units | worst server's own-data loss | "
+           "global, flat steps | worst server's own-data loss |", "|---|---|---|---|---|"]
+    for name in names:
+        rows = [s["methods"][name] for s in seeds if name in s["methods"]]
+        cols = ("loss_at_equal_work", "worst_own_at_equal_work", "loss_at_equal_flat", "worst_own_at_equal_flat")
+        out.append(f"| {name} | " + " | ".join(_mean_spread([r.get(k, math.nan) for r in rows]) for k in cols) + " |")
+    return out
 
 
 if __name__ == "__main__":

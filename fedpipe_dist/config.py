@@ -79,6 +79,9 @@ class DataConfig:
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = 0.5
     """Concentration of the Dirichlet split over the partition key (smaller = more skewed)."""
+    rare_to_slow: bool = False
+    """Dirichlet only: deal the shards so that the slower a server (clients.slowdown, clients.tflops), the
+    rarer its keys: a skew aligned with speed, the hard case for weights that follow samples processed."""
     max_train_samples: Optional[int] = None
     """Use only the first N training rows (after a seeded shuffle); null = all."""
     synthetic_train_size: int = 2000
@@ -492,6 +495,8 @@ def validate(cfg: JobConfig) -> None:
     _check(lo.alpha > 0, "lora.alpha", f"must be > 0 (got {lo.alpha})")
     _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1) (got {lo.dropout})")
     _check(cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    _check(not cfg.data.rare_to_slow or cfg.data.partition == "dirichlet", "data.rare_to_slow",
+           "deals a non-iid split; set data.partition=dirichlet with it, or leave it false")
     _check(cfg.data.max_train_samples is None or cfg.data.max_train_samples >= 1, "data.max_train_samples",
            f"must be >= 1, or null for every row (got {cfg.data.max_train_samples}); an empty training set "
            "cannot be split over the clients")

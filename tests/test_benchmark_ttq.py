@@ -46,6 +46,23 @@ def test_markdown_means_and_spread(bench):
     assert "| 2 |" in fedpipe  # 2048 bytes = 2 KiB per round
 
 
+def test_worst_own_data_loss_and_its_table_by_hand(bench):
+    cv = dict(CURVE, work=CURVE["time_s"], own=[[4.0, 4.5], [3.0, 3.4], [9.0, 9.0], [2.0, 2.2]])
+    assert bench.worst_own_at(cv, 0.5, "work") == 4.5  # the base
+    assert bench.worst_own_at(cv, 3.0, "work") == 3.4  # round 2 was not evaluated
+    assert bench.worst_own_at(cv, 10.0, "work") == 2.2
+    assert math.isnan(bench.worst_own_at(dict(cv, own=None), 10.0, "work"))  # written before the column
+    row = {"speedup": 1.0, "loss_at_equal_time": 2.1, "loss_at_round_R": 2.3, "rounds": 10, "samples_per_s": 1.0,
+           "idle_fraction": 0.1, "bytes_per_round": 1.0, "under_training": 0.0, "loss_at_equal_work": 2.0,
+           "worst_own_at_equal_work": 2.4, "loss_at_equal_flat": 2.5, "worst_own_at_equal_flat": 2.9}
+    p = {"slowdown": [1, 2], "compute_bound": 1.5, "seeds": {0: {"target": 2.2, "methods": {"lora": row}}}}
+    text = bench.markdown({"profiles": {"p4-alpha0.1": p}})
+    assert "| lora | 2.000 | 2.400 | 2.500 | 2.900 |" in text.splitlines()
+    iid = dict(row, worst_own_at_equal_work=math.nan, worst_own_at_equal_flat=math.nan)
+    assert "own-data" not in bench.markdown({"profiles": {"p4": dict(p, seeds={0: {"target": 2.2,
+                                                                                  "methods": {"lora": iid}}})}})
+
+
 @pytest.mark.skipif(shared_data() is None, reason="needs ../shared/data (stories260K-hf) or FEDPIPE_SHARED_DATA")
 def test_memory_budgets_force_each_precision_for_rank8_lora(bench):
     """The p8 profile's budgets: precision=auto picks fp32, fp32, fp16, fp16, nf8, nf8, nf4, nf4 for rank-8

@@ -121,6 +121,7 @@ def test_global_adapter_methods_on_four_ranks_match_one_process(tmp_path, method
           f"output.dir={tmp_path / 'single'}", "--no-progress"])
     d, s = Results(tmp_path / "dist" / "results.h5"), Results(tmp_path / "single" / "results.h5")
     np.testing.assert_allclose(d.rounds["eval_loss"], s.rounds["eval_loss"], rtol=1e-5)
+    np.testing.assert_allclose(d.clients["eval_loss_own"], s.clients["eval_loss_own"], rtol=1e-5)  # per-key sums
     for name in ("ranks", "adapter_depth", "adapter_width", "trainable_params", "bytes_up"):
         assert (d.clients[name] == s.clients[name]).all(), name
     assert (d.rounds["bytes_down"] == s.rounds["bytes_down"]).all()

@@ -94,6 +94,11 @@ class ResultsWriter:
                 raise UserInputError(f"resume: {str(path)!r} has schema version {version}, this code writes "
                                      f"{SCHEMA_VERSION}; finish it with the version that started it, or start over")
             f.attrs["finished"] = False
+            rows = f["rounds"]["round"].shape[0]
+            for name, dt in CLIENT_FIELDS.items():  # a column added within this schema version after the file
+                if name not in f["clients"]:
+                    f["clients"].create_dataset(name, shape=(rows, n_clients), maxshape=(None, n_clients), dtype=dt,
+                                                chunks=(16, n_clients), fillvalue=_fill(dt))
             for k in list(f["eval"].attrs):
                 del f["eval"].attrs[k]
             if "generation" in f["eval"]:

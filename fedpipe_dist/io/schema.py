@@ -70,6 +70,10 @@ CLIENT_FIELDS = {
     "adapter_width": "i4",  # fedadapter: their bottleneck width
     "update_norm": "f8",  # Frobenius norm of the server's update as it reported it (NaN: none, or not finite)
     "rejected": "i1",  # 1: sanitization left the update out (completed stays 1: the server did its work)
+    # the global model's eval loss on this server's own mix of partition keys (eval examples reweighted to
+    # it: metrics.perplexity.reweighted_losses); NaN in rounds not evaluated. Added within schema 8: a file
+    # written before it gains the column when resumed, its earlier rows NaN
+    "eval_loss_own": "f8",
 }
 CLIENT_LAYER_FIELDS = {"ranks": "i4", "importance": "f8"}  # [round row, client, layer, 4] (q, k, v, o)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,21 +40,45 @@ def length_buckets(data: TokenizedSet, batch_size: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def evaluate(model, data: TokenizedSet, *, batch_size: int, pad_id: int, device="cpu", bucket: bool = True) -> dict:
+def evaluate(model, data: TokenizedSet, *, batch_size: int, pad_id: int, device="cpu", bucket: bool = True,
+             groups: np.ndarray | None = None, n_groups: int = 0) -> dict:
     """Mean loss per target token over the whole set, its perplexity, and the moments its standard error
-    needs (summarize). `bucket`: batches of similar length (the same loss, less padding computed)."""
+    needs (summarize). `bucket`: batches of similar length (the same loss, less padding computed).
+    `groups` (a group id in [0, n_groups) per example, -1 for none) adds "group_sums": per group, the summed
+    loss, target tokens and examples ([n_groups, 3], float64), for reweighted_losses."""
     was_training = model.training
     model.eval()
     batches = length_buckets(data, batch_size) if bucket else \
         [list(range(i, min(i + batch_size, len(data)))) for i in range(0, len(data), batch_size)]
     sums = torch.zeros(6, dtype=torch.float64)  # loss, tokens, loss^2, loss*tokens, tokens^2, examples
+    by_group = np.zeros((n_groups, 3))
     for idx in batches:
         batch = collate(data, idx, pad_id).to(device)
         loss, n = (t.double().cpu() for t in example_losses(model, batch))
         sums += torch.stack([loss.sum(), n.sum(), (loss * loss).sum(), (loss * n).sum(), (n * n).sum(),
                              torch.tensor(float(len(idx)), dtype=torch.float64)])
+        if groups is not None:
+            g = groups[idx]
+            kept = g >= 0
+            np.add.at(by_group, g[kept], np.stack([loss.numpy(), n.numpy(), np.ones(len(idx))], axis=1)[kept])
     model.train(was_training)
-    return summarize(*sums.tolist())
+    out = summarize(*sums.tolist())
+    if groups is not None:
+        out["group_sums"] = by_group
+    return out
+
+
+def reweighted_losses(group_sums: np.ndarray, mix: np.ndarray) -> np.ndarray:
+    """Per target distribution (a row of `mix`: its share of each group), the loss per target token it would
+    see, estimated on the scored examples by importance weights: an example of group k counts mix[k] / q[k],
+    q[k] being group k's share of the scored examples, so the estimate is
+    sum_k w_k loss_k / sum_k w_k tokens_k. Groups it holds that were not scored are left out (the weights are
+    renormalized over the rest); NaN when none of its groups was scored."""
+    loss, tokens, examples = group_sums[:, 0], group_sums[:, 1], group_sums[:, 2]
+    q = examples / max(examples.sum(), 1.0)
+    w = np.divide(mix, q[None, :], out=np.zeros_like(mix, dtype=float), where=q[None, :] > 0)
+    num, den = w @ loss, w @ tokens
+    return np.divide(num, den, out=np.full(len(mix), np.nan), where=den > 0)
 
 
 def summarize(loss_sum: float, tokens: float, loss_sq: float = 0.0, loss_tokens: float = 0.0,

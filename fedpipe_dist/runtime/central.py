@@ -35,7 +35,7 @@ from ..io.checkpoint import CheckpointDir
 from ..metrics.perplexity import lm_loss
 from .client import batch_indices, client_seed, model_parameters
 from .outputs import agree, check_output_dir, finish, open_results
-from .record import round_row
+from .record import own_losses, round_row
 from .resume import new_run_id
 from .setup import Run, set_up
 
@@ -108,7 +108,8 @@ def run_central(cfg: JobConfig, comm, log, lock):
                    eval_s=time.perf_counter() - t_eval, wall_s=time.perf_counter() - t0, under_training_rate=0.0)
         samples = _samples(cfg.clients.n, steps)
         writer.append_round(row, {"samples": samples, "selected": (samples > 0).astype(np.int64),
-                                  "local_steps": _steps(cfg.clients.n, steps)})
+                                  "local_steps": _steps(cfg.clients.n, steps),
+                                  "eval_loss_own": own_losses(ev, cfg.clients.n)})
         log.step(row)
     log.close()
     trainer.fold()

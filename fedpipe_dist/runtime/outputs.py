@@ -16,7 +16,7 @@ from ..io.hdf5 import ResultsWriter
 from ..io.owned import describe, foreign_files, publish_final, remove_checkpoints, remove_results
 from ..io.space import DiskError, disk_errors, require_space
 from ..metrics.generate import generate, one_line, write_generations
-from .record import round_row
+from .record import own_losses, round_row
 from .resume import apply_state, raise_on_all_ranks
 from .setup import Run
 
@@ -103,7 +103,7 @@ def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
                           "mem_budget_bytes": [p.mem_budget_bytes for p in profiles],
                           "slowdown": [p.slowdown for p in profiles],
                           "base_weight_bytes": [run.view_bytes[p] for p in precisions]})
-    writer.append_round(round_row(0, eval=ev0, n_selected=0), {})
+    writer.append_round(round_row(0, eval=ev0, n_selected=0), {"eval_loss_own": own_losses(ev0, cfg.clients.n)})
     what = f"the centralized limit of {cfg.method}" if cfg.central else cfg.method
     run.log(f"fedpipe: {what} on {cfg.model.name_or_path} ({len(run.sites)} adapter sites), {cfg.clients.n} "
             f"servers on {run.comm.world_size} rank(s), {cfg.rounds} rounds -> {out / 'results.h5'}")

@@ -139,6 +139,11 @@ def round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0,
     return row
 
 
+def own_losses(ev: dict | None, n: int) -> np.ndarray:
+    """clients/eval_loss_own of a round: each server's own-mix eval loss (Run.evaluate), NaN when not evaluated."""
+    return np.asarray(ev["own"], dtype=float) if ev and "own" in ev else np.full(n, np.nan)
+
+
 def client_arrays(n: int, L: int, sites: list[Site], plans: list[ClientPlan], selected: list[int],
                    stats: dict[int, ClientStats]) -> dict[str, np.ndarray]:
     a = {name: np.zeros(n, dtype=np.int64) for name in

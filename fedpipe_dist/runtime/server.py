@@ -34,7 +34,7 @@ from .chain import BaseChain
 from .client import peak_mem, reset_peak_mem
 from .launch import idle_ranks_warning
 from .outputs import agree, check_output_dir, finish, open_results
-from .record import Laps, Log, client_arrays, round_row
+from .record import Laps, Log, client_arrays, own_losses, round_row
 from .resume import find_resume_point, new_run_id, raise_on_all_ranks, rank_state, restarted_by_torchrun, tree_to
 from .setup import Run, set_up
 
@@ -298,6 +298,7 @@ def _round_record(run: Run, t: int, selected, plans, infos, scores, ex: Exchange
     arrays["importance"] = scores
     arrays["pred_step_s"] = np.array([i.predicted_step_s for i in infos])
     arrays["pred_mem_bytes"] = np.array([i.predicted_mem_bytes for i in infos], dtype=np.int64)
+    arrays["eval_loss_own"] = own_losses(ev, n)
     arrays["rejected"] = np.array([int(c in rejected) for c in range(n)], dtype=np.int8)
     run.method.record(arrays)
     return row, arrays

@@ -18,17 +18,25 @@ import numpy as np
 from ..adapters.sites import Site, find_sites, n_layers
 from ..algorithm.cost import model_shape
 from ..comm.base import Communicator
-from ..config import JobConfig
+from ..config import JobConfig, per_client_values
 from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
 from ..methods import Method, make_method
 from ..metrics.generate import generation_pairs
-from ..metrics.perplexity import evaluate, summarize
+from ..metrics.perplexity import evaluate, reweighted_losses, summarize
 from ..models import check_max_length, load_model, load_tokenizer
 from .bases import RankBases, lowest_precision
 from .heterogeneity import ServerProfile, client_profiles, device_memory_bytes, measure_tflops
 from .planning import RoundPlanner
 from .record import Laps
 from .resume import saved_profiles
+
+
+@dataclass
+class KeyMix:
+    """The partition keys of the training set (names) and each server's share of each ([n, keys])."""
+
+    names: list[str]
+    mix: np.ndarray
 
 
 @dataclass
@@ -57,6 +65,8 @@ class Run:
     gen_refs: list = field(default_factory=list)  # ... and all references of each
     setup_phases: dict = field(default_factory=dict)  # seconds per set-up phase on this rank (set_up)
     dropped_rows: dict = field(default_factory=dict)  # {"train"/"eval": rows left out for an empty mr or ref}
+    keys: KeyMix | None = None  # every server's mix of partition keys
+    eval_groups: np.ndarray | None = None  # per example of eval_slice: its key's column in keys.mix (-1: none)
 
     @property
     def out_dir(self) -> Path:
@@ -87,13 +97,20 @@ class Run:
 
     def evaluate(self, state=None, data=None) -> dict:
         """Eval loss of the global model at eval precision, with the method's kept global adapter (or `state`)
-        attached, on the eval set (or `data`, this rank's share of other examples). Every rank calls it."""
+        attached, on the eval set (or `data`, this rank's share of other examples). Every rank calls it.
+        On the eval set, also "own": per server, the loss on its own mix of partition keys (reweighted_losses;
+        NaN where none of its keys is in the eval sample)."""
         self.bases.use(self.eval_precision)
+        groups = self.eval_groups if data is None and self.keys is not None else None
         with self.method.attach(state):
             part = evaluate(self.model, self.eval_slice if data is None else data, batch_size=self.cfg.eval.batch_size,
-                            pad_id=self.pad_id, device=self.comm.device)
-        parts = self.comm.all_gather_object(part["moments"])
-        return summarize(*(sum(p[i] for p in parts) for i in range(len(parts[0]))))
+                            pad_id=self.pad_id, device=self.comm.device, groups=groups,
+                            n_groups=len(self.keys.names) if groups is not None else 0)
+        parts = self.comm.all_gather_object((part["moments"], part.get("group_sums")))
+        out = summarize(*(sum(p[0][i] for p in parts) for i in range(len(parts[0][0]))))
+        if groups is not None:
+            out["own"] = reweighted_losses(sum(p[1] for p in parts), self.keys.mix)
+        return out
 
 
 def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
@@ -102,13 +119,13 @@ def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     tok, model, sites = _load_model(cfg, comm)
     lap("model")
     dropped: dict = {}
-    shards, shard_sizes = _load_shards(cfg, comm, tok, dropped)
+    shards, shard_sizes, keys = _load_shards(cfg, comm, tok, dropped)
     lap("train_data")
-    eval_slice, eval_subset, eval_full = _load_eval(cfg, comm, tok, dropped)
+    eval_slice, eval_subset, eval_full, eval_groups = _load_eval(cfg, comm, tok, dropped, keys)
     lap("eval_data")
     run = Run(cfg=cfg, comm=comm, log=log, tok=tok, model=model, sites=sites, shards=shards,
               shard_sizes=shard_sizes, eval_slice=eval_slice, eval_subset=eval_subset, eval_full=eval_full,
-              dropped_rows=dropped)
+              dropped_rows=dropped, keys=keys, eval_groups=eval_groups)
     for part, n in dropped.items():
         if n and comm.rank == 0:
             log(f"data: left out {n} row(s) of data.{part}_path with an empty mr or ref (results.h5: "
@@ -147,23 +164,41 @@ def _load_model(cfg: JobConfig, comm: Communicator):
 
 def _load_shards(cfg: JobConfig, comm: Communicator, tok, dropped: dict):
     """The training set split over the servers; this rank tokenizes only the shards of the servers it hosts.
-    `dropped["train"]`: the rows the file reader left out."""
+    Also every server's mix of partition keys ([n, keys]: the share of its shard holding each key; known to every
+    rank, like the shard sizes) and the keys. `dropped["train"]`: the rows the file reader left out."""
     n = cfg.clients.n
     pairs = load_train_pairs(cfg)
     dropped["train"] = getattr(pairs, "dropped", 0)
     if cfg.data.max_train_samples is not None:
         keep = np.random.default_rng([cfg.seed, 7]).permutation(len(pairs))[: cfg.data.max_train_samples]
         pairs = [pairs[i] for i in sorted(keep)]
-    shard_idx = partition([partition_key(src) for src, _ in pairs], n, scheme=cfg.data.partition,
-                          alpha=cfg.data.dirichlet_alpha, seed=cfg.seed)
+    keys = [partition_key(src) for src, _ in pairs]
+    shard_idx = partition(keys, n, scheme=cfg.data.partition, alpha=cfg.data.dirichlet_alpha, seed=cfg.seed,
+                          speeds=_declared_speeds(cfg) if cfg.data.rare_to_slow else None)
     mine = [c for c in range(n) if c % comm.world_size == comm.rank]
     shards = {c: tokenize_pairs(tok, [format_example(*pairs[i]) for i in shard_idx[c]], cfg.model.max_length)
               for c in mine}
-    return shards, [len(ix) for ix in shard_idx]
+    names = sorted(set(keys))
+    column = {k: j for j, k in enumerate(names)}
+    mix = np.zeros((n, len(names)))
+    for c, ix in enumerate(shard_idx):
+        np.add.at(mix[c], [column[keys[i]] for i in ix], 1.0 / len(ix))
+    return shards, [len(ix) for ix in shard_idx], KeyMix(names, mix)
 
 
-def _load_eval(cfg: JobConfig, comm: Communicator, tok, dropped: dict):
-    """This rank's strided slice of the eval set, and a tokenizer of its share of the first k examples."""
+def _declared_speeds(cfg: JobConfig) -> list[float]:
+    """Each server's speed as the job declares it (clients.tflops, or 1, over clients.slowdown): what
+    data.rare_to_slow deals by, known before any measurement and the same on every rank."""
+    n = cfg.clients.n
+    slow = per_client_values(cfg.clients.slowdown, n, "clients.slowdown", seed=cfg.seed)
+    base = per_client_values(cfg.clients.tflops, n, "clients.tflops", seed=cfg.seed) \
+        if cfg.clients.tflops is not None else [1.0] * n
+    return [b / s for b, s in zip(base, slow)]
+
+
+def _load_eval(cfg: JobConfig, comm: Communicator, tok, dropped: dict, keys: "KeyMix"):
+    """This rank's strided slice of the eval set, a tokenizer of its share of the first k examples, the whole
+    set's share (eval.final_full), and the slice's partition keys as columns of `keys` (-1: a key no server holds)."""
     ev = load_eval_pairs(cfg)
     dropped["eval"] = getattr(ev, "dropped", 0)
     everything = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))
@@ -173,9 +208,12 @@ def _load_eval(cfg: JobConfig, comm: Communicator, tok, dropped: dict):
         return tokenize_pairs(tok, [format_example(*ev[i]) for i in indices[comm.rank::comm.world_size]],
                               cfg.model.max_length)
 
+    column = {k: j for j, k in enumerate(keys.names)}
+    groups = np.array([column.get(partition_key(ev[i][0]), -1) for i in order[comm.rank::comm.world_size]],
+                      dtype=np.int64)
     # the whole eval set, tokenized only when asked for (eval.final_full, at the end): None when the sample is it
     full = None if len(order) == len(everything) else (lambda: share(everything))
-    return share(order), lambda k: share(order[:k]), full
+    return share(order), lambda k: share(order[:k]), full, groups
 
 
 def _load_generation(cfg: JobConfig):
