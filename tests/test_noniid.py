@@ -64,7 +64,8 @@ def test_reweighted_losses_by_hand():
     assert np.isnan(out[3])
     # a mix of 3 parts group 0 to 1 part group 1: weights 0.75 / (1/3) and 0.25 / (2/3) on the examples
     w0, w1 = 0.75 * 3, 0.25 * 1.5
-    assert reweighted_losses(g, np.array([[0.75, 0.25, 0]]))[0] == pytest.approx((w0 * 10 + w1 * 30) / (w0 * 5 + w1 * 10))
+    want = (w0 * 10 + w1 * 30) / (w0 * 5 + w1 * 10)
+    assert reweighted_losses(g, np.array([[0.75, 0.25, 0]]))[0] == pytest.approx(want)
 
 
 def test_own_data_losses_equal_a_recomputation_on_the_base_model(tmp_path):
