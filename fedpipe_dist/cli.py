@@ -153,6 +153,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def stopped_line(cfg, job: str, overrides: list[str], how: str) -> str:
+    """One line for a run stopped from outside: the rounds results.h5 holds, the checkpoint a resume continues
+    from, and the command that resumes it."""
+    import shlex
+    from pathlib import Path
+
+    from .io.checkpoint import complete_rounds
+    from .io.hdf5 import Results
+
+    out = Path(cfg.output.dir)
+    try:
+        done = f"after round {Results(out / 'results.h5').n_rounds} of {cfg.rounds}"
+    except Exception:  # not written yet, or unreadable: the line must still come out
+        done = "before its first round"
+    kept = complete_rounds(out) if cfg.checkpoint.enabled else []
+    since = (f"a resume continues from round {kept[-1]}'s checkpoint" if kept else
+             "no checkpoint to resume from yet, a rerun starts over" if cfg.checkpoint.enabled else
+             "checkpoint.enabled=false, a rerun starts over")
+    cmd = shlex.join(["fedpipe", "run", job, *[o for o in overrides if not o.startswith("resume=")], "resume=true"])
+    return (f"fedpipe: stopped by {how} {done} ({since}); resume with: {cmd} (under torchrun or sbatch: the same "
+            "launch with resume=true)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
@@ -238,9 +261,16 @@ def main(argv: list[str] | None = None) -> int:
 
             comm = AuditedComm(comm, Path(cfg.output.dir) / "wire_audit")
         from .comm.base import CollectiveTimeout
+        from .runtime.launch import Stopped, stop_on_sigterm
 
         try:
-            run_job(cfg, comm, show_progress=not args.no_progress)
+            with stop_on_sigterm():
+                run_job(cfg, comm, show_progress=not args.no_progress)
+        except (Stopped, KeyboardInterrupt) as e:
+            if not _rank_prefix():  # rank 0 says it once; every rank got the signal
+                print(stopped_line(cfg, args.job, args.overrides, "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C"),
+                      file=sys.stderr, flush=True)
+            return 143 if isinstance(e, Stopped) else 130
         except CollectiveTimeout as e:
             print(f"{_rank_prefix()}fedpipe: error: {e}; results.h5 holds every round finished before it",
                   file=sys.stderr, flush=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -115,3 +117,54 @@ def make_comm(cfg: CommConfig, info: LaunchInfo | None = None):
     from ..comm.torch_dist import TorchDistComm
 
     return TorchDistComm(timeout_s=cfg.timeout_s, device=device if device.type == "cuda" else None)
+
+
+class Stopped(BaseException):
+    """SIGTERM (Slurm's scancel or time limit, torchrun stopping its workers) inside stop_on_sigterm: raised in
+    the main thread so that a run ends as after Ctrl-C, with one line saying where it stopped (cli.py). A
+    BaseException, so that no `except Exception` on the way swallows it."""
+
+
+STOP_GRACE_S = 20.0  # under torchrun's and Slurm's 30 s between SIGTERM and SIGKILL
+
+
+@contextmanager
+def stop_on_sigterm(grace_s: float = STOP_GRACE_S):
+    """Within the block a SIGTERM raises Stopped in the main thread. Python runs that handler only between
+    bytecodes, so a main thread blocked in a collective on a peer that is gone would not run it: a watcher
+    thread, woken by the signal (signal.set_wakeup_fd), ends the process with 143 after `grace_s` if it is
+    still alive, which also bounds the wait for a checkpoint still being written (each file is written to a
+    temporary name and renamed: a cut leaves no half file). Elsewhere than the main thread this does nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped()
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signalled = threading.Event()
+
+    def watch():
+        while (got := os.read(read_fd, 1)) and got[0] != signal.SIGTERM:
+            pass  # another signal with a Python handler (SIGINT): not ours to bound
+        if got:
+            signalled.set()
+            time.sleep(grace_s)
+            os._exit(128 + signal.SIGTERM)
+        os.close(read_fd)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=watch, name="fedpipe-stop-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGTERM, previous)
+        if not signalled.is_set():
+            os.close(write_fd)  # the watcher reads the end of the pipe and returns
