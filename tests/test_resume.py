@@ -111,7 +111,8 @@ def test_resume_across_a_full_snapshot_replays_the_updates_since(tmp_path, stop)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0
     # the first checkpoint after a resume is a full one; a chain's files stay while a kept checkpoint needs them
     assert _bases_of(tmp_path / "split", stop + 1)["full"] is not None
-    assert CheckpointDir(tmp_path / "whole", 0, 1).rounds() == [3, 4]
+    # the two newest, and round 2: round 3's chain starts at its full snapshot, kept whole to fall back to
+    assert CheckpointDir(tmp_path / "whole", 0, 1).rounds() == [2, 3, 4]
     assert sorted(p.name[:11] for p in (tmp_path / "whole" / "checkpoint").glob("*.pt")) == \
         ["round000002", "round000003", "round000004"]
 
@@ -126,6 +127,24 @@ def test_a_damaged_file_in_the_chain_is_named_and_nothing_changes(tmp_path, caps
     assert _snapshot(tmp_path / "run") == before
     err = capsys.readouterr().err
     assert "round 3's checkpoint continues" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_damaged_link_falls_back_to_the_full_snapshot_it_continues(tmp_path, capsys):
+    """full_every=3: round 3 is full, 4 and 5 continue it. Round 4's link damaged leaves 4 and 5 unusable;
+    the rotation kept round 3's results snapshot with its full one, so the resume falls back to round 3 and
+    ends bitwise equal to the run that never stopped."""
+    chain = [*CHAIN, "checkpoint.full_every=3"]
+    _, whole = run_small(tmp_path, "whole", *chain, "rounds=6")
+    run_small(tmp_path, "run", *chain, "rounds=5")
+    ckpt = CheckpointDir(tmp_path / "run", 0, 1)
+    assert ckpt.rounds() == [3, 4, 5] and _bases_of(tmp_path / "run", 3)["full"] is not None
+    path = ckpt.path(4)
+    path.write_bytes(path.read_bytes()[:100])
+    _, resumed = run_small(tmp_path, "run", *chain, "rounds=6", "resume=true")
+    assert list(resumed.attrs["resumed_from"]) == [3]
+    np.testing.assert_allclose(resumed.rounds["eval_loss"], whole.rounds["eval_loss"], rtol=0, atol=0)
+    a, b = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "run")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0
 
 
 def test_resume_with_nothing_to_resume_starts_the_run(tmp_path):

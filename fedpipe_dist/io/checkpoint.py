@@ -256,7 +256,8 @@ class CheckpointDir:
 
     def _rotate(self) -> None:
         """Drop what no resume can use any more: files before the chains (runtime/chain.py) of the KEEP newest
-        checkpoints, and results snapshots before the older of those two."""
+        checkpoints, and results snapshots before the older of those two, except the snapshot of a kept chain's
+        full snapshot: with it, that round stays a checkpoint to fall back to when a link after it is damaged."""
         held = self.rounds()
         if len(held) < KEEP:  # this attempt's first checkpoint: other ranks may not hold it yet, keep the older
             return
@@ -275,8 +276,9 @@ class CheckpointDir:
                 for w, ranks in by_w.items():
                     for r in ranks:
                         _unlink(self.path(t, r, w))
+        starts = {self._start.get(t, 0) for t in held[-KEEP:]}
         for t in snapshots(self.dir):
-            if t < oldest_kept:
+            if t < oldest_kept and t not in starts:
                 _unlink(self.results_path(t))
 
     def load(self, round_idx: int, rank: int | None = None, world_size: int | None = None) -> dict[str, Any]:
