@@ -55,6 +55,7 @@ class ModelShape:
     act_d: int = 7  # activation floats per token and layer, per d_model and per d_ff (ACT_CONSTANTS)
     act_ff: int = 3
     eager_attention: bool = False  # eager attention keeps the heads x T probabilities for backward
+    nf_scale_bytes: float = 4 / NF_BLOCK  # bytes of scales per NF-k weight as stored (nf_scale_bytes())
 
 
 def model_shape(model: nn.Module, sites: list[Site]) -> ModelShape:
@@ -113,8 +114,17 @@ def base_weight_bytes(shape: ModelShape, precision: str, rest_bytes: int = 4) ->
     """The base at `precision`: block linears at that precision, the rest at rest_bytes per parameter."""
     block = shape.block_linear_params if shape.block_linear_params >= 0 else shape.total_params
     rest = shape.total_params - block
-    per = BITS[precision] / 8 + (4 / NF_BLOCK if precision.startswith("nf") else 0)  # NF-k: + an fp32 absmax a block
+    per = BITS[precision] / 8 + (shape.nf_scale_bytes if precision.startswith("nf") else 0)  # NF-k: + its scales
     return block * per + rest * rest_bytes
+
+
+def nf_scale_bytes(block_size: int = NF_BLOCK, double_quant: bool = False) -> float:
+    """Bytes of scales per NF-k weight as quantization.quantize_nf stores them: an fp32 absmax per block, or with
+    double quantization a uint8 code per block plus an fp32 scale per DQ_BLOCK blocks (the one fp32 offset per
+    weight matrix is left out: a few bytes per matrix)."""
+    from .quantization import DQ_BLOCK
+
+    return (1 + 4 / DQ_BLOCK) / block_size if double_quant else 4 / block_size
 
 
 def residual_bytes(shape: ModelShape, precision: str) -> float:

@@ -71,11 +71,28 @@ class QuantizedTensor:
         return n + (self.dq_scale.numel() * 4 + 4 if self.dq_scale is not None else 0)
 
 
-DQ_BLOCK = 256
+DQ_BLOCK = 256  # absmax values per second-level block, as bitsandbytes' quantize_4bit(compress_statistics=True)
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic code (`create_dynamic_map(signed=True, max_exponent_bits=7,
+    total_bits=8)`, Dettmers 2015), built the same way step by step so that every value is the same float32:
+    per exponent i, the midpoints of linspace(0.1, 1) scaled by 10^(i - 6), both signs, then 0 and 1, sorted.
+    Written here so that the native backend needs no bitsandbytes; tests check it equals theirs."""
+    data: list[float] = []
+    for i in range(7):
+        boundaries = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0, 1.0]
+    return torch.tensor(sorted(data), dtype=torch.float32)
 
 
 def quantize_nf(w: torch.Tensor, k: int = 4, block_size: int = 64, double_quant: bool = False) -> QuantizedTensor:
-    """Blockwise absmax NF-k quantization of any tensor (flattened in row-major order)."""
+    """Blockwise absmax NF-k quantization of any tensor (flattened in row-major order). `double_quant`: QLoRA's
+    second level as bitsandbytes does it: the absmax values less their mean, 8-bit dynamic codes per
+    DQ_BLOCK of them (one fp32 scale each)."""
     flat = w.detach().float().flatten()
     n = flat.numel()
     pad = (-n) % block_size
@@ -85,15 +102,25 @@ def quantize_nf(w: torch.Tensor, k: int = 4, block_size: int = 64, double_quant:
     cb = nf_codebook(k).to(flat.device)
     codes = torch.bucketize(scaled, (cb[1:] + cb[:-1]) / 2).flatten()[:n]  # nearest codebook value
     qt = QuantizedTensor(_pack(codes, k), absmax, tuple(w.shape), k, block_size)
-    if double_quant:  # QLoRA's second level: 8-bit scales for the absmax values, 256 per block
-        offset = float(absmax.mean())
-        a = absmax - offset
-        pad2 = (-a.numel()) % DQ_BLOCK
-        ab = torch.cat([a, a.new_zeros(pad2)]).view(-1, DQ_BLOCK)
-        scale = ab.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        q8 = torch.round(ab / scale[:, None]).clamp(-127, 127).to(torch.int16) + 128
-        qt.absmax, qt.dq_scale, qt.dq_offset = q8.flatten()[: a.numel()].to(torch.uint8), scale, offset
+    if double_quant:
+        offset = absmax.mean()
+        qt.absmax, qt.dq_scale = _quantize_dynamic(absmax - offset)
+        qt.dq_offset = float(offset)
     return qt
+
+
+def _quantize_dynamic(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 codes of `a` in the dynamic map and one absmax per DQ_BLOCK values, as bitsandbytes' reference
+    kernel computes them (backends/default/ops.py quantize_blockwise: a x (1 / absmax) clamped to [-1, 1], then
+    the nearest code). Their compiled CPU kernel (a binary search, csrc/cpu_ops.cpp) picks the farther code for
+    some values within ~1e-5 of a midpoint: docs/quantization.md has the measured rate."""
+    m = a.numel()
+    pad = (-m) % DQ_BLOCK
+    blocks = torch.cat([a, a.new_zeros(pad)]).view(-1, DQ_BLOCK)  # zeros change no block's |max|
+    scale = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / scale.clamp(min=1e-38)[:, None]), -1, 1).flatten()[:m]
+    code = dynamic_map().to(a.device)
+    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8), scale
 
 
 def dequantize_nf(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -105,7 +132,8 @@ def dequantize_nf(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> to
     if qt.dq_scale is not None:
         m = absmax.numel()
         pad2 = (-m) % DQ_BLOCK
-        a = torch.cat([absmax.float() - 128, absmax.new_zeros(pad2).float()]).view(-1, DQ_BLOCK)
+        values = dynamic_map().to(absmax.device)[absmax.long()]
+        a = torch.cat([values, values.new_zeros(pad2)]).view(-1, DQ_BLOCK)
         absmax = (a * qt.dq_scale[:, None]).flatten()[:m] + qt.dq_offset
     cb = nf_codebook(qt.k).to(codes.device)
     vals = cb[codes]

@@ -7,11 +7,12 @@ Every rank ends up with the same plans: the importance scores of all servers are
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
 from ..adapters.sites import Site, n_layers
-from ..algorithm.cost import ModelShape
+from ..algorithm.cost import ModelShape, nf_scale_bytes
 from ..algorithm.importance import ImportanceState
 from ..algorithm.planner import PRECISION_ORDER, ClientPlan, PlanInfo, ServerBudget, fedpipe_plan, uniform_plan
 from ..config import JobConfig
@@ -30,7 +31,8 @@ class RoundPlanner:
             method = make_method(cfg)
         self.cfg = cfg
         self.method = method
-        self.shape = shape
+        # the NF-k scales as this job stores them (quant.block_size, quant.double_quant)
+        self.shape = replace(shape, nf_scale_bytes=nf_scale_bytes(cfg.quant.block_size, cfg.quant.double_quant))
         self.sites = sites
         self.L = n_layers(sites)
         self.servers = [ServerBudget(p.tflops * 1e12, p.mem_budget_bytes) for p in profiles]
