@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import Run, Seeds, by_cohort, group_repeats
+from .runs import Run, Seeds, by_cohort, conditions_note, group_repeats, provenance_rows
 
 METHOD_ORDER = ("fedpipe", "ft", "lora", "fedadapter", "flora", "flexlora", "hetlora")
 EXTRA_ORDER = ("fedpipe-paper", "lora_hb", "central")  # drawn after the paper's methods when present
@@ -513,9 +513,13 @@ def _cohort_tables(runs: list[Run], cohort: str, notes: list[str], figures_in) -
     notes += [f"{cohort}: {m}" for m in miss2 + miss_abl]
     where = f" (figures in {figures_in}/)" if figures_in else ""
     text = [f"## {cohort}{where}", ""]
+    note = conditions_note(runs)
+    if note:
+        text += [f"Note: {note}.", ""]
     for title, table in (("Table II: methods, heterogeneous servers", t2), ("Table II: methods, ideal servers", t2i),
                          ("Table III: weight selection (FedPipe)", abl["III"]),
                          ("Table IV: adaptive vs fixed ranks (FedPipe)", abl["IV"]),
                          ("Table V: base precision (FedPipe)", abl["V"])):
         text += [f"### {title}; {cohort}", "", table, ""]
+    text += [f"### Provenance; {cohort}", "", provenance_rows(runs), ""]
     return text

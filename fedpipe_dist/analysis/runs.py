@@ -106,6 +106,19 @@ class Run:
     def n_rounds(self) -> int:
         return self.results.n_rounds
 
+    @property
+    def provenance(self) -> list[dict]:
+        """One dict per attempt (runtime/provenance.py); empty for a file written before provenance was kept."""
+        out = []
+        for text in self.results.attrs.get("provenance_json", []):
+            try:
+                entry = json.loads(str(text))
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                out.append(entry)
+        return out
+
     # ---- numbers the figures and tables use ------------------------------------------------------------
     def final_loss(self) -> float:
         return self.results.last_eval_loss()
@@ -272,3 +285,50 @@ def _unusable(run: Run) -> str | None:
     _ = (run.label, run.setting, run.curve(), run.train_curve(), run.bytes_per_round(), run.under_training(),
          run.trainable_params())  # raises what a damaged dataset raises
     return None
+
+
+LOAD_SPREAD = 1.0  # load averages at start further apart than this make wall-clock numbers not comparable
+
+
+def conditions_note(runs: list[Run]) -> str | None:
+    """A sentence when `runs` were made under different conditions (host, device, world size, or load average
+    at start more than LOAD_SPREAD apart, over every attempt), so their wall-clock numbers do not compare;
+    None when they agree or say nothing (files written before provenance was kept)."""
+    attempts = [p for r in runs for p in r.provenance]
+    if len(attempts) < 2:
+        return None
+    what = []
+    hosts = {tuple(p.get("hosts", ())) for p in attempts}
+    devices = {tuple(sorted(set(p.get("devices", ())))) for p in attempts}
+    sizes = {p.get("world_size") for p in attempts}
+    loads = [p["load_avg_1m"] for p in attempts if isinstance(p.get("load_avg_1m"), (int, float))]
+    if len(hosts) > 1:
+        what.append(f"{len(hosts)} different host sets")
+    if len(devices) > 1:
+        what.append("devices " + " / ".join(", ".join(d) for d in sorted(devices)))
+    if len(sizes) > 1:
+        what.append("world sizes " + ", ".join(str(x) for x in sorted(sizes, key=str)))
+    if loads and max(loads) - min(loads) > LOAD_SPREAD:
+        what.append(f"load average at start {min(loads):.1f} to {max(loads):.1f}")
+    if not what:
+        return None
+    return ("wall-clock numbers below come from runs made under different conditions (" + "; ".join(what)
+            + "): compare them with care (each run's conditions: the provenance table)")
+
+
+def provenance_rows(runs: list[Run]) -> str:
+    """A Markdown table: per run, its first attempt's start, hosts, device, load at start, version and commit."""
+    lines = ["| run | started (UTC) | attempts | hosts | devices | load at start | fedpipe_dist | commit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        p = r.provenance
+        if not p:
+            lines.append(f"| {r.name} | - | - | - | - | - | - | (not recorded) |")
+            continue
+        first = p[0]
+        load = first.get("load_avg_1m")
+        lines.append(f"| {r.name} | {first.get('started_at', '-')} | {len(p)} | {', '.join(first.get('hosts', []))} | "
+                     f"{', '.join(sorted(set(first.get('devices', []))))} | "
+                     f"{'-' if load is None else f'{load:.1f}'} | {first.get('fedpipe_dist', '-')} | "
+                     f"{(first.get('commit') or '-')[:12]} |")
+    return "\n".join(lines)

@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,14 @@ class ResultsWriter:
             kept = [str(x) for x in f.attrs.get("setup_phases_json", [])]
             f.attrs["setup_phases_json"] = np.array([*kept, json.dumps(phases)], dtype=h5py.string_dtype())
 
+    def add_provenance(self, prov: dict) -> None:
+        """This attempt's provenance (runtime/provenance.py), appended to the root attribute provenance_json."""
+        import json
+
+        with _open(self.path, "a") as f:
+            kept = [str(x) for x in f.attrs.get("provenance_json", [])]
+            f.attrs["provenance_json"] = np.array([*kept, json.dumps(prov)], dtype=h5py.string_dtype())
+
     def warn(self, message: str) -> None:
         """Keep a warning the log showed (a round no server could run, ...) in the root attribute `warnings`."""
         with _open(self.path, "a") as f:
@@ -153,6 +162,7 @@ class ResultsWriter:
                 f["eval"].attrs[k] = v
             for k, v in (timing or {}).items():  # checkpoint_s, finish_s: the finishing attempt's
                 f.attrs[k] = v
+            f.attrs["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             f.attrs["finished"] = True
 
 

@@ -92,6 +92,7 @@ def run_central(cfg: JobConfig, comm, log, lock):
     run = set_up(cfg, comm, log, None)
     writer, eval_losses = open_results(run, ckpt, None, new_run_id(comm))
     writer.add_setup(time.perf_counter() - t_start, run.setup_phases)
+    writer.add_provenance(run.provenance)
     trainer = _Trainer(run)
     log.open_bar(cfg.rounds)
     for t in range(1, cfg.rounds + 1):

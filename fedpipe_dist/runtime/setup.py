@@ -27,6 +27,7 @@ from ..models import check_max_length, load_model, load_tokenizer
 from .bases import RankBases, lowest_precision
 from .heterogeneity import ServerProfile, client_profiles, device_memory_bytes, measure_tflops
 from .planning import RoundPlanner
+from .provenance import provenance
 from .record import Laps
 from .resume import saved_profiles
 
@@ -64,6 +65,7 @@ class Run:
     gen_mrs: list = field(default_factory=list)  # E2E generation at the end: distinct MRs ...
     gen_refs: list = field(default_factory=list)  # ... and all references of each
     setup_phases: dict = field(default_factory=dict)  # seconds per set-up phase on this rank (set_up)
+    provenance: dict = field(default_factory=dict)  # where this attempt came from (runtime/provenance.py)
     dropped_rows: dict = field(default_factory=dict)  # {"train"/"eval": rows left out for an empty mr or ref}
     keys: KeyMix | None = None  # every server's mix of partition keys
     eval_groups: np.ndarray | None = None  # per example of eval_slice: its key's column in keys.mix (-1: none)
@@ -116,6 +118,7 @@ class Run:
 def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     """Everything a round needs, on this rank; `point` (a resumed run) gives the profiles measured at the start."""
     lap = Laps()  # seconds per set-up phase on this rank (results.h5 setup_phases_json on rank 0)
+    prov = provenance(comm)  # first: the load average before this job's own work
     tok, model, sites = _load_model(cfg, comm)
     lap("model")
     dropped: dict = {}
@@ -125,7 +128,7 @@ def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     lap("eval_data")
     run = Run(cfg=cfg, comm=comm, log=log, tok=tok, model=model, sites=sites, shards=shards,
               shard_sizes=shard_sizes, eval_slice=eval_slice, eval_subset=eval_subset, eval_full=eval_full,
-              dropped_rows=dropped, keys=keys, eval_groups=eval_groups)
+              dropped_rows=dropped, keys=keys, eval_groups=eval_groups, provenance=prov)
     for part, n in dropped.items():
         if n and comm.rank == 0:
             log(f"data: left out {n} row(s) of data.{part}_path with an empty mr or ref (results.h5: "
