@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-mrs", type=int, help="score only the first N distinct MRs")
     ev.add_argument("--out", help="where generations.txt goes when no results.h5 sits beside the folder")
     ev.add_argument("--no-meteor", action="store_true", help="leave METEOR out (it needs java)")
+    ex = sub.add_parser("export", help="write a finished run's total update as a peft LoRA adapter (exact for "
+                        "lora/lora_hb; a truncated SVD otherwise, its retained share printed)")
+    ex.add_argument("job", metavar="run_dir", help="a finished run's output.dir (results.h5 and final/)")
+    ex.add_argument("--adapter", action="store_true", required=True, help="export a peft LoRA adapter")
+    ex.add_argument("--rank", type=int, default=None, help="the adapter's rank (default: the job's lora.rank)")
+    ex.add_argument("--out", default=None, help="where to write it (default: RUN/adapter)")
+    ex.set_defaults(overrides=[])
     rep = sub.add_parser("report", help="rebuild the paper's figures (PNG) and tables (Markdown) from the "
                          "results.h5 files below a folder")
     rep.add_argument("job", metavar="runs", help="folder holding runs (any depth), e.g. runs/, or one results.h5")
@@ -210,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             if skipped:
                 print(f"report: left out {len(skipped)} run(s) that cannot be read: "
                       + "; ".join(f"{p} ({why})" for p, why in skipped), file=sys.stderr)
+            return 0
+        if args.command == "export":
+            from .runtime.export import export_adapter
+
+            export_adapter(args.job, args.rank, args.out, log=lambda m: print(m, file=sys.stderr))
             return 0
         if args.command == "sweep":
             return _sweep(args)
