@@ -160,7 +160,39 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys):
     assert main(_cli(out, "rounds=1")) == 0
     err = capsys.readouterr().err
     assert "taking over the lock of a job that is gone (host node17, pid 999999, job 4242" in err, err[-2000:]
-    assert (out / LOCK_NAME).read_text() == ""  # released at the end
+    assert not (out / LOCK_NAME).exists()  # released at the end: the file goes
+
+
+def test_a_failed_run_leaves_no_lock_file_and_a_waiting_job_locks_the_new_file(tmp_path, capsys):
+    out = tmp_path / "failed"
+    assert main(_cli(out, "rounds=1", "model.name_or_path=" + str(tmp_path / "no-such-model"))) == 2
+    assert not (out / LOCK_NAME).exists()
+
+
+
+def test_a_lock_file_unlinked_between_open_and_lock_is_not_the_one_locked(tmp_path, monkeypatch):
+    """The holder's release unlinks the file; a job that opened it just before must lock the new file instead
+    (else two jobs would hold locks on two files of one name)."""
+    import fcntl
+
+    out = tmp_path / "race"
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if op & fcntl.LOCK_EX and not calls:  # first try: the holder releases between our open and our lock
+            calls.append(os.fstat(fd).st_ino)
+            os.unlink(out / LOCK_NAME)
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    lock = RunLock(out)
+    lock.acquire(print)
+    try:
+        now = os.stat(out / LOCK_NAME).st_ino
+        assert calls and os.fstat(lock.fd).st_ino == now  # the new file, not the unlinked one
+    finally:
+        lock.release()
+    assert not (out / LOCK_NAME).exists()
 
 
 @pytest.mark.dist
@@ -366,4 +398,4 @@ def test_alias_structures_and_lock_garbage_never_hang_or_crash(tmp_path_factory,
     lock = RunLock(d / "out")
     lock.acquire(lambda m: None)
     lock.release()
-    assert (d / "out" / LOCK_NAME).read_bytes() == b""
+    assert not (d / "out" / LOCK_NAME).exists()

@@ -6,7 +6,8 @@ with them. The project's names in output.dir:
     results.h5, results.h5.tmp       the results (io/hdf5.py)
     checkpoint/round*.{rank*of*.pt,results.h5}[.sha256][.tmp]   checkpoints (io/checkpoint.py)
     final/ (its files listed in final/.fedpipe-files), final.tmp/   the exported model (runtime/outputs.py)
-    generations.txt, .fedpipe.lock, wire_audit/                       written in place, never deleted
+    generations.txt, wire_audit/                       written in place, never deleted by a fresh run
+    .fedpipe.lock                      removed by the job that holds it when it ends (io/lock.py)
 
 `foreign_files` lists what else sits in the two folders a fresh run clears (checkpoint/ and final/): a run
 refuses to start beside them unless output.foreign_files=keep, and then `remove_checkpoints`,
