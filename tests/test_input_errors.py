@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+import time
+
 import pytest
 
 # Where training could start, keep it tiny.
@@ -73,6 +75,23 @@ def test_missing_model_path(fedpipe, tmp_path):
     proc = fedpipe(f"model.name_or_path={missing}")
     assert_bad_input(proc, "model.name_or_path", str(missing), "does not exist",
                      "point model.name_or_path at", "tiny-gpt2")
+
+
+def test_a_relative_model_path_beside_its_folder_is_a_path_not_a_hub_name(tmp_path, monkeypatch):
+    """`models/llama-7b` where a models/ folder exists (but not llama-7b in it): an error at once, no hub retries;
+    with HF_HUB_OFFLINE set, a hub name not in the cache is refused at once too."""
+    from fedpipe_dist.config import UserInputError
+    from fedpipe_dist.models import check_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    t0 = time.monotonic()
+    with pytest.raises(UserInputError, match="folder 'models/llama-7b' does not exist"):
+        check_model_path("models/llama-7b")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserInputError, match="not in the Hugging Face cache"):
+        check_model_path("someorg/not-cached-model")
+    assert time.monotonic() - t0 < 5  # no network retries (a bound on a refusal, not a speed claim)
 
 
 @pytest.mark.parametrize("contents, what", [({}, "is empty"), ({"notes.txt": "hi"}, "has no config.json")],
