@@ -1,10 +1,12 @@
 """Command line: `fedpipe run JOB.yaml [dotted.key=value ...]` (also `python -m fedpipe_dist ...`), and
 `fedpipe plan`, `fedpipe check` (same arguments), `fedpipe eval FINAL_DIR` (E2E generation scores),
-`fedpipe report RUNS_DIR` (the paper's figures and tables from results.h5 files), `fedpipe notebooks RUNS_DIR`
-(the analysis notebooks executed headless), `fedpipe sweep SWEEP.yaml`
-(a campaign: every point of a sweep file, locally or as a Slurm job array; fedpipe_dist/campaign.py).
+`fedpipe export RUN_DIR --adapter` (the run's update as a peft LoRA adapter), `fedpipe report RUNS_DIR` (the
+paper's figures and tables from results.h5 files), `fedpipe notebooks RUNS_DIR` (the analysis notebooks executed
+headless), `fedpipe sweep SWEEP.yaml` (a campaign: every point of a sweep file, locally or as a Slurm job array;
+fedpipe_dist/campaign.py).
 
-Exit codes: 0 success, 2 bad input (job file, override, data, model path), 1 anything else.
+Exit codes: 0 success, 2 bad input (job file, override, data, model path), 130 Ctrl-C and 143 SIGTERM (one line
+says where the run stopped and how to resume it), 1 anything else.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ EXIT_BAD_INPUT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedpipe", description=__doc__.splitlines()[0])
+    intro, _, rest = __doc__.partition("\n\n")  # the whole first paragraph, not its first line
+    p = argparse.ArgumentParser(prog="fedpipe", description=" ".join(intro.split()),
+                                epilog=" ".join(rest.split()))
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated fine-tuning job (under torchrun/srun/mpirun or alone)")
     run.add_argument("job", help="YAML job file, e.g. jobs/quickstart.yaml")
