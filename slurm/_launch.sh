@@ -38,7 +38,14 @@ if [[ ${FEDPIPE_CPU:-0} == 1 ]]; then
   nproc=${FEDPIPE_NPROC:-$cpus}
   export OMP_NUM_THREADS=1
 else
-  gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+  # the GPUs this allocation gives the node (not every GPU the node has): Slurm's count, else the visible devices
+  if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+    gpus=$SLURM_GPUS_ON_NODE
+  elif [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+    gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true)
+  else
+    gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+  fi
   nproc=${FEDPIPE_NPROC:-${gpus:-0}}
   if [[ $nproc -lt 1 ]]; then
     echo "fedpipe slurm: no GPU visible on $(hostname); request GPUs (--gres=gpu:N) or set FEDPIPE_CPU=1" >&2

@@ -26,8 +26,17 @@
 #SBATCH --gres=gpu:4
 #SBATCH --cpus-per-task=16
 #SBATCH --time=12:00:00
+# Host memory: each rank loads the base into host memory before moving it to its GPU (ranks x model
+# size at once); --mem=0 asks for all of the node's memory.
+##SBATCH --mem=0
 #SBATCH --output=%x-%j.out
 set -euo pipefail
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  echo "fedpipe slurm: this is a Slurm batch script; submit it with sbatch $0 [JOB.yaml] [key=value ...] (docs/hpc.md)" >&2
+  exit 2
+fi
+# Your cluster's software, if it uses environment modules (module avail lists them), e.g.:
+# module load cuda/12.1 python/3.11
 export FEDPIPE_DEFAULT_JOB=jobs/e2e_gpt2_medium.yaml
 # Slurm runs a copy of this script from its spool folder: the repository is found from the path it was
 # submitted with (scontrol's Command=), or FEDPIPE_HOME when set (a copy of this script kept elsewhere).

@@ -28,8 +28,18 @@
 #SBATCH --gres=gpu:8
 #SBATCH --cpus-per-task=32
 #SBATCH --time=48:00:00
+# Host memory: each rank loads the base into host memory before moving it to its GPU, so a node needs about
+# ranks x model size at once (8 x 13.5 GB for LLaMA-2-7B in bfloat16) plus the data; --mem=0 asks for all
+# of the node's memory where the cluster's default per-CPU share is smaller.
+##SBATCH --mem=0
 #SBATCH --output=%x-%j.out
 set -euo pipefail
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  echo "fedpipe slurm: this is a Slurm batch script; submit it with sbatch $0 [JOB.yaml] [key=value ...] (docs/hpc.md)" >&2
+  exit 2
+fi
+# Your cluster's software, if it uses environment modules (module avail lists them), e.g.:
+# module load cuda/12.1 python/3.11
 export FEDPIPE_DEFAULT_JOB=jobs/alpaca_llama2_7b.yaml
 # Slurm runs a copy of this script from its spool folder: the repository is found from the path it was
 # submitted with (scontrol's Command=), or FEDPIPE_HOME when set (a copy of this script kept elsewhere).

@@ -9,6 +9,14 @@
 # command later submits only the points still not done. Environment as in _launch.sh (FEDPIPE_CPU=1,
 # FEDPIPE_NPROC, FEDPIPE_PYTHON, FEDPIPE_HOME, FEDPIPE_MAX_RESTARTS). The sweep file and its out folder are
 # relative to the submit directory (where `fedpipe sweep --slurm` ran).
+# Your cluster: most need an account and a partition (sinfo lists partitions; sacctmgr show assoc user=$USER
+# your accounts); remove one '#' to use a line. Each task needs the GPUs of its point's world size: the
+# gres line below is for points of 4 ranks (pass --gres=gpu:N to fedpipe sweep --slurm for others, or
+# --gres=none with FEDPIPE_CPU=1).
+##SBATCH --account=<your project>
+##SBATCH --partition=<gpu partition>
+##SBATCH --qos=<qos>
+##SBATCH --mem=0
 #SBATCH --job-name=fedpipe-sweep
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -17,6 +25,10 @@
 #SBATCH --time=12:00:00
 #SBATCH --output=%x-%A_%a.out
 set -euo pipefail
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  echo "fedpipe sweep: this is a Slurm array script; submit it with fedpipe sweep SWEEP.yaml --slurm" >&2
+  exit 2
+fi
 : "${SLURM_ARRAY_TASK_ID:?submit this with fedpipe sweep SWEEP.yaml --slurm (an array job), not directly}"
 repo=${FEDPIPE_HOME:-$(dirname "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q;}')")")}
 if [[ ! -f $repo/slurm/_launch.sh ]]; then

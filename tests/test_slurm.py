@@ -49,6 +49,14 @@ def test_sbatch_scripts_declare_their_resources_and_name_runs_by_job_id():
     assert "SLURM_JOB_ID}" in launch and "--rdzv_backend=c10d" in launch and "/work" not in launch
 
 
+def test_a_batch_script_run_outside_slurm_says_how_to_submit_it():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for name in ("fedpipe_llama2.sh", "fedpipe_gpt2.sh", "fedpipe_multinode.sh", "fedpipe_sweep.sh"):
+        p = subprocess.run(["bash", str(REPO / "slurm" / name)], env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and "unbound variable" not in p.stderr, (name, p.stderr)
+        assert "submit it with" in p.stderr, (name, p.stderr)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm")
