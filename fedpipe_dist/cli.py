@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rounds=3 train.lr=1e-3")
     run.add_argument("--no-progress", action="store_true", help="no progress bar: one log line per round (the "
                      "default when stderr is not a terminal, as in a Slurm log)")
+    run.add_argument("--nproc", type=int, default=None, help="start N ranks on this machine with torchrun's agent "
+                     "in this process (errors in one line, with the job's exit code)")
     plan = sub.add_parser("plan", help="print round 1's plan for every server (no weights, no training)")
     plan.add_argument("job")
     plan.add_argument("overrides", nargs="*")
@@ -182,7 +184,9 @@ def stopped_line(cfg, job: str, overrides: list[str], how: str) -> str:
     since = (f"a resume continues from round {kept[-1]}'s checkpoint" if kept else
              "no checkpoint to resume from yet, a rerun starts over" if cfg.checkpoint.enabled else
              "checkpoint.enabled=false, a rerun starts over")
-    cmd = shlex.join(["fedpipe", "run", job, *[o for o in overrides if not o.startswith("resume=")], "resume=true"])
+    nproc = ["--nproc", os.environ["FEDPIPE_LOCAL_NPROC"]] if os.environ.get("FEDPIPE_LOCAL_NPROC") else []  # run --nproc N
+    cmd = shlex.join(["fedpipe", "run", job, *nproc, *[o for o in overrides if not o.startswith("resume=")],
+                      "resume=true"])
     return (f"fedpipe: stopped by {how} {done} ({since}); resume with: {cmd} (under torchrun or sbatch: the same "
             "launch with resume=true)")
 
@@ -241,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             written = run_notebooks(src, out, args.only, log=lambda m: print(m, file=sys.stderr))
             print(f"notebooks: {len(written)} executed -> {out}")
             return 0
+        if args.command == "run" and args.nproc is not None and "RANK" not in os.environ:
+            if args.nproc < 1:
+                raise UserInputError(f"--nproc must be >= 1 (got {args.nproc})")
+            load_job(args.job, args.overrides)  # a bad job file or override: said once, before any rank starts
+            from .runtime.local_launch import run_local
+
+            return run_local(args.job, args.overrides, args.nproc, no_progress=args.no_progress)
         cfg = load_job(args.job, args.overrides)
         if args.command == "check":
             import yaml
