@@ -184,7 +184,8 @@ def stopped_line(cfg, job: str, overrides: list[str], how: str) -> str:
     since = (f"a resume continues from round {kept[-1]}'s checkpoint" if kept else
              "no checkpoint to resume from yet, a rerun starts over" if cfg.checkpoint.enabled else
              "checkpoint.enabled=false, a rerun starts over")
-    nproc = ["--nproc", os.environ["FEDPIPE_LOCAL_NPROC"]] if os.environ.get("FEDPIPE_LOCAL_NPROC") else []  # run --nproc N
+    local = os.environ.get("FEDPIPE_LOCAL_NPROC")  # started by `fedpipe run --nproc N`
+    nproc = ["--nproc", local] if local else []
     cmd = shlex.join(["fedpipe", "run", job, *nproc, *[o for o in overrides if not o.startswith("resume=")],
                       "resume=true"])
     return (f"fedpipe: stopped by {how} {done} ({since}); resume with: {cmd} (under torchrun or sbatch: the same "

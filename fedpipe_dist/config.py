@@ -334,6 +334,10 @@ class OutputConfig:
     them, or keep them in place and start anyway (a fresh run never deletes them either way)."""
     save_final: bool = True
     """Write <dir>/final/ (merged model + tokenizer) at the end."""
+    csv: bool = True
+    """Keep <dir>/rounds.csv beside results.h5: its rounds/ columns, one line per round (io/sinks.py)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files into <dir>/tensorboard/ (needs the tensorboard package)."""
 
 
 @dataclass(kw_only=True)
@@ -495,6 +499,12 @@ def validate(cfg: JobConfig) -> None:
     _check(lo.alpha > 0, "lora.alpha", f"must be > 0 (got {lo.alpha})")
     _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1) (got {lo.dropout})")
     _check(cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    if cfg.output.tensorboard:
+        import importlib.util
+
+        _check(importlib.util.find_spec("tensorboard") is not None, "output.tensorboard",
+               "needs the tensorboard package: pip install tensorboard (or set output.tensorboard=false; "
+               "rounds.csv and results.h5 hold the same numbers)")
     _check(not cfg.data.rare_to_slow or cfg.data.partition == "dirichlet", "data.rare_to_slow",
            "deals a non-iid split; set data.partition=dirichlet with it, or leave it false")
     _check(cfg.data.max_train_samples is None or cfg.data.max_train_samples >= 1, "data.max_train_samples",

@@ -114,6 +114,12 @@ class ResultsWriter:
                     del f["profile"][name]
                 f["profile"].create_dataset(name, data=np.asarray(values[name], dtype=dt))
 
+    def attach(self, sink) -> None:
+        """A live view (io/sinks.py): given the rows the file holds now, then every row appended."""
+        self.sinks = [*getattr(self, "sinks", []), sink]
+        with _open(self.path, "r") as f:
+            sink.start({k: f["rounds"][k][()] for k in f["rounds"]})
+
     def append_round(self, row: dict[str, Any], clients: dict[str, np.ndarray]) -> None:
         """Append one round: `row` has ROUND_FIELDS scalars, `clients` has [n_clients] (or [n, L, 4]) arrays."""
         missing = set(ROUND_FIELDS) - set(row)
@@ -132,6 +138,8 @@ class ResultsWriter:
                 if name in clients:
                     ds[i] = clients[name]
             f.flush()
+        for sink in getattr(self, "sinks", []):
+            sink.add(row)
 
     def add_setup(self, seconds: float, phases: dict[str, float]) -> None:
         """This attempt's set-up time (one entry per attempt: a resumed run appends), and rank 0's phases."""

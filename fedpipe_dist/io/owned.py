@@ -7,6 +7,7 @@ with them. The project's names in output.dir:
     checkpoint/round*.{rank*of*.pt,results.h5}[.sha256][.tmp]   checkpoints (io/checkpoint.py)
     final/ (its files listed in final/.fedpipe-files), final.tmp/   the exported model (runtime/outputs.py)
     generations.txt, wire_audit/                       written in place, never deleted by a fresh run
+    rounds.csv, tensorboard/           live views of results.h5 (io/sinks.py), rewritten by a fresh run
     .fedpipe.lock                      removed by the job that holds it when it ends (io/lock.py)
 
 `foreign_files` lists what else sits in the two folders a fresh run clears (checkpoint/ and final/): a run

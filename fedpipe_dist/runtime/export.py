@@ -80,8 +80,8 @@ def export_adapter(run_dir: str, rank: int | None, out: str | None, log=print) -
     (target / "fedpipe_export.json").write_text(json.dumps(
         {"run": str(folder), "method": cfg.method, "ranks": ranks, "retained_share": retained,
          "min_retained_share": worst}, indent=1))
-    log(f"fedpipe export: {len(modules)} modules at rank {min(ranks.values())}-{r} -> {target} (retained share of ||dW||^2: min "
-        f"{worst:.6f}{'; exact' if worst > 1 - 1e-9 else ''})")
+    log(f"fedpipe export: {len(modules)} modules at rank {min(ranks.values())}-{r} -> {target} (retained share of "
+        f"||dW||^2: min {worst:.6f}{'; exact' if worst > 1 - 1e-9 else ''})")
     return target
 
 

@@ -14,6 +14,7 @@ from ..config import ConfigError, UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..io.hdf5 import ResultsWriter
 from ..io.owned import describe, foreign_files, publish_final, remove_checkpoints, remove_results
+from ..io.sinks import open_sinks
 from ..io.space import DiskError, disk_errors, require_space
 from ..metrics.generate import generate, one_line, write_generations
 from .record import own_losses, round_row
@@ -69,6 +70,8 @@ def open_results(run: Run, ckpt: CheckpointDir, point, run_id: str) -> tuple[Res
         ckpt.restore_results(point.round, run.out_dir / "results.h5")
         writer = ResultsWriter.reopen(run.out_dir / "results.h5", n_clients=run.cfg.clients.n, n_layers=run.L,
                                       resumed_from=point.round)
+        for sink in open_sinks(run.cfg.output, run.out_dir, point.round):
+            writer.attach(sink)
         run.log(f"fedpipe: resuming {run.cfg.method} in {run.out_dir} after round {point.round} of {run.cfg.rounds} "
                 f"(eval loss {eval_losses[-1]:.4f}); results.h5 continues from there")
         return writer, eval_losses
@@ -104,6 +107,8 @@ def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
                           "slowdown": [p.slowdown for p in profiles],
                           "base_weight_bytes": [run.view_bytes[p] for p in precisions]})
     writer.append_round(round_row(0, eval=ev0, n_selected=0), {"eval_loss_own": own_losses(ev0, cfg.clients.n)})
+    for sink in open_sinks(cfg.output, out, 0):
+        writer.attach(sink)
     what = f"the centralized limit of {cfg.method}" if cfg.central else cfg.method
     run.log(f"fedpipe: {what} on {cfg.model.name_or_path} ({len(run.sites)} adapter sites), {cfg.clients.n} "
             f"servers on {run.comm.world_size} rank(s), {cfg.rounds} rounds -> {out / 'results.h5'}")
