@@ -2,6 +2,7 @@
 
     fedpipe sweep jobs/paper_small.yaml                # every point here, one after another
     fedpipe sweep jobs/paper_small.yaml --list         # the points and what state each is in
+    fedpipe sweep jobs/paper_small.yaml --jobs 2 --only method=fedpipe   # 2 points at a time, a subset
     fedpipe sweep jobs/paper_small.yaml --slurm        # one Slurm array task per point still to do
                                                        # (slurm/fedpipe_sweep.sh runs `--point I --args`)
 
@@ -172,36 +173,101 @@ def point_lock(p: Point):
         os.close(fd)
 
 
-def run_local(campaign: Campaign, nproc: int = 1, log=print, todo: list[Point] | None = None) -> int:
-    """Run every point not done (or those of `todo`), one after another (torchrun with `nproc` ranks when
-    nproc > 1). Each point's state is read again under its lock right before it runs, so a point another sweep
-    process is running is skipped, and one that finished since the list was made is never run again.
-    Returns the number of points that failed; a failed point does not stop the others (rerun to retry)."""
-    failed = 0
+def run_local(campaign: Campaign, nproc: int = 1, log=print, todo: list[Point] | None = None, jobs: int = 1) -> int:
+    """Run every point not done (or those of `todo`), `jobs` at a time (each with torchrun and `nproc` ranks when
+    nproc > 1), saying each point's time and the campaign's ETA as points finish. Each point's state is read
+    again under its lock right before it runs, so a point another sweep process is running is skipped, and one
+    that finished since the list was made is never run again. Returns the number of points that failed; a failed
+    point does not stop the others (rerun to retry)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
     if todo is None:
         todo = [p for p in campaign.points if state(campaign, p) != "done"]
-        log(f"sweep: {len(campaign.points) - len(todo)} of {len(campaign.points)} points done; running {len(todo)}")
-    for k, p in enumerate(todo, 1):
-        with point_lock(p) as mine:
-            if not mine:
-                log(f"sweep [{k}/{len(todo)}] {p.name}: another sweep process is running it; skipped")
-                continue
-            st = state(campaign, p)
-            if st == "done":
-                log(f"sweep [{k}/{len(todo)}] {p.name}: finished meanwhile; skipped")
-                continue
-            args = campaign.job_args(p, st)
-            log(f"sweep [{k}/{len(todo)}] {p.name}" + (" (resuming)" if st == "partial" else ""))
-            launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                        if nproc > 1 else [sys.executable])
-            p.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(p.out_dir.parent / f"{p.name}.log", "a") as out:
-                rc = subprocess.run([*launcher, "-m", "fedpipe_dist", "run", *args, "--no-progress"], stdout=out,
-                                    stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            failed += 1
-            log(f"sweep: {p.name} failed (exit {rc}); its log: {p.out_dir.parent / f'{p.name}.log'}")
-    return failed
+        log(f"sweep: {len(campaign.points) - len(todo)} of {len(campaign.points)} points done; running {len(todo)}"
+            + (f", {jobs} at a time" if jobs > 1 else ""))
+    if todo and nproc == 1:
+        note = serial_wait_note(campaign, todo[0])
+        if note:
+            log(note)
+    t0, took, lock = time.monotonic(), [], threading.Lock()
+
+    def one(k: int, p: Point) -> int:
+        started = time.monotonic()
+        rc = _run_point(campaign, p, f"[{k}/{len(todo)}]", nproc, log)
+        if rc is None:  # skipped
+            return 0
+        with lock:
+            took.append(time.monotonic() - started)
+            left = len(todo) - len(took)
+            eta = sum(took) / len(took) * left / max(1, jobs)
+            log(f"sweep [{k}/{len(todo)}] {p.name}: {'done' if rc == 0 else f'failed (exit {rc})'} in "
+                f"{_clock(took[-1])}; {len(took)} of {len(todo)} run in {_clock(time.monotonic() - t0)}"
+                + (f", ETA {_clock(eta)}" if left else ""))
+            if rc != 0:
+                log(f"sweep: {p.name}'s log: {p.out_dir.parent / f'{p.name}.log'}")
+        return int(rc != 0)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return sum(pool.map(lambda kp: one(*kp), enumerate(todo, 1)))
+
+
+def _run_point(campaign: Campaign, p: Point, tag: str, nproc: int, log) -> int | None:
+    """Point p run to its end under its lock: the exit code, or None when it was skipped."""
+    with point_lock(p) as mine:
+        if not mine:
+            log(f"sweep {tag} {p.name}: another sweep process is running it; skipped")
+            return None
+        st = state(campaign, p)
+        if st == "done":
+            log(f"sweep {tag} {p.name}: finished meanwhile; skipped")
+            return None
+        args = campaign.job_args(p, st)
+        log(f"sweep {tag} {p.name}" + (" (resuming)" if st == "partial" else ""))
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                    if nproc > 1 else [sys.executable])
+        p.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(p.out_dir.parent / f"{p.name}.log", "a") as out:
+            return subprocess.run([*launcher, "-m", "fedpipe_dist", "run", *args, "--no-progress"], stdout=out,
+                                  stderr=subprocess.STDOUT).returncode
+
+
+def serial_wait_note(campaign: Campaign, p: Point) -> str | None:
+    """A note when points run on one process while their servers have slowdowns that are waited out
+    (clients.throttle=sleep): one process trains its servers one after another, so each round takes the sum
+    of their times, not the slowest one's."""
+    from .config import per_client_values
+
+    cfg = load_job(campaign.base, p.overrides)
+    slow = per_client_values(cfg.clients.slowdown, cfg.clients.n, "clients.slowdown", seed=cfg.seed)
+    if cfg.clients.n < 2 or cfg.clients.throttle != "sleep" or max(slow) <= 1:
+        return None
+    return (f"sweep: points run on 1 process, so each round trains the {cfg.clients.n} servers one after another "
+            f"and waits out every slowdown ({', '.join(f'{x:g}' for x in slow)}) in turn; --nproc "
+            f"{cfg.clients.n} runs them side by side, or clients.throttle=clock charges the slowdowns without "
+            "waiting")
+
+
+def select(campaign: Campaign, only: list[str]) -> list[Point]:
+    """The points whose labels match every `axis=label` of `only` (e.g. method=fedpipe seed=0)."""
+    axes = sorted({a for p in campaign.points for a in p.labels})
+    points = campaign.points
+    for cond in only:
+        axis, sep, label = cond.partition("=")
+        if not sep or axis not in axes:
+            raise UserInputError(f"--only {cond!r}: write axis=label with an axis of {campaign.path} ({axes})")
+        labels = sorted({p.labels[axis] for p in campaign.points if axis in p.labels})
+        if label not in labels:
+            raise UserInputError(f"--only {cond!r}: axis {axis!r} has labels {labels}")
+        points = [p for p in points if p.labels.get(axis) == label]
+    return points
+
+
+def _clock(s: float) -> str:
+    s = int(round(s))
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s"
 
 
 def submit_slurm(campaign: Campaign, sbatch_args: list[str], script: Path, log=print) -> str | None:

@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("job", metavar="sweep_file", help="YAML sweep file, e.g. jobs/paper_small.yaml")
     sw.add_argument("--list", action="store_true", help="list the points and their states; run nothing")
     sw.add_argument("--nproc", type=int, default=1, help="ranks per point when run here (torchrun when > 1)")
+    sw.add_argument("--jobs", type=int, default=1, help="points run side by side here (each with --nproc ranks)")
+    sw.add_argument("--only", nargs="+", default=[], metavar="AXIS=LABEL", help="only the points with these "
+                    "labels, e.g. --only method=fedpipe seed=0 (the labels: --list)")
     sw.add_argument("--slurm", nargs=argparse.REMAINDER, metavar="SBATCH_OPTION",
                     help="submit one Slurm array task per point not done (slurm/fedpipe_sweep.sh); options after "
                          "it go to sbatch, e.g. --slurm --partition=gpu")
@@ -98,6 +101,10 @@ def _sweep(args) -> int:
         if args.args and st != "done":
             print("\n".join(c.job_args(p, st)))
         return 0
+    if args.jobs < 1 or args.nproc < 1:
+        raise UserInputError(f"--jobs and --nproc must be >= 1 (got {args.jobs} and {args.nproc})")
+    if args.only:
+        c.points = cp.select(c, args.only)
     if args.list:
         print(cp.table(c))
         return 0
@@ -106,7 +113,7 @@ def _sweep(args) -> int:
         script = Path(__file__).resolve().parents[1] / "slurm" / "fedpipe_sweep.sh"
         cp.submit_slurm(c, args.slurm, script, log=log)
         return 0
-    failed = cp.run_local(c, nproc=args.nproc, log=log)
+    failed = cp.run_local(c, nproc=args.nproc, log=log, jobs=args.jobs)
     print(cp.table(c))
     return 1 if failed else 0
 

@@ -116,3 +116,36 @@ def test_a_point_done_since_the_list_was_made_or_held_by_another_sweep_is_not_ru
     assert state(c, q) == "todo"
     with pytest.raises(ValueError, match="is done"):
         c.job_args(p)
+
+
+def test_only_selects_points_by_label_and_names_the_axes_when_wrong(tmp_path):
+    from fedpipe_dist.campaign import select
+
+    c = load_campaign(_sweep_file(tmp_path, 1))
+    assert [p.name for p in select(c, ["method=lora"])] == ["method-lora_seed-0", "method-lora_seed-1"]
+    assert [p.index for p in select(c, ["method=lora", "seed=1"])] == [3]
+    with pytest.raises(UserInputError, match=r"an axis of .*\['method', 'seed'\]"):
+        select(c, ["methd=lora"])
+    with pytest.raises(UserInputError, match=r"has labels \['fedpipe', 'lora'\]"):
+        select(c, ["method=flora"])
+
+
+def test_jobs_run_points_side_by_side_with_times_and_an_eta(tmp_path):
+    path = _sweep_file(tmp_path, 1)
+    p = _fedpipe("sweep", path, "--jobs", "2", "--only", "seed=0")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "running 2, 2 at a time" in p.stderr
+    done = [ln for ln in p.stderr.splitlines() if ": done in " in ln]
+    assert len(done) == 2 and any("ETA" in ln for ln in done), p.stderr
+    c = load_campaign(path)
+    assert [state(c, q) for q in c.points] == ["done", "todo", "done", "todo"]
+
+
+def test_one_process_points_with_waited_out_slowdowns_say_so_once(tmp_path):
+    from fedpipe_dist.campaign import serial_wait_note
+
+    c = load_campaign(_sweep_file(tmp_path, 1, overrides=["clients.slowdown=[1,2,3,4]", "rounds=1"]))
+    note = serial_wait_note(c, c.points[0])
+    assert "one after another" in note and "--nproc 4" in note
+    plain = load_campaign(_sweep_file(tmp_path, 1))
+    assert serial_wait_note(plain, plain.points[0]) is None  # SMALL_RUN: slowdown 1
