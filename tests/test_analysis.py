@@ -192,3 +192,12 @@ def test_fedpipe_notebooks_executes_them_headless_into_out(seeded_runs, tmp_path
     bad = subprocess.run([sys.executable, "-m", "fedpipe_dist", "notebooks", str(seeded_runs), "--only", "fig99"],
                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no notebook ['fig99']" in bad.stderr
+
+
+def test_a_method_outside_the_papers_list_is_drawn_not_dropped(analysis_runs):
+    runs = [r for r in load_runs(analysis_runs) if r.name.startswith(("hetero/", "ideal/"))]
+    plugin = next(r for r in runs if r.name == "hetero/lora")
+    plugin.results.attrs["method"] = "myplugin"  # as a method added in one file (tests/test_method_plugin.py)
+    fig, _ = figures.fig13_quality(runs)
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()]
+    assert "myplugin" in labels, labels

@@ -1,5 +1,6 @@
-"""Layer: the package's structure (DESIGN.md, rule 12; issue 15), read from the source with ast: algorithm/ is
-pure math, runtime/ never branches on a method's name, and every runtime function fits on a screen.
+"""Layer: the package's structure (the team's design rules, issue 15; docs/architecture.md), read from the
+source with ast: algorithm/ is pure math, runtime/ never branches on a method's name, and every runtime
+function fits on a screen.
 
 Run: .venv/bin/python -m pytest tests/test_architecture.py -q      (under a second)
 """

@@ -143,7 +143,9 @@ def fig13_quality(runs: list[Run]):
     plt = _plt()
     d = _Drawn(runs)
     het, ideal = _by_method(d, "hetero"), _by_method(d, "ideal")
-    methods = [m for m in (*METHOD_ORDER, "fedpipe-paper") if m in het or m in ideal]
+    known = (*METHOD_ORDER, "fedpipe-paper")
+    # every method drawn: the paper's order first, then any other (a plugin method) by name, never dropped
+    methods = [m for m in known if m in het or m in ideal] + sorted((set(het) | set(ideal)) - set(known))
     missing = _missing_methods(het, "heterogeneous") + _missing_methods(ideal, "ideal", PAPER_METHODS)
     has_bleu = any("BLEU" in r.results.generation for g in [*het.values(), *ideal.values()] for r in g.runs)
     fig, axes = plt.subplots(1, 2 if has_bleu else 1, figsize=(10 if has_bleu else 7, 4.4), squeeze=False)

@@ -38,7 +38,6 @@ class Aggregate:
 class Aggregator:
     name = ""
     keeps_global_adapter = False  # True: clients start from `client_start` instead of fresh adapters
-    weights_from_updates = False  # True: weights depend on the factors themselves, so only rank 0 forms them
     pad_ranks = False  # True: summing factors of different ranks zero-pads them (HetLoRA); False: ranks must match
     averages_factors = False  # True: the result is an average of B and of A (not of products): never dense
     dense_global = False  # True: the global adapter is a dense dW_g (FlexLoRA), so it travels dense

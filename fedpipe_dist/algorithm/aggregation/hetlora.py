@@ -45,7 +45,6 @@ def pruned_rank(rank: int, gamma: float, norm_now: float, norm_before: float | N
 class HetLoRA(Aggregator):
     name = "hetlora"
     keeps_global_adapter = True
-    weights_from_updates = True
     pad_ranks = True
     averages_factors = True
 
