@@ -141,10 +141,13 @@ class ResultsWriter:
         for sink in getattr(self, "sinks", []):
             sink.add(row)
 
-    def add_setup(self, seconds: float, phases: dict[str, float]) -> None:
-        """This attempt's set-up time (one entry per attempt: a resumed run appends), and rank 0's phases."""
+    def add_setup(self, seconds: float, phases: dict[str, float], provenance: dict | None = None) -> None:
+        """This attempt's set-up time (one entry per attempt: a resumed run appends), rank 0's phases, and the
+        attempt's provenance (runtime/provenance.py)."""
         import json
 
+        if provenance is not None:
+            self.add_provenance(provenance)
         with _open(self.path, "a") as f:
             f.attrs["setup_s"] = np.append(f.attrs.get("setup_s", np.zeros(0)), seconds)
             kept = [str(x) for x in f.attrs.get("setup_phases_json", [])]

@@ -91,8 +91,7 @@ def run_central(cfg: JobConfig, comm, log, lock):
     ckpt = CheckpointDir(cfg.output.dir, comm.rank, comm.world_size)
     run = set_up(cfg, comm, log, None)
     writer, eval_losses = open_results(run, ckpt, None, new_run_id(comm))
-    writer.add_setup(time.perf_counter() - t_start, run.setup_phases)
-    writer.add_provenance(run.provenance)
+    writer.add_setup(time.perf_counter() - t_start, run.setup_phases, run.provenance)
     trainer = _Trainer(run)
     log.open_bar(cfg.rounds)
     for t in range(1, cfg.rounds + 1):

@@ -38,10 +38,11 @@ def export_adapter(run_dir: str, rank: int | None, out: str | None, log=print) -
                              "results.h5 and final/); run the job with output.save_final=true first")
     tree = json.loads(Results(folder / "results.h5").attrs["config_json"])
     cfg = job_from_dict(tree)
-    if cfg.method in ("ft", "fedadapter"):
-        raise UserInputError(f"fedpipe export --adapter: method {cfg.method} trains "
-                             f"{'every weight' if cfg.method == 'ft' else 'Houlsby adapters'}, not LoRA; its final/ "
-                             "folder is the model to share")
+    from ..methods import method_class
+
+    if not method_class(cfg.method).trains_lora:
+        raise UserInputError(f"fedpipe export --adapter: method {cfg.method} does not train LoRA adapters, so its "
+                             "update has no LoRA form; its final/ folder is the model to share")
     if rank is not None and rank < 1:
         raise UserInputError(f"fedpipe export: --rank must be >= 1 (got {rank})")
     tok = load_tokenizer(str(final))

@@ -73,8 +73,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
     method, start = run.method, point.round if point else 0
     writer, eval_losses = open_results(run, ckpt, point, run_id)
     if run.rank0:  # set-up: everything before round 1 (row 0's evaluation of the base included)
-        writer.add_setup(time.perf_counter() - t_start, run.setup_phases)
-        writer.add_provenance(run.provenance)
+        writer.add_setup(time.perf_counter() - t_start, run.setup_phases, run.provenance)
     log.open_bar(cfg.rounds, done=start)
     trained_rounds, ckpt_s = 0, 0.0
     chain = BaseChain(cfg.checkpoint.full_every, resumed=point is not None)  # what checkpoints keep of the base
