@@ -53,6 +53,7 @@ def test_fedpipe_report_writes_every_figure(analysis_runs, tmp_path):
     for name in figures.FIGURES:
         png = tmp_path / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert (tmp_path / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
     text = (tmp_path / "tables.md").read_text()
     assert "Table II" in text and "Table V" in text and "Missing runs" not in text
 
@@ -110,6 +111,10 @@ def test_notebook_executes_headless_and_writes_its_output(analysis_runs, tmp_pat
     assert "16 run(s)" in outputs and "Traceback" not in outputs
     written = tmp_path / "out" / (f"{name}.png" if name != "tables" else "tables.md")
     assert written.is_file() and written.stat().st_size > 1000
+    if name != "tables":  # the figure is in the notebook itself, and as a vector PDF beside the PNG
+        images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if "image/png" in o.get("data", {})]
+        assert len(images) == 1 and written.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
 
 
 def test_notebook_names_missing_runs(tmp_path):
@@ -185,6 +190,7 @@ def test_fedpipe_notebooks_executes_them_headless_into_out(seeded_runs, tmp_path
                         str(tmp_path / "nb"), "--only", "fig15_convergence", "tables"], cwd=REPO, env=subprocess_env(),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "IPKernelApp" not in p.stderr  # the kernel's warnings are not the user's to act on
     assert (tmp_path / "nb" / "fig15_convergence.png").stat().st_size > 10_000
     assert "Table II" in (tmp_path / "nb" / "tables.md").read_text()
     assert (tmp_path / "nb" / "tables.ipynb").is_file() and "5 run(s)" in (tmp_path / "nb" / "tables.ipynb").read_text()

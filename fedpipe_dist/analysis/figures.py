@@ -131,7 +131,10 @@ def _errorbar(ax, x, groups: list[Seeds], value, **kw):
     """Means of value over each group's repeats at x, with min-max intervals."""
     stats = np.array([g.stat(value) for g in groups], dtype=float).reshape(-1, 3)
     mean, lo, hi = stats[:, 0], stats[:, 1], stats[:, 2]
-    return ax.errorbar(x, mean, yerr=np.vstack([mean - lo, hi - mean]), fmt="o", capsize=3, **kw), mean
+    one = np.array([g.n <= 1 for g in groups], dtype=bool)
+    # no interval where there is one repeat: NaN whiskers are not drawn (no zero-length caps)
+    yerr = np.where(one, np.nan, np.vstack([mean - lo, hi - mean]))
+    return ax.errorbar(x, mean, yerr=yerr, fmt="o", capsize=3, **kw), mean
 
 
 # ---- figures ----------------------------------------------------------------------------------------------
@@ -148,7 +151,7 @@ def fig13_quality(runs: list[Run]):
     methods = [m for m in known if m in het or m in ideal] + sorted((set(het) | set(ideal)) - set(known))
     missing = _missing_methods(het, "heterogeneous") + _missing_methods(ideal, "ideal", PAPER_METHODS)
     has_bleu = any("BLEU" in r.results.generation for g in [*het.values(), *ideal.values()] for r in g.runs)
-    fig, axes = plt.subplots(1, 2 if has_bleu else 1, figsize=(10 if has_bleu else 7, 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_bleu else 1, figsize=(12 if has_bleu else 8, 4.8), squeeze=False)
     x = np.arange(len(methods))
     panels = [("final eval perplexity (lower is better)", lambda r: r.final_ppl())]
     if has_bleu:
@@ -158,16 +161,23 @@ def fig13_quality(runs: list[Run]):
     width = 0.8 / max(1, len(settings))
     for ax, (ylabel, value) in zip(axes[0], panels):
         tops = [0.0]
+        # a method drawn in one setting only has its bar centred on its tick, not beside an empty slot
+        present = {m: [k for k, (_, g, _) in enumerate(settings) if m in g] for m in methods}
         for k, (name, group, color) in enumerate(settings):
             stats = np.array([group[m].stat(value) if m in group else (math.nan,) * 3 for m in methods]).reshape(-1, 3)
-            xs = x + (k - (len(settings) - 1) / 2) * width
-            ax.bar(xs, stats[:, 0], width, label=name, color=color, alpha=0.85,
-                   yerr=np.vstack([stats[:, 0] - stats[:, 1], stats[:, 2] - stats[:, 0]]), capsize=2)
+            slot = [present[m].index(k) - (len(present[m]) - 1) / 2 if k in present[m] else 0.0 for m in methods]
+            xs = x + np.asarray(slot) * width
+            ax.bar(xs, stats[:, 0], width, label=name, color=color, alpha=0.85)
+            n = np.array([group[m].n if m in group else 0 for m in methods])
+            spread = n > 1  # whiskers (min-max) only where there are several seeds: no zero-length caps
+            if spread.any():
+                ax.errorbar(xs[spread], stats[spread, 0], fmt="none", ecolor="black", capsize=3, elinewidth=1,
+                            yerr=np.vstack([stats[spread, 0] - stats[spread, 1], stats[spread, 2] - stats[spread, 0]]))
             tops += [hi for hi in stats[:, 2] if np.isfinite(hi)]
             for xi, m, (mean, _, hi) in zip(xs, methods, stats):
                 if np.isfinite(mean):  # the mean and its number of seeds, above the whisker
                     ax.annotate(f"{mean:.2f}\nn={group[m].n}", (xi, hi), textcoords="offset points", xytext=(0, 2),
-                                ha="center", fontsize=6)
+                                ha="center", fontsize=8)
         top = max(tops)
         ax.set_ylim(0, 1.2 * top if top > 0 else 1)  # from zero, room for the value labels
         ax.set_xticks(x, methods, rotation=20)
@@ -245,11 +255,14 @@ def fig15_convergence(runs: list[Run]):
             b.fill_between(grid, wlo, whi, color=line.get_color(), alpha=0.15)
     a.set_xlabel("round")
     b.set_xlabel("wall-clock (s, rank 0, cumulative)")
+    a.set_title("(a) per round", fontsize=10)
+    b.set_title("(b) per wall-clock second", fontsize=10)
+    a.set_ylabel("eval loss (nats per target token)")
     for ax in (a, b):
-        ax.set_ylabel("eval loss (nats per target token)")
         ax.grid(alpha=0.3)
-    if have:
+    if have:  # one legend for both panels (the same colour per method)
         a.legend(title="method", fontsize=8)
+        b.legend(*a.get_legend_handles_labels(), title="method", fontsize=8)
     fig.suptitle("Fig. 15: convergence, heterogeneous servers")
     _note(fig, missing, d)
     return fig, missing
@@ -318,9 +331,20 @@ def fig16_ablations(runs: list[Run]):
         ax.set_xticks(np.arange(len(names)), names)
         ax.set_xlim(-0.5, max(len(names), 2) - 0.2)
         ax.set_title(titles[key], fontsize=10)
-        ax.set_ylabel("final eval loss (nats per target token)")
         ax.set_xlabel({"weights": "importance", "ranks": "ranks", "precision": "precision"}[key])
         ax.grid(axis="y", alpha=0.3)
+        if not names:
+            ax.text(0.5, 0.5, "no run", transform=ax.transAxes, ha="center", va="center", color="gray")
+    axes[0].set_ylabel("final eval loss (nats per target token)")  # shared: said once
+    # the axis is zoomed (dots, not bars): at least 2 % of the mean loss tall, so that differences in the
+    # fourth decimal do not fill it, and said on the figure
+    drawn = [v for ax in axes for line in ax.get_lines() for v in np.atleast_1d(line.get_ydata()) if np.isfinite(v)]
+    if drawn:
+        lo, hi = min(drawn), max(drawn)
+        half = max(hi - lo, 0.02 * abs(np.mean(drawn))) * 0.6
+        axes[0].set_ylim((lo + hi) / 2 - half, (lo + hi) / 2 + half)
+        axes[0].annotate("y axis zoomed (does not start at 0)", (0.01, 0.01), xycoords="axes fraction", fontsize=7,
+                         color="gray")
     fig.suptitle("Fig. 16: ablations (FedPipe, heterogeneous servers)")
     _note(fig, missing, d)
     return fig, missing
@@ -330,6 +354,8 @@ def fig16_ablations(runs: list[Run]):
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
+    if not rows:  # no header over nothing: the missing runs are named under "Missing runs"
+        return "(no runs for this table)"
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
                       *("| " + " | ".join(row) + " |" for row in rows)])
 
@@ -366,7 +392,7 @@ def tables_ablations(runs: list[Run]) -> tuple[dict[str, str], list[str]]:
         head += ["base MiB (x fp32)"] if extra else []
         rows = []
         for name, g in sorted(groups.get(key, {}).items(), key=lambda kv: _variant_order(kv[0])):
-            row = [name, str(g.n), ", ".join(g.names), g.cell(Run.final_loss), g.cell(Run.final_ppl, "{:.3f}"),
+            row = [name, str(g.n), ", ".join(g.names), g.cell(Run.final_loss), g.cell(Run.final_ppl, "{:.2f}"),
                    g.cell(Run.trainable_params, "{:,.0f}")]
             if extra:
                 mib = g.stat(Run.base_mib)[0]
@@ -497,7 +523,8 @@ def _write_figures(runs: list[Run], folder: Path, notes: list[str], suffix: str)
     for name, fn in FIGURES.items():
         fig, missing = fn(runs)
         path = folder / f"{name}.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=200)
+        fig.savefig(path.with_suffix(".pdf"))  # vector, for papers
         listing = [f"# {name}: the run folders it drew", *getattr(fig, "fedpipe_runs", []),
                    *(f"# note: {n}" for n in getattr(fig, "fedpipe_notes", []))]
         (folder / f"{name}.runs.txt").write_text("\n".join(listing) + "\n", encoding="utf-8")

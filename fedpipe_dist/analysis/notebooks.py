@@ -43,8 +43,9 @@ def run_notebooks(runs: str | Path, out: str | Path, names: list[str] | None = N
         cells[0].source = f"runs_dir = {str(Path(runs).resolve())!r}\nout_dir = {str(out)!r}"
         log(f"notebooks: {name}")
         try:
-            nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                    resources={"metadata": {"path": str(out)}}).execute()
+            # the kernel's own log level: its warning about local TCP sockets is not the user's to act on
+            nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", extra_arguments=[
+                "--IPKernelApp.log_level=ERROR"], resources={"metadata": {"path": str(out)}}).execute()
         finally:  # the executed notebook, with its outputs (or the error), beside the figures
             nbformat.write(nb, out / f"{name}.ipynb")
         written.append(out / f"{name}.ipynb")
