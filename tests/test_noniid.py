@@ -50,6 +50,13 @@ def test_rare_to_slow_needs_a_dirichlet_split():
         load_job("jobs/quickstart.yaml", ["data.rare_to_slow=true"])
 
 
+def test_scored_share_by_hand():
+    from fedpipe_dist.metrics.perplexity import scored_share
+
+    g = np.array([[10.0, 5.0, 1.0], [0.0, 0.0, 0.0], [3.0, 1.0, 2.0]])
+    assert scored_share(g, np.array([[0.5, 0.25, 0.25], [0.0, 1.0, 0.0]])).tolist() == [0.75, 0.0]
+
+
 def test_reweighted_losses_by_hand():
     # groups: loss sums, tokens, examples
     g = np.array([[10.0, 5.0, 1.0], [30.0, 10.0, 2.0], [0.0, 0.0, 0.0]])
@@ -95,11 +102,14 @@ def test_own_data_losses_equal_a_recomputation_on_the_base_model(tmp_path):
         loss, n = example_losses(model, collate(data, list(range(len(data))), tok.pad_token_id))
     ev_keys = [partition_key(ev[i][0]) for i in order]
     q = Counter(ev_keys)
+    coverage = r.clients["eval_own_coverage"]
     for c, shard in enumerate(shards):
         p = Counter(keys[i] for i in shard)
         w = np.array([p[k] / len(shard) / (q[k] / len(order)) for k in ev_keys])
         want = float((w * loss.double().numpy()).sum() / (w * n.double().numpy()).sum())
         assert own[0, c] == pytest.approx(want, rel=1e-5), c
+        # the share of the server's examples whose key the eval sample holds
+        assert coverage[0, c] == pytest.approx(sum(keys[i] in q for i in shard) / len(shard), abs=1e-9), c
 
 
 def test_a_results_file_written_before_the_column_gains_it_when_reopened(tmp_path):

@@ -74,6 +74,7 @@ CLIENT_FIELDS = {
     # it: metrics.perplexity.reweighted_losses); NaN in rounds not evaluated. Added within schema 8: a file
     # written before it gains the column when resumed, its earlier rows NaN
     "eval_loss_own": "f8",
+    "eval_own_coverage": "f8",  # the share of the server's data whose keys the eval sample holds (same addition)
 }
 CLIENT_LAYER_FIELDS = {"ranks": "i4", "importance": "f8"}  # [round row, client, layer, 4] (q, k, v, o)
 

@@ -81,6 +81,12 @@ def reweighted_losses(group_sums: np.ndarray, mix: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.full(len(mix), np.nan), where=den > 0)
 
 
+def scored_share(group_sums: np.ndarray, mix: np.ndarray) -> np.ndarray:
+    """Per target distribution, the share of it whose groups were scored: what reweighted_losses' estimate
+    covers (E2E's dev set holds 3 of the 8 food types, so a server of other food types is barely covered)."""
+    return mix @ (group_sums[:, 2] > 0).astype(float)
+
+
 def summarize(loss_sum: float, tokens: float, loss_sq: float = 0.0, loss_tokens: float = 0.0,
               tokens_sq: float = 0.0, examples: float = 0.0) -> dict:
     """Mean loss per target token, perplexity, and the standard error of that mean, from sums that add up

@@ -109,7 +109,7 @@ def run_central(cfg: JobConfig, comm, log, lock):
         samples = _samples(cfg.clients.n, steps)
         writer.append_round(row, {"samples": samples, "selected": (samples > 0).astype(np.int64),
                                   "local_steps": _steps(cfg.clients.n, steps),
-                                  "eval_loss_own": own_losses(ev, cfg.clients.n)})
+                                  **own_losses(ev, cfg.clients.n)})
         log.step(row)
     log.close()
     trainer.fold()

@@ -106,7 +106,7 @@ def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
                           "mem_budget_bytes": [p.mem_budget_bytes for p in profiles],
                           "slowdown": [p.slowdown for p in profiles],
                           "base_weight_bytes": [run.view_bytes[p] for p in precisions]})
-    writer.append_round(round_row(0, eval=ev0, n_selected=0), {"eval_loss_own": own_losses(ev0, cfg.clients.n)})
+    writer.append_round(round_row(0, eval=ev0, n_selected=0), own_losses(ev0, cfg.clients.n))
     for sink in open_sinks(cfg.output, out, 0):
         writer.attach(sink)
     what = f"the centralized limit of {cfg.method}" if cfg.central else cfg.method

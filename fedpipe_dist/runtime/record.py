@@ -139,9 +139,13 @@ def round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0,
     return row
 
 
-def own_losses(ev: dict | None, n: int) -> np.ndarray:
-    """clients/eval_loss_own of a round: each server's own-mix eval loss (Run.evaluate), NaN when not evaluated."""
-    return np.asarray(ev["own"], dtype=float) if ev and "own" in ev else np.full(n, np.nan)
+def own_losses(ev: dict | None, n: int) -> dict[str, np.ndarray]:
+    """clients/eval_loss_own and eval_own_coverage of a round: each server's own-mix eval loss and the share of
+    its data it covers (Run.evaluate); NaN when not evaluated."""
+    if not ev or "own" not in ev:
+        return {"eval_loss_own": np.full(n, np.nan), "eval_own_coverage": np.full(n, np.nan)}
+    return {"eval_loss_own": np.asarray(ev["own"], dtype=float),
+            "eval_own_coverage": np.asarray(ev["own_coverage"], dtype=float)}
 
 
 def client_arrays(n: int, L: int, sites: list[Site], plans: list[ClientPlan], selected: list[int],

@@ -298,7 +298,7 @@ def _round_record(run: Run, t: int, selected, plans, infos, scores, ex: Exchange
     arrays["importance"] = scores
     arrays["pred_step_s"] = np.array([i.predicted_step_s for i in infos])
     arrays["pred_mem_bytes"] = np.array([i.predicted_mem_bytes for i in infos], dtype=np.int64)
-    arrays["eval_loss_own"] = own_losses(ev, n)
+    arrays.update(own_losses(ev, n))
     arrays["rejected"] = np.array([int(c in rejected) for c in range(n)], dtype=np.int8)
     run.method.record(arrays)
     return row, arrays

@@ -22,7 +22,7 @@ from ..config import JobConfig, per_client_values
 from ..data import format_example, load_eval_pairs, load_train_pairs, partition, partition_key, tokenize_pairs
 from ..methods import Method, make_method
 from ..metrics.generate import generation_pairs
-from ..metrics.perplexity import evaluate, reweighted_losses, summarize
+from ..metrics.perplexity import evaluate, reweighted_losses, scored_share, summarize
 from ..models import check_max_length, load_model, load_tokenizer
 from .bases import RankBases, lowest_precision
 from .heterogeneity import ServerProfile, client_profiles, device_memory_bytes, measure_tflops
@@ -101,7 +101,8 @@ class Run:
         """Eval loss of the global model at eval precision, with the method's kept global adapter (or `state`)
         attached, on the eval set (or `data`, this rank's share of other examples). Every rank calls it.
         On the eval set, also "own": per server, the loss on its own mix of partition keys (reweighted_losses;
-        NaN where none of its keys is in the eval sample)."""
+        NaN where none of its keys is in the eval sample), and "own_coverage": the share of its data whose keys
+        the eval sample holds."""
         self.bases.use(self.eval_precision)
         groups = self.eval_groups if data is None and self.keys is not None else None
         with self.method.attach(state):
@@ -111,7 +112,8 @@ class Run:
         parts = self.comm.all_gather_object((part["moments"], part.get("group_sums")))
         out = summarize(*(sum(p[0][i] for p in parts) for i in range(len(parts[0][0]))))
         if groups is not None:
-            out["own"] = reweighted_losses(sum(p[1] for p in parts), self.keys.mix)
+            sums = sum(p[1] for p in parts)
+            out["own"], out["own_coverage"] = reweighted_losses(sums, self.keys.mix), scored_share(sums, self.keys.mix)
         return out
 
 
