@@ -91,20 +91,6 @@ def _looks_local(name_or_path: str) -> bool:
     return name_or_path.count("/") > 1
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def _cached(repo_id: str) -> bool:
-    """Whether the hub cache holds the model's config.json."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # an id the hub library refuses to parse is not in its cache either
-        return False
-
-
 def check_model_path(name_or_path: str) -> None:
     """Refuse a local model path that cannot hold a model before any library sees it.
 
@@ -123,10 +109,6 @@ def check_model_path(name_or_path: str) -> None:
             raise UserInputError(f"model.name_or_path: {name_or_path!r} is neither a model folder nor a "
                                  f"built-in model; did you mean {close[0]!r}? Set "
                                  f"model.name_or_path={close[0]}")
-        if _offline() and not _cached(name_or_path):  # no network to try: say so now, not after retries
-            raise UserInputError(f"model.name_or_path: {name_or_path!r} is not a local folder and not in the "
-                                 "Hugging Face cache, and the hub is off (HF_HUB_OFFLINE); give the path of a "
-                                 f"downloaded model folder, or {fix}")
         return  # a hub id: from_pretrained decides, _model_path_message explains failures
     p = Path(name_or_path).expanduser()
     if not p.exists():
