@@ -183,6 +183,8 @@ def run_local(campaign: Campaign, nproc: int = 1, log=print, todo: list[Point] |
     import time
     from concurrent.futures import ThreadPoolExecutor
 
+    from .runtime.record import _clock  # the run log's h/m/s format
+
     if todo is None:
         todo = [p for p in campaign.points if state(campaign, p) != "done"]
         log(f"sweep: {len(campaign.points) - len(todo)} of {len(campaign.points)} points done; running {len(todo)}"
@@ -262,12 +264,6 @@ def select(campaign: Campaign, only: list[str]) -> list[Point]:
             raise UserInputError(f"--only {cond!r}: axis {axis!r} has labels {labels}")
         points = [p for p in points if p.labels.get(axis) == label]
     return points
-
-
-def _clock(s: float) -> str:
-    s = int(round(s))
-    h, m = divmod(s // 60, 60)
-    return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s"
 
 
 def submit_slurm(campaign: Campaign, sbatch_args: list[str], script: Path, log=print) -> str | None:
