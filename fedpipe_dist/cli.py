@@ -173,6 +173,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _rounds_kept(cfg) -> str:
+    """Where a run stopped by a failed collective stands: the rounds results.h5 holds, and how to go on."""
+    from pathlib import Path
+
+    from .io.hdf5 import Results
+
+    try:
+        n = Results(Path(cfg.output.dir) / "results.h5").n_rounds
+    except Exception:  # no file yet (stopped during set-up), or one being written by another rank
+        return "no round had finished"
+    return (f"results.h5 holds rounds 1-{n} (every round finished before it); rerun with resume=true to continue "
+            "from the newest checkpoint" if n else "no round had finished")
+
+
 def stopped_line(cfg, job: str, overrides: list[str], how: str) -> str:
     """One line for a run stopped from outside: the rounds results.h5 holds, the checkpoint a resume continues
     from, and the command that resumes it."""
@@ -307,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
             return 143 if isinstance(e, Stopped) else 130
         except CollectiveTimeout as e:
-            print(f"{_rank_prefix()}fedpipe: error: {e}; results.h5 holds every round finished before it",
-                  file=sys.stderr, flush=True)
+            print(f"{_rank_prefix()}fedpipe: error: {e}; {_rounds_kept(cfg)}", file=sys.stderr, flush=True)
             comm.abort()  # MPI: ends every rank of the job, a stopped one too (torchrun does that itself)
             return 1
         finally:

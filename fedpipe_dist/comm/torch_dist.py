@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -67,13 +68,14 @@ class TorchDistComm:
         except Exception:  # pragma: no cover - depends on the launcher
             self._store = None
         self._stop = threading.Event()
+        self._host = socket.gethostname()
         if self._store is not None and self.world_size > 1:
             self._beat()
             threading.Thread(target=self._beat_loop, name="fedpipe-heartbeat", daemon=True).start()
 
     # ---- heartbeats, to name a dead or stopped peer ------------------------------------------------------
     def _beat(self) -> None:
-        self._store.set(f"fedpipe/heartbeat/{self.rank}", repr(time.time()))
+        self._store.set(f"fedpipe/heartbeat/{self.rank}", f"{time.time()!r} {self._host}")
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -82,20 +84,22 @@ class TorchDistComm:
             except Exception:  # the store went away (shutdown): stop beating
                 return
 
-    def stale_ranks(self) -> list[tuple[int, float]] | None:
-        """(rank, seconds since its last heartbeat) for every peer silent for over 3 heartbeats; None when the
-        store itself cannot be reached (it lives in rank 0's process, or torchrun's, so that one is gone)."""
+    def stale_ranks(self) -> list[tuple[int, float, str]] | None:
+        """(rank, seconds since its last heartbeat, its host) for every peer silent for over 3 heartbeats; None
+        when the store itself cannot be reached (it lives in rank 0's process, or torchrun's, so that one is
+        gone)."""
         if self._store is None:
             return []
         out, now, reached = [], time.time(), False
         for r in range(self.world_size):
             try:
-                age = now - float(self._store.get(f"fedpipe/heartbeat/{r}").decode())
+                beat, _, host = self._store.get(f"fedpipe/heartbeat/{r}").decode().partition(" ")
+                age = now - float(beat)
                 reached = True
             except Exception:
                 continue
             if age > 3 * HEARTBEAT_S:
-                out.append((r, age))
+                out.append((r, age, host or "?"))
         return out if reached else None
 
     def _guard(self, what: str, fn, /, *args, **kwargs):
@@ -113,7 +117,7 @@ class TorchDistComm:
                 who = ("the rendezvous store cannot be reached either, so the process that hosts it (rank 0, or "
                        "the launcher) has most likely stopped")
             elif stale:
-                who = ", ".join(f"rank {r} (no heartbeat for {age:.0f} s)" for r, age in stale)
+                who = ", ".join(f"rank {r} on {host} (no heartbeat for {age:.0f} s)" for r, age, host in stale)
             else:
                 who = "no peer's heartbeat is stale (a network problem, or a peer stuck inside a collective)"
             raise CollectiveTimeout(f"rank {self.rank}: {what} failed or timed out (comm.timeout_s="

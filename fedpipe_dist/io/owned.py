@@ -9,6 +9,7 @@ with them. The project's names in output.dir:
     generations.txt, wire_audit/                       written in place, never deleted by a fresh run
     rounds.csv, tensorboard/           live views of results.h5 (io/sinks.py), rewritten by a fresh run
     .fedpipe.lock                      removed by the job that holds it when it ends (io/lock.py)
+    .fedpipe.probe-*                   one per rank at the start, removed at once (runtime/outputs.check_shared_dir)
 
 `foreign_files` lists what else sits in the two folders a fresh run clears (checkpoint/ and final/): a run
 refuses to start beside them unless output.foreign_files=keep, and then `remove_checkpoints`,

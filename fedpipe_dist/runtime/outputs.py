@@ -6,7 +6,9 @@ merged model, written atomically via final.tmp), E2E generations and their score
 from __future__ import annotations
 
 import math
+import secrets
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -34,6 +36,48 @@ def agree(comm, fn):
     if err is not None:
         raise UserInputError(err)
     return result
+
+
+def check_shared_dir(out: Path, comm, wait_s: float = 10.0) -> None:
+    """Refuse an output.dir that the ranks do not share (a node-local path such as /tmp or a node's scratch on
+    a multi-node job): every rank writes a probe file there that rank 0 must see, so the problem shows at the
+    start (exit 2) instead of at the first resume, when the other nodes' checkpoints are nowhere rank 0 can read.
+    Rank 0 looks again for up to `wait_s` seconds (a shared filesystem's client may cache a missing name)."""
+    if comm.world_size == 1:
+        return
+    token = comm.broadcast_object(secrets.token_hex(6) if comm.rank == 0 else None)
+    host = socket.gethostname()
+    probe = out / f".fedpipe.probe-{token}-{comm.rank}"
+    wrote = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text(host)
+    except OSError as e:
+        wrote = e.strerror
+    hosts = comm.all_gather_object((host, wrote))
+    err = None
+    if comm.rank == 0:
+        unwritable = [f"rank {r} on {h} ({w})" for r, (h, w) in enumerate(hosts) if w]
+        deadline = time.monotonic() + wait_s
+        while True:
+            unseen = [r for r, (_, w) in enumerate(hosts)
+                      if not w and not (out / f".fedpipe.probe-{token}-{r}").exists()]
+            if not unseen or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if unwritable:
+            err = (f"output.dir: {', '.join(unwritable)} cannot write into {str(out)!r}; every rank needs write "
+                   "access to output.dir")
+        elif unseen:
+            err = (f"output.dir: {str(out)!r} is not one folder shared by every rank: rank 0 on {hosts[0][0]} "
+                   f"cannot see the file(s) written there by {', '.join(f'rank {r} on {hosts[r][0]}' for r in unseen)}"
+                   ". A multi-node job needs output.dir on a filesystem every node mounts (a parallel or "
+                   "network filesystem, not /tmp or node-local scratch)")
+    err = comm.broadcast_object(err)
+    comm.barrier()  # rank 0 has looked: every probe may go
+    probe.unlink(missing_ok=True)
+    if err:
+        raise UserInputError(err)
 
 
 def check_output_dir(out: Path, overwrite: bool, foreign: str = "refuse") -> None:

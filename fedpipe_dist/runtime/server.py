@@ -33,7 +33,7 @@ from ..methods import Exchanged, Report
 from .chain import BaseChain
 from .client import peak_mem, reset_peak_mem
 from .launch import idle_ranks_warning
-from .outputs import agree, check_output_dir, finish, open_results
+from .outputs import agree, check_output_dir, check_shared_dir, finish, open_results
 from .record import Laps, Log, client_arrays, own_losses, round_row
 from .resume import find_resume_point, new_run_id, raise_on_all_ranks, rank_state, restarted_by_torchrun, tree_to
 from .setup import Run, set_up
@@ -154,6 +154,7 @@ def _fresh_or_resumed(cfg: JobConfig, comm: Communicator, log, lock: RunLock):
     # before the lock: a folder that is refused is not touched at all (resuming: its results.h5 is the point)
     agree(comm, lambda: check_output_dir(out_dir, cfg.output.overwrite or resuming, cfg.output.foreign_files))
     agree(comm, lambda: lock.acquire(log))
+    check_shared_dir(out_dir, comm)  # a multi-node job whose output.dir is node-local stops here
     point = find_resume_point(cfg, comm, out_dir, ckpt, log) if resuming else None
     return ckpt, point, point.state["run_id"] if point else new_run_id(comm)
 
