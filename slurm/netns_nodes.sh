@@ -41,8 +41,8 @@ case $cmd in
       ip -n "$ns" addr add "$(addr "$i")/24" dev eth0
       ip -n "$ns" link set eth0 up
     done
-    # every node resolves every node's host name (a hosts file per namespace: ip netns exec bind-mounts
-    # /etc/netns/NS/hosts over /etc/hosts)
+    # every node resolves every node's host name (a hosts file per namespace, bind-mounted over /etc/hosts by
+    # `run`)
     for i in $(seq 0 $(( n - 1 ))); do
       mkdir -p "/etc/netns/$name-$i"
       { echo "127.0.0.1 localhost"; for j in $(seq 0 $(( n - 1 ))); do echo "$(addr "$j") $name-$j"; done; } \
@@ -53,7 +53,11 @@ case $cmd in
   run)
     i=${3:?usage: netns_nodes.sh run NAME I CMD...}
     shift 3
-    exec ip netns exec "$name-$i" unshare --uts /bin/sh -c 'hostname "$0" && exec "$@"' "$name-$i" "$@"
+    # nsenter, not `ip netns exec`: that remounts /sys, and slurmd needs the host's cgroup mounts below it.
+    # Private UTS and mount namespaces give the node its host name and its hosts file.
+    # shellcheck disable=SC2016  # $0 and $@ are the inner shell's
+    exec nsenter --net="/run/netns/$name-$i" unshare --uts --mount --propagation private /bin/sh -c \
+      'hostname "$0" && mount --bind "/etc/netns/$0/hosts" /etc/hosts && exec "$@"' "$name-$i" "$@"
     ;;
   cut)
     i=${3:?usage: netns_nodes.sh cut NAME I}

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +112,19 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """twins(nproc, *extra): results of the job on one host with nproc ranks, each run once per module."""
+    done: dict = {}
+
+    def get(nproc: int, *extra: str) -> Results:
+        key = (nproc, *extra)
+        if key not in done:
+            done[key] = _one_host(tmp_path_factory.mktemp("twin"), nproc, *extra)
+        return done[key]
+    return get
+
+
 def _one_host(out, nproc, *extra):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                         "-m", "fedpipe_dist", *JOB, f"output.dir={out}", *extra], cwd=REPO, env=subprocess_env(),
@@ -127,16 +141,25 @@ def _assert_twins(a: Results, b: Results) -> None:
         np.testing.assert_array_equal(a.clients[k], b.clients[k])
 
 
-def test_torchrun_on_two_nodes_equals_one_host(nodes, tmp_path):
+def _hosts(r: Results, attempt: int = 0) -> list[str]:
+    """The hosts of a run's ranks (provenance: one entry per attempt, a resumed run's appended)."""
+    prov = r.attrs["provenance_json"]
+    return json.loads(prov if isinstance(prov, str) else prov[attempt])["rank_hosts"]
+
+
+def test_torchrun_on_two_nodes_equals_one_host(nodes, tmp_path, twins):
     name, ns = nodes
     res = _torchrun_pair(name, ns, tmp_path / "two")
     for rc, log in res:
         assert rc == 0, log[-3000:]
     two = Results(tmp_path / "two" / "results.h5")
-    _assert_twins(two, _one_host(tmp_path / "one", 4))
+    _assert_twins(two, twins(4))
     prov = json.loads(two.attrs["provenance_json"][0] if not isinstance(two.attrs["provenance_json"], str)
                       else two.attrs["provenance_json"])
     assert prov["world_size"] == 4 and sorted(prov["hosts"]) == sorted(h for _, _, h in ns), prov["hosts"]
+    # two ranks per node, and the job's first lines say where rank 0 and every rank ran
+    assert sorted(prov["rank_hosts"]) == sorted([h for _, _, h in ns] * 2), prov["rank_hosts"]
+    assert f"placement: rank 0 (results.h5, the aggregation) on {prov['rank_hosts'][0]}; " in res[0][1], res[0][1]
 
 
 def test_a_node_local_output_dir_is_refused_at_the_start(nodes, tmp_path):
@@ -216,3 +239,145 @@ def test_elastic_torchrun_continues_on_the_surviving_node(nodes, tmp_path):
     _one_host(ref, 4, f"rounds={k}")
     twin = _one_host(ref, 2, "rounds=12", "resume=true")
     _assert_twins(done, twin)
+
+
+# ---- Slurm on several nodes: slurm/local_cluster.sh with FEDPIPE_NODES ------------------------------------------
+
+HAVE_SLURM = all(shutil.which(t) for t in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 3-node Slurm cluster (slurmctld on node 0, one slurmd per node, 2 CPUs each): (folder, nodes' name)."""
+    if (why := _netns_missing()):
+        pytest.skip(why)
+    if not HAVE_SLURM:
+        pytest.skip("needs Slurm (apt-get install slurm-wlm munge): munged, slurmctld, slurmd, sbatch, scontrol")
+    d = tmp_path_factory.mktemp("cluster3")
+    r = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start", str(d), "2"], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "FEDPIPE_NODES": "3"})
+    if r.returncode != 0:
+        subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "stop", str(d)], timeout=60)
+        pytest.fail(f"the 3-node cluster did not start: {r.stderr[-2000:]}")
+    name = next(line.split("=", 1)[1].split()[0] for line in r.stdout.splitlines() if line.startswith("NODES="))
+    try:
+        yield d, name
+    finally:
+        subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "stop", str(d)], timeout=60)
+
+
+def _on_head(cluster, *argv: str, cwd=REPO, **env) -> subprocess.CompletedProcess:
+    """A Slurm command on node 0, where the cluster's controller lives (as a user logs in to a login node)."""
+    d, name = cluster
+    extra = {"SLURM_CONF": str(d / "slurm.conf"), "FEDPIPE_CPU": "1", "FEDPIPE_PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(NODES), "run", name, "0", "env", *(f"{k}={v}" for k, v in extra.items()),
+                           *argv], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+
+
+def _wait_gone(cluster, job_id: str, limit_s: float = 300) -> bool:
+    import time
+
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        state = _on_head(cluster, "squeue", "-h", "-j", job_id, "-o", "%T %r").stdout.split()
+        if not state:
+            return True
+        if state == ["PENDING", "BeginTime"]:  # Slurm holds a requeued job back ~2 min; not here
+            _on_head(cluster, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        time.sleep(1)
+    _on_head(cluster, "scancel", job_id)
+    return False
+
+
+def _sbatch(cluster, tmp_path, script: str, *args: str, nproc: int, sbatch=()) -> tuple[Path, str]:
+    """Submit slurm/<script> from tmp_path; returns the run's output folder and the job's log once it is done."""
+    r = _on_head(cluster, "sbatch", "--parsable", "--gres=none", "--cpus-per-task=2", *sbatch,
+                 str(REPO / "slurm" / script), "jobs/quickstart.yaml", *SMALL_RUN, *args, cwd=tmp_path,
+                 FEDPIPE_NPROC=nproc, FEDPIPE_RUNS=tmp_path / "runs")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    finished = _wait_gone(cluster, job_id)
+    log = "".join(p.read_text() for p in tmp_path.glob(f"*-{job_id}.out"))
+    assert finished, f"job {job_id} did not finish in time\n{log[-3000:]}"
+    (out,) = [p for p in (tmp_path / "runs").iterdir() if p.name.endswith(f"-{job_id}")]
+    return out, log
+
+
+def test_sbatch_llama2_script_as_shipped_runs_on_two_nodes_equal_to_one_host(cluster, tmp_path, twins):
+    """`sbatch slurm/fedpipe_llama2.sh` with its own #SBATCH --nodes=2 (CPU variant, 2 ranks per node)."""
+    out, log = _sbatch(cluster, tmp_path, "fedpipe_llama2.sh", nproc=2)
+    done = Results(out / "results.h5")
+    assert done.attrs["finished"] and done.attrs["world_size"] == 4, log[-3000:]
+    assert len(set(_hosts(done))) == 2 and "2 node(s) x 2 rank(s)" in log, (_hosts(done), log[-2000:])
+    _assert_twins(done, twins(4))
+
+
+def test_sbatch_multinode_script_on_three_nodes_equals_one_host(cluster, tmp_path, twins):
+    out, log = _sbatch(cluster, tmp_path, "fedpipe_multinode.sh", nproc=1, sbatch=["--nodes=3"])
+    done = Results(out / "results.h5")
+    assert done.attrs["finished"] and done.attrs["world_size"] == 3, log[-3000:]
+    assert len(set(_hosts(done))) == 3, _hosts(done)
+    _assert_twins(done, twins(3))
+
+
+def test_a_sweep_array_whose_tasks_span_two_nodes(cluster, tmp_path, twins):
+    """fedpipe sweep --slurm --nodes=2: every array task runs its point on two nodes x 1 rank."""
+    import yaml
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": "jobs/quickstart.yaml", "out": str(tmp_path / "camp"),
+                                     "overrides": list(SMALL_RUN),
+                                     "sweeps": [{"axes": {"method": ["fedpipe", "lora"]}}]}, sort_keys=False))
+    r = _on_head(cluster, sys.executable, "-m", "fedpipe_dist", "sweep", str(sweep), "--slurm", "--gres=none",
+                 "--nodes=2", "--cpus-per-task=2", f"--output={tmp_path / 'task-%A_%a.out'}", FEDPIPE_NPROC=1)
+    assert r.returncode == 0, r.stderr
+    import re
+
+    job_id = re.search(r"submitted array job (\d+) with 2 task", r.stderr)[1]
+    finished = _wait_gone(cluster, job_id)
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("task-*.out")))
+    assert finished, logs[-3000:]
+    for method in ("fedpipe", "lora"):
+        done = Results(tmp_path / "camp" / f"method-{method}" / "results.h5")
+        assert done.attrs["finished"] and done.attrs["world_size"] == 2 and len(set(_hosts(done))) == 2, logs[-3000:]
+        _assert_twins(done, twins(2, f"method={method}"))
+
+
+def test_a_requeued_job_survives_a_lost_node(cluster, tmp_path, twins):
+    """sbatch --requeue of fedpipe_llama2.sh on 2 of the 3 nodes; after round 2 the second node loses power (link
+    cut, every process on it killed, its slurmd too). Slurm marks it down (SlurmdTimeout=10), requeues the job on
+    the two nodes left, and the job resumes from its newest checkpoint: equal to an uninterrupted run. (Last in
+    the file: the cluster keeps one node down.)"""
+    import signal
+    import time
+
+    d, name = cluster
+    r = _on_head(cluster, "sbatch", "--parsable", "--requeue", "--gres=none", "--cpus-per-task=2",
+                 str(REPO / "slurm" / "fedpipe_llama2.sh"), "jobs/quickstart.yaml", *SMALL_RUN, "rounds=40",
+                 "comm.timeout_s=60", cwd=tmp_path, FEDPIPE_NPROC=2, FEDPIPE_RUNS=tmp_path / "runs")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 180
+    while not any("round 2/" in p.read_text() for p in tmp_path.glob(f"*-{job_id}.out")):
+        assert time.monotonic() < deadline, "the job did not reach round 2"
+        time.sleep(0.5)
+    nodelist = _on_head(cluster, "squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip()
+    hosts = _on_head(cluster, "scontrol", "show", "hostnames", nodelist).stdout.split()
+    victim = hosts[1]  # not the batch host (the allocation's first node runs the script)
+    i = int(victim.rsplit("-", 1)[1])
+    subprocess.run(["bash", str(NODES), "cut", name, str(i)], check=True)
+    pids = subprocess.run(["ip", "netns", "pids", f"{name}-{i}"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    finished = _wait_gone(cluster, job_id, limit_s=400)
+    log = "".join(p.read_text() for p in tmp_path.glob(f"*-{job_id}.out"))
+    assert finished, log[-3000:]
+    (out,) = list((tmp_path / "runs").iterdir())
+    done = Results(out / "results.h5")
+    assert done.attrs["finished"] and done.n_rounds == 40, log[-3000:]
+    assert len(np.asarray(done.attrs.get("resumed_from", []))) >= 1, log[-3000:]
+    assert victim in _hosts(done, 0) and victim not in _hosts(done, -1) and len(set(_hosts(done, -1))) == 2
+    _assert_twins(done, twins(4, "rounds=40", "comm.timeout_s=60"))

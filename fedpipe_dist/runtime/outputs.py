@@ -19,6 +19,7 @@ from ..io.owned import describe, foreign_files, publish_final, remove_checkpoint
 from ..io.sinks import open_sinks
 from ..io.space import DiskError, disk_errors, require_space
 from ..metrics.generate import generate, one_line, write_generations
+from .provenance import placement
 from .record import own_losses, round_row
 from .resume import apply_state, raise_on_all_ranks
 from .setup import Run
@@ -118,6 +119,8 @@ def open_results(run: Run, ckpt: CheckpointDir, point, run_id: str) -> tuple[Res
             writer.attach(sink)
         run.log(f"fedpipe: resuming {run.cfg.method} in {run.out_dir} after round {point.round} of {run.cfg.rounds} "
                 f"(eval loss {eval_losses[-1]:.4f}); results.h5 continues from there")
+        if (where := placement(run.provenance)):
+            run.log(f"placement: {where}")
         return writer, eval_losses
     # an earlier run's files here (overwrite=true, or an attempt that died in round 1) go now that this run is
     # set up (a run refused on bad input deletes nothing), and no other file: its checkpoints on every rank (a
@@ -156,6 +159,8 @@ def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
     what = f"the centralized limit of {cfg.method}" if cfg.central else cfg.method
     run.log(f"fedpipe: {what} on {cfg.model.name_or_path} ({len(run.sites)} adapter sites), {cfg.clients.n} "
             f"servers on {run.comm.world_size} rank(s), {cfg.rounds} rounds -> {out / 'results.h5'}")
+    if (where := placement(run.provenance)):
+        run.log(f"placement: {where}")
     counts = {p: precisions.count(p) for p in dict.fromkeys(precisions)}
     run.log("bases: " + ", ".join(f"{k} x {p} ({run.view_bytes[p] / 2**20:.1f} MiB)" for p, k in counts.items())
             + f"; evaluated and exported at {run.eval_precision}")

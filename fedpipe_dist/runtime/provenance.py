@@ -34,11 +34,28 @@ def provenance(comm) -> dict:
         "packages": {p: v for p in PACKAGES if (v := _version(p)) is not None},
         "world_size": len(ranks),
         "hosts": sorted({r["host"] for r in ranks}),
+        "rank_hosts": [r["host"] for r in ranks],  # rank r ran on rank_hosts[r]
         "devices": [r["device"] for r in ranks],
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cpus": os.cpu_count(),
         "launcher": _launcher(),
     }
+
+
+def placement(prov: dict) -> str | None:
+    """'rank 0 on HOST; HOST-a: ranks 0-1, HOST-b: ranks 2-3' for a run on several hosts (None on one)."""
+    hosts = prov.get("rank_hosts") or []
+    if len(set(hosts)) < 2:
+        return None
+    by_host: dict[str, list[int]] = {}
+    for r, h in enumerate(hosts):
+        by_host.setdefault(h, []).append(r)
+
+    def span(rs: list[int]) -> str:
+        return f"ranks {rs[0]}-{rs[-1]}" if rs == list(range(rs[0], rs[-1] + 1)) and len(rs) > 1 else \
+            "rank" + ("s " if len(rs) > 1 else " ") + ", ".join(map(str, rs))
+    return f"rank 0 (results.h5, the aggregation) on {hosts[0]}; " + ", ".join(
+        f"{h}: {span(rs)}" for h, rs in by_host.items())
 
 
 def device_name(device) -> str:
