@@ -64,8 +64,9 @@ case $cmd in
       partition="PartitionName=local Nodes=$name-[0-$(( nodes - 1 ))] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
       mkdir -p "$dir/spool"
       per_node=%n  # one spool folder, pid file and log per slurmd
-      # a lost node is marked down (and its jobs requeued, sbatch --requeue) after 10 s instead of 300 s
-      timeouts="SlurmdTimeout=10"
+      # a lost node is marked down (and its jobs requeued, sbatch --requeue) after 5 s instead of 300 s, and a
+      # killed job's steps get SIGKILL 5 s after SIGTERM (KillWait, 30 s by default)
+      timeouts=$'SlurmdTimeout=5\nKillWait=5'
     else
       ctld_host="localhost(127.0.0.1)"
       node_lines="NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN"
