@@ -106,6 +106,27 @@ def test_another_runs_files_are_never_used_and_the_resume_falls_back(two_runs, t
     _equal_to_whole(two_runs, out)
 
 
+def test_a_file_of_this_run_with_other_settings_inside_is_not_used(two_runs, tmp_path, capsys):
+    """Round 3's rank file carries this run's id but another settings fingerprint (rewritten with a valid
+    checksum, as no run of this project writes it): the resume names it and falls back to round 2."""
+    import torch
+
+    from fedpipe_dist.io.checkpoint import checksum_path, sha256_of
+
+    out = tmp_path / "a"
+    shutil.copytree(two_runs / "a", out)
+    path = out / "checkpoint" / "round000003.rank0000of0001.pt"
+    state = torch.load(path, weights_only=False)
+    state["settings"] = {**state["settings"], "train.lr": "0.5"}
+    torch.save(state, path)
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+    assert _resume(out) == 0
+    err = capsys.readouterr().err
+    assert "round000003.rank0000of0001.pt' was written with other settings (train.lr differ)" in err, err[-3000:]
+    assert "after round 2 of 5" in err, err[-3000:]
+    _equal_to_whole(two_runs, out)
+
+
 def test_a_foreign_chain_link_with_nothing_older_to_resume_exits_2_naming_it(two_runs, tmp_path, capsys):
     """Round 3 continues round 2's link, which is another run's (and round 1 kept no results snapshot): exit 2
     naming the file, and nothing changed."""

@@ -64,13 +64,14 @@ def chain_rounds(ckpt: CheckpointDir, t: int, w: int, rank: int, run_ids: dict |
                  ) -> tuple[list[tuple[int, dict | None]], list[str]]:
     """The checkpoints round t's base state is built from, oldest first, as (round, the base part of rank
     `rank` of `w`'s file), and what is damaged or missing among them (t's own file is verified by the caller).
-    `run_ids`, when given, gets {(round, rank): the run id inside that file} for each file read."""
+    `run_ids`, when given, gets {(round, rank): (the run id, the settings fingerprint) inside that file} for each
+    file read."""
     chain, cur = [], t
     while True:
         state = ckpt.load(cur, rank, w)
         base = state["base"]
         if run_ids is not None:
-            run_ids[(cur, rank)] = state.get("run_id")
+            run_ids[(cur, rank)] = (state.get("run_id"), state.get("settings"))
         chain.append((cur, base))
         if base is None or base["full"] is not None or base["prev"] is None:
             return chain[::-1], []

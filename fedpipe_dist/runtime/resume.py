@@ -97,10 +97,14 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
     if done and max(done) > cfg.rounds:
         raise UserInputError(f"resume: the newest checkpoint is of round {max(done)}, past rounds={cfg.rounds}; set "
                              f"rounds >= {max(done)} to continue this run")
-    t0, w0, damaged = _newest_usable(comm, ckpt, done, run_id, log)
+    t0, w0, damaged = _newest_usable(comm, ckpt, done, run_id, log, settings_fingerprint(cfg))
     err, start_fresh = None, False
     if comm.rank == 0:
-        if t0 is None and damaged:
+        if t0 is None and damaged and all(" was written with other settings " in d for d in damaged):
+            # every round differs only in its settings: the job changed, not the files; say which keys
+            newest = max(done)
+            err = _mismatch(ckpt.load(newest, 0, sorted(done[newest])[-1]), cfg)
+        elif t0 is None and damaged:
             named = "; ".join(dict.fromkeys(damaged))
             err = (f"resume: no intact checkpoint of this run in {str(ckpt.dir)!r}: {named}. Nothing was changed; "
                    "start over with output.overwrite=true, or use a new output.dir")
@@ -136,22 +140,24 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
     return ResumePoint(t0, state)
 
 
-def _newest_usable(comm, ckpt: CheckpointDir, done: dict[int, list[int]], run_id: str | None, log):
-    """The newest round (and its world size) whose files are intact (checksums) and all this run's, falling back
-    round by round: (t0, w0, what was wrong with the newer ones); (None, None, ...) when none is."""
+def _newest_usable(comm, ckpt: CheckpointDir, done: dict[int, list[int]], run_id: str | None, log,
+                   settings: dict | None = None):
+    """The newest round (and its world size) whose files are intact (checksums) and all this run's (its run id
+    and, inside every rank file and chain link, the `settings` fingerprint of this job), falling back round by
+    round: (t0, w0, what was wrong with the newer ones); (None, None, ...) when none is."""
     damaged: list[str] = []
     for t in sorted(done, reverse=True):
         w = comm.world_size if comm.world_size in done[t] else done[t][-1]
         ranks = [comm.rank] if w == comm.world_size else list(range(w))
         bad = ckpt.verify(t, w, ranks)
-        ids: dict[tuple[int, int], str | None] = {}  # (round, rank) -> run id, of every file the chains read
+        ids: dict[tuple[int, int], tuple] = {}  # (round, rank) -> (run id, settings), of every file the chains read
         for r in ranks if not bad else ():  # the files its base state is built from (runtime/chain.py)
             bad += _chain_problems(ckpt, t, w, r, ids)
         bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
         what = "is damaged"
         if not bad:  # intact: are they all this run's? (files of another run carry valid checksums too)
             anchor = run_id or comm.broadcast_object(_file_run_id(ckpt, t, w) if comm.rank == 0 else None)
-            bad = _foreign(ckpt, t, w, ids, anchor)
+            bad = _foreign(ckpt, t, w, ids, anchor, settings)
             bad = sorted({b for part in comm.all_gather_object(bad) for b in part})
             what = "holds another run's files"
         if not bad:
@@ -195,17 +201,22 @@ def _file_run_id(ckpt: CheckpointDir, t: int, w: int) -> str | None:
         return None
 
 
-def _foreign(ckpt: CheckpointDir, t: int, w: int, ids: dict[tuple[int, int], str | None],
-             run_id: str | None) -> list[str]:
-    """The files round t's state would be read from whose run id, inside the checksummed bytes, is not
-    `run_id`: `ids` holds those of this rank's share of the rank files and the chain links they continue (as
-    _chain_problems read them), and rank 0 adds its results snapshot. Files of another run of the same job,
-    which a checksum cannot tell apart."""
-    if run_id is None:
-        return []
-    out = [f"{str(ckpt.path(tt, r, w))!r} belongs to run {other}, not to this folder's run {run_id}"
-           for (tt, r), other in sorted(ids.items()) if other != run_id]
-    if ckpt.rank == 0:
+def _foreign(ckpt: CheckpointDir, t: int, w: int, ids: dict[tuple[int, int], tuple], run_id: str | None,
+             settings: dict | None = None) -> list[str]:
+    """The files round t's state would be read from whose run id, inside the checksummed bytes, is not `run_id`,
+    or whose settings fingerprint is not `settings`: `ids` holds (run id, settings) of this rank's share of the
+    rank files and the chain links they continue (as _chain_problems read them), and rank 0 adds its results
+    snapshot (its run id). Files of another run of the same job, which a checksum cannot tell apart."""
+    out = []
+    for (tt, r), (other, then) in sorted(ids.items()):
+        path = str(ckpt.path(tt, r, w))
+        if run_id is not None and other != run_id:
+            out.append(f"{path!r} belongs to run {other}, not to this folder's run {run_id}")
+        elif settings is not None and then is not None and then != settings:
+            diff = sorted(k for k in set(settings) | set(then) if settings.get(k) != then.get(k))
+            out.append(f"{path!r} was written with other settings ({', '.join(diff[:3])}"
+                       f"{' ...' if len(diff) > 3 else ''} differ)")
+    if ckpt.rank == 0 and run_id is not None:
         other = _run_id_of(ckpt.results_path(t))
         if other is not None and other != run_id:
             out.append(f"{str(ckpt.results_path(t))!r} belongs to run {other}, not to this folder's run {run_id}")
