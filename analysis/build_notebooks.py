@@ -29,7 +29,10 @@ FIGURES = {
                       "heterogeneous servers (`clients.slowdown`/`memory_gb` differ) and on ideal ones "
                       "(all slowdown 1, equal memory)."),
     "fig14_trainable": ("Fig. 14: trainable parameters per method",
-                        "Mean trainable parameters per server that completed a round (HDF5 clients/trainable_params)."),
+                        "Trainable parameters per server that completed a round (HDF5 clients/trainable_params), "
+                        "on heterogeneous servers, log scale: one dot per method at its mean over runs (seeds), "
+                        "labelled with the value; an error bar spans the min-max over seeds where there are two "
+                        "or more."),
     "fig15_convergence": ("Fig. 15: convergence",
                           "Eval loss after every evaluated round, against the round and against rank 0's cumulative "
                           "wall-clock, on heterogeneous servers."),
@@ -40,7 +43,9 @@ FIGURES = {
     "fig_time_to_quality": ("Time to quality under heterogeneity",
                             "Eval loss against training time (each round: its slowest server; evaluation left "
                             "out), one panel per heterogeneity profile: every method's mean over seeds with its "
-                            "min-max band, and the compute bound's ideal curve (LoRA's, compressed by the bound). "
+                            "min-max band, and the compute bound's ideal curve: LoRA's curve with its time divided "
+                            "by the bound B = sum_i (1/s_i) / (N / max_i s_i), the most a method that leaves no "
+                            "server idle could speed up sample throughput on slowdowns s_i. "
                             "`benchmarks/time_to_quality.py` makes such runs."),
 }
 
@@ -50,9 +55,13 @@ def figure_notebook(name: str, title: str, text: str):
         new_markdown_cell(f"# {title}\n\n{text} Built from results.h5 files alone; runs that are missing are "
                           "named below instead of failing."),
         new_code_cell(PARAMS, metadata={"tags": ["parameters"]}),
-        new_code_cell(LOAD),
+        new_code_cell(LOAD.replace("from pathlib import Path\n", "from pathlib import Path\n\nfrom IPython.display "
+                                   "import Image\n", 1)),
         new_code_cell(f'fig, missing = figures.{name}(runs)\nfor m in missing:\n    print("missing:", m)\n'
-                      f'fig.savefig(Path(out_dir) / "{name}.png", dpi=120)\nfig'),
+                      f'png = Path(out_dir) / "{name}.png"\nfig.savefig(png, dpi=200)\n'
+                      'fig.savefig(png.with_suffix(".pdf"))  # vector, for papers\n'
+                      "Image(filename=str(png))  # embedded in the notebook (a headless kernel shows no figure "
+                      "itself)"),
     ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 
 

@@ -459,7 +459,7 @@ def fig_time_to_quality(runs: list[Run]):
                 ax.fill_between(grid, vals.min(axis=0), vals.max(axis=0), color=line.get_color(), alpha=0.15)
             if label == "lora":
                 ax.plot(grid / bound, vals.mean(axis=0), ls="--", color="k", lw=1.2,
-                        label=f"compute bound: lora / {bound:.2f}")
+                        label=f"compute bound: lora's time / {bound:.2f} (no server idle)")
         ax.set_title(f"{len(slow)} servers, slowdowns {list(slow)}", fontsize=9)
         ax.set_xlabel("training time (s; slowest server per round, evaluation left out)")
         ax.set_ylabel("eval loss (nats per target token)")
