@@ -297,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                       "(raise clients.memory_gb or plan.step_time_s, or lower train.batch_min)", file=sys.stderr)
             return 0
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        from .preflight import before_run
+        from .runtime.resume import restarted_by_torchrun
+
+        before_run(cfg, resuming=cfg.resume or restarted_by_torchrun())  # every such mistake at once
         from .runtime.launch import die_with_launcher, make_comm
 
         die_with_launcher()

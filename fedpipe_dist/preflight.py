@@ -1,6 +1,6 @@
 """`fedpipe check`: what can be checked before a job waits in a queue for hours, then fails in a minute.
 
-    warnings = preflight(cfg, world_size=16)    # raises UserInputError naming the key and the fix
+    warnings = preflight(cfg, world_size=16)    # raises UserInputError naming each problem and its fix
 
 Beyond the job file's own validation (config.py), it reads what the job will read: the model folder and its
 config (and max_length against the model's position limit), the data files with their columns and enough
@@ -18,12 +18,39 @@ from pathlib import Path
 from .config import JobConfig, UserInputError
 
 
+def gathered(checks) -> list:
+    """Run every check (a callable; each may raise UserInputError) and raise one UserInputError naming all the
+    problems found, not only the first; returns the checks' results when none raised."""
+    results, errors = [], []
+    for check in checks:
+        try:
+            results.append(check())
+        except UserInputError as e:
+            errors.append(str(e))
+    if len(errors) == 1:
+        raise UserInputError(errors[0])
+    if errors:
+        raise UserInputError(f"{len(errors)} problems:\n" + "\n".join(f"  {i}. {e}" for i, e in enumerate(errors, 1)))
+    return results
+
+
+def before_run(cfg: JobConfig, *, resuming: bool) -> None:
+    """What `fedpipe run` checks on every rank before it starts (file-system reads only, no model or data
+    loaded): the model path and output.dir, each named if wrong, so that one mistake does not hide behind
+    another (an occupied output.dir used to hide a wrong model path until the first was fixed)."""
+    from .models import check_model_path
+    from .runtime.outputs import check_output_dir
+
+    gathered([lambda: check_model_path(cfg.model.name_or_path),
+              lambda: check_output_dir(Path(cfg.output.dir), cfg.output.overwrite or resuming,
+                                       cfg.output.foreign_files)])
+
+
 def preflight(cfg: JobConfig, *, world_size: int = 1) -> list[str]:
-    """Raise UserInputError at the first problem; return notes and warnings for what is not an error."""
-    notes: list[str] = []
-    notes += _model(cfg)
-    notes += _data(cfg, world_size)
-    _output_dir(cfg)
+    """Raise UserInputError naming every problem found (model, data, output.dir); return notes and warnings
+    for what is not an error."""
+    model, data, _ = gathered([lambda: _model(cfg), lambda: _data(cfg, world_size), lambda: _output_dir(cfg)])
+    notes: list[str] = [*model, *data]
     from .runtime.launch import idle_ranks_warning
 
     idle = idle_ranks_warning(world_size, cfg.clients.n)
@@ -64,6 +91,12 @@ def _data(cfg: JobConfig, world_size: int = 1) -> list[str]:
     hub = (d.name == "e2e" and (d.train_path is None or d.eval_path is None)) or \
         (d.name == "alpaca" and is_hub_name(d.train_path))
     if hub:
+        if d.name == "e2e":  # the file that is given must still be there and readable
+            from .data.e2e import read_e2e_csv
+
+            for path, key in ((d.train_path, "data.train_path"), (d.eval_path, "data.eval_path")):
+                if path is not None:
+                    read_e2e_csv(path, key)
         return [f"note: data.name={d.name} without a local file is downloaded when the job starts (set "
                 "data.train_path/data.eval_path to files on the shared filesystem for compute nodes without "
                 "network)"]

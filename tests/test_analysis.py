@@ -87,7 +87,8 @@ def test_time_to_quality_figure_and_training_time(analysis_runs):
     assert missing == []
     assert any("5 other fedpipe setup(s)" in t.get_text() for t in fig.texts)  # the ablations: said, not drawn
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
-    assert "compute bound: lora's time / 1.88 (no server idle)" in labels and "fedpipe (n=1)" in labels and "lora (n=1)" in labels
+    assert "compute bound: lora's time / 1.88 (no server idle)" in labels
+    assert "fedpipe (n=1)" in labels and "lora (n=1)" in labels
     fig, missing = figures.fig_time_to_quality([runs["hetero/fedpipe"]])
     assert missing == ["no heterogeneous lora run (the reference for the compute bound)"]
 

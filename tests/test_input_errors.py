@@ -144,6 +144,17 @@ def test_existing_results_are_not_touched(fedpipe, tmp_path):
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
+def test_a_wrong_model_path_does_not_hide_behind_an_occupied_output_dir(fedpipe, tmp_path):
+    """Issue 31: both mistakes in one message, the earlier run's file untouched."""
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / "results.h5").write_bytes(b"an earlier run")
+    missing = tmp_path / "models" / "llama-7b"
+    proc = fedpipe(f"model.name_or_path={missing}", out=out)
+    assert_bad_input(proc, "2 problems:", "1. model.name_or_path", str(missing), "2. output.dir", "results.h5")
+    assert (out / "results.h5").read_bytes() == b"an earlier run"
+
+
 # ---- fedpipe check: what a queued job would trip over, before it is queued (issue 17) --------------------------
 
 
@@ -157,6 +168,16 @@ def test_check_refuses_a_missing_model_folder(REPO_ROOT, tmp_path):
     missing = tmp_path / "models" / "Llama-2-7b-hf"
     proc = _check(REPO_ROOT, "jobs/quickstart.yaml", f"model.name_or_path={missing}", f"output.dir={tmp_path / 'o'}")
     assert_bad_input(proc, "model.name_or_path", str(missing), "does not exist")
+
+
+def test_check_names_every_problem_at_once(REPO_ROOT, tmp_path):
+    """A missing model folder, a missing data file and an occupied output.dir: one message naming the three."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.h5").write_bytes(b"x")
+    proc = _check(REPO_ROOT, "jobs/quickstart.yaml", f"model.name_or_path={tmp_path / 'm'}", "data.name=e2e",
+                  f"data.train_path={tmp_path / 'train.csv'}", f"output.dir={out}")
+    assert_bad_input(proc, "3 problems:", "model.name_or_path", "data.train_path", "output.dir")
 
 
 def test_check_refuses_a_csv_without_ref(REPO_ROOT, tmp_path):
