@@ -2,7 +2,9 @@
 (slurm/netns_nodes.sh), each with its own address and host name, sharing the filesystem as cluster nodes share
 a parallel one. A job started on two such nodes must equal the same job on one host with the same world size.
 
-Skips (saying what is missing) without root or `ip netns`.
+Skips (saying what is missing) without root or `ip netns` (and the Slurm part without Slurm).
+Run: .venv/bin/python -m pytest tests/test_multinode.py -q    (about 6 minutes on 2 cores: 6 min 35 s with a
+     benchmark beside it; the requeue and elastic cases wait out comm.timeout_s and Slurm's node timeout)
 """
 
 from __future__ import annotations
