@@ -350,7 +350,8 @@ def test_sbatch_multinode_script_on_three_nodes_equals_one_host(cluster, tmp_pat
 
 
 def test_a_sweep_array_whose_tasks_span_two_nodes(cluster, tmp_path, twins):
-    """fedpipe sweep --slurm --nodes=2: every array task runs its point on two nodes x 1 rank."""
+    """fedpipe sweep --slurm --nodes=2: every array task runs its point on two nodes x 1 rank (slurm/fedpipe_sweep.sh
+    -> _launch.sh: srun + torchrun) into its point's folder; a second submit finds nothing left to do."""
     import yaml
 
     sweep = tmp_path / "sweep.yaml"
@@ -369,7 +370,11 @@ def test_a_sweep_array_whose_tasks_span_two_nodes(cluster, tmp_path, twins):
     for method in ("fedpipe", "lora"):
         done = Results(tmp_path / "camp" / f"method-{method}" / "results.h5")
         assert done.attrs["finished"] and done.attrs["world_size"] == 2 and len(set(_hosts(done))) == 2, logs[-3000:]
+        assert done.attrs["method"] == method
         _assert_twins(done, twins(2, f"method={method}"))
+    assert logs.count("fedpipe sweep: point") == 2
+    again = _on_head(cluster, sys.executable, "-m", "fedpipe_dist", "sweep", str(sweep), "--slurm")
+    assert again.returncode == 0 and "all 2 points are done" in again.stderr, again.stderr
 
 
 def test_a_requeued_job_survives_a_lost_node(cluster, tmp_path, twins):

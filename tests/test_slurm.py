@@ -1,4 +1,5 @@
-"""Layer: the Slurm job scripts on a real one-node Slurm cluster (munged, slurmctld, slurmd started by
+"""Layer: the Slurm job scripts on a real one-node Slurm cluster (the campaign array: tests/test_multinode.py, on
+three nodes) (munged, slurmctld, slurmd started by
 slurm/local_cluster.sh in a temp folder, stopped by PID), and static checks of every script in slurm/.
 Issue 7, acceptances 1 and 5.
 
@@ -209,43 +210,3 @@ def test_a_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     res = Results(run_dir / "results.h5")
     assert list(res.rounds["round"]) == [0, 1, 2, 3, 4, 5] and res.attrs["finished"]
     assert len(res.attrs["resumed_from"]) == 1 and res.attrs["resumed_from"][0] >= 2
-
-
-@needs_slurm
-def test_a_campaign_runs_as_a_job_array_and_a_second_submit_has_nothing_left(cluster, tmp_path):
-    """fedpipe sweep --slurm: one array task per point (2 methods x 2 seeds, 2 rounds each), each under
-    slurm/fedpipe_sweep.sh -> _launch.sh (srun + torchrun, 2 gloo ranks) into its point's folder."""
-    import yaml
-
-    env = subprocess_env(SLURM_CONF=str(cluster / "slurm.conf"), FEDPIPE_CPU=1, FEDPIPE_NPROC=2,
-                         FEDPIPE_PYTHON=sys.executable)
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
-        "base": "jobs/quickstart.yaml", "out": str(tmp_path / "camp"),
-        "overrides": ["rounds=2", "train.local_steps=3", "data.synthetic_train_size=64", "data.synthetic_eval_size=16",
-                      "eval.max_samples=16", "clients.slowdown=1"],
-        "sweeps": [{"axes": {"method": ["fedpipe", "lora"], "seed": [0, 1]}}]}, sort_keys=False))
-    r = subprocess.run([sys.executable, "-m", "fedpipe_dist", "sweep", str(sweep), "--slurm", "--gres=none",
-                        "--cpus-per-task=2", "--job-name=fp-sweep", f"--output={tmp_path / 'task-%A_%a.out'}"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    job_id = re.search(r"submitted array job (\d+) with 4 task", r.stderr)[1]
-    start = time.monotonic()
-    while time.monotonic() - start < 400:  # the tasks run one at a time on 2 CPUs: about 20 s each
-        queued = subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True, text=True).stdout
-        if not queued.strip():
-            break
-        time.sleep(2)
-    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("task-*.out")))
-    if queued.strip():
-        subprocess.run(["scancel", job_id], env=env, timeout=30)
-        pytest.fail(f"array job {job_id} did not finish in time\n{logs[-3000:]}")
-    for method in ("fedpipe", "lora"):
-        for seed in (0, 1):
-            res = Results(tmp_path / "camp" / f"method-{method}_seed-{seed}" / "results.h5")
-            assert res.attrs["finished"] and res.n_rounds == 2 and res.attrs["world_size"] == 2, logs[-3000:]
-            assert res.attrs["method"] == method and f'"seed": {seed}' in res.attrs["config_json"]
-    assert logs.count("fedpipe sweep: point") == 4
-    again = subprocess.run([sys.executable, "-m", "fedpipe_dist", "sweep", str(sweep), "--slurm"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "all 4 points are done" in again.stderr
