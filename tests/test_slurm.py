@@ -18,10 +18,9 @@ import pytest
 
 from fedpipe_dist.io.hdf5 import Results
 
-from ._util import REPO, subprocess_env
+from ._util import HAVE_SLURM, REPO, subprocess_env
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
-HAVE_SLURM = all(shutil.which(t) for t in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol"))
 needs_slurm = pytest.mark.skipif(not HAVE_SLURM or os.geteuid() != 0,
                                  reason="a local Slurm cluster needs slurm-wlm and munge (apt-get install slurm-wlm "
                                  "munge) and root to start slurmd")

@@ -99,6 +99,12 @@ def check_output_dir(out: Path, overwrite: bool, foreign: str = "refuse") -> Non
                              "place)")
 
 
+def _say_placement(run: Run) -> None:
+    """On a run over several hosts, which host holds rank 0 and where every rank runs (runtime/provenance)."""
+    if (where := placement(run.provenance)):
+        run.log(f"placement: {where}")
+
+
 def open_results(run: Run, ckpt: CheckpointDir, point, run_id: str) -> tuple[ResultsWriter | None, list[float]]:
     """The writer (rank 0; None elsewhere) and the eval losses so far: a resumed run's state is put back and
     its results.h5 restored to the checkpoint's round; a fresh run evaluates the untrained base as row 0."""
@@ -119,8 +125,7 @@ def open_results(run: Run, ckpt: CheckpointDir, point, run_id: str) -> tuple[Res
             writer.attach(sink)
         run.log(f"fedpipe: resuming {run.cfg.method} in {run.out_dir} after round {point.round} of {run.cfg.rounds} "
                 f"(eval loss {eval_losses[-1]:.4f}); results.h5 continues from there")
-        if (where := placement(run.provenance)):
-            run.log(f"placement: {where}")
+        _say_placement(run)
         return writer, eval_losses
     # an earlier run's files here (overwrite=true, or an attempt that died in round 1) go now that this run is
     # set up (a run refused on bad input deletes nothing), and no other file: its checkpoints on every rank (a
@@ -159,8 +164,7 @@ def _fresh_results(run: Run, run_id: str, ev0: dict) -> ResultsWriter:
     what = f"the centralized limit of {cfg.method}" if cfg.central else cfg.method
     run.log(f"fedpipe: {what} on {cfg.model.name_or_path} ({len(run.sites)} adapter sites), {cfg.clients.n} "
             f"servers on {run.comm.world_size} rank(s), {cfg.rounds} rounds -> {out / 'results.h5'}")
-    if (where := placement(run.provenance)):
-        run.log(f"placement: {where}")
+    _say_placement(run)
     counts = {p: precisions.count(p) for p in dict.fromkeys(precisions)}
     run.log("bases: " + ", ".join(f"{k} x {p} ({run.view_bytes[p] / 2**20:.1f} MiB)" for p, k in counts.items())
             + f"; evaluated and exported at {run.eval_precision}")

@@ -213,7 +213,7 @@ def _foreign(ckpt: CheckpointDir, t: int, w: int, ids: dict[tuple[int, int], tup
         if run_id is not None and other != run_id:
             out.append(f"{path!r} belongs to run {other}, not to this folder's run {run_id}")
         elif settings is not None and then is not None and then != settings:
-            diff = sorted(k for k in set(settings) | set(then) if settings.get(k) != then.get(k))
+            diff = _settings_diff(then, settings)
             out.append(f"{path!r} was written with other settings ({', '.join(diff[:3])}"
                        f"{' ...' if len(diff) > 3 else ''} differ)")
     if ckpt.rank == 0 and run_id is not None:
@@ -286,10 +286,15 @@ def _check_snapshot(path: Path, t0: int) -> str | None:
     return None
 
 
+def _settings_diff(then: dict, now: dict) -> list[str]:
+    """The settings keys whose values differ between two fingerprints (settings_fingerprint), sorted."""
+    return sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+
+
 def _mismatch(state: dict, cfg: JobConfig) -> str | None:
     now = settings_fingerprint(cfg)
     then = state["settings"]
-    diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    diff = _settings_diff(then, now)
     if diff:
         shown = "; ".join(f"{k}: {then.get(k, '(unset)')} then, {now.get(k, '(unset)')} now" for k in diff[:5])
         more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
