@@ -91,6 +91,9 @@ ABLATION = {
     # planned for a flat step cost (t0 far above a step's FLOPs time): read its flat-step clock only
     "carry+auto@flat": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.split=auto",
                         "plan.step_overhead_s=10"],
+    # issue 27: the step-cost shape measured in round 1 (plan.step_cost=measured), not given; run it with a
+    # simulated fixed step cost (extra override clients.step_delay_s=...) and read the measured clock
+    "tuned+measured": ["method=fedpipe", "plan.variant=tuned", "plan.step_cost=measured"],
 }  # plan.variant=tuned is spread+weights=samples (config.PLAN_VARIANTS)
 
 

@@ -112,6 +112,11 @@ class ClientsConfig:
     so wall-clock, waits and deadlines are measured; clock: it does not wait, and its local time (HDF5
     local_s, the deadline) is charged s x the measured step times. clock is for hosting more servers than
     cores (benchmarks on a small machine), where waiting would only serialize the servers on one process."""
+    step_delay_s: float = 0.0
+    """A fixed wait added to every local step of every server (times its slowdown, made real as the throttle
+    says), beyond the step's compute: simulates devices whose step has a fixed cost at any batch (kernel
+    launches and the optimizer on a GPU with a small model), for drills of plan.step_cost=measured on a CPU.
+    0 = none (never set it to describe real hardware: there, measure)."""
     precision: Any = "auto"
     """Base precision of each server: auto (the most bits that fit memory_gb, chosen by the planner for
     round 1 and kept for the run) or one of fp32/fp16/bf16/nf8/nf4, or a list of n of those."""
@@ -165,6 +170,12 @@ class PlanConfig:
     step_overhead_s: Optional[float] = None
     """Fixed time of a local step on the fastest server beyond its FLOPs (t0: Python, launches, optimizer).
     The paper's step-time model has none (0); with it, small batches are planned as slower than FLOPs say."""
+    step_cost: Literal["given", "measured"] = "given"
+    """Where t0 comes from. given: plan.step_overhead_s. measured: every server times its round-1 local steps
+    (seconds and padded tokens), the times are scaled to the fastest server's speed and fitted as
+    t0 + c x tokens over all servers, and from round 2 on the plan uses the fitted t0 (in samples' worth, so the
+    planner's FLOPs need not match the device's efficiency) instead of plan.step_overhead_s. With
+    plan.split=auto this makes the batch-or-steps choice from the devices' real step-cost shape."""
     lr_scaling: Optional[Literal["none", "sqrt", "linear"]] = None
     """Per-server learning rate: train.lr x (b_i / train.batch_max)^p, p = 0 (none), 1/2 or 1."""
     lam1: float = 0.85
@@ -519,6 +530,7 @@ def validate(cfg: JobConfig) -> None:
     _check(0 < pl.lam2 < 1, "plan.lam2", f"must be in (0, 1) (got {pl.lam2}); PLATON uses 0.95")
     _check(pl.step_overhead_s >= 0, "plan.step_overhead_s",
            f"must be >= 0 seconds (got {pl.step_overhead_s}); 0 is the paper's FLOPs-only step time")
+    _check(c.step_delay_s >= 0, "clients.step_delay_s", f"must be >= 0 seconds (got {c.step_delay_s}); 0 = none")
     _check(pl.step_time_s is None or pl.step_time_s > 0, "plan.step_time_s",
            f"must be > 0 seconds, or null for the automatic budget (got {pl.step_time_s})")
     _check(cfg.eval.precision == "auto" or cfg.eval.precision in PRECISIONS, "eval.precision",

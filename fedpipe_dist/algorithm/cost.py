@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from torch import nn
 
 from ..adapters.sites import Site
@@ -189,3 +190,36 @@ def houlsby_memory_bytes(shape: ModelShape, *, precision: str, depth: int, width
                          act_bytes: int = 4) -> float:
     return (base_weight_bytes(shape, precision, act_bytes) + 16 * houlsby_params(shape, depth, width)
             + activation_bytes(shape, batch, seq_len, act_bytes, layers=min(depth, shape.n_layers)))
+
+
+@dataclass
+class StepFit:
+    """A measured step-cost shape t = t0 + per_token x padded tokens, in seconds of the fastest server
+    (plan.step_cost=measured). `overhead_samples` is t0 in samples' worth of that server's compute, t0 / (per_token
+    x the mean padded tokens of a sample): the planner's `o` (algorithm/planner.stage1_auto)."""
+
+    t0_s: float
+    per_token_s: float
+    tokens_per_sample: float
+    steps: int
+
+    @property
+    def overhead_samples(self) -> float:
+        return self.t0_s / (self.per_token_s * self.tokens_per_sample)
+
+
+def fit_step_cost(timed: list[tuple[int, int, float]]) -> StepFit | None:
+    """Least-squares t = t0 + c x tokens over measured steps (batch, padded tokens, seconds), t0 clipped at 0;
+    None where the steps cannot separate t0 from c (fewer than 3 steps, or every step had the same tokens) or
+    the fitted c is not positive. Written here, not taken from a library: two parameters, numpy's lstsq."""
+    if len(timed) < 3:
+        return None
+    b, tok, sec = (np.asarray(col, dtype=float) for col in zip(*timed))
+    if np.ptp(tok) == 0:
+        return None
+    (c, t0), *_ = np.linalg.lstsq(np.stack([tok, np.ones_like(tok)], axis=1), sec, rcond=None)
+    if c <= 0:
+        return None
+    if t0 < 0:  # no fixed cost measurable: the slope through the origin
+        t0, c = 0.0, float(tok @ sec / (tok @ tok))
+    return StepFit(float(t0), float(c), float(tok.sum() / b.sum()), len(timed))

@@ -104,7 +104,7 @@ class LoRAMethod(Method):
                                      prune=self.prune(), trainable=self.trainable, frozen=self.frozen(plan),
                                      opt_memory=self.opt_memory.setdefault(c, {}) if self.keeps_moments() else None,
                                      **common)
-        run.planner.observe(c, stats.sensitivity, stats.singular)
+        run.planner.observe(c, stats.sensitivity, stats.singular, stats.step_times)
         return update, stats
 
     # ---- exchange and fold ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,19 @@ class ClientStats:
     singular: np.ndarray | None = None  # [layer, 4] mean singular value of (alpha/r) B A after training
     prune_norm: float = float("nan")  # HetLoRA: sum over sites of ||B[:, k:]|| ||A[k:]|| after training
     update_norm: float = float("nan")  # Frobenius norm of the update it sends (sanitization, algorithm/sanitize.py)
+    step_times: list = field(default_factory=list)  # per local step: (batch, padded tokens, seconds incl. slowdown)
+
+
+@dataclass
+class Steps:
+    """What the local loop did: each step's loss, whether the plan completed before the deadline, the slowdown
+    time charged without waiting (clients.throttle=clock; 0 when the server really waited), and each step's
+    (batch, padded tokens, seconds) as the server's clock saw it (plan.step_cost=measured fits them)."""
+
+    losses: list[float]
+    completed: bool
+    charged: float
+    timed: list[tuple[int, int, float]]
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
@@ -91,21 +104,19 @@ def _prune_term(adapters: LoRAAdapters, gamma: float) -> torch.Tensor:
 
 def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: ClientPlan, cfg: JobConfig, *,
                seed: int, pad_id: int, device: torch.device, slowdown: float, deadline_s: float | None,
-               extra_loss=None, after_backward=None, opt_memory: dict | None = None
-               ) -> tuple[list[float], bool, float]:
+               extra_loss=None, after_backward=None, opt_memory: dict | None = None) -> Steps:
     """The local loop every method shares: seeded batches, AdamW on `params`, gradient clipping, the
-    server's slowdown and the round deadline. `extra_loss()` joins the objective (HetLoRA's regularizer);
-    `after_backward()` sees the raw gradients (FedPipe's sensitivity). Returns the step losses, whether
-    the plan completed before the deadline, and the slowdown time charged without waiting
-    (clients.throttle=clock; 0 when the server really waited). `opt_memory`: the server's AdamW state of its
-    last round (train.optimizer_state=kept), put back where a tensor's shape is the same, and replaced by this
-    round's at the end."""
+    server's slowdown (and clients.step_delay_s) and the round deadline. `extra_loss()` joins the objective
+    (HetLoRA's regularizer); `after_backward()` sees the raw gradients (FedPipe's sensitivity).
+    `opt_memory`: the server's AdamW state of its last round (train.optimizer_state=kept), put back where a
+    tensor's shape is the same, and replaced by this round's at the end."""
     opt = torch.optim.AdamW(params, lr=cfg.train.lr * lr_factor(cfg, plan.batch_size),
                             weight_decay=cfg.train.weight_decay)
     if opt_memory:
         _restore_moments(opt, params, opt_memory)
     batches = batch_indices(len(data), plan.batch_size, np.random.default_rng(seed))
     losses: list[float] = []
+    timed: list[tuple[int, int, float]] = []
     completed = True
     charged = 0.0
     clock = cfg.clients.throttle == "clock"
@@ -132,12 +143,15 @@ def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: Clie
                 losses.append(loss.item())
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                if slowdown > 1.0:
-                    wait = (slowdown - 1.0) * (time.perf_counter() - t_step)
+                compute = time.perf_counter() - t_step
+                # the server's step is slowdown x (compute + the simulated fixed delay); what is not compute waits
+                wait = max(0.0, slowdown - 1.0) * compute + max(1.0, slowdown) * cfg.clients.step_delay_s
+                if wait > 0:
                     if clock:
                         charged += wait
                     else:
                         time.sleep(wait)
+                timed.append((batch.input_ids.shape[0], batch.input_ids.numel(), compute + wait))
     finally:
         model.eval()
     if opt_memory is not None:
@@ -145,7 +159,7 @@ def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: Clie
         opt_memory.update({i: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in st.items()}
                            for i, p in enumerate(params) if (st := opt.state.get(p))})
         opt_memory["shapes"] = [tuple(p.shape) for p in params]
-    return losses, completed, charged
+    return Steps(losses, completed, charged, timed)
 
 
 def _restore_moments(opt, params, memory: dict) -> None:
@@ -204,32 +218,32 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     t0 = time.perf_counter()
     with adapters.attach(model), (FixedUpdates(sites, frozen).attach(model) if frozen else nullcontext()):
         params = list(adapters.parameters()) if trainable is None else trainable(adapters)
-        losses, completed, charged = _run_steps(model, params, data, plan, cfg, seed=seed,
-                                                pad_id=pad_id, device=device, slowdown=slowdown,
-                                                deadline_s=deadline_s, extra_loss=extra,
-                                                after_backward=measure_sensitivity, opt_memory=opt_memory)
+        ran = _run_steps(model, params, data, plan, cfg, seed=seed, pad_id=pad_id, device=device,
+                         slowdown=slowdown, deadline_s=deadline_s, extra_loss=extra,
+                         after_backward=measure_sensitivity, opt_memory=opt_memory)
     sensitivity = np.full((L, 4), np.nan)
     singular = np.full((L, 4), np.nan)
     factors = adapters.factors()
-    for s in adapters.sites if losses else []:  # no step ran (deadline already passed): nothing measured
+    for s in adapters.sites if ran.losses else []:  # no step ran (deadline already passed): nothing measured
         j = KIND_INDEX[s.kind]
-        sensitivity[s.layer, j] = float(sens_sum[s.key]) / len(losses)
+        sensitivity[s.layer, j] = float(sens_sum[s.key]) / len(ran.losses)
         singular[s.layer, j] = mean_singular_value(*factors[s.key])
     prune_norm = float(_prune_term(adapters, prune[0]).detach()) if prune is not None else float("nan")
-    stats = _stats(plan, losses, completed, t0 - charged, device, reset_ok, sum(p.numel() for p in params))
+    stats = _stats(plan, ran, t0, device, reset_ok, sum(p.numel() for p in params))
     stats.sensitivity, stats.singular, stats.prune_norm = sensitivity, singular, prune_norm
     return ClientUpdate(plan.client, len(data), plan.batch_size, factors,
                         plan.local_steps or cfg.train.local_steps), stats
 
 
-def _stats(plan: ClientPlan, losses: list[float], completed: bool, t0: float, device: torch.device,
-           reset_ok: bool, trainable: int) -> ClientStats:
-    """`t0`: when local training started (moved back by any slowdown time charged without waiting)."""
+def _stats(plan: ClientPlan, ran: Steps, t0: float, device: torch.device, reset_ok: bool,
+           trainable: int) -> ClientStats:
+    """`t0`: when local training started (local time counts the slowdown time charged without waiting too)."""
+    losses = ran.losses
     return ClientStats(
-        client=plan.client, completed=completed, batch_size=plan.batch_size, local_steps=len(losses),
-        samples=len(losses) * plan.batch_size, local_s=time.perf_counter() - t0,
+        client=plan.client, completed=ran.completed, batch_size=plan.batch_size, local_steps=len(losses),
+        samples=len(losses) * plan.batch_size, local_s=time.perf_counter() - t0 + ran.charged,
         peak_mem_bytes=peak_mem(device, reset_ok), trainable_params=trainable,
-        train_loss=float(np.mean(losses)) if losses else float("nan"))
+        train_loss=float(np.mean(losses)) if losses else float("nan"), step_times=ran.timed)
 
 
 def model_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -252,11 +266,9 @@ def train_full(model, plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *, r
         p.requires_grad_(True)
     t0 = time.perf_counter()
     try:
-        losses, completed, charged = _run_steps(model, list(params.values()), data, plan, cfg, seed=seed,
-                                                pad_id=pad_id, device=device, slowdown=slowdown,
-                                                deadline_s=deadline_s)
-        stats = _stats(plan, losses, completed, t0 - charged, device, reset_ok,
-                       sum(p.numel() for p in params.values()))
+        ran = _run_steps(model, list(params.values()), data, plan, cfg, seed=seed, pad_id=pad_id, device=device,
+                         slowdown=slowdown, deadline_s=deadline_s)
+        stats = _stats(plan, ran, t0, device, reset_ok, sum(p.numel() for p in params.values()))
         with torch.no_grad():
             delta = {k: (p.detach() - start[k]).float().cpu() for k, p in params.items()}
     finally:
@@ -280,8 +292,7 @@ def train_houlsby(model, points, state: dict, plan: ClientPlan, data: TokenizedS
     reset_ok = _budget_memory(device, mem_budget_bytes)
     t0 = time.perf_counter()
     with adapters.attach(model):
-        losses, completed, charged = _run_steps(model, list(adapters.parameters()), data, plan, cfg, seed=seed,
-                                                pad_id=pad_id, device=device, slowdown=slowdown,
-                                                deadline_s=deadline_s)
-    stats = _stats(plan, losses, completed, t0 - charged, device, reset_ok, adapters.trainable_parameters())
+        ran = _run_steps(model, list(adapters.parameters()), data, plan, cfg, seed=seed, pad_id=pad_id,
+                         device=device, slowdown=slowdown, deadline_s=deadline_s)
+    stats = _stats(plan, ran, t0, device, reset_ok, adapters.trainable_parameters())
     return ClientUpdate(plan.client, len(data), plan.batch_size, adapters.state()), stats

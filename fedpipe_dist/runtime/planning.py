@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..adapters.sites import Site, n_layers
-from ..algorithm.cost import ModelShape, nf_scale_bytes
+from ..algorithm.cost import ModelShape, StepFit, fit_step_cost, flops_per_sample, nf_scale_bytes
 from ..algorithm.importance import ImportanceState
 from ..algorithm.planner import PRECISION_ORDER, ClientPlan, PlanInfo, ServerBudget, fedpipe_plan, uniform_plan
 from ..config import JobConfig
@@ -24,7 +24,7 @@ class RoundPlanner:
     each server's starting rank; default: the one the job names."""
 
     def __init__(self, cfg: JobConfig, shape: ModelShape, sites: list[Site], profiles: list[ServerProfile],
-                 hosted: list[int], method=None):
+                 hosted: list[int], method=None, log=None):
         if method is None:
             from ..methods import make_method
 
@@ -43,6 +43,11 @@ class RoundPlanner:
         self.auto_options = PRECISION_ORDER if self.native == "fp32" else (self.native, "nf8", "nf4")
         self.pinned: list[str] | None = None  # each server's base precision, fixed after round 1
         self.client_ranks = method.initial_ranks([srv.flops_per_s for srv in self.servers])
+        self.log = log or (lambda msg: None)
+        # plan.step_cost=measured: this rank's servers' timed steps until the fit, then the fit (None: none yet;
+        # False: the steps could not be fitted, plan.step_overhead_s stays)
+        self.timed: dict[int, list] = {}
+        self.step_fit: StepFit | None | bool = None
 
     def pin_precisions(self, comm) -> list[str]:
         """Each server's base precision for the whole run: the job's list, or the planner's round-1 choice.
@@ -84,9 +89,44 @@ class RoundPlanner:
             ref_rank=cfg.lora.rank, b_min=cfg.train.batch_min, b_max=cfg.train.batch_max, seq_len=T,
             step_time_s=cfg.plan.step_time_s, granularity=cfg.plan.granularity, precision=precision,
             act_bytes=self.act_bytes, auto_options=self.auto_options, split=cfg.plan.split,
-            rank_alloc=cfg.plan.rank_alloc, step_overhead_s=cfg.plan.step_overhead_s,
+            rank_alloc=cfg.plan.rank_alloc, step_overhead_s=self.step_overhead_s(comm),
             local_steps=cfg.train.local_steps)
         return plans, infos, scores
+
+    def step_overhead_s(self, comm) -> float:
+        """t0 for this round's plan: plan.step_overhead_s, or (plan.step_cost=measured) the fit of the steps
+        timed so far, as soon as there are some (every rank fits the same gathered steps: identical plans)."""
+        cfg = self.cfg
+        if cfg.plan.step_cost == "measured" and self.step_fit is None:
+            timed: dict[int, list] = {}
+            for part in comm.all_gather_object(self.timed):
+                timed.update(part)
+            if any(timed.values()):
+                self._fit(timed)
+        if not self.step_fit:
+            return cfg.plan.step_overhead_s
+        # o samples' worth of the fastest server's compute, in the FLOPs the planner counts a sample at
+        ref = {s.key: cfg.lora.rank for s in self.sites if s.kind in cfg.lora.targets}
+        f_ref = flops_per_sample(self.shape, ref, cfg.model.max_length)
+        return self.step_fit.overhead_samples * f_ref / max(srv.flops_per_s for srv in self.servers)
+
+    def _fit(self, timed: dict[int, list]) -> None:
+        """Fit t0 + c x tokens to every server's timed steps, each scaled to the fastest server's speed (a
+        server of half the speed is charged half its seconds), leaving out each server's first step (warm-up)."""
+        top = max(srv.flops_per_s for srv in self.servers)
+        pooled = [(b, tok, sec * self.servers[c].flops_per_s / top)
+                  for c in sorted(timed) for b, tok, sec in timed[c][1:]]
+        fit = fit_step_cost(pooled)
+        self.step_fit = fit if fit is not None else False
+        self.timed = {}
+        if fit is None:
+            self.log(f"plan.step_cost=measured: the {len(pooled)} timed steps cannot separate a step's fixed cost "
+                     f"(too few, or all of one length); planning with plan.step_overhead_s="
+                     f"{self.cfg.plan.step_overhead_s}")
+        else:
+            self.log(f"plan.step_cost=measured: a step costs {fit.t0_s * 1e3:.3g} ms + {fit.per_token_s * 1e6:.3g} us "
+                     f"per padded token on the fastest server (fitted to {fit.steps} steps); its fixed cost is "
+                     f"{fit.overhead_samples:.2f} samples' worth, planned with from now on")
 
     def _uniform(self) -> tuple[list[ClientPlan], list[PlanInfo]]:
         """The plan of a method that does not adapt (and of FedPipe's uniform ablation): the method's batch sizes
@@ -113,9 +153,12 @@ class RoundPlanner:
             infos.append(PlanInfo(math.inf, step, step / srv.flops_per_s, mem, mem <= srv.mem_bytes))
         return plans, infos
 
-    def observe(self, client: int, sensitivity: np.ndarray, singular: np.ndarray) -> None:
-        """Fold a hosted server's round measurements into its importance state (Eqn 5-7)."""
+    def observe(self, client: int, sensitivity: np.ndarray, singular: np.ndarray, step_times=()) -> None:
+        """Fold a hosted server's round measurements into its importance state (Eqn 5-7); keep its timed steps
+        until plan.step_cost=measured has fitted them."""
         self.states[client].update(sensitivity, singular)
+        if self.cfg.plan.step_cost == "measured" and self.step_fit is None:
+            self.timed[client] = list(step_times)
 
 
 def plan_table(cfg: JobConfig, log=print) -> tuple[str, list[ClientPlan], list[PlanInfo]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..algorithm.cost import StepFit
 from ..config import JobConfig, UserInputError
 from ..io.checkpoint import CheckpointDir, complete, leftovers, scan, snapshots
 from .chain import chain_rounds, replay, resolve_base
@@ -177,6 +178,8 @@ def compose_state(ckpt: CheckpointDir, t0: int, w0: int, hosted: list[int]) -> d
     state = dict(files[0])
     state["importance"] = {c: files[c % w0]["importance"][c] for c in hosted}
     state["servers"] = {c: files[c % w0]["servers"][c] for c in hosted if c in files[c % w0].get("servers", {})}
+    state["step_times"] = {c: files[c % w0]["step_times"][c] for c in hosted
+                           if c in files[c % w0].get("step_times", {})}
     state["base"] = resolve_base(ckpt, t0, w0, list(range(w0)))
     return state
 
@@ -349,6 +352,9 @@ def rank_state(*, cfg: JobConfig, t: int, world_size: int, run_id: str, bases, c
         "importance": {c: {"ibar": torch.from_numpy(st.ibar), "ubar": torch.from_numpy(st.ubar),
                            "sv": torch.from_numpy(st.sv)} for c, st in planner.states.items()},
         "client_ranks": list(planner.client_ranks),
+        # plan.step_cost=measured: the fitted step cost (None before the fit, False where none could be made)
+        "step_fit": dataclasses.asdict(planner.step_fit) if planner.step_fit else planner.step_fit,
+        "step_times": dict(planner.timed),  # each hosted server's timed steps not yet fitted
         "eval_losses": list(eval_losses),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -376,6 +382,9 @@ def apply_state(state: dict, *, bases, method, planner) -> list[float]:
         planner.states[c].ibar, planner.states[c].ubar = st["ibar"].numpy().copy(), st["ubar"].numpy().copy()
         planner.states[c].sv = st["sv"].numpy().copy()
     planner.client_ranks = list(state["client_ranks"])
+    fit = state.get("step_fit")  # absent from checkpoints written before plan.step_cost existed
+    planner.step_fit = StepFit(**fit) if isinstance(fit, dict) else fit
+    planner.timed = {c: list(v) for c, v in state.get("step_times", {}).items()}
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():

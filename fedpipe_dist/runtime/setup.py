@@ -142,7 +142,7 @@ def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     lap("profile")
     run.method = make_method(cfg)
     run.planner = RoundPlanner(cfg, model_shape(model, sites), sites, run.profiles, hosted=run.my_clients,
-                               method=run.method)
+                               method=run.method, log=log)
     _build_bases(run)
     lap("bases")
     run.method.setup(run)

@@ -1,0 +1,72 @@
+"""Layer: plan.step_cost=measured (issue 27): every server times its round-1 steps, the planner fits
+t0 + c x tokens to them and plans with the measured step-cost shape from round 2 on; seconds.
+
+A fixed step cost is simulated with clients.step_delay_s under clients.throttle=clock (charged, not slept), so
+the test is quick and the delay dominates the real compute's noise.
+
+Run: .venv/bin/python -m pytest tests/test_step_cost.py -q
+"""
+
+import numpy as np
+import pytest
+
+from fedpipe_dist.algorithm.cost import fit_step_cost
+from fedpipe_dist.algorithm.planner import stage1_auto
+from fedpipe_dist.comm.local import LocalComm
+from fedpipe_dist.config import ConfigError, load_job
+from fedpipe_dist.io.hdf5 import Results
+from fedpipe_dist.runtime.server import run_job
+
+DELAY = 2.0  # seconds charged per step on the fastest server: far above a tiny model's real step (~10-100 ms)
+JOB = ["rounds=3", "train.local_steps=6", "data.synthetic_train_size=160", "data.synthetic_eval_size=16",
+       "model.max_length=96", "eval.max_samples=16", "eval.every=3", "eval.final_full=false",
+       "plan.step_cost=measured", f"clients.step_delay_s={DELAY}", "clients.throttle=clock"]
+
+
+def test_fit_recovers_t0_and_slope_and_refuses_what_it_cannot_separate():
+    rng = np.random.default_rng(0)
+    steps = [(b, b * L, 0.05 + 2e-5 * b * L) for b in (1, 2, 4, 8) for L in rng.integers(40, 200, size=3)]
+    fit = fit_step_cost(steps)
+    assert fit.t0_s == pytest.approx(0.05, rel=1e-9) and fit.per_token_s == pytest.approx(2e-5, rel=1e-9)
+    tokens_per_sample = sum(t for _, t, _ in steps) / sum(b for b, _, _ in steps)
+    assert fit.overhead_samples == pytest.approx(0.05 / (2e-5 * tokens_per_sample))
+    assert fit_step_cost([(8, 512, 0.1)] * 5) is None  # one length: t0 and c cannot be told apart
+    assert fit_step_cost(steps[:2]) is None
+    # no fixed cost measurable (a fitted t0 below 0): none, the slope through the origin
+    fit0 = fit_step_cost([(1, 100, 0.0009), (1, 200, 0.0021), (1, 300, 0.0030)])
+    assert fit0.t0_s == 0.0 and fit0.per_token_s == pytest.approx(1e-5, rel=0.02)
+
+
+def test_config_rejects_a_negative_delay():
+    with pytest.raises(ConfigError, match="clients.step_delay_s"):
+        load_job("jobs/quickstart.yaml", ["clients.step_delay_s=-1"])
+
+
+def _plans(out):
+    c = Results(out / "results.h5").clients
+    return c["batch_size"][1:].tolist(), c["local_steps"][1:].tolist()
+
+
+def test_measured_fixed_cost_turns_the_batch_split_into_fewer_steps_and_survives_a_resume(tmp_path, capsys):
+    cfg = load_job("jobs/quickstart.yaml", [*JOB, f"output.dir={tmp_path / 'a'}"])
+    run_job(cfg, LocalComm(), show_progress=False)
+    log = capsys.readouterr()
+    said = [line for line in (log.out + log.err).splitlines() if line.startswith("plan.step_cost=measured")]
+    assert len(said) == 1, said
+    t0_ms = float(said[0].split("a step costs ")[1].split(" ms")[0])
+    assert t0_ms == pytest.approx(DELAY * 1e3, rel=0.1)  # the simulated fixed cost, measured
+    batches, steps = _plans(tmp_path / "a")
+    # round 1 plans with plan.step_overhead_s=0 (nothing measured yet): the batch split, slowdowns 1, 1.5, 2, 3
+    assert batches[0] == [8, 5, 4, 2] and steps[0] == [6, 6, 6, 6]
+    # from round 2: a step costs nearly the same at any batch, so slow servers keep batch_max and take fewer
+    # steps (stage1_auto with a large o), as the planner would plan if told the cost
+    want_b, want_k = stage1_auto([1, 1 / 1.5, 1 / 2, 1 / 3], 1, 8, 6, overhead=200.0)
+    assert want_b == [8, 8, 8, 8] and want_k == [6, 4, 3, 2]
+    assert batches[1:] == [want_b, want_b] and steps[1:] == [want_k, want_k]
+
+    # stopped after round 2 and resumed: round 3 plans with the fit kept in the checkpoint, not with t0 = 0
+    first = load_job("jobs/quickstart.yaml", [*JOB, "rounds=2", f"output.dir={tmp_path / 'b'}"])
+    run_job(first, LocalComm(), show_progress=False)
+    again = load_job("jobs/quickstart.yaml", [*JOB, "resume=true", f"output.dir={tmp_path / 'b'}"])
+    run_job(again, LocalComm(), show_progress=False)
+    assert _plans(tmp_path / "b") == (batches, steps)
