@@ -56,10 +56,10 @@ def example_losses(final: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
     from transformers.utils import logging as hf_logging
 
     from fedpipe_dist.adapters.houlsby import ADAPTER_FILE, HoulsbyAdapters, find_adapter_points, load_adapter_state
-    from fedpipe_dist.config import job_from_dict
     from fedpipe_dist.data import format_example, load_eval_pairs, tokenize_pairs
     from fedpipe_dist.data.tokenize import collate
     from fedpipe_dist.io.hdf5 import Results
+    from fedpipe_dist.job import job_from_dict
     from fedpipe_dist.metrics.perplexity import example_losses as per_example
     from fedpipe_dist.models import load_model, load_tokenizer
 
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
             if a.peft_reference:
                 from peft_fedavg import peft_fedavg
 
-                from fedpipe_dist.config import load_job
+                from fedpipe_dist.job import load_job
 
                 cfg = load_job(common[0], [*common[1:], "method=lora", f"seed={seed}", f"train.local_steps={S}",
                                            f"output.dir={work / 'peft_reference'}"])

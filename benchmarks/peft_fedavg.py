@@ -95,7 +95,7 @@ def peft_fedavg(cfg) -> list[float]:
 
 
 def main(argv=None) -> None:
-    from fedpipe_dist.config import load_job
+    from fedpipe_dist.job import load_job
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("job")

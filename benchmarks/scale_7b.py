@@ -162,7 +162,7 @@ def micro(stack_rank: int, *, device: str = "cpu", hidden: int = 4096, reps: int
 
 def a100_round_s(tflops: float) -> float:
     """Training time of one round of the alpaca_llama2_7b.yaml plan (round 1's) at `tflops` per server."""
-    from fedpipe_dist.config import load_job
+    from fedpipe_dist.job import load_job
     from fedpipe_dist.runtime.planning import plan_table
 
     cfg = load_job("jobs/alpaca_llama2_7b.yaml", [f"clients.tflops={tflops}"])
@@ -264,7 +264,7 @@ def summarize(runs: dict, mic: dict, args) -> dict:
     total = sum(rows[k]["a100_s"] for k in non_training)
     # evaluation as alpaca_llama2_7b.yaml sets it: eval.max_samples examples of max_length tokens, forward only,
     # shared by its 16 ranks (an upper bound: examples are often shorter)
-    from fedpipe_dist.config import load_job
+    from fedpipe_dist.job import load_job
 
     job = load_job("jobs/alpaca_llama2_7b.yaml", [])
     K = job.checkpoint.full_every

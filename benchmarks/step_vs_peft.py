@@ -73,7 +73,7 @@ def _data(vocab: int, n: int = 256):
 
 
 def _job(steps: int):
-    from fedpipe_dist.config import load_job
+    from fedpipe_dist.job import load_job
 
     return load_job(None, [f"train.local_steps={steps}", "train.lr=1e-3", "lora.alpha=8", "lora.dropout=0"])
 

@@ -39,8 +39,8 @@ from benchmarks._jobs import write_json  # noqa: E402
 from fedpipe_dist.algorithm.aggregation.base import to_dense  # noqa: E402
 from fedpipe_dist.comm.local import LocalComm  # noqa: E402
 from fedpipe_dist.comm.payload import to_wire  # noqa: E402
-from fedpipe_dist.config import load_job  # noqa: E402
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
+from fedpipe_dist.job import load_job  # noqa: E402
 from fedpipe_dist.runtime.exchange import factored_exchange  # noqa: E402
 from fedpipe_dist.runtime.server import run_job  # noqa: E402
 

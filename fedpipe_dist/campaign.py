@@ -39,7 +39,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, UserInputError, load_job
+from .errors import ConfigError, UserInputError
+from .job import load_job
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9.+-]+")
 

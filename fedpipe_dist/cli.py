@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError, UserInputError, load_job
+from .errors import ConfigError, UserInputError
+from .job import load_job
 
 EXIT_BAD_INPUT = 2
 

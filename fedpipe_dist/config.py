@@ -23,22 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A job file or override is wrong. The message says which key and how to fix it.
-
-    `key` (when known) is the dotted key at fault; load_job uses it to say whether the job file or an
-    override set it.
-    """
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-
-
-class UserInputError(ValueError):
-    """Bad input other than config keys (data file, model path, empty data). Exit code 2."""
-
+from .errors import ConfigError, UserInputError  # noqa: F401 (defined in errors.py; importers of config find them here too)
 
 TARGETS = ("q", "k", "v", "o")
 PRECISIONS = ("fp32", "fp16", "bf16", "nf8", "nf4")
@@ -430,21 +415,13 @@ def validate(cfg: JobConfig) -> None:
     _check(cfg.plan.variant in PLAN_VARIANTS, "plan.variant",
            f"unknown variant {cfg.plan.variant!r}; choose one of {list(PLAN_VARIANTS)}")
     resolve_variant(cfg)
-    # The methods are registered in fedpipe_dist/methods/ (one module each; docs/methods.md); each checks what
-    # only it needs. Imported here, not at the top: the methods build on the runtime, which reads this module.
-    from .methods import method_class
-
-    method_class(cfg.method).validate(cfg)
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1 (got {cfg.rounds})")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1 (got {cfg.checkpoint.every})")
     _check(cfg.checkpoint.full_every >= 1, "checkpoint.full_every",
            f"must be >= 1 (got {cfg.checkpoint.full_every}); 1 makes every checkpoint a full one")
     _check(cfg.aggregation.max_norm_ratio > 1, "aggregation.max_norm_ratio",
            f"must be > 1 (got {cfg.aggregation.max_norm_ratio}); 10 leaves honest heterogeneous updates alone")
-    if cfg.aggregation.wire != "fp32":  # the wire format is the factored transport's; nothing else may ignore it
-        _check(method_class(cfg.method).trains_lora, "aggregation.wire",
-               f"{cfg.aggregation.wire} is a format for LoRA factors; method {cfg.method} sends whole tensors in "
-               "fp32, so set aggregation.wire=fp32")
+    if cfg.aggregation.wire != "fp32":  # the wire format is the factored transport's (the methods' check: job.py)
         _check(cfg.aggregation.transport == "factored", "aggregation.wire",
                f"{cfg.aggregation.wire} rounds the factors of aggregation.transport=factored; the dense transport "
                "sends a pre-summed dW in fp32, so set aggregation.wire=fp32 or aggregation.transport=factored")
@@ -820,8 +797,10 @@ def safe_yaml(text: str, where: str):
     return yaml.safe_load(text)
 
 
-def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read a YAML job file (or start from defaults when path is None) and apply overrides."""
+def read_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), check=None) -> JobConfig:
+    """Read a YAML job file (or start from defaults when path is None) and apply overrides; every section is
+    checked (validate), then `check(cfg)`, and a ConfigError says whether the file or an override set the key.
+    Load jobs with fedpipe_dist.job.load_job, which passes the job's method's own checks as `check`."""
     tree: dict = {}
     file_tree: dict = {}
     if path is not None:
@@ -856,7 +835,10 @@ def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
     for o in overrides:
         apply_override(tree, o)
     try:
-        return _build(JobConfig, tree)
+        cfg = _build(JobConfig, tree)
+        if check is not None:
+            check(cfg)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{e}{_origin(e.key, path, file_tree, overrides)}", key=e.key) from None
 
@@ -878,6 +860,7 @@ def _origin(key: str | None, path: str | Path | None, file_tree: dict, overrides
     return f" (in job file {str(path)!r})"
 
 
-def job_from_dict(tree: dict) -> JobConfig:
-    """Rebuild a JobConfig from its to_dict() form (e.g. the config_json attribute of results.h5)."""
+def build_job(tree: dict) -> JobConfig:
+    """A JobConfig from its to_dict() form, every section checked (fedpipe_dist.job.job_from_dict adds the
+    method's own checks)."""
     return _build(JobConfig, tree)

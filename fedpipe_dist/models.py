@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UserInputError
+from .errors import UserInputError
 
 TINY_CONFIGS = {
     # Two layers, hidden 64: a forward+backward step takes milliseconds on one CPU core.

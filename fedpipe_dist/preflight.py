@@ -15,7 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .config import JobConfig, UserInputError
+from .config import JobConfig
+from .errors import UserInputError
 
 
 def gathered(checks) -> list:

@@ -58,8 +58,8 @@ SMALL_RUN = ["rounds=3", "train.local_steps=3", "train.batch_max=4", "data.synth
 def run_small(tmp_path, name: str, *extra: str):
     """Run jobs/quickstart.yaml with SMALL_RUN and `extra` into tmp_path/name; returns (cfg, Results)."""
     from fedpipe_dist.comm.local import LocalComm
-    from fedpipe_dist.config import load_job
     from fedpipe_dist.io.hdf5 import Results
+    from fedpipe_dist.job import load_job
     from fedpipe_dist.runtime.server import run_job
 
     cfg = load_job("jobs/quickstart.yaml", [*SMALL_RUN, f"output.dir={tmp_path / name}", *extra])

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from fedpipe_dist.comm.local import LocalComm
-from fedpipe_dist.config import load_job
 from fedpipe_dist.data import format_example, load_eval_pairs, load_train_pairs, tokenize_pairs
 from fedpipe_dist.data.alpaca import PROMPT_INPUT, PROMPT_NO_INPUT
 from fedpipe_dist.data.tokenize import IGNORE, collate
 from fedpipe_dist.io.hdf5 import Results
+from fedpipe_dist.job import load_job
 from fedpipe_dist.metrics.perplexity import lm_loss
 from fedpipe_dist.models import load_model, load_tokenizer
 from fedpipe_dist.runtime.server import run_job

@@ -67,3 +67,86 @@ def test_every_runtime_function_is_under_80_lines():
                 if n >= 80:
                     long.append(f"{path.name}:{node.name} ({n} lines)")
     assert not long, long
+
+
+def _module_name(path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root=PKG) -> dict[str, set[str]]:
+    """module -> the package's modules it imports, read with ast from every import statement, those inside
+    functions and under TYPE_CHECKING included. Importing a.b.c also runs a/__init__ and a/b/__init__, so those
+    count too, except the packages the importer itself lives in (Python has begun them already)."""
+    paths = {_module_name(p): p for p in root.rglob("*.py")}
+    graph = {}
+    for mod, path in paths.items():
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        own = {".".join(mod.split(".")[:i]) for i in range(1, mod.count(".") + 2)}
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    name = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    name = node.module or ""
+                targets = [name, *(f"{name}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for t in targets:
+                if t in paths:
+                    deps |= {p for p in (".".join(t.split(".")[:i]) for i in range(1, t.count(".") + 2))
+                             if p in paths and p not in own}
+        graph[mod] = deps - {mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert len(graph) > 50 and graph["fedpipe_dist.job"] >= {"fedpipe_dist.config", "fedpipe_dist.methods"}
+    assert not cycles(graph), cycles(graph)
+    # the check can fail: the cycle config.validate opened through a lazy import of the methods (issue 30)
+    graph["fedpipe_dist.config"].add("fedpipe_dist.methods")
+    assert any({"fedpipe_dist.config", "fedpipe_dist.methods"} <= set(c) for c in cycles(graph))
+
+
+def test_config_never_imports_the_methods_and_algorithm_never_imports_the_job():
+    graph = import_graph()
+    assert not {d for d in graph["fedpipe_dist.config"] if d.startswith("fedpipe_dist.methods")}
+    for path in _modules("algorithm"):
+        text = path.read_text()
+        assert "JobConfig" not in text and "fedpipe_dist.config" not in text and "..config" not in text, path

@@ -19,7 +19,7 @@ from fedpipe_dist.adapters.houlsby import (
 from fedpipe_dist.algorithm.aggregation import ClientUpdate, get_aggregator
 from fedpipe_dist.algorithm.aggregation.fedadapter import AdapterConfig, pick_config, trial_configs, trial_groups
 from fedpipe_dist.algorithm.cost import houlsby_flops_per_sample, houlsby_params
-from fedpipe_dist.config import ConfigError, load_job
+from fedpipe_dist.config import ConfigError
 from fedpipe_dist.data import (
     format_example,
     load_eval_pairs,
@@ -29,6 +29,7 @@ from fedpipe_dist.data import (
     tokenize_pairs,
 )
 from fedpipe_dist.data.tokenize import collate
+from fedpipe_dist.job import load_job
 from fedpipe_dist.metrics.perplexity import evaluate, lm_loss
 from fedpipe_dist.models import load_model, load_tokenizer
 from fedpipe_dist.runtime.client import batch_indices, client_seed

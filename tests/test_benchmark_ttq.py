@@ -70,7 +70,7 @@ def test_memory_budgets_force_each_precision_for_rank8_lora(bench):
     from fedpipe_dist.adapters.sites import find_sites
     from fedpipe_dist.algorithm.cost import model_shape
     from fedpipe_dist.comm.local import LocalComm
-    from fedpipe_dist.config import load_job
+    from fedpipe_dist.job import load_job
     from fedpipe_dist.models import meta_model
     from fedpipe_dist.runtime.heterogeneity import ServerProfile
     from fedpipe_dist.runtime.planning import RoundPlanner

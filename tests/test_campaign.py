@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from fedpipe_dist.campaign import load_campaign, state
-from fedpipe_dist.config import UserInputError, load_job
+from fedpipe_dist.config import UserInputError
 from fedpipe_dist.io.hdf5 import Results
+from fedpipe_dist.job import load_job
 
 from ._util import REPO, SMALL_RUN, subprocess_env
 

@@ -15,7 +15,8 @@ import torch
 import fedpipe_dist.runtime.central as central_module
 import fedpipe_dist.runtime.client as client_module
 from fedpipe_dist.comm.local import LocalComm
-from fedpipe_dist.config import UserInputError, load_job
+from fedpipe_dist.config import UserInputError
+from fedpipe_dist.job import load_job
 from fedpipe_dist.methods import lora as lora_module
 from fedpipe_dist.runtime.server import run_job
 

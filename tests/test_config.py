@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpipe_dist.config import ConfigError, JobConfig, load_job, per_client_values
+from fedpipe_dist.config import ConfigError, JobConfig, per_client_values
+from fedpipe_dist.job import load_job
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
@@ -45,7 +46,7 @@ def test_every_shipped_job_file_validates(job):
     cfg = load_job(job)
     assert cfg.rounds >= 1
     # The validated config round-trips through its dict form (what results.h5 stores).
-    from fedpipe_dist.config import job_from_dict
+    from fedpipe_dist.job import job_from_dict
 
     assert job_from_dict(cfg.to_dict()).to_json() == cfg.to_json()
 

@@ -13,7 +13,6 @@ import torch
 from fedpipe_dist.adapters.sites import add_to_base, find_sites
 from fedpipe_dist.algorithm.planner import uniform_plan
 from fedpipe_dist.comm.local import LocalComm
-from fedpipe_dist.config import load_job
 from fedpipe_dist.data import (
     format_example,
     load_eval_pairs,
@@ -30,6 +29,7 @@ from fedpipe_dist.io.schema import (
     ROOT_ATTRS,
     ROUND_FIELDS,
 )
+from fedpipe_dist.job import load_job
 from fedpipe_dist.metrics.perplexity import evaluate
 from fedpipe_dist.models import load_model, load_tokenizer
 from fedpipe_dist.runtime.client import train_client

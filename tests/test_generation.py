@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from fedpipe_dist.comm.local import LocalComm
-from fedpipe_dist.config import GenerationConfig, load_job
+from fedpipe_dist.config import GenerationConfig
 from fedpipe_dist.io.hdf5 import Results
+from fedpipe_dist.job import load_job
 from fedpipe_dist.metrics.e2e import group_references
 from fedpipe_dist.metrics.generate import generate, write_generations
 from fedpipe_dist.models import load_model, load_tokenizer

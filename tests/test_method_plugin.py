@@ -43,7 +43,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
                       LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
     os.chdir(REPO)
-    from fedpipe_dist.config import load_job
+    from fedpipe_dist.job import load_job
     from fedpipe_dist.runtime.launch import make_comm
     from fedpipe_dist.runtime.server import run_job
 
@@ -58,8 +58,8 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_a_method_defined_in_a_test_runs_on_two_gloo_ranks_and_one_process(tmp_path):
     from fedpipe_dist.adapters.sites import KIND_INDEX, find_sites
     from fedpipe_dist.comm.local import LocalComm
-    from fedpipe_dist.config import load_job
     from fedpipe_dist.io.hdf5 import Results
+    from fedpipe_dist.job import load_job
     from fedpipe_dist.models import load_model
     from fedpipe_dist.runtime.server import run_job
 

@@ -7,8 +7,8 @@ Run: .venv/bin/python -m pytest tests/test_methods.py -q
 import numpy as np
 import pytest
 
-from fedpipe_dist.config import load_job
 from fedpipe_dist.data import format_example, load_eval_pairs, tokenize_pairs
+from fedpipe_dist.job import load_job
 from fedpipe_dist.methods import make_method
 from fedpipe_dist.metrics.perplexity import evaluate
 

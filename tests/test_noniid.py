@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedpipe_dist.config import ConfigError, UserInputError, load_job
+from fedpipe_dist.config import ConfigError, UserInputError
 from fedpipe_dist.data import partition
 from fedpipe_dist.data.partition import rarity
+from fedpipe_dist.job import load_job
 from fedpipe_dist.metrics.perplexity import reweighted_losses
 from tests._util import run_small
 

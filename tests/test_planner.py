@@ -131,7 +131,7 @@ def test_ablation_switches(shape):
     The paper's variant: its greedy allocation is what makes the weight choice matter (tuned spreads the
     budget over every weight: tests/test_variants.py)."""
     from fedpipe_dist.comm.local import LocalComm
-    from fedpipe_dist.config import load_job
+    from fedpipe_dist.job import load_job
     from fedpipe_dist.runtime.heterogeneity import ServerProfile
     from fedpipe_dist.runtime.planning import RoundPlanner
 

@@ -11,8 +11,8 @@ from fedpipe_dist.adapters.lora import LoRAAdapters, _pkey
 from fedpipe_dist.adapters.sites import Site, find_sites, is_block_linear
 from fedpipe_dist.algorithm.merge import MergedResidual
 from fedpipe_dist.comm.local import LocalComm
-from fedpipe_dist.config import load_job
 from fedpipe_dist.io.hdf5 import Results
+from fedpipe_dist.job import load_job
 from fedpipe_dist.models import load_model, load_tokenizer
 from fedpipe_dist.quantized import QuantLinear, bitsandbytes_available, dense_linear, linear_weight
 from fedpipe_dist.runtime.bases import RankBases

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fedpipe_dist.algorithm.sanitize import screen, update_norm
-from fedpipe_dist.config import ConfigError, load_job
+from fedpipe_dist.config import ConfigError
+from fedpipe_dist.job import load_job
 
 from ._util import run_small
 

@@ -9,8 +9,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from fedpipe_dist.config import ConfigError, load_job
+from fedpipe_dist.config import ConfigError
 from fedpipe_dist.io.schema import ROUND_FIELDS
+from fedpipe_dist.job import load_job
 from tests._util import run_small
 
 

@@ -13,8 +13,9 @@ import pytest
 from fedpipe_dist.algorithm.cost import fit_step_cost
 from fedpipe_dist.algorithm.planner import stage1_auto
 from fedpipe_dist.comm.local import LocalComm
-from fedpipe_dist.config import ConfigError, load_job
+from fedpipe_dist.config import ConfigError
 from fedpipe_dist.io.hdf5 import Results
+from fedpipe_dist.job import load_job
 from fedpipe_dist.runtime.server import run_job
 
 DELAY = 2.0  # seconds charged per step on the fastest server: far above a tiny model's real step (~10-100 ms)

@@ -22,7 +22,8 @@ from fedpipe_dist.algorithm.planner import (
     stage1_batch,
     stage1_steps,
 )
-from fedpipe_dist.config import PLAN_VARIANTS, load_job
+from fedpipe_dist.config import PLAN_VARIANTS
+from fedpipe_dist.job import load_job
 from fedpipe_dist.models import model_from_config
 
 GOLDEN = Path(__file__).parent / "golden"

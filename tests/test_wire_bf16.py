@@ -18,7 +18,8 @@ from fedpipe_dist.algorithm.sanitize import update_norm
 from fedpipe_dist.comm.base import Traffic, nbytes
 from fedpipe_dist.comm.local import LocalComm
 from fedpipe_dist.comm.payload import factor_layout, layout_numel, stacked_layout, to_wire
-from fedpipe_dist.config import ConfigError, load_job
+from fedpipe_dist.config import ConfigError
+from fedpipe_dist.job import load_job
 from fedpipe_dist.runtime.exchange import factored_exchange
 
 from ._util import SMALL_RUN, run_small

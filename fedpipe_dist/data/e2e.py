@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ..config import UserInputError
+from ..errors import UserInputError
 
 
 class Rows(list):

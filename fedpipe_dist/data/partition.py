@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..config import UserInputError
+from ..errors import UserInputError
 
 REDRAWS = 100  # Dirichlet draws tried before a split that leaves a server empty is refused
 

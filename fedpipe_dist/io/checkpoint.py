@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..config import UserInputError
+from ..errors import UserInputError
 from .space import as_disk_error, disk_errors, require_space, tensor_bytes
 
 FORMAT = 3  # 2: files named by rank and world size (elastic resume); 3: the base as a chain (runtime/chain.py)

@@ -90,7 +90,7 @@ class ResultsWriter:
         with _open(self.path, "a") as f:
             version = int(f.attrs.get("schema_version", -1))
             if version != SCHEMA_VERSION:
-                from ..config import UserInputError
+                from ..errors import UserInputError
 
                 raise UserInputError(f"resume: {str(path)!r} has schema version {version}, this code writes "
                                      f"{SCHEMA_VERSION}; finish it with the version that started it, or start over")

@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..config import UserInputError
+from ..errors import UserInputError
 
 NAME = ".fedpipe.lock"
 

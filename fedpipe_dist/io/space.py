@@ -17,7 +17,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import UserInputError
+from ..errors import UserInputError
 
 MARGIN = 256 << 10  # filesystem blocks, HDF5 metadata, checksum files
 

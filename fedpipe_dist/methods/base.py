@@ -26,7 +26,7 @@ from typing import NamedTuple
 from ..algorithm.aggregation import get_aggregator
 from ..algorithm.aggregation.base import REGISTRY as AGGREGATORS
 from ..algorithm.sanitize import update_norm
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 class Report(NamedTuple):

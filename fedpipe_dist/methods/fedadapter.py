@@ -18,7 +18,7 @@ from ..algorithm.cost import houlsby_flops_per_sample, houlsby_memory_bytes
 from ..algorithm.sanitize import update_norm
 from ..runtime.client import train_houlsby
 from ..runtime.exchange import fedavg_exchange, tensor_layout
-from ..runtime.resume import tree_device, tree_to
+from ..runtime.trees import tree_device, tree_to
 from .base import Exchanged, Method, register_method
 
 

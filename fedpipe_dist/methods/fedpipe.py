@@ -12,7 +12,7 @@ import torch
 
 from ..adapters.lora import shared_initial_adapter
 from ..algorithm.aggregation.fedpipe import kept_adapter_step, split_stack
-from ..config import UserInputError
+from ..errors import UserInputError
 from ..runtime.exchange import factored_exchange, update_meta
 from .base import Exchanged, register_method, require
 from .lora import LoRAMethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..algorithm.cost import ft_flops_per_sample, ft_memory_bytes
-from ..config import UserInputError
+from ..errors import UserInputError
 from ..runtime.client import model_parameters, train_full
 from ..runtime.exchange import fedavg_exchange, tensor_layout
 from .base import Exchanged, Method, register_method, require

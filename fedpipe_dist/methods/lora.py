@@ -23,7 +23,7 @@ from ..algorithm.sanitize import update_norm
 from ..comm.payload import WIRE_DTYPES, to_wire
 from ..runtime.client import train_client
 from ..runtime.exchange import dense_exchange, factored_exchange, update_meta
-from ..runtime.resume import tree_device, tree_to
+from ..runtime.trees import tree_device, tree_to
 from .base import Exchanged, Method, register_method, require
 
 

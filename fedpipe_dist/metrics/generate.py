@@ -59,7 +59,7 @@ def generation_pairs(cfg) -> list[tuple[str, str]]:
 
 def check_scoring_tools() -> None:
     """Fail before any training or decoding when the E2E scorer cannot run (java for its jars)."""
-    from ..config import UserInputError
+    from ..errors import UserInputError
     from .e2e import JavaNotFoundError, _require_java
 
     try:

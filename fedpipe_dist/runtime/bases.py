@@ -29,7 +29,7 @@ from ..adapters.sites import Site, is_block_linear, weight_slice
 from ..algorithm.aggregation.base import to_dense
 from ..algorithm.merge import MergedResidual
 from ..algorithm.sanitize import factored_sq_norm
-from ..config import UserInputError
+from ..errors import UserInputError
 from ..quantized import QuantLinear, linear_weight
 
 

@@ -29,12 +29,13 @@ import torch
 
 from ..adapters.lora import LoRAAdapters, shared_initial_adapter
 from ..algorithm.planner import sample_clients
-from ..config import JobConfig, UserInputError
+from ..config import JobConfig
 from ..data.tokenize import IGNORE, Batch, collate
+from ..errors import UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..metrics.perplexity import lm_loss
 from .client import batch_indices, client_seed, model_parameters
-from .outputs import agree, check_output_dir, finish, open_results
+from .outputs import RunSummary, agree, check_output_dir, finish, open_results
 from .record import own_losses, round_row
 from .resume import new_run_id
 from .setup import Run, set_up
@@ -82,8 +83,6 @@ def union_batch(run: Run, parts: list[tuple[int, np.ndarray]]) -> Batch:
 
 def run_central(cfg: JobConfig, comm, log, lock):
     """The whole central run on this (only) rank; returns the engine's RunSummary."""
-    from .server import RunSummary
-
     check_central(cfg, comm.world_size)
     t_start = time.perf_counter()
     agree(comm, lambda: check_output_dir(Path(cfg.output.dir), cfg.output.overwrite, cfg.output.foreign_files))

@@ -24,9 +24,10 @@ are no smaller than the dense fp32 adapted weights (a dense downlink, as on tiny
 
 from __future__ import annotations
 
-from ..config import UserInputError
+from ..errors import UserInputError
 from ..io.checkpoint import CheckpointDir, verify
 from ..io.space import tensor_bytes
+from .trees import tree_to
 
 
 class BaseChain:
@@ -42,7 +43,6 @@ class BaseChain:
     def record(self, t: int, deltas: dict) -> None:
         """Round t's merged update (site key -> dense dW or (B, A)), copied to the CPU until the next checkpoint."""
         if deltas:
-            from .resume import tree_to
 
             self.pending.append((t, tree_to(deltas, "cpu", copy=True)))
 
@@ -101,7 +101,6 @@ def resolve_base(ckpt: CheckpointDir, t: int, w: int, ranks: list[int]) -> dict 
 
 def replay(bases, base: dict) -> None:
     """Put a resolved base state back: its full snapshot (if any), then each update merged again in order."""
-    from .resume import tree_to
 
     if base["full"] is not None:
         bases.load_state_dict(base["full"])

@@ -15,7 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import UserInputError, apply_override, job_from_dict
+from ..config import apply_override
+from ..errors import UserInputError
+from ..job import job_from_dict
 
 
 def eval_command(model_dir: str, data: str | None, max_mrs: int | None, out: str | None, overrides: list[str],

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import UserInputError, job_from_dict
+from ..errors import UserInputError
+from ..job import job_from_dict
 
 
 def export_adapter(run_dir: str, rank: int | None, out: str | None, log=print) -> Path:

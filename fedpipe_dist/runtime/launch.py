@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import CommConfig, UserInputError
+from ..config import CommConfig
+from ..errors import UserInputError
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ import secrets
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, UserInputError
+from ..errors import ConfigError, UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..io.hdf5 import ResultsWriter
 from ..io.owned import describe, foreign_files, publish_final, remove_checkpoints, remove_results
@@ -23,6 +24,15 @@ from .provenance import placement
 from .record import own_losses, round_row
 from .resume import apply_state, raise_on_all_ranks
 from .setup import Run
+
+
+@dataclass
+class RunSummary:
+    """What a finished job leaves (rank 0): its results.h5, its final model folder, the eval losses per round."""
+
+    results_path: Path
+    final_dir: Path | None
+    eval_loss: list[float]
 
 
 def agree(comm, fn):

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from ..algorithm.cost import StepFit
-from ..config import JobConfig, UserInputError
+from ..config import JobConfig
+from ..errors import UserInputError
 from ..io.checkpoint import CheckpointDir, complete, leftovers, scan, snapshots
 from .chain import chain_rounds, replay, resolve_base
 from .heterogeneity import ServerProfile
@@ -312,29 +313,6 @@ def new_run_id(comm) -> str:
 
 
 # ---- what a rank's checkpoint holds --------------------------------------------------------------------------
-
-
-def tree_to(tree, device, copy: bool = False):
-    """Every tensor in a tree of dicts, lists and tuples moved to `device` (copied when `copy`: a state read
-    from a memory-mapped checkpoint must not stay backed by the file)."""
-    if torch.is_tensor(tree):
-        return tree.to(device, copy=copy)
-    if isinstance(tree, dict):
-        return {k: tree_to(v, device, copy) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(tree_to(v, device, copy) for v in tree)
-    return tree
-
-
-def tree_device(tree) -> str:
-    """'cuda' if any tensor in the tree lives on a GPU, else 'cpu'."""
-    if torch.is_tensor(tree):
-        return tree.device.type
-    if isinstance(tree, dict):
-        tree = list(tree.values())
-    if isinstance(tree, (tuple, list)):
-        return "cuda" if any(tree_device(v) == "cuda" for v in tree) else "cpu"
-    return "cpu"
 
 
 def rank_state(*, cfg: JobConfig, t: int, world_size: int, run_id: str, bases, chain, method, planner,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,8 @@ from ..algorithm.aggregation import ClientUpdate
 from ..algorithm.planner import sample_clients
 from ..algorithm.sanitize import screen
 from ..comm.base import Communicator
-from ..config import FaultsConfig, JobConfig, UserInputError
+from ..config import FaultsConfig, JobConfig
+from ..errors import UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..io.lock import RunLock
 from ..io.space import DiskError, disk_errors, require_space, tensor_bytes
@@ -33,17 +33,11 @@ from ..methods import Exchanged, Report
 from .chain import BaseChain
 from .client import peak_mem, reset_peak_mem
 from .launch import idle_ranks_warning
-from .outputs import agree, check_output_dir, check_shared_dir, finish, open_results
+from .outputs import RunSummary, agree, check_output_dir, check_shared_dir, finish, open_results
 from .record import Laps, Log, client_arrays, own_losses, round_row
-from .resume import find_resume_point, new_run_id, raise_on_all_ranks, rank_state, restarted_by_torchrun, tree_to
+from .resume import find_resume_point, new_run_id, raise_on_all_ranks, rank_state, restarted_by_torchrun
 from .setup import Run, set_up
-
-
-@dataclass
-class RunSummary:
-    results_path: Path
-    final_dir: Path | None
-    eval_loss: list[float]
+from .trees import tree_to
 
 
 def run_job(cfg: JobConfig, comm: Communicator, *, show_progress: bool = True) -> RunSummary | None:

@@ -1,0 +1,37 @@
+"""Loading a job: a YAML file and overrides (or a results.h5's config_json) into a checked JobConfig.
+
+config.py holds the sections and checks each of them; the checks that depend on the job's method are the
+method's own (methods/, `Method.validate`). This module sits above both, so that config.py never imports the
+methods (which build on the runtime, which reads config.py): load every job through here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import JobConfig, build_job, read_job
+from .errors import ConfigError
+from .methods import method_class
+
+
+def check_method(cfg: JobConfig) -> None:
+    """The job's method checks what only it needs (an unknown method name is a ConfigError naming the known
+    ones); a factor wire format other than fp32 needs a method that sends LoRA factors."""
+    method = method_class(cfg.method)
+    method.validate(cfg)
+    if cfg.aggregation.wire != "fp32" and not method.trains_lora:
+        raise ConfigError(f"aggregation.wire: {cfg.aggregation.wire} is a format for LoRA factors; method {cfg.method} "
+                          "sends whole tensors in fp32, so set aggregation.wire=fp32", key="aggregation.wire")
+
+
+def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a YAML job file (or start from defaults when path is None), apply the dotted overrides, and check
+    every section and the method's own settings."""
+    return read_job(path, overrides, check=check_method)
+
+
+def job_from_dict(tree: dict) -> JobConfig:
+    """Rebuild a JobConfig from its to_dict() form (e.g. the config_json attribute of results.h5), checked."""
+    cfg = build_job(tree)
+    check_method(cfg)
+    return cfg
