@@ -705,14 +705,20 @@ def _suggest(name: str, names: list[str], prefix: str) -> list[str]:
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for k, v in data.items():
+    kwargs, problems = {}, []
+    for k, v in data.items():  # every wrong key and value, not only the first
         if k not in names:
             close = _suggest(str(k), names, prefix)
             hint = ("did you mean " + " or ".join(f"'{c}'" for c in close) + "? ") if close else ""
-            raise ConfigError(f"unknown key '{prefix}{k}': {hint}valid keys here are {names}",
-                              key=f"{prefix}{k}")
-        kwargs[k] = _coerce(v, hints[k], prefix + k)
+            problems.append(ConfigError(f"unknown key '{prefix}{k}': {hint}valid keys here are {names}",
+                                        key=f"{prefix}{k}"))
+            continue
+        try:
+            kwargs[k] = _coerce(v, hints[k], prefix + k)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError.gathered(problems)
     try:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - all fields have defaults
@@ -832,15 +838,23 @@ def read_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
                               f"{type(loaded).__name__}); write it as 'key: value' lines, e.g. 'rounds: 10'")
         tree = loaded
         file_tree = copy.deepcopy(loaded)
+    problems = []
     for o in overrides:
-        apply_override(tree, o)
+        try:
+            apply_override(tree, o)
+        except ConfigError as e:
+            problems.append(e)
+    cfg = None
     try:
         cfg = _build(JobConfig, tree)
-        if check is not None:
+        if check is not None and not problems:
             check(cfg)
-        return cfg
     except ConfigError as e:
-        raise ConfigError(f"{e}{_origin(e.key, path, file_tree, overrides)}", key=e.key) from None
+        problems.extend(e.problems)
+    if problems:  # each with where its key was set
+        placed = [ConfigError(f"{p}{_origin(p.key, path, file_tree, overrides)}", key=p.key) for p in problems]
+        raise ConfigError.gathered(placed) from None
+    return cfg
 
 
 def _origin(key: str | None, path: str | Path | None, file_tree: dict, overrides) -> str:

@@ -11,9 +11,18 @@ class ConfigError(ValueError):
     override set it.
     """
 
-    def __init__(self, message: str, key: str | None = None):
+    def __init__(self, message: str, key: str | None = None, problems: list[ConfigError] | None = None):
         super().__init__(message)
         self.key = key
+        self.problems = problems or [self]  # one error for several wrong keys: each of them, in order
+
+    @classmethod
+    def gathered(cls, problems: list[ConfigError]) -> ConfigError:
+        """One error for every problem found (the single one itself when there is one)."""
+        if len(problems) == 1:
+            return problems[0]
+        lines = "\n".join(f"  {i}. {e}" for i, e in enumerate(problems, 1))
+        return cls(f"{len(problems)} problems in the job:\n{lines}", key=problems[0].key, problems=problems)
 
 
 class UserInputError(ValueError):

@@ -264,3 +264,19 @@ def test_per_client_values_scalar_and_list():
     assert per_client_values([1, 2], 2, "clients.slowdown", seed=0) == [1.0, 2.0]
     with pytest.raises(ConfigError, match=r"clients.slowdown: values must be > 0"):
         per_client_values([1, 0], 2, "clients.slowdown", seed=0, positive=True)
+
+
+def test_every_wrong_key_and_value_is_named_at_once_with_where_it_was_set(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("method: lora\ntrain:\n  lrr: 0.1\n  local_steps: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_job(job, ["data.partiton=iid", "rounds=3", "eval.every=often", "broken-override"])
+    msg = str(e.value)
+    assert msg.startswith("5 problems in the job:") and len(e.value.problems) == 5, msg
+    for expected in ("unknown key 'train.lrr': did you mean 'train.lr'?", "train.local_steps: expected an integer",
+                     "unknown key 'data.partiton'", "eval.every: expected an integer", "'broken-override' is not"):
+        assert expected in msg, (expected, msg)
+    assert f"(in job file {str(job)!r})" in msg and "(from the override 'data.partiton=iid')" in msg
+    # one problem stays one plain message, as before
+    with pytest.raises(ConfigError, match=r"^unknown key 'train.lrr'"):
+        load_job(None, ["train.lrr=1"])
