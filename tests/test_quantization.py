@@ -72,35 +72,36 @@ def _stories_shaped_weights():
 
 
 def test_double_quant_equals_bitsandbytes():
-    """quant.double_quant: the NF4 codes equal bitsandbytes' CPU kernel's; the scales' codes and second-level
-    scales equal their reference kernel's exactly (backends/default/ops.py, reached by redispatch), so the
-    dequantized weights agree within 1e-6. Their compiled CPU kernel (a binary search) picks the farther code for
-    a few scales near a midpoint: measured 5 of 3,540 on stories260K; bounded here at 0.5 %, and every block whose
-    scale code agrees dequantizes within 1e-6."""
+    """quant.double_quant: the NF4 codes, the scales' 8-bit codes, the second-level scales and the offset equal
+    what bitsandbytes' quantize_4bit(compress_statistics=True) gives on this CPU (its compiled kernel, which
+    rounds each scale to a 65,536-point grid before coding it), so both backends dequantize within 1e-6. The
+    nearest-code rule the native backend uses on CUDA equals bitsandbytes' reference kernel
+    (backends/default/ops.py, reached by redispatch), which their CUDA kernel follows; the two rules differ on
+    a few scales near a midpoint, and this test shows that it sees them."""
     F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
-    from fedpipe_dist.algorithm.quantization import dynamic_map
+    from fedpipe_dist.algorithm.quantization import DQ_BLOCK, dynamic_map, nearest_code
 
     assert torch.equal(dynamic_map(), F.create_dynamic_map())
     op = torch.ops.bitsandbytes.quantize_blockwise.default
     reference = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
-    scales = differ = 0
+    scales = near_differs = 0
     for w in _stories_shaped_weights():
         packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         ours = quantize_nf(w, 4, 64, double_quant=True)
         assert torch.equal(packed.flatten(), ours.codes)
         assert ours.dq_offset == float(state.offset)
-        absmax = w.flatten().view(-1, 64).abs().amax(dim=1)
-        q_ref, scale_ref = op.redispatch(reference, absmax - state.offset, F.create_dynamic_map(), 256)
-        assert torch.equal(ours.absmax, q_ref) and torch.equal(ours.dq_scale, scale_ref)
-        state.absmax, state.state2.absmax = q_ref, scale_ref  # bitsandbytes' dequantization of the reference codes
+        assert torch.equal(ours.absmax, state.absmax.flatten()) and torch.equal(ours.dq_scale, state.state2.absmax)
+        assert ours.nbytes() == packed.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel() + 4
         torch.testing.assert_close(dequantize_nf(ours), F.dequantize_4bit(packed, state), atol=1e-6, rtol=0)
-        # against the CPU kernel's own scale codes
-        _, cpu = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-        same = cpu.absmax.flatten() == ours.absmax
-        scales, differ = scales + same.numel(), differ + int((~same).sum())
-        gap = (F.dequantize_4bit(packed, cpu) - dequantize_nf(ours)).abs().flatten().view(-1, 64)
-        assert float(gap[same].max()) <= 1e-6
-    assert differ <= 0.005 * scales, (differ, scales)
+        # the nearest-code rule (CUDA's) against bitsandbytes' reference kernel, on the same scales
+        absmax = w.flatten().view(-1, 64).abs().amax(dim=1)
+        q_ref, scale_ref = op.redispatch(reference, absmax - state.offset, F.create_dynamic_map(), DQ_BLOCK)
+        a = absmax - state.offset
+        blocks = torch.cat([a, a.new_zeros((-a.numel()) % DQ_BLOCK)]).view(-1, DQ_BLOCK)
+        x = torch.clamp(blocks * (1.0 / blocks.abs().amax(dim=1)[:, None]), -1, 1).flatten()[: a.numel()]
+        assert torch.equal(nearest_code(x, dynamic_map()), q_ref) and torch.equal(ours.dq_scale, scale_ref)
+        scales, near_differs = scales + a.numel(), near_differs + int((q_ref != ours.absmax).sum())
+    assert 0 < near_differs <= 0.01 * scales, (near_differs, scales)  # the two rules do differ, rarely
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -110,17 +110,41 @@ def quantize_nf(w: torch.Tensor, k: int = 4, block_size: int = 64, double_quant:
 
 
 def _quantize_dynamic(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 codes of `a` in the dynamic map and one absmax per DQ_BLOCK values, as bitsandbytes' reference
-    kernel computes them (backends/default/ops.py quantize_blockwise: a x (1 / absmax) clamped to [-1, 1], then
-    the nearest code). Their compiled CPU kernel (a binary search, csrc/cpu_ops.cpp) picks the farther code for
-    some values within ~1e-5 of a midpoint: docs/quantization.md has the measured rate."""
+    """uint8 codes of `a` in the dynamic map and one absmax per DQ_BLOCK values, as bitsandbytes (>= 0.50.1)
+    computes them on the device `a` is on: a x (1 / absmax) clamped to [-1, 1], then a code. On CUDA their
+    kernel takes the nearest code (csrc/kernels.cu dQuantize, a search ending on the midpoint test), as their
+    reference kernel does (backends/default/ops.py); on CPU their compiled kernel rounds the value to a grid of
+    65,536 points first and takes that point's nearest code (csrc/cpu_ops.cpp quantize_cpu_impl), which for
+    values within ~1.5e-5 of a midpoint is the other code: _grid_code does the same, so that quant.backend
+    changes no scale (tests/test_quantization.py; docs/quantization.md)."""
     m = a.numel()
     pad = (-m) % DQ_BLOCK
     blocks = torch.cat([a, a.new_zeros(pad)]).view(-1, DQ_BLOCK)  # zeros change no block's |max|
     scale = blocks.abs().amax(dim=1)
     scaled = torch.clamp(blocks * (1.0 / scale.clamp(min=1e-38)[:, None]), -1, 1).flatten()[:m]
     code = dynamic_map().to(a.device)
-    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8), scale
+    if a.device.type == "cpu":
+        return _grid_code(scaled, code), scale
+    return nearest_code(scaled, code), scale
+
+
+def nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """The index of the code nearest to each x (a sorted code; a midpoint goes to the lower one)."""
+    return torch.bucketize(x, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+
+
+GRID = 65536  # bitsandbytes' CPU lookup table: [-1, 1] in this many points
+
+
+def _grid_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' compiled CPU kernel step by step, in float32 as it computes: the table maps grid point i
+    (-1 + 2i / 65535) to the first code whose midpoint with the next is not below it (build_quantize_lut), and
+    x goes to grid point floor((x + 1) x 0.5 x 65535 + 0.5) (norm_to_lut_index). Written here, not called,
+    so that the native backend needs no bitsandbytes."""
+    grid = -1.0 + (2.0 * torch.arange(GRID, dtype=torch.float32, device=x.device)) / (GRID - 1)
+    table = torch.searchsorted(0.5 * (code[:-1] + code[1:]), grid, side="left")
+    point = ((x.clamp(-1, 1) + 1.0) * 0.5 * (GRID - 1) + 0.5).to(torch.int64)
+    return table[point].to(torch.uint8)
 
 
 def dequantize_nf(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
