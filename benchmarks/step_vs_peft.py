@@ -87,13 +87,13 @@ def engine_step(model, data, steps: int, device, sites=None) -> float:
     """Seconds for `steps` engine client steps (runtime/client.train_client)."""
     from fedpipe_dist.adapters.sites import find_sites
     from fedpipe_dist.algorithm.planner import ClientPlan
-    from fedpipe_dist.runtime.client import train_client
+    from fedpipe_dist.runtime.client import LocalTraining, train_client
 
     sites = sites or find_sites(model)
     plan = ClientPlan(client=0, batch_size=BATCH, ranks={s.key: RANK for s in sites})
     _sync(device)
     t0 = time.perf_counter()
-    train_client(model, sites, plan, data, _job(steps), round_idx=1, pad_id=0, device=device)
+    train_client(model, sites, plan, data, LocalTraining.of(_job(steps)), round_idx=1, pad_id=0, device=device)
     _sync(device)
     return time.perf_counter() - t0
 

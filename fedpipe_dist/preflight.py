@@ -104,17 +104,18 @@ def _data(cfg: JobConfig, world_size: int = 1) -> list[str]:
     if d.name == "synthetic-e2e" and d.train_path is None:
         n = d.synthetic_train_size  # generated at the start; nothing to read
     else:
-        n = len(load_train_pairs(cfg))  # reads the file: missing files, columns, encoding, empty sets fail here
+        n = len(load_train_pairs(d, cfg.seed))  # reads the file: missing files, columns, encoding, empty sets fail here
     n = n if d.max_train_samples is None else min(n, d.max_train_samples)
     if n < cfg.clients.n:
         raise UserInputError(f"data.train_path: {n} training example(s) for clients.n={cfg.clients.n} servers; every "
                              f"server needs at least one: add rows, raise data.max_train_samples, or lower clients.n")
-    n_eval = d.synthetic_eval_size if d.name == "synthetic-e2e" and d.eval_path is None else len(load_eval_pairs(cfg))
+    synthetic_eval = d.name == "synthetic-e2e" and d.eval_path is None
+    n_eval = d.synthetic_eval_size if synthetic_eval else len(load_eval_pairs(d, cfg.seed))
     notes = [eval_shares(n_eval if cfg.eval.max_samples is None else min(n_eval, cfg.eval.max_samples), world_size)]
     if cfg.generation.enabled:
         from .metrics.generate import generation_pairs
 
-        if not generation_pairs(cfg):
+        if not generation_pairs(cfg.generation.data_path, cfg.data, cfg.seed):
             raise UserInputError("generation.data_path: no (mr, ref) pairs to generate from; point it at an E2E "
                                  "CSV, or set generation.enabled=false")
     return notes

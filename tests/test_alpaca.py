@@ -39,8 +39,8 @@ def _write_sample(folder, n=48):
 def test_alpaca_templates_with_and_without_input(tmp_path):
     train, ev = _write_sample(tmp_path)
     cfg = load_job("jobs/quickstart.yaml", ["data.name=alpaca", f"data.train_path={train}", f"data.eval_path={ev}"])
-    pairs = load_train_pairs(cfg)
-    assert len(pairs) == 40 and len(load_eval_pairs(cfg)) == 8
+    pairs = load_train_pairs(cfg.data, cfg.seed)
+    assert len(pairs) == 40 and len(load_eval_pairs(cfg.data, cfg.seed)) == 8
     assert pairs[0] == (PROMPT_NO_INPUT.format(instruction="Name a colour of the sky. (#0)"), "Blue.")
     assert pairs[1] == (PROMPT_INPUT.format(instruction="Add the numbers. (#1)", input="2 and 3"), "The sum is 5.")
     assert format_example(*pairs[1]) == pairs[1]  # the templated prompt is used as is
@@ -55,7 +55,7 @@ def test_prompt_tokens_carry_no_loss(tmp_path):
     tok = load_tokenizer("tiny-llama")
     model = load_model("tiny-llama", seed=0, dtype="float32", tokenizer=tok)
     model.requires_grad_(True)  # loaded frozen; the test needs a graph to read gradients from
-    data = tokenize_pairs(tok, [format_example(*p) for p in load_train_pairs(cfg)[:4]], 256)
+    data = tokenize_pairs(tok, [format_example(*p) for p in load_train_pairs(cfg.data, cfg.seed)[:4]], 256)
     batch = collate(data, np.arange(4), tok.pad_token_id)
     for row in range(4):
         p = data.prompt_len[row]

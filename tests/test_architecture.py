@@ -150,3 +150,39 @@ def test_config_never_imports_the_methods_and_algorithm_never_imports_the_job():
     for path in _modules("algorithm"):
         text = path.read_text()
         assert "JobConfig" not in text and "fedpipe_dist.config" not in text and "..config" not in text, path
+
+
+# Where the job is read whole (issue 30): loading and checking it, set-up, the round engine's start, and the
+# methods' own checks that the loader calls (job.check_method -> Method.validate).
+JOB_LOADERS = {"config.py", "job.py", "preflight.py", "cli.py", "runtime/setup.py", "runtime/server.py",
+               "runtime/central.py"}
+MAX_JOB_READERS = 8  # the rest, named in the test's message when it fails; the target was "under 10"
+
+
+def job_readers(source: str, module: str) -> list[str]:
+    """Functions in `source` with a parameter that is the whole job: annotated JobConfig, or unannotated and
+    named cfg or job (the package's names for it). A method's `validate` hook counts as loading."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name == "validate":
+            continue
+        a = node.args
+        for arg in a.posonlyargs + a.args + a.kwonlyargs:
+            ann = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+            if "JobConfig" in ann or (not ann and arg.arg in ("cfg", "job")):
+                out.append(f"{module}:{node.name}")
+                break
+    return out
+
+
+def test_few_functions_outside_the_loaders_take_the_whole_job():
+    readers = []
+    for path in sorted(PKG.rglob("*.py")):
+        module = str(path.relative_to(PKG))
+        if module not in JOB_LOADERS:
+            readers += job_readers(path.read_text(), module)
+    assert len(readers) <= MAX_JOB_READERS, readers
+    assert "runtime/client.py:of" in readers  # client training reads a small settings object built once
+    # the check can fail: a function that takes the job whole, annotated or by its name, is found
+    assert job_readers("def f(x, cfg: 'JobConfig'): pass\ndef g(cfg): pass\ndef h(cfg: TrainConfig): pass",
+                       "m.py") == ["m.py:f", "m.py:g"]

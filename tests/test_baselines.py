@@ -64,7 +64,7 @@ def test_ft_with_one_client_equals_plain_local_training(tmp_path):
     tok = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model.name_or_path, seed=cfg.seed, dtype="float32", tokenizer=tok)
     model.requires_grad_(True)
-    pairs = load_train_pairs(cfg)
+    pairs = load_train_pairs(cfg.data, cfg.seed)
     shard = partition([partition_key(s) for s, _ in pairs], 1, scheme="iid", alpha=0.5, seed=cfg.seed)[0]
     data = tokenize_pairs(tok, [format_example(*pairs[i]) for i in shard], cfg.model.max_length)
     for t in (1,):
@@ -203,7 +203,7 @@ def test_fedadapter_grows_by_trials_and_exports_its_adapters(tmp_path):
 
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "fa" / "final")
     assert adapter_state_params(state) == houlsby_params_of(final, d, w)
-    ev = load_eval_pairs(cfg)
+    ev = load_eval_pairs(cfg.data, cfg.seed)
     order = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))[: cfg.eval.max_samples]
     tok = load_tokenizer(str(tmp_path / "fa" / "final"))
     data = tokenize_pairs(tok, [format_example(*ev[i]) for i in order], cfg.model.max_length)

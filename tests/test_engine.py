@@ -32,7 +32,7 @@ from fedpipe_dist.io.schema import (
 from fedpipe_dist.job import load_job
 from fedpipe_dist.metrics.perplexity import evaluate
 from fedpipe_dist.models import load_model, load_tokenizer
-from fedpipe_dist.runtime.client import train_client
+from fedpipe_dist.runtime.client import LocalTraining, train_client
 from fedpipe_dist.runtime.server import run_job
 
 SMALL = ["rounds=2", "train.local_steps=3", "train.batch_max=4", "data.synthetic_train_size=96",
@@ -72,7 +72,7 @@ def test_run_writes_schema_and_loadable_final(tmp_path):
     # final/ is a plain HF folder whose eval loss equals the last recorded one.
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
-    ev = load_eval_pairs(cfg)
+    ev = load_eval_pairs(cfg.data, cfg.seed)
     order = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))[: cfg.eval.max_samples]
     data = tokenize_pairs(tok, [format_example(*ev[i]) for i in order], cfg.model.max_length)
     got = evaluate(model, data, batch_size=8, pad_id=tok.pad_token_id)["loss"]
@@ -115,11 +115,11 @@ def test_one_client_full_participation_equals_its_own_merge(tmp_path):
     tok = load_tokenizer("tiny-gpt2")
     model = load_model("tiny-gpt2", seed=cfg.seed, tokenizer=tok)
     sites = find_sites(model)
-    pairs = load_train_pairs(cfg)
+    pairs = load_train_pairs(cfg.data, cfg.seed)
     shard = partition([partition_key(s) for s, _ in pairs], 1, scheme="iid", alpha=1.0, seed=cfg.seed)[0]
     data = tokenize_pairs(tok, [format_example(*pairs[i]) for i in shard], cfg.model.max_length)
     plan = uniform_plan(sites, 1, targets=cfg.lora.targets, rank=cfg.lora.rank, batch_size=cfg.train.batch_max)[0]
-    update, _ = train_client(model, sites, plan, data, cfg, round_idx=1, pad_id=tok.pad_token_id,
+    update, _ = train_client(model, sites, plan, data, LocalTraining.of(cfg), round_idx=1, pad_id=tok.pad_token_id,
                              device=torch.device("cpu"))
     by_key = {s.key: s for s in sites}
     for key, (b, a) in update.factors.items():

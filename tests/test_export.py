@@ -16,7 +16,7 @@ def _loss(model, cfg, tok):
     from fedpipe_dist.data import format_example, load_eval_pairs, tokenize_pairs
     from fedpipe_dist.metrics.perplexity import evaluate
 
-    data = tokenize_pairs(tok, [format_example(*p) for p in load_eval_pairs(cfg)], cfg.model.max_length)
+    data = tokenize_pairs(tok, [format_example(*p) for p in load_eval_pairs(cfg.data, cfg.seed)], cfg.model.max_length)
     return evaluate(model, data, batch_size=8, pad_id=tok.pad_token_id)["loss"]
 
 

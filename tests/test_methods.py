@@ -35,7 +35,7 @@ def test_global_adapter_methods_learn_and_export_what_they_evaluated(tmp_path, m
     assert np.isnan(r.rounds["absorbed_min"][1:]).all()  # nothing is merged into the base during the run
     model = AutoModelForCausalLM.from_pretrained(tmp_path / method / "final")
     tok = AutoTokenizer.from_pretrained(tmp_path / method / "final")
-    ev = load_eval_pairs(cfg)
+    ev = load_eval_pairs(cfg.data, cfg.seed)
     order = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))[: cfg.eval.max_samples]
     data = tokenize_pairs(tok, [format_example(*ev[i]) for i in order], cfg.model.max_length)
     assert abs(evaluate(model, data, batch_size=8, pad_id=tok.pad_token_id)["loss"] - r.last_eval_loss()) < 1e-3

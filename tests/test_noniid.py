@@ -91,10 +91,10 @@ def test_own_data_losses_equal_a_recomputation_on_the_base_model(tmp_path):
     assert own.shape == (2, 4) and np.isfinite(own).all()
     assert len(set(np.round(own[0], 6))) == 4  # four different mixes, four different losses
 
-    pairs = load_train_pairs(cfg)
+    pairs = load_train_pairs(cfg.data, cfg.seed)
     keys = [partition_key(s) for s, _ in pairs]
     shards = partition(keys, 4, scheme="dirichlet", alpha=0.3, seed=cfg.seed, speeds=[1, 1 / 2, 1 / 3, 1 / 1.5])
-    ev = load_eval_pairs(cfg)
+    ev = load_eval_pairs(cfg.data, cfg.seed)
     order = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))[: cfg.eval.max_samples]
     tok = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model.name_or_path, seed=cfg.seed, tokenizer=tok).eval()

@@ -168,14 +168,14 @@ def _ups():
     ("fednova", [10, 100 / 6, 60, 10]),
 ])
 def test_fedpipe_weights_by_hand(weighting, raw):
-    agg = get_aggregator("fedpipe", load_job(None, [f"aggregation.weights={weighting}"]))
+    agg = get_aggregator("fedpipe", weights=weighting)
     assert agg.weights(_ups()) == pytest.approx([r / sum(raw) for r in raw])
 
 
 def test_fednova_is_tau_eff_times_the_average_per_step_update():
     """FedNova: dW = tau_eff * sum_i p_i dW_i / K_i with p_i = |D_i| / sum |D_j|, tau_eff = sum_i p_i K_i."""
     ups = _ups()
-    agg = get_aggregator("fedpipe", load_job(None, ["aggregation.weights=fednova"]))
+    agg = get_aggregator("fedpipe", weights="fednova")
     merged = agg.aggregate(ups, agg.weights(ups))
     got = to_dense(merged.merge["0.q"]) * agg.round_scale(ups)
     p = np.array([100, 100, 300, 100]) / 600
@@ -184,7 +184,7 @@ def test_fednova_is_tau_eff_times_the_average_per_step_update():
     assert torch.allclose(got, want, atol=1e-5)
     # the other weightings are plain weighted averages
     for w in ("paper", "data", "samples"):
-        assert get_aggregator("fedpipe", load_job(None, [f"aggregation.weights={w}"])).round_scale(ups) == 1.0
+        assert get_aggregator("fedpipe", weights=w).round_scale(ups) == 1.0
 
 
 def test_variants_resolve_and_explicit_switches_win():
@@ -198,11 +198,14 @@ def test_variants_resolve_and_explicit_switches_win():
 
 
 def test_lr_scaling():
-    from fedpipe_dist.runtime.client import lr_factor
+    from fedpipe_dist.runtime.client import LocalTraining
 
-    assert lr_factor(load_job(None, ["plan.lr_scaling=none"]), 2) == 1.0
-    assert lr_factor(load_job(None, ["plan.lr_scaling=sqrt", "train.batch_max=8"]), 2) == pytest.approx(0.5)
-    assert lr_factor(load_job(None, ["plan.lr_scaling=linear", "train.batch_max=8"]), 2) == pytest.approx(0.25)
+    def lr(*overrides):
+        return LocalTraining.of(load_job(None, ["train.lr=0.1", *overrides])).lr_for(2)
+
+    assert lr("plan.lr_scaling=none") == 0.1
+    assert lr("plan.lr_scaling=sqrt", "train.batch_max=8") == pytest.approx(0.05)
+    assert lr("plan.lr_scaling=linear", "train.batch_max=8") == pytest.approx(0.025)
 
 
 def test_clock_throttle_charges_the_slowdown_without_waiting(monkeypatch):
@@ -217,12 +220,12 @@ def test_clock_throttle_charges_the_slowdown_without_waiting(monkeypatch):
     tok = load_tokenizer("tiny-gpt2")
     model = load_model("tiny-gpt2", seed=0, tokenizer=tok)
     sites = find_sites(model)
-    data = tokenize_pairs(tok, [format_example(*p) for p in load_train_pairs(load_job(None, []))[:32]], 64)
+    data = tokenize_pairs(tok, [format_example(*p) for p in load_train_pairs(load_job(None, []).data, 0)[:32]], 64)
     plan = ClientPlan(0, 2, {s.key: 2 for s in sites}, "fp32", 3)
 
     def train(throttle, **kw):
-        cfg = load_job(None, [f"clients.throttle={throttle}"])
-        return client.train_client(model, sites, plan, data, cfg, round_idx=1, pad_id=tok.pad_token_id,
+        tr = client.LocalTraining.of(load_job(None, [f"clients.throttle={throttle}"]))
+        return client.train_client(model, sites, plan, data, tr, round_idx=1, pad_id=tok.pad_token_id,
                                    device=torch.device("cpu"), slowdown=50.0, **kw)[1]
 
     st = train("clock")

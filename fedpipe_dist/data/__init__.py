@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-from ..config import JobConfig
+from ..config import DataConfig
 from ..errors import UserInputError
 from . import alpaca
 from .e2e import load_e2e_hub, read_e2e_csv
@@ -38,13 +38,9 @@ def partition_key(source: str) -> str:
     return e2e_partition_key(source)
 
 
-def _alpaca_split(cfg: JobConfig) -> tuple[list, list]:
-    """Alpaca has one split: a seeded 2% (at least one record) is held out for eval when no eval_path."""
-    return _alpaca_split_cached(cfg.data.train_path, cfg.data.eval_path, cfg.seed)
-
-
 @functools.lru_cache(maxsize=2)  # train and eval pairs come from one read of the file
-def _alpaca_split_cached(train_path: str | None, eval_path: str | None, seed: int) -> tuple[list, list]:
+def _alpaca_split(train_path: str | None, eval_path: str | None, seed: int) -> tuple[list, list]:
+    """Alpaca has one split: a seeded 2% (at least one record) is held out for eval when no eval_path."""
     import numpy as np
 
     pairs = (alpaca.load_alpaca_hub(alpaca.hub_name(train_path), "data.train_path") if alpaca.is_hub_name(train_path)
@@ -60,24 +56,24 @@ def _alpaca_split_cached(train_path: str | None, eval_path: str | None, seed: in
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 
 
-def load_train_pairs(cfg: JobConfig) -> list[tuple[str, str]]:
-    d = cfg.data
+def load_train_pairs(d: DataConfig, seed: int) -> list[tuple[str, str]]:
+    """The training rows of the job's `data` section (`seed`: the job's, for the synthetic set and Alpaca's split)."""
     if d.name == "alpaca":
-        return _alpaca_split(cfg)[0]
+        return _alpaca_split(d.train_path, d.eval_path, seed)[0]
     if d.name == "synthetic-e2e" and d.train_path is None:
-        return synthetic_e2e(d.synthetic_train_size, seed=cfg.seed)
+        return synthetic_e2e(d.synthetic_train_size, seed=seed)
     if d.train_path is not None:
         return read_e2e_csv(d.train_path, "data.train_path")
     return load_e2e_hub("train", "data.train_path")
 
 
-def load_eval_pairs(cfg: JobConfig) -> list[tuple[str, str]]:
-    d = cfg.data
+def load_eval_pairs(d: DataConfig, seed: int) -> list[tuple[str, str]]:
+    """The eval rows of the job's `data` section."""
     if d.name == "alpaca":
-        return _alpaca_split(cfg)[1]
+        return _alpaca_split(d.train_path, d.eval_path, seed)[1]
     if d.name == "synthetic-e2e" and d.eval_path is None:
         # A different seed stream than training, so eval examples are held out.
-        return synthetic_e2e(d.synthetic_eval_size, seed=10_000 + cfg.seed)
+        return synthetic_e2e(d.synthetic_eval_size, seed=10_000 + seed)
     if d.eval_path is not None:
         return read_e2e_csv(d.eval_path, "data.eval_path")
     return load_e2e_hub("validation", "data.eval_path")

@@ -27,6 +27,7 @@ from ..algorithm.aggregation import get_aggregator
 from ..algorithm.aggregation.base import REGISTRY as AGGREGATORS
 from ..algorithm.sanitize import update_norm
 from ..errors import ConfigError
+from ..runtime.client import LocalTraining
 
 
 class Report(NamedTuple):
@@ -65,7 +66,9 @@ class Method:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.aggregator = get_aggregator(self.aggregator_name or self.name, cfg)
+        self.training = LocalTraining.of(cfg)  # what its servers' local training reads (runtime/client.py)
+        self.aggregator = get_aggregator(self.aggregator_name or self.name, weights=cfg.aggregation.weights,
+                                         carry=cfg.lora.carry)
         self.run = None
 
     # ---- the job ------------------------------------------------------------------------------------------

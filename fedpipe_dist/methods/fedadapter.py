@@ -70,8 +70,8 @@ class FedAdapter(Method):
                                for c in range(self.cfg.clients.n)]
 
     def train(self, c, plan, shard, **common):
-        return train_houlsby(self.run.model, self.points, self.starts[self.group_of[c]], plan, shard, self.cfg,
-                             **common)
+        return train_houlsby(self.run.model, self.points, self.starts[self.group_of[c]], plan, shard,
+                             self.training, **common)
 
     def update_norm(self, c, update) -> float:
         return update_norm(update.factors, self.starts[self.group_of[c]])  # the change from its start

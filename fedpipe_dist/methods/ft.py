@@ -42,7 +42,7 @@ class FullFineTuning(Method):
         self.parameters = model_parameters(run.model)
 
     def train(self, c, plan, shard, **common):
-        return train_full(self.run.model, plan, shard, self.cfg, **common)
+        return train_full(self.run.model, plan, shard, self.training, **common)
 
     def exchange(self, t, plans, contributors, updates, claims) -> Exchanged:
         run = self.run

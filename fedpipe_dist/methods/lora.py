@@ -100,8 +100,9 @@ class LoRAMethod(Method):
 
     def train(self, c, plan, shard, **common):
         run = self.run
-        update, stats = train_client(run.model, run.sites, plan, shard, self.cfg, start=self.client_start(plan),
-                                     prune=self.prune(), trainable=self.trainable, frozen=self.frozen(plan),
+        update, stats = train_client(run.model, run.sites, plan, shard, self.training,
+                                     start=self.client_start(plan), prune=self.prune(), trainable=self.trainable,
+                                     frozen=self.frozen(plan),
                                      opt_memory=self.opt_memory.setdefault(c, {}) if self.keeps_moments() else None,
                                      **common)
         run.planner.observe(c, stats.sensitivity, stats.singular, stats.step_times)

@@ -48,13 +48,13 @@ def generate(model, tokenizer, sources: list[str], settings: GenerationConfig, *
     return out
 
 
-def generation_pairs(cfg) -> list[tuple[str, str]]:
-    """(MR, reference) rows to generate for: generation.data_path, or the job's eval split."""
+def generation_pairs(data_path: str | None, data, seed: int) -> list[tuple[str, str]]:
+    """(MR, reference) rows to generate for: generation.data_path, or else the eval split of the job's `data`
+    section (config.DataConfig; `seed`: the job's)."""
     from ..data import load_eval_pairs
     from ..data.e2e import read_e2e_csv
 
-    g = cfg.generation
-    return read_e2e_csv(g.data_path, "generation.data_path") if g.data_path else load_eval_pairs(cfg)
+    return read_e2e_csv(data_path, "generation.data_path") if data_path else load_eval_pairs(data, seed)
 
 
 def check_scoring_tools() -> None:

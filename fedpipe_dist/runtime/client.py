@@ -51,6 +51,36 @@ class Steps:
     timed: list[tuple[int, int, float]]
 
 
+@dataclass(frozen=True)
+class LocalTraining:
+    """What a server's local training reads from the job, and nothing else (built once per run with `of`)."""
+
+    seed: int
+    lr: float
+    weight_decay: float
+    local_steps: int  # a plan's own local_steps, when set, takes precedence
+    max_grad_norm: float
+    batch_max: int
+    lr_scaling: str  # plan.lr_scaling: none | sqrt | linear
+    throttle: str  # clients.throttle: sleep | clock
+    step_delay_s: float  # clients.step_delay_s
+    lora_alpha: float
+    lora_dropout: float
+
+    @classmethod
+    def of(cls, cfg: JobConfig) -> "LocalTraining":
+        t = cfg.train
+        return cls(seed=cfg.seed, lr=t.lr, weight_decay=t.weight_decay, local_steps=t.local_steps,
+                   max_grad_norm=t.max_grad_norm, batch_max=t.batch_max, lr_scaling=cfg.plan.lr_scaling,
+                   throttle=cfg.clients.throttle, step_delay_s=cfg.clients.step_delay_s,
+                   lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout)
+
+    def lr_for(self, batch_size: int) -> float:
+        """plan.lr_scaling: a server training at batch b_i uses train.lr x (b_i / batch_max)^p."""
+        p = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[self.lr_scaling]
+        return self.lr * (batch_size / self.batch_max) ** p
+
+
 def client_seed(seed: int, round_idx: int, client: int) -> int:
     """One integer seed per (job, round, client), independent of which rank hosts the client."""
     return int(np.random.SeedSequence([seed, round_idx, client]).generate_state(1)[0])
@@ -102,7 +132,7 @@ def _prune_term(adapters: LoRAAdapters, gamma: float) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: ClientPlan, cfg: JobConfig, *,
+def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: ClientPlan, tr: LocalTraining, *,
                seed: int, pad_id: int, device: torch.device, slowdown: float, deadline_s: float | None,
                extra_loss=None, after_backward=None, opt_memory: dict | None = None) -> Steps:
     """The local loop every method shares: seeded batches, AdamW on `params`, gradient clipping, the
@@ -110,8 +140,7 @@ def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: Clie
     (HetLoRA's regularizer); `after_backward()` sees the raw gradients (FedPipe's sensitivity).
     `opt_memory`: the server's AdamW state of its last round (train.optimizer_state=kept), put back where a
     tensor's shape is the same, and replaced by this round's at the end."""
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr * lr_factor(cfg, plan.batch_size),
-                            weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(params, lr=tr.lr_for(plan.batch_size), weight_decay=tr.weight_decay)
     if opt_memory:
         _restore_moments(opt, params, opt_memory)
     batches = batch_indices(len(data), plan.batch_size, np.random.default_rng(seed))
@@ -119,13 +148,13 @@ def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: Clie
     timed: list[tuple[int, int, float]] = []
     completed = True
     charged = 0.0
-    clock = cfg.clients.throttle == "clock"
+    clock = tr.throttle == "clock"
     t0 = time.perf_counter()
     model.train()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # dropout masks depend on the client and round only
-            for _ in range(plan.local_steps or cfg.train.local_steps):
+            for _ in range(plan.local_steps or tr.local_steps):
                 if deadline_s is not None and time.perf_counter() - t0 + charged > deadline_s:
                     completed = False
                     break
@@ -136,8 +165,8 @@ def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: Clie
                 objective.backward()
                 if after_backward is not None:
                     after_backward()
-                if cfg.train.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                if tr.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
@@ -145,7 +174,7 @@ def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: Clie
                     torch.cuda.synchronize(device)
                 compute = time.perf_counter() - t_step
                 # the server's step is slowdown x (compute + the simulated fixed delay); what is not compute waits
-                wait = max(0.0, slowdown - 1.0) * compute + max(1.0, slowdown) * cfg.clients.step_delay_s
+                wait = max(0.0, slowdown - 1.0) * compute + max(1.0, slowdown) * tr.step_delay_s
                 if wait > 0:
                     if clock:
                         charged += wait
@@ -170,12 +199,6 @@ def _restore_moments(opt, params, memory: dict) -> None:
             opt.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in memory[i].items()}
 
 
-def lr_factor(cfg: JobConfig, batch_size: int) -> float:
-    """plan.lr_scaling: the learning rate of a server training at batch b_i is train.lr x (b_i / batch_max)^p."""
-    p = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.plan.lr_scaling]
-    return (batch_size / cfg.train.batch_max) ** p
-
-
 def _budget_memory(device: torch.device, mem_budget_bytes: int | None) -> bool:
     """On CUDA, cap this process's allocations at the server's budget (an OOM is a real failure); then
     start a fresh peak-memory measurement."""
@@ -185,12 +208,12 @@ def _budget_memory(device: torch.device, mem_budget_bytes: int | None) -> bool:
     return reset_peak_mem(device)
 
 
-def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
+def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet, tr: LocalTraining, *,
                  round_idx: int, pad_id: int, device: torch.device, slowdown: float = 1.0,
                  deadline_s: float | None = None, mem_budget_bytes: int | None = None,
                  start: dict | None = None, prune: tuple[float, float] | None = None, trainable=None,
                  frozen: dict | None = None, opt_memory: dict | None = None) -> tuple[ClientUpdate, ClientStats]:
-    """Train fresh adapters on this client's shard for cfg.train.local_steps and return their factors.
+    """Train fresh adapters on this client's shard for its plan's local steps and return their factors.
 
     A slowdown s > 1 makes the server really slower: after each step it waits (s - 1) times the step's
     own duration, so wall-clock, straggler wait and deadlines are measured, not computed. With a deadline,
@@ -202,9 +225,9 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     (factors or dense, by site key) added to the model during training and left out of the update (the part of
     a kept global adapter beyond this server's rank, methods/fedpipe.py).
     """
-    seed = client_seed(cfg.seed, round_idx, plan.client)
+    seed = client_seed(tr.seed, round_idx, plan.client)
     gen = torch.Generator().manual_seed(seed)
-    adapters = LoRAAdapters(sites, plan.ranks, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, generator=gen,
+    adapters = LoRAAdapters(sites, plan.ranks, alpha=tr.lora_alpha, dropout=tr.lora_dropout, generator=gen,
                             device=device, init=start)
     reset_ok = _budget_memory(device, mem_budget_bytes)
     L = n_layers(sites)
@@ -218,7 +241,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     t0 = time.perf_counter()
     with adapters.attach(model), (FixedUpdates(sites, frozen).attach(model) if frozen else nullcontext()):
         params = list(adapters.parameters()) if trainable is None else trainable(adapters)
-        ran = _run_steps(model, params, data, plan, cfg, seed=seed, pad_id=pad_id, device=device,
+        ran = _run_steps(model, params, data, plan, tr, seed=seed, pad_id=pad_id, device=device,
                          slowdown=slowdown, deadline_s=deadline_s, extra_loss=extra,
                          after_backward=measure_sensitivity, opt_memory=opt_memory)
     sensitivity = np.full((L, 4), np.nan)
@@ -232,7 +255,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     stats = _stats(plan, ran, t0, device, reset_ok, sum(p.numel() for p in params))
     stats.sensitivity, stats.singular, stats.prune_norm = sensitivity, singular, prune_norm
     return ClientUpdate(plan.client, len(data), plan.batch_size, factors,
-                        plan.local_steps or cfg.train.local_steps), stats
+                        plan.local_steps or tr.local_steps), stats
 
 
 def _stats(plan: ClientPlan, ran: Steps, t0: float, device: torch.device, reset_ok: bool,
@@ -251,14 +274,14 @@ def model_parameters(model) -> dict[str, torch.nn.Parameter]:
     return dict(model.named_parameters())  # named_parameters() already skips tied duplicates
 
 
-def train_full(model, plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *, round_idx: int, pad_id: int,
+def train_full(model, plan: ClientPlan, data: TokenizedSet, tr: LocalTraining, *, round_idx: int, pad_id: int,
                device: torch.device, slowdown: float = 1.0, deadline_s: float | None = None,
                mem_budget_bytes: int | None = None) -> tuple[ClientUpdate, ClientStats]:
     """Full fine-tuning (method ft): every parameter trains; the update is W_local - W_global per parameter.
 
     The model is restored to the global weights afterwards, so the next server hosted on this rank starts
     from the same model; the update is dense [shape of the parameter] per parameter name."""
-    seed = client_seed(cfg.seed, round_idx, plan.client)
+    seed = client_seed(tr.seed, round_idx, plan.client)
     params = model_parameters(model)
     start = {k: p.detach().clone() for k, p in params.items()}
     reset_ok = _budget_memory(device, mem_budget_bytes)
@@ -266,7 +289,7 @@ def train_full(model, plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *, r
         p.requires_grad_(True)
     t0 = time.perf_counter()
     try:
-        ran = _run_steps(model, list(params.values()), data, plan, cfg, seed=seed, pad_id=pad_id, device=device,
+        ran = _run_steps(model, list(params.values()), data, plan, tr, seed=seed, pad_id=pad_id, device=device,
                          slowdown=slowdown, deadline_s=deadline_s)
         stats = _stats(plan, ran, t0, device, reset_ok, sum(p.numel() for p in params.values()))
         with torch.no_grad():
@@ -279,7 +302,7 @@ def train_full(model, plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *, r
     return ClientUpdate(plan.client, len(data), plan.batch_size, delta), stats
 
 
-def train_houlsby(model, points, state: dict, plan: ClientPlan, data: TokenizedSet, cfg: JobConfig, *,
+def train_houlsby(model, points, state: dict, plan: ClientPlan, data: TokenizedSet, tr: LocalTraining, *,
                   round_idx: int, pad_id: int, device: torch.device, slowdown: float = 1.0,
                   deadline_s: float | None = None, mem_budget_bytes: int | None = None
                   ) -> tuple[ClientUpdate, ClientStats]:
@@ -287,12 +310,12 @@ def train_houlsby(model, points, state: dict, plan: ClientPlan, data: TokenizedS
     the global adapter) train on the shard; the update is their new state."""
     from ..adapters.houlsby import HoulsbyAdapters
 
-    seed = client_seed(cfg.seed, round_idx, plan.client)
+    seed = client_seed(tr.seed, round_idx, plan.client)
     adapters = HoulsbyAdapters(points, state, device=device)
     reset_ok = _budget_memory(device, mem_budget_bytes)
     t0 = time.perf_counter()
     with adapters.attach(model):
-        ran = _run_steps(model, list(adapters.parameters()), data, plan, cfg, seed=seed, pad_id=pad_id,
+        ran = _run_steps(model, list(adapters.parameters()), data, plan, tr, seed=seed, pad_id=pad_id,
                          device=device, slowdown=slowdown, deadline_s=deadline_s)
     stats = _stats(plan, ran, t0, device, reset_ok, adapters.trainable_parameters())
     return ClientUpdate(plan.client, len(data), plan.batch_size, adapters.state()), stats

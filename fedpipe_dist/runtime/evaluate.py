@@ -48,7 +48,7 @@ def eval_command(model_dir: str, data: str | None, max_mrs: int | None, out: str
     tree.setdefault("model", {})["name_or_path"] = str(folder)
     cfg = job_from_dict(tree)
     check_scoring_tools()
-    pairs = generation_pairs(cfg)
+    pairs = generation_pairs(cfg.generation.data_path, cfg.data, cfg.seed)
     mrs, refs = group_references(pairs)
     if cfg.generation.max_mrs is not None:
         mrs, refs = mrs[: cfg.generation.max_mrs], refs[: cfg.generation.max_mrs]

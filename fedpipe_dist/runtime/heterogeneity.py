@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import JobConfig, per_client_values
+from ..config import ClientsConfig, per_client_values
 
 
 @dataclass
@@ -41,19 +41,19 @@ def device_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def client_profiles(cfg: JobConfig, measured_tflops: list[float], owner,
+def client_profiles(clients: ClientsConfig, seed: int, measured_tflops: list[float], owner,
                     device_mem: list[int | None] | None = None) -> list[ServerProfile]:
-    """One profile per edge server: its host rank's measured speed (or the median, see clients.speed) / its
-    slowdown, and its memory budget."""
-    n = cfg.clients.n
-    if cfg.clients.speed == "median":  # identical hardware: measurement noise must not change the plans
+    """One profile per edge server of the job's `clients` section: its host rank's measured speed (or the
+    median, see clients.speed) / its slowdown, and its memory budget (`seed`: the job's, for drawn values)."""
+    n = clients.n
+    if clients.speed == "median":  # identical hardware: measurement noise must not change the plans
         measured_tflops = [float(np.median(measured_tflops))] * len(measured_tflops)
-    if cfg.clients.tflops is not None:
-        base = per_client_values(cfg.clients.tflops, n, "clients.tflops", seed=cfg.seed)
+    if clients.tflops is not None:
+        base = per_client_values(clients.tflops, n, "clients.tflops", seed=seed)
     else:
         base = [measured_tflops[owner(c)] for c in range(n)]
-    mem = per_client_values(cfg.clients.memory_gb, n, "clients.memory_gb", seed=cfg.seed)
-    slow = per_client_values(cfg.clients.slowdown, n, "clients.slowdown", seed=cfg.seed)
+    mem = per_client_values(clients.memory_gb, n, "clients.memory_gb", seed=seed)
+    slow = per_client_values(clients.slowdown, n, "clients.slowdown", seed=seed)
     budgets = [int(mem[c] * 2**30) for c in range(n)]
     if device_mem is not None:  # CUDA: the job's budget, capped by what the host GPU really has
         budgets = [min(b, device_mem[owner(c)]) if device_mem[owner(c)] else b for c, b in enumerate(budgets)]

@@ -174,7 +174,7 @@ def plan_table(cfg: JobConfig, log=print) -> tuple[str, list[ClientPlan], list[P
     model = meta_model(cfg.model.name_or_path, log=log)
     sites = [s for s in find_sites(model) if s.kind in cfg.lora.targets]
     measured = [0.0] if cfg.clients.tflops is not None else [measure_tflops(torch.device("cpu"))]
-    profiles = client_profiles(cfg, measured, owner=lambda c: 0)
+    profiles = client_profiles(cfg.clients, cfg.seed, measured, owner=lambda c: 0)
 
     planner = RoundPlanner(cfg, model_shape(model, sites), sites, profiles, hosted=list(range(cfg.clients.n)))
     plans, infos, _ = planner.plan(LocalComm(), 1)

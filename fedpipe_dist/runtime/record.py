@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,6 +17,15 @@ from ..adapters.sites import Site
 from ..algorithm.planner import ClientPlan
 from ..io.schema import PRECISION_BITS
 from .client import ClientStats
+
+
+class RankRecord(NamedTuple):
+    """What one rank sends rank 0 for a round's row of results.h5 (gathered after the merge)."""
+
+    stats: list[ClientStats]  # its hosted servers' local training this round
+    absorbed: dict[str, float]  # per base precision it holds: the share of the merged update its base took up
+    extra_bytes: dict[str, int]  # per base precision: bytes of the merged-update residual kept beside the base
+    waited_s: float  # how long it waited for the slowest rank after training its servers
 
 
 class Log:

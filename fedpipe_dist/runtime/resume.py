@@ -99,19 +99,21 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
     if done and max(done) > cfg.rounds:
         raise UserInputError(f"resume: the newest checkpoint is of round {max(done)}, past rounds={cfg.rounds}; set "
                              f"rounds >= {max(done)} to continue this run")
-    t0, w0, damaged = _newest_usable(comm, ckpt, done, run_id, log, settings_fingerprint(cfg))
+    settings = settings_fingerprint(cfg)
+    t0, w0, damaged = _newest_usable(comm, ckpt, done, run_id, log, settings)
     err, start_fresh = None, False
     if comm.rank == 0:
         if t0 is None and damaged and all(" was written with other settings " in d for d in damaged):
             # every round differs only in its settings: the job changed, not the files; say which keys
             newest = max(done)
-            err = _mismatch(ckpt.load(newest, 0, sorted(done[newest])[-1]), cfg)
+            err = _mismatch(ckpt.load(newest, 0, sorted(done[newest])[-1]), settings)
         elif t0 is None and damaged:
             named = "; ".join(dict.fromkeys(damaged))
             err = (f"resume: no intact checkpoint of this run in {str(ckpt.dir)!r}: {named}. Nothing was changed; "
                    "start over with output.overwrite=true, or use a new output.dir")
         elif t0 is None:
-            err, start_fresh = _nothing_complete(cfg, results, ckpt.dir, names)
+            first = cfg.checkpoint.every if cfg.checkpoint.enabled else 1  # the first round a checkpoint holds
+            err, start_fresh = _nothing_complete(first, results, ckpt.dir, names)
         else:
             err = _check_snapshot(ckpt.results_path(t0), t0)
     err, start_fresh = comm.broadcast_object((err, start_fresh))
@@ -131,7 +133,7 @@ def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, 
         else:
             state = compose_state(ckpt, t0, w0, hosted=[c for c in range(cfg.clients.n)
                                                         if c % comm.world_size == comm.rank])
-        err = _mismatch(state, cfg)
+        err = _mismatch(state, settings)
     except UserInputError as e:
         err = str(e)
     raise_on_all_ranks(comm, err)
@@ -236,13 +238,12 @@ def _chain_problems(ckpt: CheckpointDir, t: int, w: int, rank: int, run_ids: dic
         return [str(e)]
 
 
-def _nothing_complete(cfg: JobConfig, results: Path, ckpt_dir: Path, names: set[str]) -> tuple[str | None, bool]:
+def _nothing_complete(first: int, results: Path, ckpt_dir: Path, names: set[str]) -> tuple[str | None, bool]:
     """No round has every rank's checkpoint: (error, start fresh). Starting over is right only when nothing
     could be continued: what a run that died before its first checkpoint completed leaves (results.h5
     absent, or readable with no more rounds than that checkpoint's, and files of that round at most, such
     as a snapshot still named .tmp). Anything else may be recoverable by hand: refused, naming it, and
-    nothing is deleted."""
-    first = cfg.checkpoint.every if cfg.checkpoint.enabled else 1
+    nothing is deleted. `first`: the first round the job checkpoints."""
     n = _rounds_in(results)
     rounds = {int(m.group(1)) for name in names if (m := _ROUND.match(name))}
     if (n is None or 0 <= n <= first) and all(t <= first for t in rounds):
@@ -295,8 +296,8 @@ def _settings_diff(then: dict, now: dict) -> list[str]:
     return sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
 
 
-def _mismatch(state: dict, cfg: JobConfig) -> str | None:
-    now = settings_fingerprint(cfg)
+def _mismatch(state: dict, now: dict[str, str]) -> str | None:
+    """An error naming the settings that differ between a checkpoint and this job's fingerprint `now`."""
     then = state["settings"]
     diff = _settings_diff(then, now)
     if diff:
@@ -315,14 +316,14 @@ def new_run_id(comm) -> str:
 # ---- what a rank's checkpoint holds --------------------------------------------------------------------------
 
 
-def rank_state(*, cfg: JobConfig, t: int, world_size: int, run_id: str, bases, chain, method, planner,
+def rank_state(*, settings: dict[str, str], t: int, world_size: int, run_id: str, bases, chain, method, planner,
                eval_losses: list[float], profiles) -> dict:
     """Everything this rank needs to continue after round t (the base's part from `chain`, runtime/chain.py)."""
     np_state = np.random.get_state()
     return {
         "run_id": run_id,
         "world_size": world_size,
-        "settings": settings_fingerprint(cfg),
+        "settings": settings,  # settings_fingerprint of the job
         "profiles": [dataclasses.asdict(p) for p in profiles],
         "base": chain.entry(t, bases) if method.checkpoints_base else None,
         "method": method.state_dict(),  # the method's own state (its global adapter, ft's parameters, ...)

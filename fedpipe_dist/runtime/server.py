@@ -34,8 +34,15 @@ from .chain import BaseChain
 from .client import peak_mem, reset_peak_mem
 from .launch import idle_ranks_warning
 from .outputs import RunSummary, agree, check_output_dir, check_shared_dir, finish, open_results
-from .record import Laps, Log, client_arrays, own_losses, round_row
-from .resume import find_resume_point, new_run_id, raise_on_all_ranks, rank_state, restarted_by_torchrun
+from .record import Laps, Log, RankRecord, client_arrays, own_losses, round_row
+from .resume import (
+    find_resume_point,
+    new_run_id,
+    raise_on_all_ranks,
+    rank_state,
+    restarted_by_torchrun,
+    settings_fingerprint,
+)
 from .setup import Run, set_up
 from .trees import tree_to
 
@@ -105,8 +112,8 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
         agg_peak = peak_mem(comm.device, agg_mem) if run.rank0 else 0
         for c in stats:
             stats[c].bytes_up = ex.traffic["client_bytes_up"].get(c, 0)
-        gathered = comm.gather_object((list(stats.values()), absorbed,
-                                       {p: run.bases.extra_bytes(p) for p in run.bases.views}, waited))
+        gathered = comm.gather_object(RankRecord(list(stats.values()), absorbed,
+                                                 {p: run.bases.extra_bytes(p) for p in run.bases.views}, waited))
         # ---- evaluate and record ----
         lap("record_s")  # the gather of every rank's statistics (the row is built below)
         ev = run.evaluate() if (t % cfg.eval.every == 0 or t == cfg.rounds) else None
@@ -173,8 +180,8 @@ def _checkpoint(run: Run, ckpt: CheckpointDir, chain: BaseChain, t: int, run_id:
     updates, already private copies), else written now. Its errors (a full disk) come from the next
     ckpt.wait(), where every rank stops alike. Returns the seconds this rank spent here."""
     t0 = time.perf_counter()
-    state = rank_state(cfg=run.cfg, t=t, world_size=run.comm.world_size, run_id=run_id, bases=run.bases,
-                       chain=chain, method=run.method, planner=run.planner, eval_losses=eval_losses,
+    state = rank_state(settings=settings_fingerprint(run.cfg), t=t, world_size=run.comm.world_size, run_id=run_id,
+                       bases=run.bases, chain=chain, method=run.method, planner=run.planner, eval_losses=eval_losses,
                        profiles=run.profiles)
     private = _private(state)
     ckpt.save(t, state, results=writer.path if run.rank0 else None)
@@ -271,17 +278,18 @@ def _exchange(run: Run, t: int, plans, contributors: list[int], updates, reports
     return run.method.exchange(t, plans, contributors, updates, claims)
 
 
-def _round_record(run: Run, t: int, selected, plans, infos, scores, ex: Exchanged, rejected, gathered, ev):
+def _round_record(run: Run, t: int, selected, plans, infos, scores, ex: Exchanged, rejected,
+                  gathered: list[RankRecord], ev):
     """Rank 0: round t's row and per-server arrays for results.h5 (docs/hdf5_schema.md), from every rank's
-    gathered (stats, absorbed fractions, extra bytes) and the round's evaluation `ev` (None: not evaluated)."""
+    record and the round's evaluation `ev` (None: not evaluated)."""
     n, precisions = run.cfg.clients.n, run.precisions
-    all_stats = {s.client: s for part in gathered for s in part[0]}
+    all_stats = {s.client: s for part in gathered for s in part.stats}
     absorbed_by, extra_by = {}, {}
-    for _, a, e, _ in gathered:
-        absorbed_by.update(a)
-        extra_by.update(e)
+    for part in gathered:
+        absorbed_by.update(part.absorbed)
+        extra_by.update(part.extra_bytes)
     row = round_row(t, eval=ev, n_selected=len(selected), n_clients=n, stats=all_stats, traffic=ex.traffic)
-    row["wait_s"] = max(g[3] for g in gathered)  # the rank that waited longest for the slowest one
+    row["wait_s"] = max(part.waited_s for part in gathered)  # the rank that waited longest for the slowest one
     row["recv_wait_s"] = ex.traffic["wait_s"]  # rank 0 blocked on receives inside the exchange
     in_use = set(precisions) | {run.eval_precision}
     # NaN when nothing was merged or quant.measure_absorbed is off (np.min keeps the NaN)

@@ -172,7 +172,7 @@ def _load_shards(cfg: JobConfig, comm: Communicator, tok, dropped: dict):
     Also every server's mix of partition keys ([n, keys]: the share of its shard holding each key; known to every
     rank, like the shard sizes) and the keys. `dropped["train"]`: the rows the file reader left out."""
     n = cfg.clients.n
-    pairs = load_train_pairs(cfg)
+    pairs = load_train_pairs(cfg.data, cfg.seed)
     dropped["train"] = getattr(pairs, "dropped", 0)
     if cfg.data.max_train_samples is not None:
         keep = np.random.default_rng([cfg.seed, 7]).permutation(len(pairs))[: cfg.data.max_train_samples]
@@ -204,7 +204,7 @@ def _declared_speeds(cfg: JobConfig) -> list[float]:
 def _load_eval(cfg: JobConfig, comm: Communicator, tok, dropped: dict, keys: "KeyMix"):
     """This rank's strided slice of the eval set, a tokenizer of its share of the first k examples, the whole
     set's share (eval.final_full), and the slice's partition keys as columns of `keys` (-1: a key no server holds)."""
-    ev = load_eval_pairs(cfg)
+    ev = load_eval_pairs(cfg.data, cfg.seed)
     dropped["eval"] = getattr(ev, "dropped", 0)
     everything = np.random.default_rng([cfg.seed, 11]).permutation(len(ev))
     order = everything if cfg.eval.max_samples is None else everything[: cfg.eval.max_samples]
@@ -229,7 +229,7 @@ def _load_generation(cfg: JobConfig):
     from ..metrics.generate import check_scoring_tools
 
     check_scoring_tools()
-    mrs, refs = group_references(generation_pairs(cfg))
+    mrs, refs = group_references(generation_pairs(cfg.generation.data_path, cfg.data, cfg.seed))
     if cfg.generation.max_mrs is not None:
         mrs, refs = mrs[: cfg.generation.max_mrs], refs[: cfg.generation.max_mrs]
     return mrs, refs
@@ -244,7 +244,7 @@ def _profile(cfg: JobConfig, comm: Communicator, owner) -> list[ServerProfile]:
             mine = (measure_tflops(comm.device), device_memory_bytes(comm.device))
         comm.barrier()
     measured = comm.all_gather_object(mine)
-    return client_profiles(cfg, [m[0] for m in measured], owner, device_mem=[m[1] for m in measured])
+    return client_profiles(cfg.clients, cfg.seed, [m[0] for m in measured], owner, device_mem=[m[1] for m in measured])
 
 
 def _build_bases(run: Run) -> None:

@@ -45,8 +45,10 @@ class Aggregator:
     # rank reads each server's (B_i, A_i) back and applies the weights itself (fedpipe with lora.carry=adapter)
 
     @classmethod
-    def from_config(cls, cfg) -> "Aggregator":
-        """The aggregator a job asks for (a method with settings overrides this)."""
+    def from_settings(cls, weights: str | None, carry: str) -> "Aggregator":
+        """The aggregator a job asks for: `weights` is aggregation.weights (None: the aggregator's default),
+        `carry` lora.carry; the values, never the job (algorithm/ does not see the job). An aggregator with
+        settings overrides this."""
         return cls()
 
     def raw_weight(self, update: ClientUpdate) -> float:
@@ -139,9 +141,10 @@ def register(cls: type[Aggregator]) -> type[Aggregator]:
     return cls
 
 
-def get_aggregator(name: str, cfg=None) -> Aggregator:
-    """The aggregator registered as `name`, set up from the job `cfg` when given."""
+def get_aggregator(name: str, weights: str | None = None, carry: str = "none") -> Aggregator:
+    """The aggregator registered as `name`, set up as a job with aggregation.weights = `weights` (None: the
+    aggregator's default) and lora.carry = `carry` asks."""
     if name not in REGISTRY:
         raise KeyError(f"unknown aggregator {name!r}; registered: {sorted(REGISTRY)}")
-    return REGISTRY[name].from_config(cfg) if cfg is not None else REGISTRY[name]()
+    return REGISTRY[name].from_settings(weights, carry)
 

@@ -65,8 +65,8 @@ class WeightedLoRAFedAvg(LoRAFedAvg):
         self.weighting = weighting
 
     @classmethod
-    def from_config(cls, cfg) -> "WeightedLoRAFedAvg":
-        return cls(cfg.aggregation.weights)
+    def from_settings(cls, weights: str | None, carry: str) -> "WeightedLoRAFedAvg":
+        return cls(weights or "samples")
 
     def raw_weight(self, update):
         return plan_weight(update, self.weighting)

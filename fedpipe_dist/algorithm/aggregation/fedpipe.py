@@ -109,8 +109,8 @@ class FedPipeAggregator(StackingAggregator):
         self.raw_stack = raw_stack
 
     @classmethod
-    def from_config(cls, cfg) -> "FedPipeAggregator":
-        return cls(cfg.aggregation.weights, raw_stack=cfg.lora.carry == "adapter")
+    def from_settings(cls, weights: str | None, carry: str) -> "FedPipeAggregator":
+        return cls(weights or "paper", raw_stack=carry == "adapter")
 
     def raw_weight(self, update: ClientUpdate) -> float:
         return plan_weight(update, self.weighting)
