@@ -7,6 +7,8 @@ the test is quick and the delay dominates the real compute's noise.
 Run: .venv/bin/python -m pytest tests/test_step_cost.py -q
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,7 @@ def test_measured_fixed_cost_turns_the_batch_split_into_fewer_steps_and_survives
     again = load_job("jobs/quickstart.yaml", [*JOB, "resume=true", f"output.dir={tmp_path / 'b'}"])
     run_job(again, LocalComm(), show_progress=False)
     assert _plans(tmp_path / "b") == (batches, steps)
+    # the fit is in results.h5 (root attribute step_fit_json), the resumed run's the same as the whole run's
+    fits = [json.loads(Results(tmp_path / d / "results.h5").attrs["step_fit_json"]) for d in ("a", "b")]
+    assert fits[0]["t0_s"] == pytest.approx(t0_ms / 1e3, rel=0.01) and fits[0]["overhead_samples"] > 50
+    assert fits[1]["t0_s"] == pytest.approx(fits[0]["t0_s"], rel=0.1)  # the resumed run's fit, from its checkpoint

@@ -167,11 +167,13 @@ class ResultsWriter:
             kept = [str(w) for w in f.attrs.get("warnings", [])]
             f.attrs["warnings"] = np.array([*kept, message], dtype=h5py.string_dtype())
 
-    def finish(self, eval_metrics: dict[str, float], timing: dict[str, float] | None = None) -> None:
+    def finish(self, eval_metrics: dict[str, float], timing: dict[str, float] | None = None,
+               attrs: dict[str, Any] | None = None) -> None:
+        """Mark the run finished: the final eval metrics, the finishing attempt's timing and other root `attrs`."""
         with _open(self.path, "a") as f:
             for k, v in eval_metrics.items():
                 f["eval"].attrs[k] = v
-            for k, v in (timing or {}).items():  # checkpoint_s, finish_s: the finishing attempt's
+            for k, v in {**(timing or {}), **(attrs or {})}.items():  # timing: checkpoint_s, finish_s
                 f.attrs[k] = v
             f.attrs["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             f.attrs["finished"] = True

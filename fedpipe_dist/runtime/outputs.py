@@ -5,6 +5,7 @@ merged model, written atomically via final.tmp), E2E generations and their score
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import shutil
@@ -221,13 +222,26 @@ def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float], che
                     final.update(full_loss=full["loss"], full_ppl=full["ppl"], full_loss_se=full["se"],
                                  full_tokens=full["tokens"])
                 writer.finish(final, timing={"checkpoint_s": checkpoint_s,
-                                             "finish_s": flush_s + time.perf_counter() - t_finish})
+                                             "finish_s": flush_s + time.perf_counter() - t_finish},
+                              attrs=_planner_attrs(run))
         except DiskError as e:
             err = str(e)
     raise_on_all_ranks(run.comm, err)
     if run.rank0:
         run.log(f"done: eval loss {eval_losses[0]:.4f} -> {eval_losses[-1]:.4f}; results in {run.out_dir}")
     return final_dir
+
+
+def _planner_attrs(run: Run) -> dict[str, str]:
+    """plan.step_cost=measured: the step cost the planner fitted (root attribute step_fit_json: t0_s, per_token_s,
+    tokens_per_sample, steps, overhead_samples; "null" where the steps could not be fitted or none were timed)."""
+    import json
+
+    if run.planner is None or run.cfg.plan.step_cost != "measured":
+        return {}
+    fit = run.planner.step_fit
+    return {"step_fit_json": json.dumps({**dataclasses.asdict(fit), "overhead_samples": fit.overhead_samples}
+                                        if fit else None)}
 
 
 def generate_and_score(run: Run) -> None:
