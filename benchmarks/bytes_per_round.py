@@ -158,6 +158,16 @@ def measure(sites, rank: int, n_clients: int) -> dict:
                 "down_payload_bytes": down, "round_bytes_up": bytes_up, "round_bytes_down": bytes_down,
                 "round_bytes_total": bytes_up + bytes_down}
 
+    # FedPipe's kept adapter (lora.carry=adapter): every rank reads each server's factors back, so the stack
+    # always travels factored (aggregator.raw_stack), never as its dense product
+    kept = block(f_up, layout_numel(down_layout) * 4)
+    # lora.carry=shared_a (mirrors FedPipe._exchange_b over fedavg_exchange): each server's change of B at the top
+    # rank on every adapted weight goes up as fp32, their weighted sum comes down in the same layout
+    b_numel = sum(by_key[k].out_features * rank for k in sorted(all_keys))
+    b_change = torch.cat([torch.empty(by_key[k].out_features * rank, device=META) for k in sorted(all_keys)])
+    shared = block({c: nbytes(b_change) for c in contributors}, nbytes(b_change))
+    agrees_shared = nbytes(b_change) == 4 * b_numel
+
     fac, den = block(f_up, f_down), block(d_up, d_down)
     agrees = (f_up == f_up_engine and f_down == f_down_engine
               and d_up == d_up_engine and d_down == d_down_engine)
@@ -165,13 +175,13 @@ def measure(sites, rank: int, n_clients: int) -> dict:
     return {
         "rank": rank, "n_clients": n_clients, "adapted_sites": len(adapted),
         "adapted_weight_numel": sum(s.numel for s in adapted),
-        "factored": fac, "dense": den,
+        "factored": fac, "dense": den, "kept_adapter_stack": kept, "shared_a": shared,
         "ratio_dense_over_factored": {
             "client_up": den["round_bytes_up"] / fac["round_bytes_up"],
             "down_payload": den["down_payload_bytes"] / fac["down_payload_bytes"],
             "round_total": den["round_bytes_total"] / fac["round_bytes_total"],
         },
-        "engine_formula_agrees": agrees,
+        "engine_formula_agrees": agrees and agrees_shared,
     }
 
 
@@ -188,7 +198,8 @@ def human(n: int) -> str:
 def markdown_table(rows: list[dict]) -> str:
     head = ("| model | sites | r | N | factored up/client | dense up/client | factored down payload "
             "| dense down payload | factored round (up+down) | dense round (up+down) | dense/factored up "
-            "| dense/factored down | dense/factored round |")
+            "| dense/factored down | dense/factored round | kept adapter round (stack, lora.carry=adapter) "
+            "| shared A round (lora.carry=shared_a) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         f, d, q = r["factored"], r["dense"], r["ratio_dense_over_factored"]
@@ -197,7 +208,8 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {human(f['client_up_bytes'])} | {human(d['client_up_bytes'])} "
             f"| {human(f['down_payload_bytes'])} | {human(d['down_payload_bytes'])} "
             f"| {human(f['round_bytes_total'])} | {human(d['round_bytes_total'])} "
-            f"| {q['client_up']:.2f}x | {q['down_payload']:.2f}x | {q['round_total']:.2f}x |")
+            f"| {q['client_up']:.2f}x | {q['down_payload']:.2f}x | {q['round_total']:.2f}x "
+            f"| {human(r['kept_adapter_stack']['round_bytes_total'])} | {human(r['shared_a']['round_bytes_total'])} |")
     return "\n".join(lines)
 
 

@@ -88,6 +88,8 @@ ABLATION = {
     "tuned+carry+moments": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter",
                             "train.optimizer_state=kept"],
     "lora_hb+moments": ["method=lora_hb", "train.optimizer_state=kept"],
+    # one frozen A shared by every server, only B trains and travels (B's change at the top rank both ways)
+    "tuned+shared_a": ["method=fedpipe", "plan.variant=tuned", "lora.carry=shared_a"],
     # planned for a flat step cost (t0 far above a step's FLOPs time): read its flat-step clock only
     "carry+auto@flat": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.split=auto",
                         "plan.step_overhead_s=10"],

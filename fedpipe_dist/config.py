@@ -184,11 +184,13 @@ class LoraConfig:
     by compute: the largest of lora.ranks not above max(lora.ranks) x C_i / max_j C_j (at least the smallest)."""
     alpha: float = 16.0
     """LoRA scaling numerator: the update is (alpha / r) * B @ A."""
-    carry: Optional[Literal["none", "adapter"]] = None
+    carry: Optional[Literal["none", "adapter", "shared_a"]] = None
     """method=fedpipe, what a server starts the next round from. none (the paper): the merged update is in the
     base and every server draws fresh adapters (B = 0, a new A). adapter: every server starts from one global
     adapter, the weighted average of the round's factors, and the base takes the rest of the exact average
-    (algorithm/aggregation/fedpipe.kept_adapter_step). null = plan.variant's choice."""
+    (algorithm/aggregation/fedpipe.kept_adapter_step). shared_a: one A drawn from the job's seed, frozen and shared
+    by every server, only B trains and travels; the global B is the weighted average, which is exactly the average
+    of the servers' models (algorithm/aggregation/fedpipe.shared_a_delta). null = plan.variant's choice."""
     dropout: float = 0.0
 
 

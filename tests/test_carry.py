@@ -148,3 +148,51 @@ def test_the_dense_transport_with_the_kept_adapter_is_refused_naming_both_fixes(
     assert main(["run", "jobs/quickstart.yaml", "aggregation.transport=dense", f"output.dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "aggregation.transport=factored" in err and "lora.carry=none" in err
+
+
+# ---- lora.carry=shared_a: one frozen A for every server; only the B's train and travel --------------------------
+
+
+@pytest.mark.parametrize("weights", [[0.2, 0.3, 0.5], [0.5, 1.0, 0.25]])
+def test_shared_a_global_b_is_the_exact_average_of_the_servers_models(weights):
+    from fedpipe_dist.algorithm.aggregation.fedpipe import shared_a_delta
+
+    gen = torch.Generator().manual_seed(1)
+    bg, a = torch.randn(OUT, TOP, generator=gen), torch.randn(TOP, IN, generator=gen)
+    trained = [torch.randn(OUT, r, generator=gen) for r in (6, 4, 2)]  # each server's B at its rank
+    deltas = [shared_a_delta(bg, b) for b in trained]
+    assert all(torch.equal(d[:, b.shape[1]:], torch.zeros(OUT, TOP - b.shape[1])) for d, b in zip(deltas, trained))
+    b_new = bg + sum(w * d for w, d in zip(weights, deltas))
+    # each server's model: its head, the global tail it left untouched, all on the one A
+    models = [_model(bg, a, b, a[: b.shape[1]]) for b in trained]
+    want = bg @ a + sum(w * (m - bg @ a) for w, m in zip(weights, models))
+    torch.testing.assert_close(b_new @ a, want, rtol=1e-5, atol=1e-5)
+
+
+SHARED = ["method=fedpipe", "lora.carry=shared_a", "clients.tflops=[1,2,3,4]", "plan.variant=paper",
+          "plan.granularity=layer", "plan.importance=random"]  # ranks and weights differ by server
+
+
+def test_shared_a_two_gloo_ranks_match_one_process_and_send_b_only(tmp_path):
+    """The B changes are reduced (each rank pre-sums its own servers): 2 ranks and 1 process give the same losses
+    and plans; each server sends, and the downlink carries, B's change at the top rank on each weight (fp32)."""
+    extra = [*SMALL_RUN, *SHARED]
+
+    def run(cmd):
+        p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    run(torchrun_cmd(2, "run", "jobs/quickstart.yaml", *extra, f"output.dir={tmp_path / 'dist'}", "--no-progress"))
+    run([sys.executable, "-m", "fedpipe_dist", "run", "jobs/quickstart.yaml", *extra,
+         f"output.dir={tmp_path / 'single'}", "--no-progress"])
+    d, s = Results(tmp_path / "dist" / "results.h5"), Results(tmp_path / "single" / "results.h5")
+    np.testing.assert_allclose(d.rounds["eval_loss"], s.rounds["eval_loss"], rtol=1e-5)
+    for name in ("ranks", "batch_size", "bytes_up"):
+        assert (d.clients[name] == s.clients[name]).all(), name
+    assert (d.rounds["bytes_down"] == s.rounds["bytes_down"]).all()
+    assert d.rounds["eval_loss"][-1] < d.rounds["eval_loss"][0]
+    assert len({tuple(r.ravel()) for r in d.clients["ranks"][1]}) > 1  # ranks differ by server
+    for t in range(1, d.n_rounds + 1):
+        sent = d.clients["bytes_up"][t][d.clients["completed"][t] == 1]
+        assert len(set(sent.tolist())) == 1  # every server: B's change at the top rank, on the round's weights
+        assert d.rounds["bytes_down"][t] == 4 * sent[0]  # the same layout down, to each of the 4 servers

@@ -3,17 +3,22 @@ planner sets for every server every round (Algorithm 1, algorithm/planner.py; `p
 paper's exact form or the tuned one), combined with the paper's weighted reduce (Eqn 10-12,
 algorithm/aggregation/fedpipe.py) and merged into every base. `lora.carry` says what the next round starts
 from: none (the paper), fresh adapters; adapter, one global adapter kept across rounds, the exact average
-still reached through the base (kept_adapter_step). `plan.mode=uniform` is its ablation without the
-adaptive plan."""
+still reached through the base (kept_adapter_step); shared_a, one frozen A shared by every server, so only the
+B's train and travel and their average is exact (shared_a_delta). `plan.mode=uniform` is its ablation without
+the adaptive plan."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from ..adapters.lora import shared_initial_adapter
-from ..algorithm.aggregation.fedpipe import kept_adapter_step, split_stack
+from ..algorithm.aggregation.base import Aggregate
+from ..algorithm.aggregation.fedpipe import kept_adapter_step, shared_a_delta, split_stack
+from ..algorithm.aggregation.ft import weighted_sum
 from ..errors import UserInputError
-from ..runtime.exchange import factored_exchange, update_meta
+from ..runtime.exchange import factored_exchange, fedavg_exchange, update_meta
 from .base import Exchanged, register_method, require
 from .lora import LoRAMethod
 
@@ -30,12 +35,28 @@ class FedPipe(LoRAMethod):
                     "lora.carry=adapter (plan.variant=tuned's choice) reads every server's factors back from the "
                     "factored stack, so it needs aggregation.transport=factored; for the dense reduce set "
                     "lora.carry=none (fresh adapters each round, as the paper)")
+        if cfg.lora.carry == "shared_a":
+            require(cfg.aggregation.wire == "fp32" and cfg.aggregation.transport == "factored", "lora.carry",
+                    "lora.carry=shared_a sends each server's change of B through a reduce in fp32, its own "
+                    "transport: leave aggregation.wire=fp32 and aggregation.transport=factored (the defaults)")
 
     def adaptive(self) -> bool:
         return self.cfg.plan.mode != "uniform"
 
     def carries(self) -> bool:
-        return self.cfg.lora.carry == "adapter"
+        """A global adapter kept across rounds (lora.carry=adapter or shared_a)."""
+        return self.cfg.lora.carry in ("adapter", "shared_a")
+
+    def shares_a(self) -> bool:
+        return self.cfg.lora.carry == "shared_a"
+
+    def trainable(self, adapters) -> list:
+        """lora.carry=shared_a: B only (A stays the shared draw); otherwise every A and B."""
+        if not self.shares_a():
+            return super().trainable(adapters)
+        for a in adapters.A.values():
+            a.requires_grad_(False)  # frozen: no gradient, no optimizer state
+        return list(adapters.B.values())
 
     def setup(self, run) -> None:
         super().setup(run)
@@ -75,6 +96,8 @@ class FedPipe(LoRAMethod):
     def exchange(self, t, plans, contributors, updates, claims) -> Exchanged:
         if not self.carries():
             return super().exchange(t, plans, contributors, updates, claims)
+        if self.shares_a():
+            return self._exchange_b(plans, contributors, updates)
         run = self.run
         stack, traffic = factored_exchange(run.comm, run.sites, plans, contributors, updates, run.owner,
                                            self.aggregator, run.shard_sizes, claims, wire=self.cfg.aggregation.wire)
@@ -86,3 +109,34 @@ class FedPipe(LoRAMethod):
         factors = split_stack(stack, [plans[c].ranks for c in contributors])
         self.global_state, residual = kept_adapter_step(self.global_adapter(), factors, [w * scale for w in raw])
         return Exchanged(residual, traffic, late)
+
+    def _exchange_b(self, plans, contributors, updates) -> Exchanged:
+        """lora.carry=shared_a: the weighted sum of the servers' B~_i - B_g, reduced like FedAvg's tensors
+        (each rank pre-sums its own servers), added to the global B; A and the base stay as they are."""
+        run, g = self.run, self.global_adapter()
+        keys = sorted({k for c in contributors for k, r in plans[c].ranks.items() if r > 0})  # alike on every rank
+        sent = {c: dataclasses.replace(u, factors={k: shared_a_delta(g[k][0], b) for k, (b, _) in u.factors.items()})
+                for c, u in updates.items() if c in contributors}
+        (delta,), traffic = fedavg_exchange(run.comm, [contributors], [[((k,), g[k][0].shape) for k in keys]], sent,
+                                            run.owner, _ScaledSum(self.aggregator), plans, run.shard_sizes)
+        new = dict(g)
+        for k, d in delta.items():
+            b, a = g[k]
+            new[k] = (b + d.to(b), a)
+        self.global_state = new
+        return Exchanged({}, traffic, [])
+
+
+class _ScaledSum:
+    """fedavg_exchange's aggregator for lora.carry=shared_a: FedPipe's weights (with FedNova's round scale) and a
+    plain weighted sum of the B changes."""
+
+    def __init__(self, aggregator):
+        self.aggregator = aggregator
+
+    def weights(self, metas) -> list[float]:
+        scale = self.aggregator.round_scale(metas)
+        return [w * scale for w in self.aggregator.weights(metas)]
+
+    def aggregate(self, updates, weights) -> Aggregate:
+        return Aggregate(merge=weighted_sum(updates, weights))

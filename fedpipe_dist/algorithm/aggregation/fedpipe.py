@@ -126,6 +126,25 @@ class FedPipeAggregator(StackingAggregator):
         return tau_eff * sum(pi / u.local_steps for pi, u in zip(p, updates))
 
 
+# ---- lora.carry=shared_a: one frozen A for every server, so the average of the B's is the exact average ------
+#
+# Every server's adapter is (B~_i, A) with the same A (drawn once from the job's seed, never trained: FFA-LoRA,
+# Sun et al., ICLR 2024, freezes A for this reason), so sum_i w_i B~_i A = (sum_i w_i B~_i) A: the weighted
+# average of the servers' models is the global adapter (B_g + sum_i w_i (B~_i - B_g), A). Nothing is left to
+# merge into the base, only B's change travels (out x R per weight, against (out + in) x sum_i r_i for the
+# stack), and the sum is linear, so it is a reduce of per-rank partial sums.
+
+
+def shared_a_delta(b_global: torch.Tensor, b_server: torch.Tensor) -> torch.Tensor:
+    """What a server of rank r contributes under lora.carry=shared_a: B~_i - B_g at the global's top rank R, where
+    B~_i is its trained B (alpha/r folded in) on the first r columns and the global's own tail beyond them, which
+    it trained beside but not on (so those columns of the difference are zero)."""
+    r = b_server.shape[1]
+    out = torch.zeros_like(b_global)
+    out[:, :r] = b_server.to(b_global) - b_global[:, :r]
+    return out
+
+
 # ---- lora.carry=adapter: the exact average of the servers' models, with the adapter kept across rounds -------
 #
 # The paper merges sum_i w_i B_i A_i into the base and every server starts the next round from fresh adapters
