@@ -28,7 +28,7 @@ from benchmarks._jobs import write_json  # noqa: E402
 from fedpipe_dist.comm.local import LocalComm  # noqa: E402
 from fedpipe_dist.io import checkpoint  # noqa: E402
 from fedpipe_dist.job import load_job  # noqa: E402
-from fedpipe_dist.runtime.server import run_job  # noqa: E402
+from fedpipe_dist.runtime.engine import run_job  # noqa: E402
 
 COMMON = ["clients.slowdown=1", "clients.tflops=[1,2,3,4]", "train.local_steps=2", "train.batch_max=4",
           "data.synthetic_train_size=96", "data.synthetic_eval_size=16", "eval.max_samples=16",

@@ -166,7 +166,7 @@ def eval_runs(args) -> dict:
     from fedpipe_dist.comm.local import LocalComm
     from fedpipe_dist.io.hdf5 import Results
     from fedpipe_dist.job import load_job
-    from fedpipe_dist.runtime.server import run_job
+    from fedpipe_dist.runtime.engine import run_job
 
     root = Path(args.stories_path or os.environ.get("FEDPIPE_SHARED_DATA", ""))
     out = {}

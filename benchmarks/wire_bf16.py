@@ -41,8 +41,8 @@ from fedpipe_dist.comm.local import LocalComm  # noqa: E402
 from fedpipe_dist.comm.payload import to_wire  # noqa: E402
 from fedpipe_dist.io.hdf5 import Results  # noqa: E402
 from fedpipe_dist.job import load_job  # noqa: E402
+from fedpipe_dist.runtime.engine import run_job  # noqa: E402
 from fedpipe_dist.runtime.exchange import factored_exchange  # noqa: E402
-from fedpipe_dist.runtime.server import run_job  # noqa: E402
 
 # lora.carry=none: the merged update is the weighted stack the figures below were measured on (with the kept
 # adapter the stack travels unweighted and methods/fedpipe.py calls the exchange, which Probe does not wrap)

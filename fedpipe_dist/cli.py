@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime.launch import die_with_launcher, make_comm
 
         die_with_launcher()
-        from .runtime.server import run_job
+        from .runtime.engine import run_job
 
         comm = make_comm(cfg.comm)
         if cfg.comm.audit:

@@ -60,7 +60,7 @@ def run_small(tmp_path, name: str, *extra: str):
     from fedpipe_dist.comm.local import LocalComm
     from fedpipe_dist.io.hdf5 import Results
     from fedpipe_dist.job import load_job
-    from fedpipe_dist.runtime.server import run_job
+    from fedpipe_dist.runtime.engine import run_job
 
     cfg = load_job("jobs/quickstart.yaml", [*SMALL_RUN, f"output.dir={tmp_path / name}", *extra])
     run_job(cfg, LocalComm(), show_progress=False)

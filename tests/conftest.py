@@ -33,7 +33,7 @@ def analysis_runs(tmp_path_factory) -> Path:
     """A folder of results.h5 files from 16 short real runs (about a minute on 2 cores)."""
     from fedpipe_dist.comm.local import LocalComm
     from fedpipe_dist.job import load_job
-    from fedpipe_dist.runtime.server import run_job
+    from fedpipe_dist.runtime.engine import run_job
 
     root = tmp_path_factory.mktemp("analysis_runs")
     for name, extra in ANALYSIS_RUNS.items():

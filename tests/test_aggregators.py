@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fedpipe_dist.algorithm.aggregation import REGISTRY, ClientUpdate, get_aggregator
-from fedpipe_dist.algorithm.aggregation.hetlora import pad_rank, prune_regularizer, pruned_rank
+from fedpipe_dist.algorithm.aggregation.base import pad_rank
+from fedpipe_dist.algorithm.aggregation.hetlora import prune_regularizer, pruned_rank
 
 SHAPES = {"0.q": (12, 10), "0.v": (6, 10)}
 

@@ -20,7 +20,7 @@ from fedpipe_dist.io.hdf5 import Results
 from fedpipe_dist.job import load_job
 from fedpipe_dist.metrics.perplexity import lm_loss
 from fedpipe_dist.models import load_model, load_tokenizer
-from fedpipe_dist.runtime.server import run_job
+from fedpipe_dist.runtime.engine import run_job
 
 TASKS = [("Name a colour of the sky.", "", "Blue."), ("Add the numbers.", "2 and 3", "The sum is 5."),
          ("Translate to French.", "cat", "chat"), ("Give an antonym.", "hot", "Cold."),

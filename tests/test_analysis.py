@@ -136,7 +136,7 @@ def seeded_runs(tmp_path_factory):
     """Two seeds of fedpipe and of lora at 2 rounds, and one lora run at 3 rounds (another cohort)."""
     from fedpipe_dist.comm.local import LocalComm
     from fedpipe_dist.job import load_job
-    from fedpipe_dist.runtime.server import run_job
+    from fedpipe_dist.runtime.engine import run_job
 
     from .conftest import ANALYSIS_SMALL
 

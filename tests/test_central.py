@@ -18,7 +18,7 @@ from fedpipe_dist.comm.local import LocalComm
 from fedpipe_dist.config import UserInputError
 from fedpipe_dist.job import load_job
 from fedpipe_dist.methods import lora as lora_module
-from fedpipe_dist.runtime.server import run_job
+from fedpipe_dist.runtime.engine import run_job
 
 from ._util import REPO, SMALL_RUN, load_benchmark, run_small, subprocess_env, torchrun_cmd
 

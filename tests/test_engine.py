@@ -33,7 +33,7 @@ from fedpipe_dist.job import load_job
 from fedpipe_dist.metrics.perplexity import evaluate
 from fedpipe_dist.models import load_model, load_tokenizer
 from fedpipe_dist.runtime.client import LocalTraining, train_client
-from fedpipe_dist.runtime.server import run_job
+from fedpipe_dist.runtime.engine import run_job
 
 SMALL = ["rounds=2", "train.local_steps=3", "train.batch_max=4", "data.synthetic_train_size=96",
          "data.synthetic_eval_size=24", "model.max_length=96", "eval.max_samples=24", "lora.rank=4"]

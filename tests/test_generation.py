@@ -19,7 +19,7 @@ from fedpipe_dist.job import load_job
 from fedpipe_dist.metrics.e2e import group_references
 from fedpipe_dist.metrics.generate import generate, write_generations
 from fedpipe_dist.models import load_model, load_tokenizer
-from fedpipe_dist.runtime.server import run_job
+from fedpipe_dist.runtime.engine import run_job
 
 from ._util import REPO, shared_data, subprocess_env
 

@@ -44,8 +44,8 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.chdir(REPO)
     from fedpipe_dist.job import load_job
+    from fedpipe_dist.runtime.engine import run_job
     from fedpipe_dist.runtime.launch import make_comm
-    from fedpipe_dist.runtime.server import run_job
 
     cfg = load_job("jobs/quickstart.yaml", [*JOB, f"output.dir={out_dir}"])
     comm = make_comm(cfg.comm)
@@ -61,7 +61,7 @@ def test_a_method_defined_in_a_test_runs_on_two_gloo_ranks_and_one_process(tmp_p
     from fedpipe_dist.io.hdf5 import Results
     from fedpipe_dist.job import load_job
     from fedpipe_dist.models import load_model
-    from fedpipe_dist.runtime.server import run_job
+    from fedpipe_dist.runtime.engine import run_job
 
     mp.start_processes(_rank, args=(2, free_port(), str(tmp_path / "dist")), nprocs=2, join=True,
                        start_method="spawn")

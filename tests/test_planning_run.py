@@ -15,7 +15,7 @@ from fedpipe_dist.comm.local import LocalComm
 from fedpipe_dist.config import UserInputError
 from fedpipe_dist.io.hdf5 import Results
 from fedpipe_dist.job import load_job
-from fedpipe_dist.runtime.server import run_job
+from fedpipe_dist.runtime.engine import run_job
 
 from ._util import REPO, subprocess_env
 

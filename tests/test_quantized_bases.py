@@ -16,7 +16,7 @@ from fedpipe_dist.job import load_job
 from fedpipe_dist.models import load_model, load_tokenizer
 from fedpipe_dist.quantized import QuantLinear, bitsandbytes_available, dense_linear, linear_weight
 from fedpipe_dist.runtime.bases import RankBases
-from fedpipe_dist.runtime.server import run_job
+from fedpipe_dist.runtime.engine import run_job
 
 
 def _fused_layer(precision, dense_rows):

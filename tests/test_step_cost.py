@@ -18,7 +18,7 @@ from fedpipe_dist.comm.local import LocalComm
 from fedpipe_dist.config import ConfigError
 from fedpipe_dist.io.hdf5 import Results
 from fedpipe_dist.job import load_job
-from fedpipe_dist.runtime.server import run_job
+from fedpipe_dist.runtime.engine import run_job
 
 DELAY = 2.0  # seconds charged per step on the fastest server: far above a tiny model's real step (~10-100 ms)
 JOB = ["rounds=3", "train.local_steps=6", "data.synthetic_train_size=160", "data.synthetic_eval_size=16",

@@ -72,7 +72,7 @@ def test_paper_variant_engine_run_reproduces_the_pinned_losses(tmp_path):
     plan.variant=paper: the eval losses and plans the engine gave at commit 0486b01 (before plan.variant)."""
     from fedpipe_dist.comm.local import LocalComm
     from fedpipe_dist.io.hdf5 import Results
-    from fedpipe_dist.runtime.server import run_job
+    from fedpipe_dist.runtime.engine import run_job
 
     pinned = json.loads((GOLDEN / "paper_quickstart.json").read_text())
     cfg = load_job("jobs/quickstart.yaml", ["rounds=3", "plan.variant=paper", "clients.throttle=clock",

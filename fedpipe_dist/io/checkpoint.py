@@ -179,7 +179,7 @@ class CheckpointDir:
         """Start this rank's checkpoint of `round_idx`: rank 0's snapshot of `results` is taken now, the state is
         written in a thread (so the next round trains meanwhile), then what only older checkpoints needed is
         dropped (_rotate). Errors (a full disk) are raised by wait(), not here; wait_quietly() makes the write
-        synchronous. The caller must keep `state` unchanged until the write ends (runtime/server.py copies it
+        synchronous. The caller must keep `state` unchanged until the write ends (runtime/engine.py copies it
         first) and must have made sure, before this call, that every rank holds its previous checkpoint whole
         (a collective after wait()): the rotation may then drop what only older checkpoints needed, whatever
         the other ranks' writes do."""

@@ -1,6 +1,6 @@
 """The method interface and its registry: one class owns everything that makes a method what it is.
 
-The round engine (runtime/server.py) runs the same phases for every method and asks the method, through
+The round engine (runtime/engine.py) runs the same phases for every method and asks the method, through
 the hooks below, what a server trains and from which start, what a plan costs, how the updates travel and
 fold back, and what is checkpointed, recorded and exported. Adding a method is one file (docs/architecture.md,
 "Adding a method"):

@@ -23,10 +23,11 @@ class HetLoRA(LoRAMethod):
 
     def end_round(self, t, contributors, reports) -> None:
         """Rank self-pruning: every rank updates every server's rank alike, from the reported norms."""
-        ranks = self.run.planner.client_ranks
+        planner = self.run.planner
         for c in contributors:
             norm = reports[c].prune_norm
-            ranks[c] = pruned_rank(ranks[c], self.cfg.hetlora.gamma, norm, self.prune_norms.get(c))
+            planner.set_rank(c, pruned_rank(planner.client_ranks[c], self.cfg.hetlora.gamma, norm,
+                                            self.prune_norms.get(c)))
             self.prune_norms[c] = norm
 
     def state_dict(self) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..adapters.lora import FixedUpdates, shared_initial_adapter
 from ..algorithm.aggregation.base import REGISTRY as AGGREGATORS
-from ..algorithm.aggregation.fedavg import WeightedLoRAFedAvg
+from ..algorithm.aggregation.lora import WeightedLoRAFedAvg
 from ..algorithm.cost import flops_per_sample, memory_bytes
 from ..algorithm.sanitize import update_norm
 from ..comm.payload import WIRE_DTYPES, to_wire

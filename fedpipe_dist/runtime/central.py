@@ -34,8 +34,9 @@ from ..data.tokenize import IGNORE, Batch, collate
 from ..errors import UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..metrics.perplexity import lm_loss
+from .agreement import agree
 from .client import batch_indices, client_seed, model_parameters
-from .outputs import RunSummary, agree, check_output_dir, finish, open_results
+from .outputs import RunSummary, check_output_dir, finish, open_results
 from .record import own_losses, round_row
 from .resume import new_run_id
 from .setup import Run, set_up

@@ -14,16 +14,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, UserInputError
+from ..errors import UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..io.hdf5 import ResultsWriter
 from ..io.owned import describe, foreign_files, publish_final, remove_checkpoints, remove_results
 from ..io.sinks import open_sinks
 from ..io.space import DiskError, disk_errors, require_space
 from ..metrics.generate import generate, one_line, write_generations
+from .agreement import raise_on_all_ranks
 from .provenance import placement
 from .record import own_losses, round_row
-from .resume import apply_state, raise_on_all_ranks
+from .resume import apply_state
 from .setup import Run
 
 
@@ -34,20 +35,6 @@ class RunSummary:
     results_path: Path
     final_dir: Path | None
     eval_loss: list[float]
-
-
-def agree(comm, fn):
-    """Run fn on rank 0; if it raises a user error, every rank raises it too (so no rank waits forever)."""
-    err, result = None, None
-    if comm.rank == 0:
-        try:
-            result = fn()
-        except (ConfigError, UserInputError) as e:
-            err = str(e)
-    err = comm.broadcast_object(err)
-    if err is not None:
-        raise UserInputError(err)
-    return result
 
 
 def check_shared_dir(out: Path, comm, wait_s: float = 10.0) -> None:

@@ -49,6 +49,13 @@ class RoundPlanner:
         self.timed: dict[int, list] = {}
         self.step_fit: StepFit | None | bool = None
 
+    def set_rank(self, client: int, rank: int) -> None:
+        """A method changes a server's rank for the rounds to come (HetLoRA's self-pruning); the planner owns the
+        ranks: the method's initial ones, the ones it plans, and these changes."""
+        if rank < 0:
+            raise ValueError(f"server {client}: a rank cannot be negative (got {rank})")
+        self.client_ranks[client] = int(rank)
+
     def pin_precisions(self, comm) -> list[str]:
         """Each server's base precision for the whole run: the job's list, or the planner's round-1 choice.
 

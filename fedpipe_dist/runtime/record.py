@@ -131,7 +131,7 @@ def round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0,
         "eval_s": 0.0,
         **{k: 0.0 for k in ("plan_s", "train_s", "sync_s", "exchange_s", "merge_s", "record_s")},
         "agg_s": traffic["agg_s"] if traffic else 0.0,
-        "wait_s": 0.0,  # the round's straggler wait (runtime/server.py sets it)
+        "wait_s": 0.0,  # the round's straggler wait (runtime/engine.py sets it)
         "recv_wait_s": traffic["wait_s"] if traffic else 0.0,
         "train_loss": float(np.mean([s.train_loss for s in done])) if done else math.nan,
         "eval_loss": eval["loss"] if eval else math.nan,

@@ -32,6 +32,7 @@ from ..algorithm.cost import StepFit
 from ..config import JobConfig
 from ..errors import UserInputError
 from ..io.checkpoint import CheckpointDir, complete, leftovers, scan, snapshots
+from .agreement import raise_on_all_ranks
 from .chain import chain_rounds, replay, resolve_base
 from .heterogeneity import ServerProfile
 
@@ -65,13 +66,6 @@ def settings_fingerprint(cfg: JobConfig) -> dict[str, str]:
 class ResumePoint:
     round: int
     state: dict  # this rank's checkpoint
-
-
-def raise_on_all_ranks(comm, err: str | None) -> None:
-    """Raise UserInputError on every rank if any rank found a problem (the first one's message)."""
-    errs = [e for e in comm.all_gather_object(err) if e]
-    if errs:
-        raise UserInputError(errs[0])
 
 
 def find_resume_point(cfg: JobConfig, comm, out_dir: Path, ckpt: CheckpointDir, log) -> ResumePoint | None:

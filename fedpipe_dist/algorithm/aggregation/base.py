@@ -115,13 +115,17 @@ def _add(x, y, pad: bool, key: str):
             raise ValueError(f"{key}: FedAvg of factors needs one rank per weight (got {bx.shape[1]} and "
                              f"{by.shape[1]}); use a heterogeneous-rank method (flora, flexlora, hetlora)")
         r = max(bx.shape[1], by.shape[1])
-        bx, ax = _pad(bx, ax, r)
-        by, ay = _pad(by, ay, r)
+        bx, ax = pad_rank(bx, ax, r)
+        by, ay = pad_rank(by, ay, r)
     return bx + by, ax + ay
 
 
-def _pad(b: torch.Tensor, a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rank(b: torch.Tensor, a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B [out, k], A [k, in]) zero-padded to rank r >= k (the one zero-pad helper: HetLoRA's average,
+    FlexLoRA's start at a rank above the matrix's, summing factors of different ranks)."""
     k = b.shape[1]
+    if k > r:
+        raise ValueError(f"cannot pad rank {k} down to {r}")
     return (torch.cat([b, b.new_zeros(b.shape[0], r - k)], dim=1),
             torch.cat([a, a.new_zeros(r - k, a.shape[1])], dim=0))
 

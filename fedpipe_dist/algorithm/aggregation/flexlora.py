@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Aggregate, Aggregator, register
+from .base import Aggregate, Aggregator, pad_rank, register
 from .fedpipe import dense_sum
 
 
@@ -33,6 +33,5 @@ class FlexLoRA(Aggregator):
         root = s[:r].sqrt()
         b, a = u[:, :r] * root, root[:, None] * vh[:r]
         if r < rank:  # a client asking for more rank than the matrix has: zero-pad (B = 0 there)
-            b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
-            a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], dim=0)
+            b, a = pad_rank(b, a, rank)
         return b.float(), a.float()

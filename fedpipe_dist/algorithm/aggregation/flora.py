@@ -15,5 +15,5 @@ from .fedpipe import StackingAggregator
 
 
 @register
-class FLoRA(StackingAggregator):
+class FLoRAAggregator(StackingAggregator):
     name = "flora"

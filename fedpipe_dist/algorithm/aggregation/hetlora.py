@@ -17,15 +17,7 @@ import math
 import torch
 
 from ..sanitize import update_norm
-from .base import Aggregate, Aggregator, register
-
-
-def pad_rank(b: torch.Tensor, a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    k = b.shape[1]
-    if k > r:
-        raise ValueError(f"cannot pad rank {k} down to {r}")
-    return (torch.cat([b, b.new_zeros(b.shape[0], r - k)], dim=1),
-            torch.cat([a, a.new_zeros(r - k, a.shape[1])], dim=0))
+from .base import Aggregate, Aggregator, pad_rank, register
 
 
 def prune_regularizer(b: torch.Tensor, a: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -30,15 +30,15 @@ from ..io.checkpoint import CheckpointDir
 from ..io.lock import RunLock
 from ..io.space import DiskError, disk_errors, require_space, tensor_bytes
 from ..methods import Exchanged, Report
+from .agreement import agree, raise_on_all_ranks
 from .chain import BaseChain
 from .client import peak_mem, reset_peak_mem
 from .launch import idle_ranks_warning
-from .outputs import RunSummary, agree, check_output_dir, check_shared_dir, finish, open_results
+from .outputs import RunSummary, check_output_dir, check_shared_dir, finish, open_results
 from .record import Laps, Log, RankRecord, client_arrays, own_losses, round_row
 from .resume import (
     find_resume_point,
     new_run_id,
-    raise_on_all_ranks,
     rank_state,
     restarted_by_torchrun,
     settings_fingerprint,
