@@ -175,11 +175,12 @@ def fig13_quality(runs: list[Run]):
                             yerr=np.vstack([stats[spread, 0] - stats[spread, 1], stats[spread, 2] - stats[spread, 0]]))
             tops += [hi for hi in stats[:, 2] if np.isfinite(hi)]
             for xi, m, (mean, _, hi) in zip(xs, methods, stats):
-                if np.isfinite(mean):  # the mean and its number of seeds, above the whisker
-                    ax.annotate(f"{mean:.2f}\nn={group[m].n}", (xi, hi), textcoords="offset points", xytext=(0, 2),
-                                ha="center", fontsize=8)
+                if np.isfinite(mean):  # the mean and its number of seeds, above the whisker; upright, so that
+                    # the labels of neighbouring bars never run into each other
+                    ax.annotate(f"{mean:.2f} (n={group[m].n})", (xi, hi), textcoords="offset points", xytext=(0, 3),
+                                ha="center", va="bottom", rotation=90, fontsize=8)
         top = max(tops)
-        ax.set_ylim(0, 1.2 * top if top > 0 else 1)  # from zero, room for the value labels
+        ax.set_ylim(0, 1.35 * top if top > 0 else 1)  # from zero, room for the value labels
         ax.set_xticks(x, methods, rotation=20)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("method")
