@@ -57,7 +57,7 @@ def test_every_shipped_sweep_file_validates_every_point(sweep, monkeypatch):
 
     monkeypatch.chdir(REPO)  # a sweep's base job is relative to the working directory
     c = load_campaign(sweep)  # loads and validates every point's job
-    size = 51 if sweep.name == "sweep_quick.yaml" else 60  # the quick campaign: 8 methods x 2 + 1, 3 seeds
+    size = 66 if sweep.name == "sweep_quick.yaml" else 60  # the quick campaign: 8 methods x 2 + 6, 3 seeds
     assert len(c.points) == size and len({p.name for p in c.points}) == size
     methods = {load_job(c.base, p.overrides).method for p in c.points}
     assert methods >= {"fedpipe", "ft", "lora", "fedadapter", "flora", "flexlora", "hetlora"}, methods
