@@ -1,8 +1,8 @@
 """Loading a job: a YAML file and overrides (or a results.h5's config_json) into a checked JobConfig.
 
-config.py holds the sections and checks each of them; the checks that depend on the job's method are the
-method's own (methods/, `Method.validate`). This module sits above both, so that config.py never imports the
-methods (which build on the runtime, which reads config.py): load every job through here.
+config/ holds the sections and checks each of them; the checks that depend on the job's method are the
+method's own (methods/, `Method.validate`). This module sits above both, so that config/ never imports the
+methods (which build on the runtime, which reads config/): load every job through here.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     warnings = preflight(cfg, world_size=16)    # raises UserInputError naming each problem and its fix
 
-Beyond the job file's own validation (config.py), it reads what the job will read: the model folder and its
+Beyond the job file's own validation (config/), it reads what the job will read: the model folder and its
 config (and max_length against the model's position limit), the data files with their columns and enough
 rows for clients.n, the generation data, whether output.dir can be written (and is not an earlier run's
 folder without resume=true or output.overwrite=true), and how many ranks would host no server. Hub names
