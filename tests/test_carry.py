@@ -98,20 +98,25 @@ def test_one_server_carrying_its_adapter_trains_as_fedavg_lora_does(tmp_path):
     assert not np.allclose(fresh.rounds["eval_loss"][2:], lora.rounds["eval_loss"][2:], rtol=1e-4)
 
 
-def test_four_gloo_ranks_match_one_process_with_mixed_precisions_and_ranks(tmp_path):
-    """Every rank forms the new adapter and the residual itself from the broadcast stack: 4 ranks and 1
-    process give the same losses, plans and bytes (planned ranks and bases differ by server)."""
-    extra = [*SMALL_RUN, *CARRY, "clients.precision=[fp32,fp16,nf8,nf4]", "plan.variant=paper",
-             "plan.granularity=layer", "plan.importance=random"]  # adapters on different weights by server
+def _ranks_and_one_process(tmp_path, nproc: int, extra: list[str]) -> tuple[Results, Results]:
+    """The same job on `nproc` gloo ranks and in one process: (dist, single) results."""
 
     def run(cmd):
         p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
 
-    run(torchrun_cmd(4, "run", "jobs/quickstart.yaml", *extra, f"output.dir={tmp_path / 'dist'}", "--no-progress"))
+    run(torchrun_cmd(nproc, "run", "jobs/quickstart.yaml", *extra, f"output.dir={tmp_path / 'dist'}", "--no-progress"))
     run([sys.executable, "-m", "fedpipe_dist", "run", "jobs/quickstart.yaml", *extra,
          f"output.dir={tmp_path / 'single'}", "--no-progress"])
-    d, s = Results(tmp_path / "dist" / "results.h5"), Results(tmp_path / "single" / "results.h5")
+    return Results(tmp_path / "dist" / "results.h5"), Results(tmp_path / "single" / "results.h5")
+
+
+def test_four_gloo_ranks_match_one_process_with_mixed_precisions_and_ranks(tmp_path):
+    """Every rank forms the new adapter and the residual itself from the broadcast stack: 4 ranks and 1
+    process give the same losses, plans and bytes (planned ranks and bases differ by server)."""
+    extra = [*SMALL_RUN, *CARRY, "clients.precision=[fp32,fp16,nf8,nf4]", "plan.variant=paper",
+             "plan.granularity=layer", "plan.importance=random"]  # adapters on different weights by server
+    d, s = _ranks_and_one_process(tmp_path, 4, extra)
     np.testing.assert_allclose(d.rounds["eval_loss"], s.rounds["eval_loss"], rtol=1e-5)
     for name in ("ranks", "batch_size", "quant_bits", "bytes_up"):
         assert (d.clients[name] == s.clients[name]).all(), name
@@ -177,15 +182,7 @@ def test_shared_a_two_gloo_ranks_match_one_process_and_send_b_only(tmp_path):
     """The B changes are reduced (each rank pre-sums its own servers): 2 ranks and 1 process give the same losses
     and plans; each server sends, and the downlink carries, B's change at the top rank on each weight (fp32)."""
     extra = [*SMALL_RUN, *SHARED]
-
-    def run(cmd):
-        p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr[-3000:]
-
-    run(torchrun_cmd(2, "run", "jobs/quickstart.yaml", *extra, f"output.dir={tmp_path / 'dist'}", "--no-progress"))
-    run([sys.executable, "-m", "fedpipe_dist", "run", "jobs/quickstart.yaml", *extra,
-         f"output.dir={tmp_path / 'single'}", "--no-progress"])
-    d, s = Results(tmp_path / "dist" / "results.h5"), Results(tmp_path / "single" / "results.h5")
+    d, s = _ranks_and_one_process(tmp_path, 2, extra)
     np.testing.assert_allclose(d.rounds["eval_loss"], s.rounds["eval_loss"], rtol=1e-5)
     for name in ("ranks", "batch_size", "bytes_up"):
         assert (d.clients[name] == s.clients[name]).all(), name
