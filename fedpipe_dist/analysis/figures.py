@@ -67,7 +67,7 @@ class _Drawn:
         """The lines a figure prints about the runs it drew (their folders go to the report's <name>.runs.txt)."""
         seeds = sorted(set(self._seed_counts()))
         head = (f"runs: {self.cohort}; seeds per point: {', '.join(map(str, seeds)) or '-'} (points: mean over "
-                "seeds; bars and bands: min-max)" if self.cohort else "runs: none")
+                "seeds; whiskers and bands, where drawn: the min-max over seeds)" if self.cohort else "runs: none")
         return [head, *self.notes]
 
     def _seed_counts(self):
