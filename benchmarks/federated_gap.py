@@ -41,6 +41,9 @@ from _jobs import CENTRAL, METHODS, process_job, write_json  # noqa: E402
 VARIANTS = {
     "lora+moments": ["method=lora", "train.optimizer_state=kept"],  # each server keeps its AdamW moments
     "fedpipe+shared_a": ["method=fedpipe", "lora.carry=shared_a"],  # one frozen A, only B trains and travels
+    # the same at 4x the job's lr (FFA-LoRA trains B alone at a larger lr); the limit stays at the job's lr
+    "fedpipe+shared_a+lr4x": ["method=fedpipe", "lora.carry=shared_a", "train.lr=8e-3"],
+    "fedpipe+lr4x": ["method=fedpipe", "train.lr=8e-3"],  # the kept adapter at that lr: shared_a's comparison
 }
 RUNS = {**METHODS, **VARIANTS}
 
@@ -54,6 +57,8 @@ NOTES = {
     "flexlora": "each server restarts from a truncated SVD of the global update",
     "lora+moments": "FedAvg-LoRA whose servers keep their AdamW moments across rounds (train.optimizer_state=kept)",
     "fedpipe+shared_a": "one A for every server, frozen; only B trains (lora.carry=shared_a)",
+    "fedpipe+shared_a+lr4x": "lora.carry=shared_a at train.lr=8e-3, 4x the job's (the limit at the job's lr)",
+    "fedpipe+lr4x": "the default (kept adapter) at train.lr=8e-3, 4x the job's (the limit at the job's lr)",
     "peft-fedavg": ("FedAvg-LoRA written with peft (benchmarks/peft_fedavg.py), same samples and initial A; "
                     "se not paired"),
 }
