@@ -21,27 +21,5 @@ from .reading import (  # noqa: F401
     read_job,
     safe_yaml,
 )
-from .sections import (  # noqa: F401  # noqa: F401
-    BNB_BLOCKS,
-    MAX_SYNTHETIC,
-    PLAN_VARIANTS,
-    PRECISIONS,
-    TARGETS,
-    AggregationConfig,
-    CheckpointConfig,
-    ClientsConfig,
-    CommConfig,
-    DataConfig,
-    EvalConfig,
-    FaultsConfig,
-    FedAdapterConfig,
-    GenerationConfig,
-    HetLoRAConfig,
-    LoraConfig,
-    ModelConfig,
-    OutputConfig,
-    PlanConfig,
-    QuantConfig,
-    TrainConfig,
-)
+from .sections import *  # noqa: F401,F403 (sections.__all__: every section class, the presets and limits)
 from .validation import _check, per_client_values, resolve_variant, validate  # noqa: F401

@@ -6,6 +6,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+__all__ = [  # what config/ re-exports: the one list of this module's public names
+    "TARGETS",
+    "PRECISIONS",
+    "MAX_SYNTHETIC",
+    "BNB_BLOCKS",
+    "PLAN_VARIANTS",
+    "ModelConfig",
+    "DataConfig",
+    "ClientsConfig",
+    "TrainConfig",
+    "PlanConfig",
+    "LoraConfig",
+    "HetLoRAConfig",
+    "FedAdapterConfig",
+    "AggregationConfig",
+    "FaultsConfig",
+    "QuantConfig",
+    "EvalConfig",
+    "GenerationConfig",
+    "CommConfig",
+    "OutputConfig",
+    "CheckpointConfig",
+]
+
 TARGETS = ("q", "k", "v", "o")
 PRECISIONS = ("fp32", "fp16", "bf16", "nf8", "nf4")
 MAX_SYNTHETIC = 1_000_000  # synthetic examples: generated in memory at start-up

@@ -135,8 +135,7 @@ class _ScaledSum:
         self.aggregator = aggregator
 
     def weights(self, metas) -> list[float]:
-        scale = self.aggregator.round_scale(metas)
-        return [w * scale for w in self.aggregator.weights(metas)]
+        return self.aggregator.scaled_weights(metas)
 
     def aggregate(self, updates, weights) -> Aggregate:
         return Aggregate(merge=weighted_sum(updates, weights))

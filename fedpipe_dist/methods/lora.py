@@ -122,9 +122,7 @@ class LoRAMethod(Method):
                                                 wire=self.cfg.aggregation.wire)
             late = traffic.pop("rejected_late")
         else:  # weights from the plan (|D_i|, b_i, K_i), the same on every rank, which pre-sums its own servers
-            meta = [update_meta(c, run.shard_sizes, plans) for c in contributors]
-            scale = self.aggregator.round_scale(meta)
-            weights = [w * scale for w in self.aggregator.weights(meta)]
+            weights = self.aggregator.scaled_weights([update_meta(c, run.shard_sizes, plans) for c in contributors])
             result, traffic = dense_exchange(run.comm, run.sites, plans, contributors, weights, updates, run.owner)
         if self.aggregator.keeps_global_adapter:
             self.global_state = result  # clients start from it next round; the base stays W0 until the end

@@ -68,6 +68,12 @@ class Aggregator:
             raise ValueError("aggregation weights sum to zero: every client reported |D_i| = 0")
         return [r / total for r in raw]
 
+    def scaled_weights(self, updates: list[ClientUpdate]) -> list[float]:
+        """The weights times `round_scale`: what a plain weighted sum of the updates needs to equal
+        `finish`'s result (the dense transport and lora.carry=shared_a's B sum)."""
+        scale = self.round_scale(updates)
+        return [w * scale for w in self.weights(updates)]
+
     def aggregate(self, updates: list[ClientUpdate], weights: list[float], state: dict | None = None) -> Aggregate:
         raise NotImplementedError
 
