@@ -44,6 +44,10 @@ def test_missing_runs_are_named_not_fatal(analysis_runs, tmp_path):
     assert any("no ideal run for: fedpipe, ft, lora, fedadapter" in m for m in missing)
     fig, missing = figures.fig16_ablations(runs)
     assert any("weights" in m and "fixed, random" in m for m in missing)
+    assert all(ax.get_lines() for ax in fig.axes)  # a panel only where an ablation has runs: none empty
+    both = [r for r in load_runs(analysis_runs) if r.name.startswith("hetero/") or r.name == "ideal/fedpipe"]
+    fig, _ = figures.fig13_quality(both)  # a method with a bar in one setting only is named on the figure
+    assert any("in one setting only" in n and "lora (heterogeneous)" in n for n in fig.fedpipe_notes)
 
 
 def test_fedpipe_report_writes_every_figure(analysis_runs, tmp_path):

@@ -190,6 +190,10 @@ def fig13_quality(runs: list[Run]):
         fig.legend(handles, labels, title="servers", fontsize=8, title_fontsize=8, loc="upper right",
                    ncol=len(settings))
     fig.suptitle("Fig. 13: converged quality per method", x=0.3)
+    if len(settings) > 1:  # say which bars stand alone, so that a lone bar is not read as both settings
+        alone = [f"{m} ({settings[present[m][0]][0]})" for m in methods if len(present[m]) == 1]
+        if alone:
+            d.notes.append(f"in one setting only (no run in the other): {', '.join(alone)}")
     _note(fig, missing, d)
     return fig, missing
 
@@ -313,26 +317,33 @@ def fig16_ablations(runs: list[Run]):
     plt = _plt()
     d = _Drawn(runs)
     groups = _ablation_groups(d)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), sharey=True)  # one loss scale: panels compare
-    titles = {"weights": "(a) which weights get adapters", "ranks": "(b) adaptive vs fixed ranks",
-              "precision": "(c) base precision"}
+    titles = {"weights": "which weights get adapters", "ranks": "adaptive vs fixed ranks",
+              "precision": "base precision"}
+    xlabels = {"weights": "importance score (plan.importance)", "ranks": "ranks (plan.mode)",
+               "precision": "base precision (clients.precision)"}
     wanted = {"weights": {"platon", "fixed", "random"}, "ranks": {"adaptive"}, "precision": {"fp32", "nf4"}}
-    missing = []
-    for ax, key in zip(axes, ("weights", "ranks", "precision")):
-        seen = dict(sorted(groups.get(key, {}).items(), key=lambda kv: _variant_order(kv[0])))
-        gone = sorted(wanted[key] - set(seen)) + ([] if key != "ranks" or any(k.startswith("fixed") for k in seen)
-                                                  else ["fixed rN (plan.mode=uniform)"])
+    seen, missing = {}, []
+    for key in ("weights", "ranks", "precision"):
+        seen[key] = dict(sorted(groups.get(key, {}).items(), key=lambda kv: _variant_order(kv[0])))
+        gone = sorted(wanted[key] - set(seen[key])) + (
+            [] if key != "ranks" or any(k.startswith("fixed") for k in seen[key]) else ["fixed rN (plan.mode=uniform)"])
         if gone:
             missing.append(f"{titles[key]}: no run for {', '.join(gone)}")
-        names = list(seen)
-        _, mean = _errorbar(ax, np.arange(len(names)), [seen[n] for n in names], Run.final_loss, color="tab:purple")
+    # a panel per ablation that has runs (a partial report draws no empty panel; the note says what is missing)
+    keys = [k for k in seen if seen[k]] or ["weights"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(1.2 + 3.95 * len(keys), 4.4), sharey=True, squeeze=False)
+    axes = axes[0]  # one loss scale: panels compare
+    for i, (ax, key) in enumerate(zip(axes, keys)):
+        names = list(seen[key])
+        _, mean = _errorbar(ax, np.arange(len(names)), [seen[key][n] for n in names], Run.final_loss,
+                            color="tab:purple")
         for xi, (n, v) in enumerate(zip(names, mean)):
-            ax.annotate(f"{v:.3f} (n={seen[n].n})", (xi, v), textcoords="offset points", xytext=(6, 0),
+            ax.annotate(f"{v:.3f} (n={seen[key][n].n})", (xi, v), textcoords="offset points", xytext=(6, 0),
                         fontsize=7, va="center")
         ax.set_xticks(np.arange(len(names)), names)
         ax.set_xlim(-0.5, max(len(names), 2) - 0.2)
-        ax.set_title(titles[key], fontsize=10)
-        ax.set_xlabel({"weights": "importance", "ranks": "ranks", "precision": "precision"}[key])
+        ax.set_title(f"({'abc'[i]}) {titles[key]}", fontsize=10)
+        ax.set_xlabel(xlabels[key])
         ax.grid(axis="y", alpha=0.3)
         if not names:
             ax.text(0.5, 0.5, "no run", transform=ax.transAxes, ha="center", va="center", color="gray")
