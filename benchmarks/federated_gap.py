@@ -44,6 +44,12 @@ VARIANTS = {
     # the same at 4x the job's lr (FFA-LoRA trains B alone at a larger lr); the limit stays at the job's lr
     "fedpipe+shared_a+lr4x": ["method=fedpipe", "lora.carry=shared_a", "train.lr=8e-3"],
     "fedpipe+lr4x": ["method=fedpipe", "train.lr=8e-3"],  # the kept adapter at that lr: shared_a's comparison
+    # a server optimizer on the kept global adapter (aggregation.server_opt; OpenFedLLM's defaults but eta)
+    "lora+fedavgm": ["method=lora", "aggregation.server_opt=fedavgm"],
+    "lora+fedadam": ["method=lora", "aggregation.server_opt=fedadam"],
+    "lora+fedadam+eta1e-2": ["method=lora", "aggregation.server_opt=fedadam", "aggregation.server_lr=1e-2"],
+    "lora+fedyogi+eta1e-2": ["method=lora", "aggregation.server_opt=fedyogi", "aggregation.server_lr=1e-2"],
+    "fedpipe+fedadam+eta1e-2": ["method=fedpipe", "aggregation.server_opt=fedadam", "aggregation.server_lr=1e-2"],
 }
 RUNS = {**METHODS, **VARIANTS}
 
@@ -59,6 +65,11 @@ NOTES = {
     "fedpipe+shared_a": "one A for every server, frozen; only B trains (lora.carry=shared_a)",
     "fedpipe+shared_a+lr4x": "lora.carry=shared_a at train.lr=8e-3, 4x the job's (the limit at the job's lr)",
     "fedpipe+lr4x": "the default (kept adapter) at train.lr=8e-3, 4x the job's (the limit at the job's lr)",
+    "lora+fedavgm": "FedAvg-LoRA with FedAvgM on the global factors (OpenFedLLM's: m = 0.9 m + 0.1 Delta)",
+    "lora+fedadam": "FedAvg-LoRA with FedAdam on the global factors (OpenFedLLM's eta = tau = 1e-3, b = 0.9, 0.99)",
+    "lora+fedadam+eta1e-2": "FedAvg-LoRA with FedAdam at server eta 1e-2 (tau 1e-3)",
+    "lora+fedyogi+eta1e-2": "FedAvg-LoRA with FedYogi at server eta 1e-2 (tau 1e-3)",
+    "fedpipe+fedadam+eta1e-2": "the default (kept adapter) with FedAdam on its factors at server eta 1e-2",
     "peft-fedavg": ("FedAvg-LoRA written with peft (benchmarks/peft_fedavg.py), same samples and initial A; "
                     "se not paired"),
 }

@@ -19,6 +19,11 @@ def check_method(cfg: JobConfig) -> None:
     ones); a factor wire format other than fp32 needs a method that sends LoRA factors."""
     method = method_class(cfg.method)
     method.validate(cfg)
+    if cfg.aggregation.server_opt != "none" and not method.takes_server_opt(cfg.lora.carry):
+        raise ConfigError(f"aggregation.server_opt: {cfg.aggregation.server_opt} steps a kept global adapter of "
+                          f"LoRA factors; method {cfg.method} (with these settings) keeps none. Use it with lora, "
+                          "lora_hb or fedpipe with lora.carry=adapter, or set aggregation.server_opt=none",
+                          key="aggregation.server_opt")
     if cfg.aggregation.wire != "fp32" and not method.trains_lora:
         raise ConfigError(f"aggregation.wire: {cfg.aggregation.wire} is a format for LoRA factors; method {cfg.method} "
                           "sends whole tensors in fp32, so set aggregation.wire=fp32", key="aggregation.wire")

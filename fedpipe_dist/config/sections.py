@@ -250,6 +250,19 @@ class AggregationConfig:
     """method=fedpipe's weights w_i: paper |D_i|/b_i (Eqn 10); data |D_i|; samples b_i x steps_i (the examples
     each server trained on); fednova |D_i| / steps_i, the sum then scaled by sum_i p_i steps_i (FedNova's
     normalized averaging). null = plan.variant's choice."""
+    server_opt: Literal["none", "fedavgm", "fedadagrad", "fedyogi", "fedadam"] = "none"
+    """A server-side optimizer on the kept global adapter (algorithm/server_opt.py; Reddi et al. 2021, as
+    OpenFedLLM applies it to LoRA factors): the clients' average minus the global adapter is its
+    pseudo-gradient. Methods that keep a global adapter of factors only: lora, lora_hb, hetlora, and fedpipe with
+    lora.carry=adapter (the base still takes the exact average's cross terms). none: the plain average."""
+    server_lr: float = 1e-3
+    """The server optimizer's step size eta (fedadagrad, fedyogi, fedadam; OpenFedLLM's default)."""
+    server_beta1: float = 0.9
+    """Its momentum b1 (fedavgm, fedyogi, fedadam)."""
+    server_beta2: float = 0.99
+    """Its second-moment decay b2 (fedyogi, fedadam)."""
+    server_tau: float = 1e-3
+    """Its adaptivity floor tau (v starts at tau^2; fedadagrad, fedyogi, fedadam)."""
 
 
 @dataclass(kw_only=True)

@@ -41,6 +41,12 @@ def validate(cfg) -> None:
         _check(cfg.aggregation.transport == "factored", "aggregation.wire",
                f"{cfg.aggregation.wire} rounds the factors of aggregation.transport=factored; the dense transport "
                "sends a pre-summed dW in fp32, so set aggregation.wire=fp32 or aggregation.transport=factored")
+    ag = cfg.aggregation
+    _check(ag.server_lr > 0 and ag.server_tau > 0, "aggregation.server_lr",
+           f"the server optimizer's step and floor must be > 0 (got server_lr={ag.server_lr}, "
+           f"server_tau={ag.server_tau}); OpenFedLLM's defaults are 1e-3 and 1e-3")
+    _check(0 <= ag.server_beta1 < 1 and 0 <= ag.server_beta2 < 1, "aggregation.server_beta1",
+           f"server_beta1 and server_beta2 must be in [0, 1) (got {ag.server_beta1}, {ag.server_beta2})")
     for key in ("nan_clients", "scale_clients", "misreport_clients"):
         bad = [c for c in getattr(cfg.faults, key) if not (isinstance(c, int) and 0 <= c < cfg.clients.n)]
         _check(not bad, f"faults.{key}", f"server ids must be in 0..{cfg.clients.n - 1} (got {bad})")

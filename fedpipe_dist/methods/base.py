@@ -76,6 +76,12 @@ class Method:
     def validate(cls, cfg) -> None:
         """Checks of the job that only this method needs (ConfigError via `require`)."""
 
+    @classmethod
+    def takes_server_opt(cls, carry: str) -> bool:
+        """True: aggregation.server_opt can step this method's kept global adapter with lora.carry = `carry`
+        (methods/lora.py)."""
+        return False
+
     # ---- planning (runtime/planning.py) ---------------------------------------------------------------------
     def adaptive(self) -> bool:
         """True: FedPipe's Algorithm 1 plans every round; False: the uniform plan (batch_max, the server's rank)."""

@@ -40,6 +40,12 @@ class FedPipe(LoRAMethod):
                     "lora.carry=shared_a sends each server's change of B through a reduce in fp32, its own "
                     "transport: leave aggregation.wire=fp32 and aggregation.transport=factored (the defaults)")
 
+    @classmethod
+    def takes_server_opt(cls, carry: str) -> bool:
+        """lora.carry=adapter: the server optimizer steps the kept adapter's factors from their plain average;
+        the base still takes the exact average's cross terms (kept_adapter_step's residual)."""
+        return carry == "adapter"
+
     def adaptive(self) -> bool:
         return self.cfg.plan.mode != "uniform"
 
@@ -107,7 +113,10 @@ class FedPipe(LoRAMethod):
         raw = [0.0 if c in late else self.aggregator.raw_weight(m) for c, m in zip(contributors, meta)]
         scale = self.aggregator.round_scale(meta) / sum(raw) if sum(raw) > 0 else 0.0
         factors = split_stack(stack, [plans[c].ranks for c in contributors])
-        self.global_state, residual = kept_adapter_step(self.global_adapter(), factors, [w * scale for w in raw])
+        start = self.global_adapter()
+        self.global_state, residual = kept_adapter_step(start, factors, [w * scale for w in raw])
+        if self.server_opt is not None:
+            self.global_state = self.server_opt.step(start, self.global_state)
         return Exchanged(residual, traffic, late)
 
     def _exchange_b(self, plans, contributors, updates) -> Exchanged:

@@ -20,7 +20,9 @@ from ..algorithm.aggregation.base import REGISTRY as AGGREGATORS
 from ..algorithm.aggregation.lora import WeightedLoRAFedAvg
 from ..algorithm.cost import flops_per_sample, memory_bytes
 from ..algorithm.sanitize import update_norm
+from ..algorithm.server_opt import ServerOptimizer
 from ..comm.payload import WIRE_DTYPES, to_wire
+from ..errors import UserInputError
 from ..runtime.client import train_client
 from ..runtime.exchange import dense_exchange, factored_exchange, update_meta
 from ..runtime.trees import tree_device, tree_to
@@ -37,6 +39,13 @@ class LoRAMethod(Method):
             require(cfg.aggregation.transport == "factored", "aggregation.transport",
                     f"method {cfg.method} keeps a global adapter built from every client's factors, so it needs "
                     "aggregation.transport=factored")
+
+    @classmethod
+    def takes_server_opt(cls, carry: str) -> bool:
+        """A global adapter averaged factor by factor at one rank (lora, lora_hb): its pseudo-gradient is the
+        average's change of each factor, as OpenFedLLM steps peft's state dict."""
+        agg = AGGREGATORS[cls.aggregator_name or cls.name]
+        return agg.keeps_global_adapter and agg.averages_factors and not agg.pad_ranks
 
     def initial_ranks(self, flops: list[float]) -> list[int]:
         """lora.rank everywhere; with `hetero_ranks`: lora.client_ranks, or by compute: the largest of lora.ranks
@@ -60,6 +69,9 @@ class LoRAMethod(Method):
         self.global_state: dict = {}  # the kept global adapter (LoRA factors or dense dW), the same on every rank
         self.initial: dict = {}  # what every server starts from while there is no global adapter yet (round 1)
         self.opt_memory: dict[int, dict] = {}  # train.optimizer_state=kept: each hosted server's AdamW state
+        ag = self.cfg.aggregation  # aggregation.server_opt: the same state on every rank, stepped alike
+        self.server_opt = None if ag.server_opt == "none" else ServerOptimizer(
+            ag.server_opt, ag.server_lr, (ag.server_beta1, ag.server_beta2), ag.server_tau)
         if self.aggregator.keeps_global_adapter:
             cfg = self.cfg
             top = max([*cfg.lora.ranks, cfg.lora.rank, *(cfg.lora.client_ranks or [])])
@@ -84,12 +96,15 @@ class LoRAMethod(Method):
         for k, r in plan.ranks.items():
             if r <= 0:
                 continue
-            if k in self.global_state:
-                start[k] = self.aggregator.client_start(self.global_state, k, r)
-            else:
-                b0, a0 = self.initial[k]
-                start[k] = (b0[:, :r], a0[:r])
+            start[k] = self.client_start_factors(k, r)
         return start
+
+    def client_start_factors(self, key: str, rank: int) -> tuple:
+        """The (B, A) at `rank` every server of that rank starts weight `key` from this round."""
+        if key in self.global_state:
+            return self.aggregator.client_start(self.global_state, key, rank)
+        b0, a0 = self.initial[key]
+        return b0[:, :rank], a0[:rank]
 
     def keeps_moments(self) -> bool:
         return self.cfg.train.optimizer_state == "kept"
@@ -125,6 +140,9 @@ class LoRAMethod(Method):
             weights = self.aggregator.scaled_weights([update_meta(c, run.shard_sizes, plans) for c in contributors])
             result, traffic = dense_exchange(run.comm, run.sites, plans, contributors, weights, updates, run.owner)
         if self.aggregator.keeps_global_adapter:
+            if self.server_opt is not None:  # the step from the adapter every client started from
+                start = {k: self.client_start_factors(k, b.shape[1]) for k, (b, _) in result.items()}
+                result = self.server_opt.step(start, result)
             self.global_state = result  # clients start from it next round; the base stays W0 until the end
             return Exchanged({}, traffic, late)
         return Exchanged(result, traffic, late)
@@ -134,8 +152,11 @@ class LoRAMethod(Method):
 
     # ---- checkpoint and end -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"global_state": tree_to(self.global_state, "cpu"),
-                "global_state_device": tree_device(self.global_state)}
+        state = {"global_state": tree_to(self.global_state, "cpu"),
+                 "global_state_device": tree_device(self.global_state)}
+        if self.server_opt is not None:
+            state["server_opt"] = self.server_opt.state_dict()
+        return state
 
     def server_states(self) -> dict[int, dict]:
         return {c: {"opt": tree_to(m, "cpu")} for c, m in self.opt_memory.items()}
@@ -146,6 +167,11 @@ class LoRAMethod(Method):
     def load_state_dict(self, state: dict) -> None:
         target = self.run.comm.device if state["global_state_device"] == "cuda" else "cpu"
         self.global_state = tree_to(state["global_state"], target, copy=True)
+        if self.server_opt is not None:
+            if "server_opt" not in state:
+                raise UserInputError("this checkpoint was written without aggregation.server_opt; resume with "
+                                     "aggregation.server_opt=none, or start a fresh run (output.dir elsewhere)")
+            self.server_opt.load_state_dict(state["server_opt"], target)
 
     def finish(self) -> None:
         if self.global_state:  # a kept global adapter joins the base once
