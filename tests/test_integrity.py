@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fedpipe_dist.cli import main
@@ -376,6 +376,8 @@ def test_a_full_disk_exits_2_once_and_resume_continues_to_the_uninterrupted_resu
 @settings(max_examples=12, deadline=None)
 @given(width=st.integers(1, 12), depth=st.integers(1, 9), key=st.sampled_from(["rounds", "lora", "clients", "extra"]),
        garbage=st.binary(max_size=64))
+@example(width=1, depth=1, key="rounds", garbage=b"0")  # valid JSON, not a holder's note (found by this test)
+@example(width=1, depth=1, key="rounds", garbage=b'["host"]')
 def test_alias_structures_and_lock_garbage_never_hang_or_crash(tmp_path_factory, width, depth, key, garbage):
     """Any nesting of aliases under any key is answered within seconds with exit 0 or 2; a lock file holding
     any bytes (no live holder) is taken over."""

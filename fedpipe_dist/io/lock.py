@@ -35,6 +35,8 @@ def _holder() -> dict:
 def _describe(text: str) -> str:
     try:
         h = json.loads(text)
+        if not isinstance(h, dict):  # valid JSON but not our note (a number, a list): garbage all the same
+            raise TypeError(type(h).__name__)
         job = f", job {h['job']}" if h.get("job") else ""
         return f"host {h['host']}, pid {h['pid']}{job}, since {h['since']}"
     except (ValueError, KeyError, TypeError):
