@@ -10,7 +10,7 @@ import torch
 
 from fedpipe_dist.algorithm.server_opt import ServerOptimizer
 
-from ._util import run_small
+from ._util import SMALL_RUN, run_small
 
 
 def _pair(gen, shape=(5, 3)):
@@ -106,3 +106,14 @@ def test_a_method_without_a_kept_factor_adapter_is_refused_naming_the_fix(tmp_pa
                  f"output.dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "aggregation.server_opt" in err and "server_opt=none" in err
+
+
+def test_two_gloo_ranks_step_the_same_state_as_one_process(tmp_path):
+    """Every rank holds the server optimizer's state and steps it from the same broadcast average: 2 ranks and
+    1 process give the same losses (the kept adapter, FedAdam, servers of different speeds and ranks)."""
+    from .test_carry import CARRY, _ranks_and_one_process
+
+    extra = [*SMALL_RUN, *CARRY, "aggregation.server_opt=fedadam", "aggregation.server_lr=1e-2"]
+    d, s = _ranks_and_one_process(tmp_path, 2, extra)
+    np.testing.assert_allclose(d.rounds["eval_loss"], s.rounds["eval_loss"], rtol=1e-5)
+    np.testing.assert_allclose(d.clients["train_loss"], s.clients["train_loss"], rtol=1e-5)
