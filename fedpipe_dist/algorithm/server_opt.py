@@ -29,7 +29,7 @@ SERVER_OPTS = ("none", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
 
 
 class ServerOptimizer:
-    """The state (m, v per tensor, rounds stepped) and the step of one of SERVER_OPTS but none."""
+    """The state (m, v per tensor) and the step of one of SERVER_OPTS but none."""
 
     def __init__(self, name: str, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99), tau: float = 1e-3):
         if name not in SERVER_OPTS or name == "none":
@@ -37,7 +37,6 @@ class ServerOptimizer:
         self.name, self.lr, self.betas, self.tau = name, lr, tuple(betas), tau
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
-        self.rounds = 0
 
     def step(self, start: dict, average: dict) -> dict:
         """The new global adapter from the one every client started from and the clients' plain average, both
@@ -49,7 +48,6 @@ class ServerOptimizer:
                 continue
             b1, a1 = average[key]
             out[key] = (b0 + self._step(f"{key}/B", b1 - b0), a0 + self._step(f"{key}/A", a1 - a0))
-        self.rounds += 1
         return out
 
     def _step(self, name: str, delta: torch.Tensor) -> torch.Tensor:
@@ -73,10 +71,8 @@ class ServerOptimizer:
         return self.lr * m / (v.sqrt() + self.tau)
 
     def state_dict(self) -> dict:
-        return {"m": {k: t.cpu() for k, t in self.m.items()}, "v": {k: t.cpu() for k, t in self.v.items()},
-                "rounds": self.rounds}
+        return {"m": {k: t.cpu() for k, t in self.m.items()}, "v": {k: t.cpu() for k, t in self.v.items()}}
 
     def load_state_dict(self, state: dict, device) -> None:
         self.m = {k: t.to(device).clone() for k, t in state["m"].items()}
         self.v = {k: t.to(device).clone() for k, t in state["v"].items()}
-        self.rounds = int(state["rounds"])
