@@ -208,18 +208,41 @@ class StepFit:
         return self.t0_s / (self.per_token_s * self.tokens_per_sample)
 
 
-def fit_step_cost(timed: list[tuple[int, int, float]]) -> StepFit | None:
-    """Least-squares t = t0 + c x tokens over measured steps (batch, padded tokens, seconds), t0 clipped at 0;
-    None where the steps cannot separate t0 from c (fewer than 3 steps, or every step had the same tokens) or
-    the fitted c is not positive. Written here, not taken from a library: two parameters, numpy's lstsq."""
+def fit_step_cost(timed: list[tuple[int, int, float]], estimator: str = "theil_sen") -> StepFit | None:
+    """t = t0 + c x tokens fitted to measured steps (batch, padded tokens, seconds), t0 clipped at 0; None where the
+    steps cannot separate t0 from c (fewer than 3 steps, or every step had the same tokens) or the fitted c is not
+    positive. estimator: theil_sen (the median of the pairwise slopes, then the median intercept: a step slowed
+    by a burst of load on the machine moves it little) or lstsq (least squares: every step counts alike).
+    Written here, not taken from a library: scipy.stats.theilslopes does the same, but scipy is not otherwise a
+    dependency, and this is two medians."""
     if len(timed) < 3:
         return None
     b, tok, sec = (np.asarray(col, dtype=float) for col in zip(*timed))
     if np.ptp(tok) == 0:
         return None
-    (c, t0), *_ = np.linalg.lstsq(np.stack([tok, np.ones_like(tok)], axis=1), sec, rcond=None)
+    if estimator == "theil_sen":
+        c, t0 = _theil_sen(tok, sec)
+    elif estimator == "lstsq":
+        (c, t0), *_ = np.linalg.lstsq(np.stack([tok, np.ones_like(tok)], axis=1), sec, rcond=None)
+    else:
+        raise ValueError(f"unknown step-cost estimator {estimator!r}: theil_sen or lstsq")
     if c <= 0:
         return None
     if t0 < 0:  # no fixed cost measurable: the slope through the origin
-        t0, c = 0.0, float(tok @ sec / (tok @ tok))
+        t0 = 0.0
+        c = float(np.median(sec / tok)) if estimator == "theil_sen" else float(tok @ sec / (tok @ tok))
     return StepFit(float(t0), float(c), float(tok.sum() / b.sum()), len(timed))
+
+
+def _theil_sen(x: np.ndarray, y: np.ndarray, max_points: int = 1000) -> tuple[float, float]:
+    """Theil-Sen: the slope is the median of (y_j - y_i) / (x_j - x_i) over the pairs with x_i != x_j, the
+    intercept the median of y - slope x. More than max_points points: an evenly strided subset (the pairs grow as
+    the square)."""
+    if len(x) > max_points:
+        keep = np.linspace(0, len(x) - 1, max_points).round().astype(int)
+        x, y = x[keep], y[keep]
+    i, j = np.triu_indices(len(x), k=1)
+    dx = x[j] - x[i]
+    ok = dx != 0
+    slope = float(np.median((y[j] - y[i])[ok] / dx[ok]))
+    return slope, float(np.median(y - slope * x))

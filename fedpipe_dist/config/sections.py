@@ -75,6 +75,11 @@ class DataConfig:
     rarer its keys: a skew aligned with speed, the hard case for weights that follow samples processed."""
     max_train_samples: Optional[int] = None
     """Use only the first N training rows (after a seeded shuffle); null = all."""
+    own_eval_samples: int = 0
+    """Per server, this many examples of its own shard held out (a seeded draw, never trained on) and scored with
+    the global model at every evaluation (HDF5 clients/eval_loss_heldout): how well the federated model fits each
+    server's own data, all of it, where the public eval set holds only some of its keys (non-iid splits). At most
+    a quarter of a shard is held out. 0: none, every example trains."""
     synthetic_train_size: int = 2000
     synthetic_eval_size: int = 200
 
@@ -167,6 +172,10 @@ class PlanConfig:
     t0 + c x tokens over all servers, and from round 2 on the plan uses the fitted t0 (in samples' worth, so the
     planner's FLOPs need not match the device's efficiency) instead of plan.step_overhead_s. With
     plan.split=auto this makes the batch-or-steps choice from the devices' real step-cost shape."""
+    step_fit: Literal["rounds", "round1"] = "rounds"
+    """plan.step_cost=measured, how the timed steps are fitted. rounds: every round's steps by Theil-Sen (median
+    pairwise slope), planned with the median over the rounds' fits, so a burst of load on the machine moves it
+    little; round1: least squares on round 1's steps only, kept for the rest of the run (the first version)."""
     lr_scaling: Optional[Literal["none", "sqrt", "linear"]] = None
     """Per-server learning rate: train.lr x (b_i / train.batch_max)^p, p = 0 (none), 1/2 or 1."""
     lam1: float = 0.85

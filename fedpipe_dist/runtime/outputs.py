@@ -5,7 +5,6 @@ merged model, written atomically via final.tmp), E2E generations and their score
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import secrets
 import shutil
@@ -220,15 +219,14 @@ def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float], che
 
 
 def _planner_attrs(run: Run) -> dict[str, str]:
-    """plan.step_cost=measured: the step cost the planner fitted (root attribute step_fit_json: t0_s, per_token_s,
-    tokens_per_sample, steps, overhead_samples; "null" where the steps could not be fitted or none were timed)."""
+    """plan.step_cost=measured: the step cost the planner fitted (root attribute step_fit_json: the medians t0_s,
+    per_token_s, tokens_per_sample and overhead_samples planned with, steps, estimator, and each fit in fits; "null"
+    where the steps could not be fitted or none were timed)."""
     import json
 
     if run.planner is None or run.cfg.plan.step_cost != "measured":
         return {}
-    fit = run.planner.step_fit
-    return {"step_fit_json": json.dumps({**dataclasses.asdict(fit), "overhead_samples": fit.overhead_samples}
-                                        if fit else None)}
+    return {"step_fit_json": json.dumps(run.planner.step_fit_record())}
 
 
 def generate_and_score(run: Run) -> None:

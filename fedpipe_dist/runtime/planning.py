@@ -6,6 +6,7 @@ Every rank ends up with the same plans: the importance scores of all servers are
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import replace
 
@@ -44,10 +45,11 @@ class RoundPlanner:
         self.pinned: list[str] | None = None  # each server's base precision, fixed after round 1
         self.client_ranks = method.initial_ranks([srv.flops_per_s for srv in self.servers])
         self.log = log or (lambda msg: None)
-        # plan.step_cost=measured: this rank's servers' timed steps until the fit, then the fit (None: none yet;
-        # False: the steps could not be fitted, plan.step_overhead_s stays)
+        # plan.step_cost=measured: this rank's servers' timed steps of the round not yet fitted, and the fits so far
+        # (plan.step_fit=rounds: one per round whose steps could be fitted; round1: at most one, then closed)
         self.timed: dict[int, list] = {}
-        self.step_fit: StepFit | None | bool = None
+        self.fits: list[StepFit] = []
+        self.fits_closed = False
 
     def set_rank(self, client: int, rank: int) -> None:
         """A method changes a server's rank for the rounds to come (HetLoRA's self-pruning); the planner owns the
@@ -101,39 +103,64 @@ class RoundPlanner:
         return plans, infos, scores
 
     def step_overhead_s(self, comm) -> float:
-        """t0 for this round's plan: plan.step_overhead_s, or (plan.step_cost=measured) the fit of the steps
+        """t0 for this round's plan: plan.step_overhead_s, or (plan.step_cost=measured) from the fits of the steps
         timed so far, as soon as there are some (every rank fits the same gathered steps: identical plans)."""
         cfg = self.cfg
-        if cfg.plan.step_cost == "measured" and self.step_fit is None:
+        if cfg.plan.step_cost == "measured" and not self.fits_closed:
             timed: dict[int, list] = {}
             for part in comm.all_gather_object(self.timed):
                 timed.update(part)
             if any(timed.values()):
                 self._fit(timed)
-        if not self.step_fit:
+        o = self.overhead_samples
+        if o is None:
             return cfg.plan.step_overhead_s
         # o samples' worth of the fastest server's compute, in the FLOPs the planner counts a sample at
         ref = {s.key: cfg.lora.rank for s in self.sites if s.kind in cfg.lora.targets}
         f_ref = flops_per_sample(self.shape, ref, cfg.model.max_length)
-        return self.step_fit.overhead_samples * f_ref / max(srv.flops_per_s for srv in self.servers)
+        return o * f_ref / max(srv.flops_per_s for srv in self.servers)
+
+    @property
+    def overhead_samples(self) -> float | None:
+        """The fixed step cost planned with, in samples' worth: the median over the fits so far (None: no fit)."""
+        return float(np.median([f.overhead_samples for f in self.fits])) if self.fits else None
 
     def _fit(self, timed: dict[int, list]) -> None:
-        """Fit t0 + c x tokens to every server's timed steps, each scaled to the fastest server's speed (a
-        server of half the speed is charged half its seconds), leaving out each server's first step (warm-up)."""
+        """Fit t0 + c x tokens to every server's timed steps of a round, each scaled to the fastest server's speed
+        (a server of half the speed is charged half its seconds), leaving out each server's first step (warm-up).
+        plan.step_fit=rounds: Theil-Sen on every round's steps, planned with the median over the rounds, so one
+        round slowed by other jobs on the machine does not decide the rest of the run; round1: least squares on
+        round 1's steps only (how plan.step_cost=measured worked until 2026-12-03)."""
+        once = self.cfg.plan.step_fit == "round1"
         top = max(srv.flops_per_s for srv in self.servers)
         pooled = [(b, tok, sec * self.servers[c].flops_per_s / top)
                   for c in sorted(timed) for b, tok, sec in timed[c][1:]]
-        fit = fit_step_cost(pooled)
-        self.step_fit = fit if fit is not None else False
+        fit = fit_step_cost(pooled, estimator="lstsq" if once else "theil_sen")
         self.timed = {}
-        if fit is None:
+        self.fits_closed = once
+        first = not self.fits
+        if fit is not None:
+            self.fits.append(fit)
+        if fit is None and once:
             self.log(f"plan.step_cost=measured: the {len(pooled)} timed steps cannot separate a step's fixed cost "
                      f"(too few, or all of one length); planning with plan.step_overhead_s="
                      f"{self.cfg.plan.step_overhead_s}")
-        else:
+        elif fit is not None and first:
             self.log(f"plan.step_cost=measured: a step costs {fit.t0_s * 1e3:.3g} ms + {fit.per_token_s * 1e6:.3g} us "
                      f"per padded token on the fastest server (fitted to {fit.steps} steps); its fixed cost is "
-                     f"{fit.overhead_samples:.2f} samples' worth, planned with from now on")
+                     f"{fit.overhead_samples:.2f} samples' worth, planned with from now on"
+                     + ("" if once else " (refitted every round: the median of the rounds' fits)"))
+
+    def step_fit_record(self) -> dict | None:
+        """What results.h5 keeps of the fits (step_fit_json): the median t0, slope and overhead planned with, and
+        each fit (None: none made)."""
+        if not self.fits:
+            return None
+        med = {k: float(np.median([getattr(f, k) for f in self.fits])) for k in ("t0_s", "per_token_s",
+                                                                              "tokens_per_sample")}
+        return {**med, "overhead_samples": self.overhead_samples, "steps": sum(f.steps for f in self.fits),
+                "estimator": "lstsq" if self.cfg.plan.step_fit == "round1" else "theil_sen",
+                "fits": [{**dataclasses.asdict(f), "overhead_samples": f.overhead_samples} for f in self.fits]}
 
     def _uniform(self) -> tuple[list[ClientPlan], list[PlanInfo]]:
         """The plan of a method that does not adapt (and of FedPipe's uniform ablation): the method's batch sizes
@@ -164,7 +191,7 @@ class RoundPlanner:
         """Fold a hosted server's round measurements into its importance state (Eqn 5-7); keep its timed steps
         until plan.step_cost=measured has fitted them."""
         self.states[client].update(sensitivity, singular)
-        if self.cfg.plan.step_cost == "measured" and self.step_fit is None:
+        if self.cfg.plan.step_cost == "measured" and not self.fits_closed:
             self.timed[client] = list(step_times)
 
 

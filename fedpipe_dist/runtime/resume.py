@@ -325,9 +325,11 @@ def rank_state(*, settings: dict[str, str], t: int, world_size: int, run_id: str
         "importance": {c: {"ibar": torch.from_numpy(st.ibar), "ubar": torch.from_numpy(st.ubar),
                            "sv": torch.from_numpy(st.sv)} for c, st in planner.states.items()},
         "client_ranks": list(planner.client_ranks),
-        # plan.step_cost=measured: the fitted step cost (None before the fit, False where none could be made)
-        "step_fit": dataclasses.asdict(planner.step_fit) if planner.step_fit else planner.step_fit,
-        "step_times": dict(planner.timed),  # each hosted server's timed steps not yet fitted
+        # plan.step_cost=measured: the step-cost fits so far, whether fitting has closed (plan.step_fit=round1), and
+        # each hosted server's timed steps not yet fitted
+        "step_fits": [dataclasses.asdict(f) for f in planner.fits],
+        "step_fits_closed": planner.fits_closed,
+        "step_times": dict(planner.timed),
         "eval_losses": list(eval_losses),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -355,8 +357,8 @@ def apply_state(state: dict, *, bases, method, planner) -> list[float]:
         planner.states[c].ibar, planner.states[c].ubar = st["ibar"].numpy().copy(), st["ubar"].numpy().copy()
         planner.states[c].sv = st["sv"].numpy().copy()
     planner.client_ranks = list(state["client_ranks"])
-    fit = state.get("step_fit")  # absent from checkpoints written before plan.step_cost existed
-    planner.step_fit = StepFit(**fit) if isinstance(fit, dict) else fit
+    planner.fits = [StepFit(**f) for f in state["step_fits"]]
+    planner.fits_closed = bool(state["step_fits_closed"])
     planner.timed = {c: list(v) for c, v in state.get("step_times", {}).items()}
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
