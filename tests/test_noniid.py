@@ -131,3 +131,51 @@ def test_a_results_file_written_before_the_column_gains_it_when_reopened(tmp_pat
     assert np.isnan(r.clients["eval_loss_own"][:2]).all()
     assert r.clients["eval_loss_own"][2].tolist() == [1.0, 2.0, 3.0]
     assert r.clients["batch_size"][:, 0].tolist() == [4, 4, 0]
+
+
+def test_held_out_own_examples_never_train_and_their_losses_equal_a_recomputation(tmp_path):
+    """data.own_eval_samples: each server's shard loses min(k, a quarter of it) examples before anything trains;
+    every evaluation scores the global model on them (clients/eval_loss_heldout). Round 0's recorded loss is the
+    base model's loss per target token on exactly those examples; the central limit trains on what is left."""
+    from fedpipe_dist.data import format_example, load_train_pairs, partition_key, tokenize_pairs
+    from fedpipe_dist.data.tokenize import collate
+    from fedpipe_dist.metrics.perplexity import example_losses
+    from fedpipe_dist.models import load_model, load_tokenizer
+    from fedpipe_dist.runtime.setup import _hold_out, set_up
+
+    shards = [np.arange(0, 40), np.arange(40, 46), np.arange(46, 100)]
+    train, held = _hold_out(shards, 12, seed=0)
+    assert [len(h) for h in held] == [10, 1, 12]  # at most a quarter of a shard
+    for s, t, h in zip(shards, train, held):
+        assert sorted([*t, *h]) == s.tolist() and not set(t) & set(h)  # disjoint, together the shard
+    assert [h.tolist() for h in _hold_out(shards, 12, seed=0)[1]] == [h.tolist() for h in held]  # seeded
+
+    extra = ["data.partition=dirichlet", "data.dirichlet_alpha=0.3", "rounds=1", "train.local_steps=1",
+             "data.own_eval_samples=6"]
+    cfg, r = run_small(tmp_path, "held", *extra)
+    got = r.clients["eval_loss_heldout"]
+    assert got.shape == (2, 4) and np.isfinite(got).all() and (got[1] != got[0]).all()  # round 1 moved them
+
+    pairs = load_train_pairs(cfg.data, cfg.seed)
+    shards = partition([partition_key(s) for s, _ in pairs], 4, scheme="dirichlet", alpha=0.3, seed=cfg.seed)
+    train, held = _hold_out(shards, 6, seed=cfg.seed)
+    tok = load_tokenizer(cfg.model.name_or_path)
+    model = load_model(cfg.model.name_or_path, seed=cfg.seed, tokenizer=tok).eval()
+    for c, ix in enumerate(held):
+        data = tokenize_pairs(tok, [format_example(*pairs[i]) for i in ix], cfg.model.max_length)
+        with torch.no_grad():
+            loss, n = example_losses(model, collate(data, list(range(len(data))), tok.pad_token_id))
+        assert got[0, c] == pytest.approx(float(loss.double().sum() / n.double().sum()), rel=1e-5), c
+
+    # what trains, federated or central (both draw batches from run.shards), is the rest
+    from fedpipe_dist.comm.local import LocalComm
+    from fedpipe_dist.runtime.record import Log
+
+    run = set_up(cfg, LocalComm(), Log(False))
+    assert run.shard_sizes == [len(t) for t in train] == [len(run.shards[c]) for c in range(4)]
+    assert [len(run.own_eval[c]) for c in range(4)] == [min(6, len(s) // 4) for s in shards] == list(map(len, held))
+
+
+def test_own_eval_samples_must_not_be_negative():
+    with pytest.raises(ConfigError, match="data.own_eval_samples"):
+        load_job("jobs/quickstart.yaml", ["data.own_eval_samples=-1"])

@@ -120,6 +120,8 @@ def validate(cfg) -> None:
     _check(cfg.data.max_train_samples is None or cfg.data.max_train_samples >= 1, "data.max_train_samples",
            f"must be >= 1, or null for every row (got {cfg.data.max_train_samples}); an empty training set "
            "cannot be split over the clients")
+    _check(cfg.data.own_eval_samples >= 0, "data.own_eval_samples",
+           f"must be >= 0 (got {cfg.data.own_eval_samples}); 0 holds out nothing")
     _check(cfg.eval.max_samples is None or cfg.eval.max_samples >= 1, "eval.max_samples",
            f"must be >= 1, or null for every eval example (got {cfg.eval.max_samples})")
     _check(t.deadline_s is None or t.deadline_s > 0, "train.deadline_s",

@@ -75,6 +75,9 @@ CLIENT_FIELDS = {
     # written before it gains the column when resumed, its earlier rows NaN
     "eval_loss_own": "f8",
     "eval_own_coverage": "f8",  # the share of the server's data whose keys the eval sample holds (same addition)
+    # the global model's eval loss on the server's held-out own examples (data.own_eval_samples; NaN without
+    # them or in rounds not evaluated; same addition)
+    "eval_loss_heldout": "f8",
 }
 CLIENT_LAYER_FIELDS = {"ranks": "i4", "importance": "f8"}  # [round row, client, layer, 4] (q, k, v, o)
 

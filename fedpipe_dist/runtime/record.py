@@ -150,12 +150,14 @@ def round_row(t: int, *, eval: dict | None, n_selected: int, n_clients: int = 0,
 
 
 def own_losses(ev: dict | None, n: int) -> dict[str, np.ndarray]:
-    """clients/eval_loss_own and eval_own_coverage of a round: each server's own-mix eval loss and the share of
-    its data it covers (Run.evaluate); NaN when not evaluated."""
-    if not ev or "own" not in ev:
-        return {"eval_loss_own": np.full(n, np.nan), "eval_own_coverage": np.full(n, np.nan)}
-    return {"eval_loss_own": np.asarray(ev["own"], dtype=float),
-            "eval_own_coverage": np.asarray(ev["own_coverage"], dtype=float)}
+    """clients/eval_loss_own, eval_own_coverage and eval_loss_heldout of a round: each server's own-mix eval loss,
+    the share of its data it covers, and its loss on its held-out own examples (Run.evaluate); NaN when not
+    evaluated (eval_loss_heldout: also when data.own_eval_samples is 0)."""
+    nan = np.full(n, np.nan)
+    ev = ev or {}
+    return {"eval_loss_own": np.asarray(ev.get("own", nan), dtype=float),
+            "eval_own_coverage": np.asarray(ev.get("own_coverage", nan), dtype=float),
+            "eval_loss_heldout": np.asarray(ev.get("heldout", nan), dtype=float)}
 
 
 def client_arrays(n: int, L: int, sites: list[Site], plans: list[ClientPlan], selected: list[int],

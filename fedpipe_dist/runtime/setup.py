@@ -68,6 +68,7 @@ class Run:
     provenance: dict = field(default_factory=dict)  # where this attempt came from (runtime/provenance.py)
     dropped_rows: dict = field(default_factory=dict)  # {"train"/"eval": rows left out for an empty mr or ref}
     keys: KeyMix | None = None  # every server's mix of partition keys
+    own_eval: dict = field(default_factory=dict)  # hosted server -> its held-out own examples (data.own_eval_samples)
     eval_groups: np.ndarray | None = None  # per example of eval_slice: its key's column in keys.mix (-1: none)
 
     @property
@@ -101,19 +102,28 @@ class Run:
         """Eval loss of the global model at eval precision, with the method's kept global adapter (or `state`)
         attached, on the eval set (or `data`, this rank's share of other examples). Every rank calls it.
         On the eval set, also "own": per server, the loss on its own mix of partition keys (reweighted_losses;
-        NaN where none of its keys is in the eval sample), and "own_coverage": the share of its data whose keys
-        the eval sample holds."""
+        NaN where none of its keys is in the eval sample), "own_coverage": the share of its data whose keys
+        the eval sample holds, and with data.own_eval_samples "heldout": per server, the loss on its held-out
+        own examples (each scored on the rank hosting it: they never leave it; only the loss travels)."""
         self.bases.use(self.eval_precision)
         groups = self.eval_groups if data is None and self.keys is not None else None
         with self.method.attach(state):
             part = evaluate(self.model, self.eval_slice if data is None else data, batch_size=self.cfg.eval.batch_size,
                             pad_id=self.pad_id, device=self.comm.device, groups=groups,
                             n_groups=len(self.keys.names) if groups is not None else 0)
-        parts = self.comm.all_gather_object((part["moments"], part.get("group_sums")))
+            held = {c: evaluate(self.model, s, batch_size=self.cfg.eval.batch_size, pad_id=self.pad_id,
+                                device=self.comm.device)["loss"]
+                    for c, s in self.own_eval.items()} if data is None else {}
+        parts = self.comm.all_gather_object((part["moments"], part.get("group_sums"), held))
         out = summarize(*(sum(p[0][i] for p in parts) for i in range(len(parts[0][0]))))
         if groups is not None:
             sums = sum(p[1] for p in parts)
             out["own"], out["own_coverage"] = reweighted_losses(sums, self.keys.mix), scored_share(sums, self.keys.mix)
+        if any(p[2] for p in parts):
+            out["heldout"] = np.full(self.cfg.clients.n, np.nan)
+            for p in parts:
+                for c, loss in p[2].items():
+                    out["heldout"][c] = loss
         return out
 
 
@@ -124,13 +134,13 @@ def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     tok, model, sites = _load_model(cfg, comm)
     lap("model")
     dropped: dict = {}
-    shards, shard_sizes, keys = _load_shards(cfg, comm, tok, dropped)
+    shards, shard_sizes, keys, own_eval = _load_shards(cfg, comm, tok, dropped)
     lap("train_data")
     eval_slice, eval_subset, eval_full, eval_groups = _load_eval(cfg, comm, tok, dropped, keys)
     lap("eval_data")
     run = Run(cfg=cfg, comm=comm, log=log, tok=tok, model=model, sites=sites, shards=shards,
               shard_sizes=shard_sizes, eval_slice=eval_slice, eval_subset=eval_subset, eval_full=eval_full,
-              dropped_rows=dropped, keys=keys, eval_groups=eval_groups, provenance=prov)
+              dropped_rows=dropped, keys=keys, eval_groups=eval_groups, provenance=prov, own_eval=own_eval)
     for part, n in dropped.items():
         if n and comm.rank == 0:
             log(f"data: left out {n} row(s) of data.{part}_path with an empty mr or ref (results.h5: "
@@ -170,7 +180,9 @@ def _load_model(cfg: JobConfig, comm: Communicator):
 def _load_shards(cfg: JobConfig, comm: Communicator, tok, dropped: dict):
     """The training set split over the servers; this rank tokenizes only the shards of the servers it hosts.
     Also every server's mix of partition keys ([n, keys]: the share of its shard holding each key; known to every
-    rank, like the shard sizes) and the keys. `dropped["train"]`: the rows the file reader left out."""
+    rank, like the shard sizes) and the keys, and the hosted servers' held-out own examples (data.own_eval_samples:
+    taken out of the shard before anything trains; shard sizes and key mixes are of what trains).
+    `dropped["train"]`: the rows the file reader left out."""
     n = cfg.clients.n
     pairs = load_train_pairs(cfg.data, cfg.seed)
     dropped["train"] = getattr(pairs, "dropped", 0)
@@ -180,15 +192,31 @@ def _load_shards(cfg: JobConfig, comm: Communicator, tok, dropped: dict):
     keys = [partition_key(src) for src, _ in pairs]
     shard_idx = partition(keys, n, scheme=cfg.data.partition, alpha=cfg.data.dirichlet_alpha, seed=cfg.seed,
                           speeds=_declared_speeds(cfg) if cfg.data.rare_to_slow else None)
+    shard_idx, held_idx = _hold_out(shard_idx, cfg.data.own_eval_samples, cfg.seed)
     mine = [c for c in range(n) if c % comm.world_size == comm.rank]
     shards = {c: tokenize_pairs(tok, [format_example(*pairs[i]) for i in shard_idx[c]], cfg.model.max_length)
               for c in mine}
+    own_eval = {c: tokenize_pairs(tok, [format_example(*pairs[i]) for i in held_idx[c]], cfg.model.max_length)
+                for c in mine if len(held_idx[c])}
     names = sorted(set(keys))
     column = {k: j for j, k in enumerate(names)}
     mix = np.zeros((n, len(names)))
     for c, ix in enumerate(shard_idx):
         np.add.at(mix[c], [column[keys[i]] for i in ix], 1.0 / len(ix))
-    return shards, [len(ix) for ix in shard_idx], KeyMix(names, mix)
+    return shards, [len(ix) for ix in shard_idx], KeyMix(names, mix), own_eval
+
+
+def _hold_out(shard_idx: list, k: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each shard split into what trains and min(k, a quarter of the shard) held-out examples, by a seeded draw
+    per server (the same on every rank); each part keeps the shard's order."""
+    train, held = [], []
+    for c, ix in enumerate(shard_idx):
+        ix = np.asarray(ix)
+        perm = np.random.default_rng([seed, 0x0E7A1, c]).permutation(len(ix))
+        take = min(k, len(ix) // 4)
+        held.append(ix[np.sort(perm[:take])])
+        train.append(ix[np.sort(perm[take:])])
+    return train, held
 
 
 def _declared_speeds(cfg: JobConfig) -> list[float]:
