@@ -96,6 +96,9 @@ ABLATION = {
     # issue 27: the step-cost shape measured in round 1 (plan.step_cost=measured), not given; run it with a
     # simulated fixed step cost (extra override clients.step_delay_s=...) and read the measured clock
     "tuned+measured": ["method=fedpipe", "plan.variant=tuned", "plan.step_cost=measured"],
+    # the same, fitted as first built: least squares on round 1's steps only (plan.step_fit=round1)
+    "tuned+measured@round1": ["method=fedpipe", "plan.variant=tuned", "plan.step_cost=measured",
+                              "plan.step_fit=round1"],
 }  # plan.variant=tuned is spread+weights=samples (config.PLAN_VARIANTS)
 
 
@@ -148,6 +151,29 @@ def step_units(r: Results) -> np.ndarray:
     return out
 
 
+def affine_units(r: Results, o: float) -> np.ndarray:
+    """Per round row, the clock where a step of batch b costs o + b samples' worth of the fastest server's time
+    (t(b) = t0 + c b with o = t0 / c): a round takes the largest slowdown x (steps x o + samples) over the servers
+    that trained. o = 0 is the work-unit clock; as o grows it tends to o x the flat-step clock. The centralized
+    limit: one machine, its steps x o plus its samples."""
+    c = r.clients
+    steps = np.where(c["samples"] > 0, c["local_steps"], 0).astype(float)
+    if r.attrs.get("method") == "central":
+        out = steps.max(axis=1) * o + c["samples"].sum(axis=1)
+    else:
+        slow = np.asarray(r.profile["slowdown"], dtype=float)[None, :]
+        out = (slow * (steps * o + c["samples"])).max(axis=1)
+    out = out.astype(float)
+    out[0] = 0.0
+    return out
+
+
+# The step-cost shapes between the two deterministic clocks (o: a step's fixed cost in samples' worth), read from
+# the same runs. For scale: a GPU of 156 TFLOP/s (half an A100's bf16 peak) computes a stories260K sample (5.4e8
+# FLOPs) in 3.5 us, so any fixed step cost above ~0.1 ms (launches, the optimizer) puts it at o > 30.
+AFFINE_O = (1.0, 4.0, 32.0)
+
+
 def curve(path: Path) -> dict:
     """Cumulative training time (measured, and in work units) and eval loss per round, and the per-round
     counters, from results.h5."""
@@ -159,12 +185,16 @@ def curve(path: Path) -> dict:
             if np.isfinite(x).any() else math.nan for x in local]
     return {"time_s": t.tolist(), "work": np.cumsum(work_units(r)).tolist(),
             "flat": np.cumsum(step_units(r)).tolist(), "eval_loss": rows["eval_loss"].tolist(),
+            **{f"o={o:g}": np.cumsum(affine_units(r, o)).tolist() for o in AFFINE_O},
             "samples": c["samples"][1:].sum(axis=1).tolist(), "idle_fraction": idle,
             "bytes": (rows["bytes_up"][1:] + rows["bytes_down"][1:]).tolist(),
             "batch_size": c["batch_size"][1].tolist(), "local_steps": c["local_steps"][1].tolist(),
             "quant_bits": c["quant_bits"][1].tolist(), "under_training": rows["under_training_rate"][1:].tolist(),
             # each server's own-data eval loss per round (a results.h5 written before the column: none)
-            "own": c["eval_loss_own"].tolist() if "eval_loss_own" in c else None}
+            "own": c["eval_loss_own"].tolist() if "eval_loss_own" in c else None,
+            # ... and on its held-out own examples (data.own_eval_samples; none before the column or without them)
+            "heldout": (c["eval_loss_heldout"].tolist() if "eval_loss_heldout" in c
+                        and np.isfinite(c["eval_loss_heldout"]).any() else None)}
 
 
 TOLERANCE = 1e-3  # nats: a loss this close to the target reaches it (far below the eval sample's se, ~0.01), so a
@@ -190,13 +220,14 @@ def loss_at(cv: dict, when: float, clock: str = "time_s") -> float:
     return float(best)
 
 
-def worst_own_at(cv: dict, when: float, clock: str) -> float:
-    """The highest own-data eval loss over the servers (clients/eval_loss_own) at the last evaluated round
-    finished by `when` on `clock` (the base's before any); NaN without the column."""
-    if not cv.get("own"):
+def worst_own_at(cv: dict, when: float, clock: str, key: str = "own") -> float:
+    """The highest own-data eval loss over the servers (key own: clients/eval_loss_own, the eval sample reweighted
+    to each server's keys; heldout: clients/eval_loss_heldout, its held-out own examples) at the last evaluated
+    round finished by `when` on `clock` (the base's before any); NaN without the column."""
+    if not cv.get(key):
         return math.nan
-    best = max(cv["own"][0])
-    for t, loss, own in zip(cv[clock], cv["eval_loss"], cv["own"]):
+    best = float(np.nanmax(cv[key][0]))
+    for t, loss, own in zip(cv[clock], cv["eval_loss"], cv[key]):
         if t <= when + 1e-12 and np.isfinite(loss):
             best = float(np.nanmax(own))
     return best
@@ -257,6 +288,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--alpha", type=float, default=None,
                     help="non-iid: a Dirichlet(alpha) split over E2E's food type, dealt so that the slower a server, "
                          "the rarer its keys (data.rare_to_slow); adds each server's own-data loss to the table")
+    ap.add_argument("--own-eval-samples", type=int, default=None,
+                    help="per server, examples of its shard held out and scored every round (data.own_eval_samples; "
+                         "default 32 with --alpha, else 0): adds the worst server's held-out loss to the table")
     ap.add_argument("--target-rounds", type=int, default=8, help="R: the target is LoRA's eval loss after R rounds")
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--train-samples", type=int, default=4000)
@@ -287,6 +321,9 @@ def main(argv=None) -> dict:
                   "eval.precision=fp32", "output.save_final=false", *a.extra]
         if a.alpha is not None:
             common += ["data.partition=dirichlet", f"data.dirichlet_alpha={a.alpha}", "data.rare_to_slow=true"]
+        own_eval = a.own_eval_samples if a.own_eval_samples is not None else (32 if a.alpha is not None else 0)
+        if own_eval:
+            common.append(f"data.own_eval_samples={own_eval}")
         label = prof if a.alpha is None else f"{prof}-alpha{a.alpha:g}"  # its own folder: a non-iid run
         pres = results["profiles"].setdefault(label, {"slowdown": slow, "memory_gb": mem, "compute_bound": bound,
                                                       "seeds": {}})
@@ -297,6 +334,7 @@ def main(argv=None) -> dict:
                           reuse="only" if a.report_only else a.reuse)
         target = lora["eval_loss"][a.target_rounds]
         refs = {clock: lora[clock][a.target_rounds] for clock in CLOCKS}  # T_R on each clock
+        o_refs = {o: lora[f"o={o:g}"][a.target_rounds] for o in AFFINE_O}
         stop_refs = {k: refs[k] for k in a.stop_clocks}
         t_ref = refs["time_s"]
         equal = t_ref / bound  # the ideal method's time to LoRA's R-round loss: the equal wall-clock column
@@ -320,8 +358,12 @@ def main(argv=None) -> dict:
                           "loss_at_equal_work": loss_at(cv, refs["work"] / bound, "work"),
                           "loss_at_equal_time": loss_at(cv, equal), "rounds": len(cv["time_s"]) - 1,
                           "loss_at_equal_flat": loss_at(cv, refs["flat"] / bound, "flat"),
+                          "speedup_affine": {f"{o:g}": (o_refs[o] / tto if math.isfinite(tto := time_to(
+                              cv, target, f"o={o:g}")) else math.nan) for o in AFFINE_O},
                           "worst_own_at_equal_work": worst_own_at(cv, refs["work"] / bound, "work"),
                           "worst_own_at_equal_flat": worst_own_at(cv, refs["flat"] / bound, "flat"),
+                          "worst_heldout_at_equal_work": worst_own_at(cv, refs["work"] / bound, "work", "heldout"),
+                          "worst_heldout_at_equal_flat": worst_own_at(cv, refs["flat"] / bound, "flat", "heldout"),
                           "loss_at_round_R": cv["eval_loss"][min(a.target_rounds, len(cv["eval_loss"]) - 1)],
                           "samples_per_s": float(np.sum(cv["samples"]) / cv["time_s"][-1]),
                           "idle_fraction": float(np.nanmean(cv["idle_fraction"])),
@@ -377,8 +419,29 @@ def markdown(results: dict) -> str:
                        f"{np.mean([r['idle_fraction'] for r in rows]):.2f} | "
                        f"{np.mean([r['bytes_per_round'] for r in rows]) / 1024:.0f} | "
                        f"{np.mean([r['under_training'] for r in rows]):.2f} |")
+        out.extend(_affine_table(seeds))
         out.extend(_own_table(p, seeds))
     return "\n".join(out)
+
+
+def _affine_table(seeds: list[dict]) -> list[str]:
+    """Speedup x LoRA where a step of batch b costs o + b samples' worth (affine_units), from work units (o = 0) to
+    flat steps (o -> inf), mean ± std over the seeds (none for runs recorded before these clocks)."""
+    names = [m for m in {**METHODS, **ABLATION} if any("speedup_affine" in s["methods"].get(m, {}) for s in seeds)]
+    if not names:
+        return []
+    os_ = list(next(s["methods"][m]["speedup_affine"] for s in seeds for m in names
+                    if "speedup_affine" in s["methods"].get(m, {})))
+    out = ["", "Speedup x LoRA by step-cost shape (a step of batch b costs o + b samples' worth of the fastest "
+           "server):", "", "| method | o = 0 (work units) | " + " | ".join(f"o = {o}" for o in os_) + " | flat steps |",
+           "|---" * (len(os_) + 3) + "|"]
+    for name in names:
+        rows = [s["methods"][name] for s in seeds if "speedup_affine" in s["methods"].get(name, {})]
+        cells = [_mean_spread([r["speedup_work"] for r in rows]),
+                 *(_mean_spread([r["speedup_affine"][o] for r in rows]) for o in os_),
+                 _mean_spread([r["speedup_flat"] for r in rows])]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _own_table(p: dict, seeds: list[dict]) -> list[str]:
@@ -388,11 +451,18 @@ def _own_table(p: dict, seeds: list[dict]) -> list[str]:
     if not any(math.isfinite(s["methods"][m].get("worst_own_at_equal_work", math.nan))
                for s in seeds for m in names if m in s["methods"]):
         return []
-    out = ["", "| method | global eval loss at T_R/bound, work units | worst server's own-data loss | "
-           "global, flat steps | worst server's own-data loss |", "|---|---|---|---|---|"]
+    held = any(math.isfinite(s["methods"][m].get("worst_heldout_at_equal_work", math.nan))
+               for s in seeds for m in names if m in s["methods"])
+    cols = ["loss_at_equal_work", "worst_own_at_equal_work", *(["worst_heldout_at_equal_work"] if held else []),
+            "loss_at_equal_flat", "worst_own_at_equal_flat", *(["worst_heldout_at_equal_flat"] if held else [])]
+    heads = {"loss_at_equal_work": "global eval loss at T_R/bound, work units",
+             "loss_at_equal_flat": "global, flat steps",
+             "worst_own_at_equal_work": "worst server's own-data loss", "worst_own_at_equal_flat": "worst own-data",
+             "worst_heldout_at_equal_work": "worst server's held-out own loss",
+             "worst_heldout_at_equal_flat": "worst held-out own"}
+    out = ["", "| method | " + " | ".join(heads[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name in names:
         rows = [s["methods"][name] for s in seeds if name in s["methods"]]
-        cols = ("loss_at_equal_work", "worst_own_at_equal_work", "loss_at_equal_flat", "worst_own_at_equal_flat")
         out.append(f"| {name} | " + " | ".join(_mean_spread([r.get(k, math.nan) for r in rows]) for k in cols) + " |")
     return out
 

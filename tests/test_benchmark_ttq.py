@@ -58,6 +58,13 @@ def test_worst_own_data_loss_and_its_table_by_hand(bench):
     p = {"slowdown": [1, 2], "compute_bound": 1.5, "seeds": {0: {"target": 2.2, "methods": {"lora": row}}}}
     text = bench.markdown({"profiles": {"p4-alpha0.1": p}})
     assert "| lora | 2.000 | 2.400 | 2.500 | 2.900 |" in text.splitlines()
+    # with held-out own examples (data.own_eval_samples): their worst server beside each clock's own-data column
+    cv_held = dict(cv, heldout=[[5.0, 4.0], [3.0, 3.1], [9.0, 9.0], [2.6, 2.1]])
+    assert bench.worst_own_at(cv_held, 3.0, "work", "heldout") == 3.1
+    held = dict(row, worst_heldout_at_equal_work=3.1, worst_heldout_at_equal_flat=3.3)
+    text = bench.markdown({"profiles": {"p4-alpha0.1": dict(p, seeds={0: {"target": 2.2, "methods": {"lora": held}}})}})
+    assert "| lora | 2.000 | 2.400 | 3.100 | 2.500 | 2.900 | 3.300 |" in text.splitlines()
+    assert "worst server's held-out own loss" in text
     iid = dict(row, worst_own_at_equal_work=math.nan, worst_own_at_equal_flat=math.nan)
     assert "own-data" not in bench.markdown({"profiles": {"p4": dict(p, seeds={0: {"target": 2.2,
                                                                                   "methods": {"lora": iid}}})}})
@@ -106,6 +113,16 @@ def test_work_units_by_hand(bench, tmp_path):
     c = FakeResults("central", [[0, 0, 0], [80, 80, 0], [80, 40, 20]], [1.0, 2.0, 3.0])
     assert bench.work_units(c).tolist() == [0.0, 160.0, 140.0]
 
+    # a step of batch b costing o + b: round 2's servers took 10, 10, 10 steps of batch 8, 4, 2 (slowdowns 1, 2, 3)
+    steps = [[0, 0, 0], [10, 10, 0], [10, 10, 10]]
+    r.clients["local_steps"], c.clients["local_steps"] = np.array(steps), np.array(steps)
+    assert bench.affine_units(r, 0.0).tolist() == bench.work_units(r).tolist()  # o = 0: the work-unit clock
+    # o = 4: round 1 max(1 (40 + 80), 2 (40 + 80)) = 240; round 2 max(120, 2 (40 + 40), 3 (40 + 20)) = 180
+    assert bench.affine_units(r, 4.0).tolist() == [0.0, 240.0, 180.0]
+    big = 1e6  # o -> inf: o x the flat-step clock
+    assert np.allclose(bench.affine_units(r, big) / big, [0.0, 20.0, 30.0], rtol=1e-3)
+    assert bench.affine_units(c, 4.0).tolist() == [0.0, 200.0, 180.0]  # central: 10 steps x 4 + its samples
+
 
 def test_interleaved_orders_differ_by_seed(bench):
     names = ["a", "b", "c"]
@@ -117,3 +134,18 @@ def test_interleaved_orders_differ_by_seed(bench):
 def test_time_to_on_the_work_clock(bench):
     cv = dict(CURVE, work=[0.0, 10.0, 30.0, 50.0])
     assert bench.time_to(cv, 3.0, "work") == 10.0 and bench.loss_at(cv, 40.0, "work") == 3.0
+
+
+def test_the_step_cost_shape_table(bench):
+    """Speedups by o (affine_units) between the work-unit and flat-step columns; none for runs without them."""
+    row = {"speedup": 1.0, "loss_at_equal_time": 2.1, "loss_at_round_R": 2.3, "rounds": 10, "samples_per_s": 1.0,
+           "idle_fraction": 0.1, "bytes_per_round": 1.0, "under_training": 0.0, "speedup_work": 2.4,
+           "speedup_flat": 0.8}
+    seeds = {s: {"target": 2.2, "methods": {"lora_hb": dict(row, speedup_affine={"1": 2.0 + s, "32": 0.9})}}
+             for s in (0, 1)}
+    text = bench.markdown({"profiles": {"p4": {"slowdown": [1, 2], "compute_bound": 1.5, "seeds": seeds}}})
+    assert "| lora_hb | 2.400 ± 0.000 | 2.500 ± 0.500 | 0.900 ± 0.000 | 0.800 ± 0.000 |" in text.splitlines()
+    assert "o = 0 (work units) | o = 1 | o = 32 | flat steps" in text
+    old = {0: {"target": 2.2, "methods": {"lora_hb": row}}}
+    assert "step-cost shape" not in bench.markdown({"profiles": {"p4": {"slowdown": [1, 2], "compute_bound": 1.5,
+                                                                        "seeds": old}}})
