@@ -4,7 +4,7 @@ to the numbers a refactor of the round engine must keep: eval and train losses, 
     .venv/bin/python -m tests._golden            # rewrites tests/golden/engine_methods.json (only on purpose)
     .venv/bin/python -m tests._golden lora       # rewrites the named cases only (a change meant to alter them)
 
-tests/test_engine_golden.py reruns every case and compares (losses to 1e-6, bytes and plans exactly).
+tests/test_engine_golden.py reruns every case and compares (losses to 5e-4 relative, bytes and plans exactly).
 """
 
 from __future__ import annotations
@@ -73,15 +73,22 @@ def run_case(name: str, world_size: int, out_dir: Path) -> dict:
     return summarize(out_dir / "results.h5")
 
 
+# Losses are compared to 5e-4 relative, not to float precision: the same code on another x86 CPU (the recording
+# machine against this session's AMD EPYC with AVX2 and no AVX-512, 2026-12-03) takes other kernels, and their
+# rounding (6.6e-8 in round 0's eval loss) grows over a few rounds of full fine-tuning to 7.5e-5 (ft, round 3) and
+# 3.3e-5 (fedpipe-mixed-bases); a refactor that changes behaviour moves these losses by far more.
+FLOAT_RTOL = 5e-4
+
+
 def compare(got: dict, want: dict, where: str) -> list[str]:
-    """Differences between two summaries: float fields to 1e-6 (relative, NaN equal to NaN), the rest exactly."""
+    """Differences between two summaries: float fields to FLOAT_RTOL (relative, NaN equal to NaN), the rest exactly."""
     problems = []
     for key, w in want.items():
         g = got.get(key)
         if key.split(".", 1)[1] in FLOAT_ROUNDS + FLOAT_CLIENTS:
             a = np.array([np.nan if x is None else x for x in g], dtype=float)
             b = np.array([np.nan if x is None else x for x in w], dtype=float)
-            if a.shape != b.shape or not np.allclose(a, b, rtol=1e-6, atol=0, equal_nan=True):
+            if a.shape != b.shape or not np.allclose(a, b, rtol=FLOAT_RTOL, atol=0, equal_nan=True):
                 problems.append(f"{where}: {key} {g} != {w}")
         elif g != w:
             problems.append(f"{where}: {key} {g} != {w}")

@@ -31,11 +31,13 @@ def _run(cmd, timeout=300):
 
 
 def test_four_gloo_ranks_two_rounds_match_one_process(tmp_path):
-    """4 ranks with the dense transport == 1 process with the factored one: same plans, same losses."""
+    """4 ranks with the dense transport == 1 process with the factored one: same plans, same losses, and the same
+    held-out own losses (data.own_eval_samples: each scored on the rank hosting its server)."""
     fresh = "lora.carry=none"  # the dense reduce merges a sum; the kept adapter needs the factored stack
+    held = "data.own_eval_samples=4"
     _run(torchrun_cmd(4, "run", "jobs/quickstart.yaml", *SMALL, "rounds=2", "aggregation.transport=dense", fresh,
-                      f"output.dir={tmp_path / 'dist'}", "--no-progress"))
-    _run([sys.executable, "-m", "fedpipe_dist", "run", "jobs/quickstart.yaml", *SMALL, "rounds=2", fresh,
+                      held, f"output.dir={tmp_path / 'dist'}", "--no-progress"))
+    _run([sys.executable, "-m", "fedpipe_dist", "run", "jobs/quickstart.yaml", *SMALL, "rounds=2", fresh, held,
           f"output.dir={tmp_path / 'single'}", "--no-progress"])
     d, s = Results(tmp_path / "dist" / "results.h5"), Results(tmp_path / "single" / "results.h5")
     assert d.attrs["world_size"] == 4 and s.attrs["world_size"] == 1 and d.attrs["finished"]
@@ -43,6 +45,8 @@ def test_four_gloo_ranks_two_rounds_match_one_process(tmp_path):
     np.testing.assert_allclose(d.rounds["eval_loss"], s.rounds["eval_loss"], rtol=1e-5)
     np.testing.assert_allclose(d.clients["train_loss"][1:], s.clients["train_loss"][1:], rtol=1e-5)
     assert (d.clients["ranks"] == s.clients["ranks"]).all()
+    assert np.isfinite(d.clients["eval_loss_heldout"]).all()
+    np.testing.assert_allclose(d.clients["eval_loss_heldout"], s.clients["eval_loss_heldout"], rtol=1e-5)
     # Dense uploads are d_out x d_in per adapted weight (all 64 x 64 here) in fp32.
     adapted = (d.clients["ranks"][1:] > 0).sum(axis=(2, 3))
     assert (d.clients["bytes_up"][1:] == adapted * 64 * 64 * 4).all() and adapted.min() > 0
