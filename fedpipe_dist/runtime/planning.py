@@ -125,6 +125,11 @@ class RoundPlanner:
         """The fixed step cost planned with, in samples' worth: the median over the fits so far (None: no fit)."""
         return float(np.median([f.overhead_samples for f in self.fits])) if self.fits else None
 
+    @property
+    def estimator(self) -> str:
+        """fit_step_cost's estimator for plan.step_fit: least squares for round1, Theil-Sen for rounds."""
+        return "lstsq" if self.cfg.plan.step_fit == "round1" else "theil_sen"
+
     def _fit(self, timed: dict[int, list]) -> None:
         """Fit t0 + c x tokens to every server's timed steps of a round, each scaled to the fastest server's speed
         (a server of half the speed is charged half its seconds), leaving out each server's first step (warm-up).
@@ -135,7 +140,7 @@ class RoundPlanner:
         top = max(srv.flops_per_s for srv in self.servers)
         pooled = [(b, tok, sec * self.servers[c].flops_per_s / top)
                   for c in sorted(timed) for b, tok, sec in timed[c][1:]]
-        fit = fit_step_cost(pooled, estimator="lstsq" if once else "theil_sen")
+        fit = fit_step_cost(pooled, estimator=self.estimator)
         self.timed = {}
         self.fits_closed = once
         first = not self.fits
@@ -159,7 +164,7 @@ class RoundPlanner:
         med = {k: float(np.median([getattr(f, k) for f in self.fits])) for k in ("t0_s", "per_token_s",
                                                                               "tokens_per_sample")}
         return {**med, "overhead_samples": self.overhead_samples, "steps": sum(f.steps for f in self.fits),
-                "estimator": "lstsq" if self.cfg.plan.step_fit == "round1" else "theil_sen",
+                "estimator": self.estimator,
                 "fits": [{**dataclasses.asdict(f), "overhead_samples": f.overhead_samples} for f in self.fits]}
 
     def _uniform(self) -> tuple[list[ClientPlan], list[PlanInfo]]:
