@@ -88,6 +88,11 @@ ABLATION = {
     "tuned+carry+moments": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter",
                             "train.optimizer_state=kept"],
     "lora_hb+moments": ["method=lora_hb", "train.optimizer_state=kept"],
+    # non-iid: FedAvg's weights by shard size |D_i| in place of samples trained (slow servers' data not tilted
+    # away from); run with --alpha and read the worst server's held-out loss
+    "tuned+weights=data": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter",
+                           "aggregation.weights=data"],
+    "lora_hb+weights=data": ["method=lora_hb", "aggregation.weights=data"],
     # one frozen A shared by every server, only B trains and travels (B's change at the top rank both ways)
     "tuned+shared_a": ["method=fedpipe", "plan.variant=tuned", "lora.carry=shared_a"],
     # planned for a flat step cost (t0 far above a step's FLOPs time): read its flat-step clock only
@@ -245,6 +250,30 @@ def interleaved(names: list[str], i: int) -> list[str]:
     return order[::-1] if i % 2 else order
 
 
+def profile_memory(data: Path, prof: str) -> list[float]:
+    """The profile's memory budgets in GB (memory_budgets at batch 8, rank 8, 256 tokens)."""
+    return memory_budgets(data, PROFILES[prof]["precisions"], batch=8, rank=8, seq_len=256)
+
+
+def job_args(data: Path, prof: str, *, local_steps: int = 10, train_samples: int = 4000, eval_samples: int = 200,
+             alpha: float | None = None, own_eval_samples: int | None = None, extra=()) -> list[str]:
+    """The job file and overrides every run of profile `prof` shares (before its method's and its seed)."""
+    slow = PROFILES[prof]["slowdown"]
+    common = ["jobs/e2e_stories260k.yaml", f"model.name_or_path={data / 'models' / 'stories260K-hf'}",
+              f"data.train_path={data / 'e2e' / 'trainset.csv'}", f"data.eval_path={data / 'e2e' / 'devset.csv'}",
+              f"clients.n={len(slow)}", f"clients.slowdown={json.dumps(slow)}",
+              f"clients.memory_gb={json.dumps(profile_memory(data, prof))}",
+              "clients.throttle=clock", f"train.local_steps={local_steps}",
+              f"data.max_train_samples={train_samples}", f"eval.max_samples={eval_samples}", "eval.every=1",
+              "eval.precision=fp32", "output.save_final=false", *extra]
+    if alpha is not None:
+        common += ["data.partition=dirichlet", f"data.dirichlet_alpha={alpha}", "data.rare_to_slow=true"]
+    own_eval = own_eval_samples if own_eval_samples is not None else (32 if alpha is not None else 0)
+    if own_eval:
+        common.append(f"data.own_eval_samples={own_eval}")
+    return common
+
+
 def run_method(name: str, overrides: list[str], common: list[str], out: Path, *, first_rounds: int,
                stop, max_rounds: int, reuse: bool | str = False, resumable: bool = True) -> dict:
     """Run a method for `first_rounds`, then extend it one chunk at a time (resume=true) until stop(curve).
@@ -309,21 +338,11 @@ def main(argv=None) -> dict:
     work = Path(a.workdir)
     results: dict = {"args": vars(a), "profiles": {}}
     for seed, prof in ((seed, prof) for seed in a.seeds for prof in a.profiles):  # every profile early on
-        spec = PROFILES[prof]
-        slow, n = spec["slowdown"], len(spec["slowdown"])
-        mem = memory_budgets(data, spec["precisions"], batch=8, rank=8, seq_len=256)
-        bound = compute_bound(slow)
-        common = ["jobs/e2e_stories260k.yaml", f"model.name_or_path={data / 'models' / 'stories260K-hf'}",
-                  f"data.train_path={data / 'e2e' / 'trainset.csv'}", f"data.eval_path={data / 'e2e' / 'devset.csv'}",
-                  f"clients.n={n}", f"clients.slowdown={json.dumps(slow)}", f"clients.memory_gb={json.dumps(mem)}",
-                  "clients.throttle=clock", f"train.local_steps={a.local_steps}",
-                  f"data.max_train_samples={a.train_samples}", f"eval.max_samples={a.eval_samples}", "eval.every=1",
-                  "eval.precision=fp32", "output.save_final=false", *a.extra]
-        if a.alpha is not None:
-            common += ["data.partition=dirichlet", f"data.dirichlet_alpha={a.alpha}", "data.rare_to_slow=true"]
-        own_eval = a.own_eval_samples if a.own_eval_samples is not None else (32 if a.alpha is not None else 0)
-        if own_eval:
-            common.append(f"data.own_eval_samples={own_eval}")
+        slow = PROFILES[prof]["slowdown"]
+        mem, bound = profile_memory(data, prof), compute_bound(slow)
+        common = job_args(data, prof, local_steps=a.local_steps, train_samples=a.train_samples,
+                          eval_samples=a.eval_samples, alpha=a.alpha, own_eval_samples=a.own_eval_samples,
+                          extra=a.extra)
         label = prof if a.alpha is None else f"{prof}-alpha{a.alpha:g}"  # its own folder: a non-iid run
         pres = results["profiles"].setdefault(label, {"slowdown": slow, "memory_gb": mem, "compute_bound": bound,
                                                       "seeds": {}})
