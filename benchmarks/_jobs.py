@@ -34,15 +34,24 @@ def torchrun_job(nproc: int, job_args: list[str], label: str) -> float:
                  "-m", "fedpipe_dist", "run", *job_args, "--no-progress"], label)
 
 
+def job_command(job_args: list[str]) -> list[str]:
+    """`python -m fedpipe_dist run *job_args`: one process, world size 1."""
+    return [sys.executable, "-m", "fedpipe_dist", "run", *job_args, "--no-progress"]
+
+
+def job_env() -> dict:
+    """The environment every benchmark job runs in: one thread per process."""
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
 def process_job(job_args: list[str], label: str) -> float:
     """`python -m fedpipe_dist run *job_args` in one fresh process (world size 1, one thread)."""
-    return _run([sys.executable, "-m", "fedpipe_dist", "run", *job_args, "--no-progress"], label)
+    return _run(job_command(job_args), label)
 
 
 def _run(cmd: list[str], label: str) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{label} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     return time.perf_counter() - t0

@@ -35,9 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _jobs import write_json  # noqa: E402
+from _jobs import job_command, job_env, write_json  # noqa: E402
 from time_to_quality import ABLATION, METHODS, PROFILES, job_args  # noqa: E402
 
 from fedpipe_dist.analysis.runs import round_train_s  # noqa: E402
@@ -46,10 +45,11 @@ from fedpipe_dist.io.hdf5 import Results  # noqa: E402
 ROWS = {**METHODS, **ABLATION}
 
 
-def start(cmd: list[str], core: int, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.Popen(["taskset", "-c", str(core), *cmd], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=log.open("w"))
+def start(job: list[str], core: int, log: Path) -> subprocess.Popen:
+    """The job (fedpipe run's arguments) started pinned to `core`, its stderr into `log`."""
+    with log.open("w") as err:  # the child keeps its own copy of the file
+        return subprocess.Popen(["taskset", "-c", str(core), *job_command(job)], cwd=REPO, env=job_env(),
+                                stdout=subprocess.DEVNULL, stderr=err)
 
 
 def per_sample_s(r: Results) -> np.ndarray:
@@ -60,8 +60,9 @@ def per_sample_s(r: Results) -> np.ndarray:
     return np.nanmean(local / (np.asarray(c["samples"][1:], dtype=float) * slow[None, :]), axis=0)
 
 
-def clock_s(path: Path) -> float:
-    return float(np.sum(round_train_s(Results(path))))
+def clock_s(r: Results) -> float:
+    """The measured clock: the summed round times (time_to_quality's time_s)."""
+    return float(np.sum(round_train_s(r)))
 
 
 def main(argv=None) -> dict:
@@ -96,14 +97,12 @@ def main(argv=None) -> dict:
         for name, core in zip((a.a, a.b), cores):
             outs[name] = work / f"pair{k}" / name
             outs[name].mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "fedpipe_dist", "run", *common, *ROWS[name], f"output.dir={outs[name]}",
-                   "--no-progress"]
-            procs[name] = start(cmd, core, outs[name] / "stderr.log")
+            procs[name] = start([*common, *ROWS[name], f"output.dir={outs[name]}"], core, outs[name] / "stderr.log")
         for name, p in procs.items():
             if p.wait() != 0:
                 raise SystemExit(f"side_by_side: {name} failed (exit {p.returncode}); see {outs[name] / 'stderr.log'}")
-        sa, sb = (per_sample_s(Results(outs[n] / "results.h5")) for n in (a.a, a.b))
-        ca, cb = (clock_s(outs[n] / "results.h5") for n in (a.a, a.b))
+        ra, rb = (Results(outs[n] / "results.h5") for n in (a.a, a.b))
+        sa, sb, ca, cb = per_sample_s(ra), per_sample_s(rb), clock_s(ra), clock_s(rb)
         pair = {"cores": {a.a: cores[0], a.b: cores[1]}, "per_sample_s": {a.a: sa.tolist(), a.b: sb.tolist()},
                 "clock_s": {a.a: ca, a.b: cb}, "step_ratio": (sb / sa).tolist(),
                 "step_ratio_mean": float(np.exp(np.mean(np.log(sb / sa)))), "clock_ratio": cb / ca,
