@@ -16,8 +16,11 @@ Each run is time_to_quality's job for the profile (the same overrides, clients.t
 rounds, evaluated after the last only (pass eval.every=1 to evaluate every round as time_to_quality does). Per
 pair: B's / A's seconds per sample trained on each server (local time over samples x slowdown, rounds 1 on,
 averaged over rounds) and B's / A's measured clock (the summed round times, time_to_quality's time_s).
-Reported: those ratios per pair, their geometric mean and range, and, for scale, how far apart the two cores
-were (A's clock on the second core over A's clock on the first, mean over the pairs).
+Reported: those ratios per pair, their geometric mean and range, each job's eval loss after the last round, and,
+for scale, how far apart the two cores were (A's clock on the second core over A's clock on the first, mean over
+the pairs). With --rounds set to the round at which both jobs first reach a target loss (time_to_quality's
+rounds to LoRA's loss, the same for A and B when their plans are the same), A's clock over B's is B's
+time-to-quality speedup over A on the measured clock, both taken under the same load.
 """
 
 from __future__ import annotations
@@ -104,13 +107,15 @@ def main(argv=None) -> dict:
         ra, rb = (Results(outs[n] / "results.h5") for n in (a.a, a.b))
         sa, sb, ca, cb = per_sample_s(ra), per_sample_s(rb), clock_s(ra), clock_s(rb)
         pair = {"cores": {a.a: cores[0], a.b: cores[1]}, "per_sample_s": {a.a: sa.tolist(), a.b: sb.tolist()},
-                "clock_s": {a.a: ca, a.b: cb}, "step_ratio": (sb / sa).tolist(),
+                "clock_s": {a.a: ca, a.b: cb}, "eval_loss": {a.a: ra.last_eval_loss(), a.b: rb.last_eval_loss()},
+                "step_ratio": (sb / sa).tolist(),
                 "step_ratio_mean": float(np.exp(np.mean(np.log(sb / sa)))), "clock_ratio": cb / ca,
                 "wall_s": time.perf_counter() - t0}
         pairs.append(pair)
         print(f"pair {k} (cores {a.a} {cores[0]}, {a.b} {cores[1]}): {a.b}/{a.a} seconds per sample "
               f"{pair['step_ratio_mean']:.3f} (servers {' '.join(f'{x:.3f}' for x in pair['step_ratio'])}), "
-              f"clock {pair['clock_ratio']:.3f}; {pair['wall_s']:.0f} s", file=sys.stderr, flush=True)
+              f"clock {pair['clock_ratio']:.3f}; eval loss {pair['eval_loss'][a.a]:.4f} / "
+              f"{pair['eval_loss'][a.b]:.4f}; {pair['wall_s']:.0f} s", file=sys.stderr, flush=True)
 
     def gm(xs):
         lx = np.log(np.asarray(xs, dtype=float))

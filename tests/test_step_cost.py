@@ -20,7 +20,8 @@ from fedpipe_dist.io.hdf5 import Results
 from fedpipe_dist.job import load_job
 from fedpipe_dist.runtime.engine import run_job
 
-DELAY = 2.0  # seconds charged per step on the fastest server: far above a tiny model's real step (~10-100 ms)
+DELAY = 20.0  # seconds charged per step on the fastest server: far above a tiny model's real step (~10-100 ms)
+# even when other jobs on the machine slow that step several times (the fit's slope then carries their noise)
 JOB = ["rounds=3", "train.local_steps=6", "data.synthetic_train_size=160", "data.synthetic_eval_size=16",
        "model.max_length=96", "eval.max_samples=16", "eval.every=3", "eval.final_full=false",
        "plan.step_cost=measured", f"clients.step_delay_s={DELAY}", "clients.throttle=clock"]
