@@ -33,7 +33,7 @@ from ..methods import Exchanged, Report
 from .agreement import agree, raise_on_all_ranks
 from .chain import BaseChain
 from .client import peak_mem, reset_peak_mem
-from .launch import idle_ranks_warning
+from .launch import idle_ranks_warning, raise_if_stopped
 from .outputs import RunSummary, check_output_dir, check_shared_dir, finish, open_results
 from .record import Laps, Log, RankRecord, client_arrays, own_losses, round_row
 from .resume import (
@@ -79,6 +79,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
     trained_rounds, ckpt_s = 0, 0.0
     chain = BaseChain(cfg.checkpoint.full_every, resumed=point is not None)  # what checkpoints keep of the base
     for t in range(start + 1, cfg.rounds + 1):
+        raise_if_stopped()  # a SIGTERM or Ctrl-C whose exception was lost on the way still ends the run here
         t_round, lap = time.perf_counter(), Laps()  # rank 0's seconds per phase (results.h5 rounds/<phase>)
         # ---- plan: who trains this round, at which batch size, ranks and precision (Algorithm 1) ----
         selected = sample_clients(cfg.clients.n, cfg.clients.fraction, seed=cfg.seed, round_idx=t)

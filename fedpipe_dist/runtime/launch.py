@@ -127,11 +127,24 @@ class Stopped(BaseException):
 
 
 STOP_GRACE_S = 20.0  # under torchrun's and Slurm's 30 s between SIGTERM and SIGKILL
+_stop_signal: list[int] = []  # the stop signals received inside stop_on_sigterm (read by raise_if_stopped)
+
+
+def raise_if_stopped() -> None:
+    """Raise Stopped (SIGTERM) or KeyboardInterrupt (SIGINT) if one came inside stop_on_sigterm: the engine calls
+    it at every round's start. The handler raises at once too, but Python drops an exception raised while it
+    runs a __del__ or a callback from C (it prints "Exception ignored" and goes on), so a Ctrl-C could be lost
+    and the run finish as if nothing had happened; the flag stops it at the next round."""
+    import signal
+
+    if _stop_signal:
+        raise Stopped() if _stop_signal[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextmanager
 def stop_on_sigterm(grace_s: float = STOP_GRACE_S):
-    """Within the block a SIGTERM raises Stopped in the main thread. Python runs that handler only between
+    """Within the block a SIGTERM raises Stopped in the main thread (a SIGINT KeyboardInterrupt, as always), and
+    both are remembered for raise_if_stopped. Python runs that handler only between
     bytecodes, so a main thread blocked in a collective on a peer that is gone would not run it: a watcher
     thread, woken by the signal (signal.set_wakeup_fd), ends the process with 143 after `grace_s` if it is
     still alive, which also bounds the wait for a checkpoint still being written (each file is written to a
@@ -144,7 +157,8 @@ def stop_on_sigterm(grace_s: float = STOP_GRACE_S):
         return
 
     def handler(signum, frame):
-        raise Stopped()
+        _stop_signal.append(signum)
+        raise Stopped() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
@@ -159,7 +173,13 @@ def stop_on_sigterm(grace_s: float = STOP_GRACE_S):
             os._exit(128 + signal.SIGTERM)
         os.close(read_fd)
 
+    _stop_signal.clear()
     previous = signal.signal(signal.SIGTERM, handler)
+    # Ctrl-C as Python's own handler does, and remembered; left alone where it is ignored (a job started in the
+    # background of a script)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, handler)
     previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     threading.Thread(target=watch, name="fedpipe-stop-watch", daemon=True).start()
     try:
@@ -167,5 +187,8 @@ def stop_on_sigterm(grace_s: float = STOP_GRACE_S):
     finally:
         signal.set_wakeup_fd(previous_fd)
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
+        _stop_signal.clear()
         if not signalled.is_set():
             os.close(write_fd)  # the watcher reads the end of the pipe and returns
