@@ -101,8 +101,9 @@ def test_without_a_signal_the_block_leaves_no_handler_behind():
 def test_a_stop_whose_exception_was_dropped_still_ends_the_run_at_the_next_round(tmp_path):
     """Python drops an exception raised while it runs a __del__ or a callback from C ("Exception ignored"), so the
     KeyboardInterrupt or Stopped of a Ctrl-C or SIGTERM can be lost (once in a suite run a Ctrl-C'd run went on to
-    its last round; the cause of that one is not established). The signal is also remembered, and the next round does not start: here the exception is
-    dropped by hand, then the run stops before its first round, with nothing trained."""
+    its last round; the cause of that one is not established). The signal is also remembered, and the next round
+    does not start: here the exception is dropped by hand, then the run stops before its first round, with nothing
+    trained."""
     code = f"""
 import os, signal, time
 from fedpipe_dist.comm.local import LocalComm

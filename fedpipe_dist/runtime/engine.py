@@ -79,8 +79,7 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
     trained_rounds, ckpt_s = 0, 0.0
     chain = BaseChain(cfg.checkpoint.full_every, resumed=point is not None)  # what checkpoints keep of the base
     for t in range(start + 1, cfg.rounds + 1):
-        raise_if_stopped()  # a SIGTERM or Ctrl-C whose exception was lost on the way still ends the run here
-        t_round, lap = time.perf_counter(), Laps()  # rank 0's seconds per phase (results.h5 rounds/<phase>)
+        t_round, lap = _round_start()  # rank 0's seconds per phase (results.h5 rounds/<phase>)
         # ---- plan: who trains this round, at which batch size, ranks and precision (Algorithm 1) ----
         selected = sample_clients(cfg.clients.n, cfg.clients.fraction, seed=cfg.seed, round_idx=t)
         method.begin_round(t, selected)
@@ -144,6 +143,13 @@ def _run(cfg: JobConfig, comm: Communicator, log: Log, lock: RunLock) -> RunSumm
     if trained_rounds == 0 and cfg.rounds > start:
         raise UserInputError(f"no server trained in any of rounds {start + 1}..{cfg.rounds}: {NONE_TRAINED}")
     return RunSummary(run.out_dir / "results.h5", final_dir, eval_losses) if run.rank0 else None
+
+
+def _round_start() -> tuple[float, Laps]:
+    """A round's clock and laps; first, a SIGTERM or Ctrl-C whose exception was lost on the way (Python drops one
+    raised inside a __del__ or a C callback) ends the run here, before the round starts."""
+    raise_if_stopped()
+    return time.perf_counter(), Laps()
 
 
 def _fresh_or_resumed(cfg: JobConfig, comm: Communicator, log, lock: RunLock):
