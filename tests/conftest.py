@@ -1,6 +1,13 @@
 """Shared pytest fixtures (kept minimal)."""
 
+import os
 from pathlib import Path
+
+# One torch thread per process, as each rank runs (`fedpipe run` sets the same default, and the jobs the tests
+# launch get it from _util.subprocess_env). Set before any test module imports torch, so the in-process runs get
+# it too: two pytest-xdist workers each with a 2-thread pool on a 2-core machine made them 1.8x slower (two copies
+# of tests/test_analysis.py side by side: 144 s with 2 threads each, 81 s with 1). An explicit setting is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
