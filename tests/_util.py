@@ -45,14 +45,6 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
-def ctrl_c_at_default() -> None:
-    """preexec_fn for a child a test sends SIGINT: Ctrl-C at its default there. A process started in the background
-    of a non-interactive shell (`pytest ... &`, nohup) inherits SIGINT ignored (POSIX), Python then installs no
-    KeyboardInterrupt handler, and a Ctrl-C'd run goes on to its last round: the test would check how pytest was
-    started, not the job (seen 2026-12-04: single+SIGINT failed in a suite started that way, every time)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "fedpipe_dist", *args]

@@ -1,6 +1,7 @@
 """Shared pytest fixtures (kept minimal)."""
 
 import os
+import signal
 from pathlib import Path
 
 # One torch thread per process, as each rank runs (`fedpipe run` sets the same default, and the jobs the tests
@@ -8,6 +9,14 @@ from pathlib import Path
 # it too: two pytest-xdist workers each with a 2-thread pool on a 2-core machine made them 1.8x slower (two copies
 # of tests/test_analysis.py side by side: 144 s with 2 threads each, 81 s with 1). An explicit setting is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Ctrl-C at its default in the jobs the tests start (and stop with SIGINT): a pytest started in the background of
+# a non-interactive shell (`pytest ... &`) inherits SIGINT ignored (POSIX), every child would too, Python there
+# installs no KeyboardInterrupt handler, and a Ctrl-C'd run goes on to its last round: a test would check how pytest
+# was started, not the job (seen 2026-12-04, every time). A handler, unlike an ignore, is reset to the default at
+# exec, so one here in each pytest process is what its children start with.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest
 

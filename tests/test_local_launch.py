@@ -11,7 +11,7 @@ import time
 
 from fedpipe_dist.io.hdf5 import Results
 
-from ._util import REPO, ctrl_c_at_default, kill_job, subprocess_env
+from ._util import REPO, kill_job, subprocess_env
 
 SMALL = ["train.local_steps=2", "train.batch_max=4", "data.synthetic_train_size=96", "data.synthetic_eval_size=24",
          "model.max_length=96", "eval.max_samples=24", "clients.slowdown=1", "--no-progress"]
@@ -39,8 +39,7 @@ def test_ctrl_c_under_nproc_says_where_it_stopped_and_the_resume_command(tmp_pat
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fedpipe_dist", "run", "jobs/quickstart.yaml", "--nproc", "2",
                              "rounds=300", *SMALL, f"output.dir={out}"], cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=ctrl_c_at_default)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
         while proc.poll() is None and time.time() < deadline:

@@ -19,7 +19,7 @@ import pytest
 
 from fedpipe_dist.io.hdf5 import Results
 
-from ._util import REPO, SMALL_RUN, ctrl_c_at_default, kill_job, subprocess_env, torchrun_cmd
+from ._util import REPO, SMALL_RUN, kill_job, subprocess_env, torchrun_cmd
 
 SMALL = ["rounds=30", "train.local_steps=2", "train.batch_max=4", "data.synthetic_train_size=96",
          "data.synthetic_eval_size=24", "model.max_length=96", "eval.max_samples=24", "clients.slowdown=1",
@@ -39,7 +39,7 @@ def test_a_stopped_run_says_where_it_stopped_and_its_resume_command_finishes_it(
     args = ["run", "jobs/quickstart.yaml", *SMALL, f"output.dir={out}"]
     cmd = torchrun_cmd(2, *args) if how.startswith("torchrun") else [sys.executable, "-m", "fedpipe_dist", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, preexec_fn=ctrl_c_at_default)
+                            text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
         while _rounds_done(out / "results.h5") < 3 and proc.poll() is None and time.time() < deadline:
@@ -94,7 +94,7 @@ def test_without_a_signal_the_block_leaves_no_handler_behind():
             "print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.set_wakeup_fd(-1),\n"
             "      signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=60, preexec_fn=ctrl_c_at_default)
+                       timeout=60)
     assert p.stdout.split() == ["True", "-1", "True"], p.stderr
 
 
@@ -127,6 +127,6 @@ for sig, exc in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Stopped)):
     raise_if_stopped()  # outside the block nothing is remembered
 """
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=300, preexec_fn=ctrl_c_at_default)
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.splitlines() == ["SIGINT stopped after 0 rounds", "SIGTERM stopped after 0 rounds"], p.stdout
