@@ -1,0 +1,164 @@
+"""Paired standard errors for the non-iid table's worst-server held-out loss (issue 27): is the default's
+worst server really above or below lora_hb's, or inside the 32 held-out examples' noise?
+
+Run on demand from the repository root:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/heldout_pairs.py --stories-path ../shared/data \\
+        --alpha 0.5 --seeds 0 1 2
+
+It runs benchmarks/time_to_quality.py (p4, lora lora_hb fedpipe, --alpha A, work and flat stop clocks, 32
+held-out examples a server) with one addition in every job process: each global evaluation also writes each
+server's held-out per-example losses (summed target loss, target tokens) to --workdir/examples. The engine
+records only each server's mean held-out loss (HDF5 clients/eval_loss_heldout); the mean of two models on the
+same 32 examples differs far less than either mean's own standard error, so a comparison needs the paired
+per-example differences. Why a process hook rather than an engine option: it is a benchmark's measurement,
+and the runs it measures stay the same `fedpipe run` jobs the table reports (their HDF5 is unchanged; the
+records are matched to its rounds by the held-out means they also carry).
+
+Per alpha and seed it reports, for the default (fedpipe) against lora_hb, every round's per-server difference
+of held-out loss with its paired standard error, and the same at the table's equal-work point (the round whose
+worst-server loss the table reports). JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def install(dump_dir: str) -> None:
+    """In a job process: wrap Run.evaluate so that each global evaluation also writes every hosted server's
+    held-out per-example losses, with the run's output dir and the held-out means it returned."""
+    import torch
+
+    from fedpipe_dist.data.tokenize import collate
+    from fedpipe_dist.metrics.perplexity import example_losses
+    from fedpipe_dist.runtime import setup
+
+    original = setup.Run.evaluate
+    calls = [0]
+
+    def evaluate(self, state=None, data=None):
+        out = original(self, state, data)
+        if data is not None or not self.own_eval:
+            return out
+        rec = {"dir": str(Path(self.cfg.output.dir).resolve()), "heldout": np.asarray(out.get("heldout")),
+               "examples": {}}
+        self.bases.use(self.eval_precision)
+        self.model.eval()
+        with self.method.attach(state), torch.inference_mode():
+            for c, held in self.own_eval.items():
+                losses, tokens = [], []
+                for i in range(0, len(held), 16):
+                    batch = collate(held, list(range(i, min(i + 16, len(held)))), self.pad_id).to(self.comm.device)
+                    loss, n = example_losses(self.model, batch)
+                    losses.append(loss.double().cpu().numpy())
+                    tokens.append(n.double().cpu().numpy())
+                rec["examples"][c] = (np.concatenate(losses), np.concatenate(tokens))
+        calls[0] += 1
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(dump_dir) / f"{os.getpid()}_{calls[0]:05d}.pkl", "wb") as f:
+            pickle.dump(rec, f)
+        return out
+
+    setup.Run.evaluate = evaluate
+
+
+def paired(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """Token-weighted mean loss of a minus b on the same examples, and its standard error (ratio estimator)."""
+    (la, n), (lb, nb) = a, b
+    assert np.array_equal(n, nb), "the two models were scored on different examples"
+    d = la - lb
+    gap = d.sum() / n.sum()
+    return float(gap), float(math.sqrt(np.sum((d - gap * n) ** 2) * len(d) / (len(d) - 1)) / n.sum())
+
+
+def by_round(records: list[dict], run_dir: Path, heldout_curve: list[list[float]]) -> dict[int, dict]:
+    """The records of one run, by round: the record whose held-out means equal that round's HDF5 row."""
+    mine = [r for r in records if r["dir"] == str(run_dir.resolve())]
+    out = {}
+    for t, row in enumerate(heldout_curve):
+        hit = [r for r in mine if np.allclose(r["heldout"], row, rtol=0, atol=1e-9)]
+        if hit:
+            out[t] = hit[-1]["examples"]
+    return out
+
+
+def compare(cell: dict, workdir: Path, records: list[dict]) -> dict:
+    """fedpipe minus lora_hb per round and server (paired), and at the table's equal-work point."""
+    m = cell["methods"]
+    curves = {k: m[k]["curve"]["heldout"] for k in ("lora_hb", "fedpipe")}
+    got = {k: by_round(records, workdir / k, curves[k]) for k in curves}
+    rounds = sorted(set(got["lora_hb"]) & set(got["fedpipe"]) - {0})
+    diff = {t: [paired(got["fedpipe"][t][c], got["lora_hb"][t][c]) for c in sorted(got["lora_hb"][t])]
+            for t in rounds}
+    target = m["lora_hb"]["worst_heldout_at_equal_work"]
+    at = next(t for t, row in enumerate(curves["lora_hb"]) if abs(max(row) - target) < 1e-12)
+    worst = int(np.argmax(curves["lora_hb"][at]))
+    gap, se = diff[at][worst]
+    single = got["lora_hb"][at][worst]
+    loss, n = single
+    mean = loss.sum() / n.sum()
+    se_one = math.sqrt(np.sum((loss - mean * n) ** 2) * len(loss) / (len(loss) - 1)) / n.sum()
+    lower = sum(g < 0 for t in rounds for g, _ in diff[t])
+    return {"rounds": rounds, "diff": {str(t): diff[t] for t in rounds}, "equal_work_round": at,
+            "worst_server": worst, "lora_hb_worst": max(curves["lora_hb"][at]),
+            "fedpipe_worst": max(curves["fedpipe"][at]), "worst_gap": gap, "worst_gap_se": se,
+            "lora_hb_worst_own_se": se_one, "fedpipe_lower": [lower, sum(len(diff[t]) for t in rounds)]}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stories-path", default=os.environ.get("FEDPIPE_SHARED_DATA"),
+                    help="folder holding models/stories260K-hf and e2e/ (default $FEDPIPE_SHARED_DATA)")
+    ap.add_argument("--alpha", type=float, nargs="+", default=[0.1, 0.5])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--workdir", default=str(REPO / "benchmarks" / "out" / "heldout_pairs"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "heldout_pairs.json"))
+    a = ap.parse_args(argv)
+    if not a.stories_path or not (Path(a.stories_path) / "models" / "stories260K-hf").is_dir():
+        raise SystemExit("heldout_pairs: needs the pretrained stories260K and E2E data; pass --stories-path DIR "
+                         "(the folder holding models/stories260K-hf and e2e/) or set FEDPIPE_SHARED_DATA")
+    work = Path(a.workdir)
+    doc: dict = {"command": " ".join(sys.argv), "cells": {}}
+    for alpha in a.alpha:
+        for seed in a.seeds:
+            cell_dir = work / f"alpha{alpha:g}" / f"seed{seed}"
+            dump = cell_dir / "examples"
+            env = dict(os.environ, OMP_NUM_THREADS="1", FEDPIPE_HELDOUT_DUMP=str(dump),
+                       PYTHONPATH=os.pathsep.join([str(REPO / "benchmarks" / "_hooks"),
+                                                   os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+            ttq_json = cell_dir / "time_to_quality.json"
+            subprocess.run([sys.executable, str(REPO / "benchmarks" / "time_to_quality.py"), "--stories-path",
+                            a.stories_path, "--profiles", "p4", "--methods", "lora", "lora_hb", "fedpipe", "--alpha",
+                            f"{alpha:g}", "--seeds", str(seed), "--stop-clocks", "work", "flat", "--workdir",
+                            str(cell_dir / "runs"), "--out", str(ttq_json)], env=env, check=True, cwd=REPO)
+            cell = json.loads(ttq_json.read_text())["profiles"][f"p4-alpha{alpha:g}"]["seeds"][str(seed)]
+            records = [pickle.load(open(f, "rb")) for f in sorted(glob.glob(str(dump / "*.pkl")))]
+            res = compare(cell, cell_dir / "runs" / f"p4-alpha{alpha:g}" / f"seed{seed}", records)
+            doc["cells"][f"alpha{alpha:g}/seed{seed}"] = res
+            print(f"[alpha {alpha:g} seed {seed}] equal-work round {res['equal_work_round']}, worst server "
+                  f"{res['worst_server']}: lora_hb {res['lora_hb_worst']:.4f}, fedpipe {res['fedpipe_worst']:.4f}; "
+                  f"paired difference {res['worst_gap']:+.4f} (se {res['worst_gap_se']:.4f}; one model's se "
+                  f"{res['lora_hb_worst_own_se']:.4f}); fedpipe lower on {res['fedpipe_lower'][0]} of "
+                  f"{res['fedpipe_lower'][1]} (round, server) pairs", file=sys.stderr, flush=True)
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(doc, indent=1))  # after every cell: nothing lost
+    return doc
+
+
+if __name__ == "__main__":
+    main()
