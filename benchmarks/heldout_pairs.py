@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import pickle
 import subprocess
@@ -37,6 +36,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from _jobs import write_json  # noqa: E402
+from federated_gap import paired_gap as paired  # noqa: E402  (mean difference on the same examples, its se)
 
 
 def install(dump_dir: str) -> None:
@@ -57,7 +59,7 @@ def install(dump_dir: str) -> None:
             return out
         rec = {"dir": str(Path(self.cfg.output.dir).resolve()), "heldout": np.asarray(out.get("heldout")),
                "examples": {}}
-        self.bases.use(self.eval_precision)
+        was_training = self.model.training  # the bases are still at eval precision: evaluate just set them
         self.model.eval()
         with self.method.attach(state), torch.inference_mode():
             for c, held in self.own_eval.items():
@@ -68,6 +70,7 @@ def install(dump_dir: str) -> None:
                     losses.append(loss.double().cpu().numpy())
                     tokens.append(n.double().cpu().numpy())
                 rec["examples"][c] = (np.concatenate(losses), np.concatenate(tokens))
+        self.model.train(was_training)
         calls[0] += 1
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(dump_dir) / f"{os.getpid()}_{calls[0]:05d}.pkl", "wb") as f:
@@ -75,15 +78,6 @@ def install(dump_dir: str) -> None:
         return out
 
     setup.Run.evaluate = evaluate
-
-
-def paired(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
-    """Token-weighted mean loss of a minus b on the same examples, and its standard error (ratio estimator)."""
-    (la, n), (lb, nb) = a, b
-    assert np.array_equal(n, nb), "the two models were scored on different examples"
-    d = la - lb
-    gap = d.sum() / n.sum()
-    return float(gap), float(math.sqrt(np.sum((d - gap * n) ** 2) * len(d) / (len(d) - 1)) / n.sum())
 
 
 def by_round(records: list[dict], run_dir: Path, heldout_curve: list[list[float]]) -> dict[int, dict]:
@@ -109,10 +103,8 @@ def compare(cell: dict, workdir: Path, records: list[dict]) -> dict:
     at = next(t for t, row in enumerate(curves["lora_hb"]) if abs(max(row) - target) < 1e-12)
     worst = int(np.argmax(curves["lora_hb"][at]))
     gap, se = diff[at][worst]
-    single = got["lora_hb"][at][worst]
-    loss, n = single
-    mean = loss.sum() / n.sum()
-    se_one = math.sqrt(np.sum((loss - mean * n) ** 2) * len(loss) / (len(loss) - 1)) / n.sum()
+    loss, n = got["lora_hb"][at][worst]
+    _, se_one = paired((loss, n), (np.zeros_like(loss), n))  # against a zero loss: one model's own se
     lower = sum(g < 0 for t in rounds for g, _ in diff[t])
     return {"rounds": rounds, "diff": {str(t): diff[t] for t in rounds}, "equal_work_round": at,
             "worst_server": worst, "lora_hb_worst": max(curves["lora_hb"][at]),
@@ -155,8 +147,7 @@ def main(argv=None) -> dict:
                   f"paired difference {res['worst_gap']:+.4f} (se {res['worst_gap_se']:.4f}; one model's se "
                   f"{res['lora_hb_worst_own_se']:.4f}); fedpipe lower on {res['fedpipe_lower'][0]} of "
                   f"{res['fedpipe_lower'][1]} (round, server) pairs", file=sys.stderr, flush=True)
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(doc, indent=1))  # after every cell: nothing lost
+            write_json(a.out, doc)  # after every cell: nothing lost
     return doc
 
 
