@@ -16,7 +16,7 @@ import pytest
 
 from fedpipe_dist.io.hdf5 import Results
 
-from ._util import REPO, SMALL_RUN, subprocess_env
+from ._util import REPO, SMALL_RUN, shared_data, subprocess_env
 
 sys.path.insert(0, str(REPO))
 from benchmarks.round_breakdown import breakdown, table  # noqa: E402
@@ -43,7 +43,8 @@ def test_round_breakdown_adds_up_the_recorded_phases(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_the_cpu(tmp_path):
-    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", str(tmp_path)], cwd=REPO,
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", "--parts", "1 2 3 4 5",
+                        str(tmp_path)], cwd=REPO,
                        env=subprocess_env(FEDPIPE_PYTHON=sys.executable), capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -55,6 +56,26 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     micro = json.loads((tmp_path / "scale_7b_micro.json").read_text())  # 2048 wide: the sampled check
     assert micro["merge_s"] > 0 and micro["copy_bw"] > 0 and micro["stack_rank"] == 60, micro
     assert "scale_7b micro (cpu, 2048 wide" in p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_gpu_check_clock_part_dry_run_on_the_cpu(tmp_path):
+    """Part 6 (issue 27's clock on the device): time_to_quality's rows LoRA, lora_hb, the default and
+    plan.step_cost=measured at toy size, and the summary with the measured row's fitted step cost."""
+    data = shared_data()
+    if data is None:
+        pytest.skip("needs ../shared/data (stories260K-hf and E2E) or FEDPIPE_SHARED_DATA")
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", "--parts", "6", str(tmp_path)],
+                       cwd=REPO, env=subprocess_env(FEDPIPE_PYTHON=sys.executable, FEDPIPE_SHARED_DATA=data),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((tmp_path / "clock.json").read_text())["profiles"]["p4"]["seeds"]["0"]["methods"]
+    assert set(rows) == {"lora", "lora_hb", "tuned+carry=adapter", "tuned+measured"}, list(rows)
+    assert rows["lora"]["speedup"] == 1.0 and all(math.isfinite(v["speedup"]) for v in rows.values()), rows
+    s = json.loads((tmp_path / "clock_summary.json").read_text())["p4"]
+    assert set(s["rows"]) == {"LoRA", "lora_hb", "default", "measured"} and s["fits"][0]["t0_s"] >= 0, s
+    assert "clock p4: 1 seed(s) finished" in p.stdout and "fit t0" in p.stdout, p.stdout
 
 
 def test_scale_7b_summary_extrapolates_each_phase_to_32_layers_and_totals_the_shares():
