@@ -17,14 +17,17 @@
 #    measured clock (clients.throttle=clock: each server's synchronized step seconds x its slowdown), rows LoRA,
 #    lora_hb, FedPipe's default and plan.step_cost=measured (which fits t(b) = t0 + c x tokens on this device);
 #    needs FEDPIPE_SHARED_DATA (stories260K-hf and E2E); stopped after GPU_CHECK_CLOCK_S seconds (default 330;
-#    seed by seed, p4 then s4, every finished (seed, profile) is in its JSON).
+#    seed by seed, p4 then s4, every finished (seed, profile) is in its JSON);
+# 7. every method, the centralized limit and the switches that keep state across rounds (lora.carry=shared_a,
+#    kept AdamW moments, a server optimizer, the dense transport, the bf16 wire, plan.step_cost=measured):
+#    2 rounds of the quickstart each on the device, side by side; one line each, ok or the error.
 # Parts run in the order given. A part whose package is missing (bitsandbytes for 2 and the QLoRA line of 3) or
 # whose data is absent (6) is skipped with the reason. Each part's JSON and log go to OUT_DIR (default
 # benchmarks/out/gpu_check); the summary to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cpu=0
-parts="1 2 3 4 5 6"
+parts="1 2 3 4 5 6 7"
 while [[ $# -gt 0 ]]; do
   case $1 in
     --cpu) cpu=1; shift ;;
@@ -113,6 +116,31 @@ part6() {
     --stop-clocks time_s --workdir "$out/clock" --out "$out/clock.json" > "$out/clock.md" 2> "$out/clock.log" \
     || echo "clock: stopped (exit $?) after ${GPU_CHECK_CLOCK_S:-330} s; the seeds finished are kept"
   "$py" benchmarks/gpu_check_summary.py "$out" --clock
+}
+
+part7() {
+  echo "== 7. every method and switch, 2 rounds of the quickstart on $device, side by side" >&2
+  local -A over=([lora]="method=lora" [lora_hb]="method=lora_hb" [fedpipe]="method=fedpipe"
+    [paper]="method=fedpipe plan.variant=paper" [ft]="method=ft" [fedadapter]="method=fedadapter"
+    [flora]="method=flora" [flexlora]="method=flexlora" [hetlora]="method=hetlora" [central]="method=lora central=true"
+    [shared_a]="method=fedpipe lora.carry=shared_a" [moments]="method=lora_hb train.optimizer_state=kept"
+    [fedadam]="method=fedpipe aggregation.server_opt=fedadam" [dense]="method=fedpipe plan.variant=paper aggregation.transport=dense"
+    [bf16]="method=fedpipe aggregation.wire=bf16" [measured]="method=fedpipe plan.step_cost=measured")
+  local n
+  mkdir -p "$out/methods"
+  for n in "${!over[@]}"; do
+    # shellcheck disable=SC2086  # the overrides split on spaces
+    "$py" -m fedpipe_dist run jobs/quickstart.yaml "${small[@]}" ${over[$n]} "output.dir=$out/methods/$n" \
+      --no-progress > /dev/null 2> "$out/methods/$n.log" &
+  done
+  wait
+  for n in $(printf '%s\n' "${!over[@]}" | sort); do
+    if grep -q '^done:' "$out/methods/$n.log"; then
+      echo "method $n: ok: $(grep '^done:' "$out/methods/$n.log")"
+    else
+      echo "method $n: FAILED: $(grep -m1 -E 'Error|error:' "$out/methods/$n.log" || tail -n 1 "$out/methods/$n.log")"
+    fi
+  done
 }
 
 for p in $parts; do

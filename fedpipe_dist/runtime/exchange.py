@@ -211,8 +211,9 @@ def fedavg_exchange(comm, groups: list[list[int]], layouts, updates, owner, aggr
             partial = dict(flat_items(agg.merge or agg.state))
         for path, shape in layout:
             t = partial.get(path)
-            chunks.append(t.reshape(-1).float() if t is not None else torch.zeros(shape.numel()))
-    buf = torch.cat(chunks).to(comm.device)
+            chunks.append(t.reshape(-1).float().to(comm.device) if t is not None
+                          else torch.zeros(shape.numel(), device=comm.device))
+    buf = torch.cat(chunks)
     agg_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     comm.reduce_sum(buf, dst=0)
