@@ -150,3 +150,37 @@ def test_measured_fixed_cost_turns_the_batch_split_into_fewer_steps_and_survives
     fits = [json.loads(Results(tmp_path / d / "results.h5").attrs["step_fit_json"]) for d in ("a", "b")]
     assert fits[0]["t0_s"] == pytest.approx(t0_ms / 1e3, rel=0.01) and fits[0]["overhead_samples"] > 50
     assert fits[1]["t0_s"] == pytest.approx(fits[0]["t0_s"], rel=0.1)  # the resumed run's fit, from its checkpoint
+
+
+@pytest.mark.parametrize("overrides, mode, cpu, gpu", [
+    ([], "auto", False, True),  # the tuned variant's: measured where every rank trains on a GPU
+    (["plan.variant=paper"], "given", False, False),  # the paper's variant plans with the given t0 (0)
+    (["plan.step_cost=given"], "given", False, False),
+    (["plan.step_cost=measured"], "measured", True, True),
+])
+def test_step_cost_auto_measures_on_gpus_only(overrides, mode, cpu, gpu):
+    from transformers import LlamaConfig
+
+    from fedpipe_dist.adapters.sites import find_sites
+    from fedpipe_dist.algorithm.cost import model_shape
+    from fedpipe_dist.models import model_from_config
+    from fedpipe_dist.runtime.heterogeneity import ServerProfile
+    from fedpipe_dist.runtime.planning import RoundPlanner
+
+    model = model_from_config(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                          num_key_value_heads=4, intermediate_size=172, vocab_size=512))
+    shape = model_shape(model, find_sites(model))
+    cfg = load_job("jobs/quickstart.yaml", overrides)
+    assert cfg.plan.step_cost == mode
+    profiles = [ServerProfile(i, 0.1, 24 * 2**30, 1.0) for i in range(cfg.clients.n)]
+    made = [RoundPlanner(cfg, shape, list(shape.sites), profiles, hosted=[0, 1, 2, 3], on_gpu=g).measures
+            for g in (False, True)]
+    assert made == [cpu, gpu]
+
+
+def test_default_run_on_the_cpu_plans_with_the_given_step_cost(tmp_path):
+    """On the CPU the default (auto) neither times steps for a fit nor writes step_fit_json."""
+    cfg = load_job("jobs/quickstart.yaml", [*JOB[:6], "rounds=2", f"output.dir={tmp_path}"])
+    assert cfg.plan.step_cost == "auto"
+    run_job(cfg, LocalComm())
+    assert "step_fit_json" not in Results(tmp_path / "results.h5").attrs

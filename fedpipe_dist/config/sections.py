@@ -38,9 +38,11 @@ BNB_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)  # block sizes bitsandbytes' 
 # paper: Algorithm 1 and Eqn 10 as published. tuned: the measured best (docs/planner.md, "Variants").
 PLAN_VARIANTS = {
     "paper": {"plan.split": "batch", "plan.rank_alloc": "greedy", "plan.step_overhead_s": 0.0,
-              "plan.lr_scaling": "none", "aggregation.weights": "paper", "lora.carry": "none"},
+              "plan.step_cost": "given", "plan.lr_scaling": "none", "aggregation.weights": "paper",
+              "lora.carry": "none"},
     "tuned": {"plan.split": "auto", "plan.rank_alloc": "spread", "plan.step_overhead_s": 0.0,
-              "plan.lr_scaling": "none", "aggregation.weights": "samples", "lora.carry": "adapter"},
+              "plan.step_cost": "auto", "plan.lr_scaling": "none", "aggregation.weights": "samples",
+              "lora.carry": "adapter"},
 }
 
 
@@ -166,12 +168,15 @@ class PlanConfig:
     step_overhead_s: Optional[float] = None
     """Fixed time of a local step on the fastest server beyond its FLOPs (t0: Python, launches, optimizer).
     The paper's step-time model has none (0); with it, small batches are planned as slower than FLOPs say."""
-    step_cost: Literal["given", "measured"] = "given"
+    step_cost: Optional[Literal["given", "measured", "auto"]] = None
     """Where t0 comes from. given: plan.step_overhead_s. measured: every server times its round-1 local steps
     (seconds and padded tokens), the times are scaled to the fastest server's speed and fitted as
     t0 + c x tokens over all servers, and from round 2 on the plan uses the fitted t0 (in samples' worth, so the
     planner's FLOPs need not match the device's efficiency) instead of plan.step_overhead_s. With
-    plan.split=auto this makes the batch-or-steps choice from the devices' real step-cost shape."""
+    plan.split=auto this makes the batch-or-steps choice from the devices' real step-cost shape. auto (the
+    tuned variant's): measured where every rank trains on a GPU (on an H200, stories260K's step costs 25 ms +
+    2 us per token: nearly the same at any batch), given on CPUs (a step's cost there grows with its batch, and
+    plans stay independent of the machine's load). The paper variant: given."""
     step_fit: Literal["rounds", "round1"] = "rounds"
     """plan.step_cost=measured, how the timed steps are fitted. rounds: every round's steps by Theil-Sen (median
     pairwise slope), planned with the median over the rounds' fits, so a burst of load on the machine moves it

@@ -219,12 +219,12 @@ def finish(run: Run, writer: ResultsWriter | None, eval_losses: list[float], che
 
 
 def _planner_attrs(run: Run) -> dict[str, str]:
-    """plan.step_cost=measured: the step cost the planner fitted (root attribute step_fit_json: the medians t0_s,
-    per_token_s, tokens_per_sample and overhead_samples planned with, steps, estimator, and each fit in fits; "null"
-    where the steps could not be fitted or none were timed)."""
+    """plan.step_cost=measured (or auto, where it measured): the step cost the planner fitted (root attribute
+    step_fit_json: the medians t0_s, per_token_s, tokens_per_sample and overhead_samples planned with, steps,
+    estimator, and each fit in fits; "null" where the steps could not be fitted or none were timed)."""
     import json
 
-    if run.planner is None or run.cfg.plan.step_cost != "measured":
+    if run.planner is None or not run.planner.measures:
         return {}
     return {"step_fit_json": json.dumps(run.planner.step_fit_record())}
 

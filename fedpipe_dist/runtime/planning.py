@@ -25,7 +25,7 @@ class RoundPlanner:
     each server's starting rank; default: the one the job names."""
 
     def __init__(self, cfg: JobConfig, shape: ModelShape, sites: list[Site], profiles: list[ServerProfile],
-                 hosted: list[int], method=None, log=None):
+                 hosted: list[int], method=None, log=None, on_gpu: bool = False):
         if method is None:
             from ..methods import make_method
 
@@ -48,6 +48,8 @@ class RoundPlanner:
         # plan.step_cost=measured: this rank's servers' timed steps of the round not yet fitted, and the fits so far
         # (plan.step_fit=rounds: one per round whose steps could be fitted; round1: at most one, then closed)
         self.timed: dict[int, list] = {}
+        # plan.step_cost=auto measures where every rank trains on a GPU (`on_gpu`), as set_up found
+        self.measures = cfg.plan.step_cost == "measured" or (cfg.plan.step_cost == "auto" and on_gpu)
         self.fits: list[StepFit] = []
         self.fits_closed = False
 
@@ -106,7 +108,7 @@ class RoundPlanner:
         """t0 for this round's plan: plan.step_overhead_s, or (plan.step_cost=measured) from the fits of the steps
         timed so far, as soon as there are some (every rank fits the same gathered steps: identical plans)."""
         cfg = self.cfg
-        if cfg.plan.step_cost == "measured" and not self.fits_closed:
+        if self.measures and not self.fits_closed:
             timed: dict[int, list] = {}
             for part in comm.all_gather_object(self.timed):
                 timed.update(part)
@@ -196,7 +198,7 @@ class RoundPlanner:
         """Fold a hosted server's round measurements into its importance state (Eqn 5-7); keep its timed steps
         until plan.step_cost=measured has fitted them."""
         self.states[client].update(sensitivity, singular)
-        if self.cfg.plan.step_cost == "measured" and not self.fits_closed:
+        if self.measures and not self.fits_closed:
             self.timed[client] = list(step_times)
 
 

@@ -151,8 +151,12 @@ def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     run.profiles = saved_profiles(point.state) if point else _profile(cfg, comm, run.owner)
     lap("profile")
     run.method = make_method(cfg)
+    on_gpu = all(kind == "cuda" for kind in comm.all_gather_object(comm.device.type))  # plan.step_cost=auto
     run.planner = RoundPlanner(cfg, model_shape(model, sites), sites, run.profiles, hosted=run.my_clients,
-                               method=run.method, log=log)
+                               method=run.method, log=log, on_gpu=on_gpu)
+    if cfg.plan.step_cost == "auto" and run.planner.measures and comm.rank == 0:
+        log("plan.step_cost=auto: every rank trains on a GPU, so the planner times the steps and fits their "
+            "fixed cost (plan.step_cost=given plans with plan.step_overhead_s instead)")
     _build_bases(run)
     lap("bases")
     run.method.setup(run)
