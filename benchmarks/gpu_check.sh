@@ -17,7 +17,8 @@
 #    measured clock (clients.throttle=clock: each server's synchronized step seconds x its slowdown), rows LoRA,
 #    lora_hb, FedPipe's default and plan.step_cost=measured (which fits t(b) = t0 + c x tokens on this device);
 #    needs FEDPIPE_SHARED_DATA (stories260K-hf and E2E); stopped after GPU_CHECK_CLOCK_S seconds (default 330;
-#    seed by seed, p4 then s4, every finished (seed, profile) is in its JSON);
+#    seed by seed, p4 then s4, every finished (seed, profile) is in its JSON). On an H200 one seed of p4 takes
+#    about 200 s: GPU_CHECK_CLOCK="--profiles s4 --seeds 0" picks what one call measures;
 # 7. every method, the centralized limit and the switches that keep state across rounds (lora.carry=shared_a,
 #    kept AdamW moments, a server optimizer, the dense transport, the bf16 wire, plan.step_cost=measured):
 #    2 rounds of the quickstart each on the device, side by side; one line each, ok or the error.
@@ -61,7 +62,7 @@ else
   steps=(--steps 8 --repeats 3)
   big=(--big --steps 4 --repeats 2)
   hidden=4096
-  clock=(--profiles p4 s4 --seeds 0 1 2)
+  read -r -a clock <<< "${GPU_CHECK_CLOCK:---profiles p4 s4 --seeds 0 1 2}"
 fi
 no_bnb="skipped: bitsandbytes is not installed in $py (pip install bitsandbytes)"
 t0=$SECONDS
