@@ -176,6 +176,10 @@ def test_step_cost_auto_measures_on_gpus_only(overrides, mode, cpu, gpu):
     made = [RoundPlanner(cfg, shape, list(shape.sites), profiles, hosted=[0, 1, 2, 3], on_gpu=g).measures
             for g in (False, True)]
     assert made == [cpu, gpu]
+    # lora_hb's batch split takes t0 as given: it never times its steps for a fit
+    hb = load_job("jobs/quickstart.yaml", [*overrides, "method=lora_hb"])
+    assert not any(RoundPlanner(hb, shape, list(shape.sites), profiles, hosted=[0, 1, 2, 3], on_gpu=g).measures
+                   for g in (False, True))
 
 
 def test_default_run_on_the_cpu_plans_with_the_given_step_cost(tmp_path):

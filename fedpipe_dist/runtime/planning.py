@@ -48,8 +48,10 @@ class RoundPlanner:
         # plan.step_cost=measured: this rank's servers' timed steps of the round not yet fitted, and the fits so far
         # (plan.step_fit=rounds: one per round whose steps could be fitted; round1: at most one, then closed)
         self.timed: dict[int, list] = {}
-        # plan.step_cost=auto measures where every rank trains on a GPU (`on_gpu`), as set_up found
-        self.measures = cfg.plan.step_cost == "measured" or (cfg.plan.step_cost == "auto" and on_gpu)
+        # whether the steps are timed and fitted: only for a method whose plans use t0 (lora_hb's batch split takes
+        # plan.step_overhead_s as given), with plan.step_cost=measured, or auto where every rank trains on a GPU
+        self.measures = method.adaptive() and (cfg.plan.step_cost == "measured"
+                                               or (cfg.plan.step_cost == "auto" and on_gpu))
         self.fits: list[StepFit] = []
         self.fits_closed = False
 
