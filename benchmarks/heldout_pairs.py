@@ -17,7 +17,14 @@ records are matched to its rounds by the held-out means they also carry).
 
 Per alpha and seed it reports, for the default (fedpipe) against lora_hb, every round's per-server difference
 of held-out loss with its paired standard error, and the same at the table's equal-work point (the round whose
-worst-server loss the table reports). JSON to --out.
+worst-server loss the table reports; --clock flat: the equal flat-step point). JSON to --out.
+
+What the default does on a GPU (plan.step_cost=auto measures there), on this CPU: a simulated fixed step cost and
+the measured step cost for every run (lora and lora_hb plan without it), read at the equal flat-step point:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/heldout_pairs.py --stories-path ../shared/data --clock flat \
+        --workdir benchmarks/out/heldout_pairs_flat --out benchmarks/out/heldout_pairs_flat.json \
+        -- plan.step_cost=measured clients.step_delay_s=0.5
 """
 
 from __future__ import annotations
@@ -91,22 +98,22 @@ def by_round(records: list[dict], run_dir: Path, heldout_curve: list[list[float]
     return out
 
 
-def compare(cell: dict, workdir: Path, records: list[dict]) -> dict:
-    """fedpipe minus lora_hb per round and server (paired), and at the table's equal-work point."""
+def compare(cell: dict, workdir: Path, records: list[dict], clock: str = "work") -> dict:
+    """fedpipe minus lora_hb per round and server (paired), and at the table's equal-work (or flat-step) point."""
     m = cell["methods"]
     curves = {k: m[k]["curve"]["heldout"] for k in ("lora_hb", "fedpipe")}
     got = {k: by_round(records, workdir / k, curves[k]) for k in curves}
     rounds = sorted(set(got["lora_hb"]) & set(got["fedpipe"]) - {0})
     diff = {t: [paired(got["fedpipe"][t][c], got["lora_hb"][t][c]) for c in sorted(got["lora_hb"][t])]
             for t in rounds}
-    target = m["lora_hb"]["worst_heldout_at_equal_work"]
+    target = m["lora_hb"][f"worst_heldout_at_equal_{clock}"]
     at = next(t for t, row in enumerate(curves["lora_hb"]) if abs(max(row) - target) < 1e-12)
     worst = int(np.argmax(curves["lora_hb"][at]))
     gap, se = diff[at][worst]
     loss, n = got["lora_hb"][at][worst]
     _, se_one = paired((loss, n), (np.zeros_like(loss), n))  # against a zero loss: one model's own se
     lower = sum(g < 0 for t in rounds for g, _ in diff[t])
-    return {"rounds": rounds, "diff": {str(t): diff[t] for t in rounds}, "equal_work_round": at,
+    return {"rounds": rounds, "diff": {str(t): diff[t] for t in rounds}, "clock": clock, "equal_work_round": at,
             "worst_server": worst, "lora_hb_worst": max(curves["lora_hb"][at]),
             "fedpipe_worst": max(curves["fedpipe"][at]), "worst_gap": gap, "worst_gap_se": se,
             "lora_hb_worst_own_se": se_one, "fedpipe_lower": [lower, sum(len(diff[t]) for t in rounds)]}
@@ -120,6 +127,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workdir", default=str(REPO / "benchmarks" / "out" / "heldout_pairs"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "heldout_pairs.json"))
+    ap.add_argument("--clock", choices=["work", "flat"], default="work",
+                    help="the equal-time point compared: work units (the recorded table) or flat steps")
+    ap.add_argument("extra", nargs="*", help="more dotted overrides for every run (after --)")
     a = ap.parse_args(argv)
     if not a.stories_path or not (Path(a.stories_path) / "models" / "stories260K-hf").is_dir():
         raise SystemExit("heldout_pairs: needs the pretrained stories260K and E2E data; pass --stories-path DIR "
@@ -137,12 +147,12 @@ def main(argv=None) -> dict:
             subprocess.run([sys.executable, str(REPO / "benchmarks" / "time_to_quality.py"), "--stories-path",
                             a.stories_path, "--profiles", "p4", "--methods", "lora", "lora_hb", "fedpipe", "--alpha",
                             f"{alpha:g}", "--seeds", str(seed), "--stop-clocks", "work", "flat", "--workdir",
-                            str(cell_dir / "runs"), "--out", str(ttq_json)], env=env, check=True, cwd=REPO)
+                            str(cell_dir / "runs"), "--out", str(ttq_json), *a.extra], env=env, check=True, cwd=REPO)
             cell = json.loads(ttq_json.read_text())["profiles"][f"p4-alpha{alpha:g}"]["seeds"][str(seed)]
             records = [pickle.load(open(f, "rb")) for f in sorted(glob.glob(str(dump / "*.pkl")))]
-            res = compare(cell, cell_dir / "runs" / f"p4-alpha{alpha:g}" / f"seed{seed}", records)
+            res = compare(cell, cell_dir / "runs" / f"p4-alpha{alpha:g}" / f"seed{seed}", records, a.clock)
             doc["cells"][f"alpha{alpha:g}/seed{seed}"] = res
-            print(f"[alpha {alpha:g} seed {seed}] equal-work round {res['equal_work_round']}, worst server "
+            print(f"[alpha {alpha:g} seed {seed}] equal-{a.clock} round {res['equal_work_round']}, worst server "
                   f"{res['worst_server']}: lora_hb {res['lora_hb_worst']:.4f}, fedpipe {res['fedpipe_worst']:.4f}; "
                   f"paired difference {res['worst_gap']:+.4f} (se {res['worst_gap_se']:.4f}; one model's se "
                   f"{res['lora_hb_worst_own_se']:.4f}); fedpipe lower on {res['fedpipe_lower'][0]} of "
