@@ -16,8 +16,10 @@ and the runs it measures stay the same `fedpipe run` jobs the table reports (the
 records are matched to its rounds by the held-out means they also carry).
 
 Per alpha and seed it reports, for the default (fedpipe) against lora_hb, every round's per-server difference
-of held-out loss with its paired standard error, and the same at the table's equal-work point (the round whose
-worst-server loss the table reports; --clock flat: the equal flat-step point). JSON to --out.
+of held-out loss with its paired standard error (lora_hb's round t against fedpipe's last round finished by the
+same time: the same round where both run the same plans), and the same at the table's equal-work point (each
+method's round whose worst-server loss the table reports; --clock flat: the equal flat-step point). JSON to
+--out; --report-only compares the runs already in --workdir.
 
 What the default does on a GPU (plan.step_cost=auto measures there), on this CPU: a simulated fixed step cost and
 the measured step cost for every run (lora and lora_hb plan without it), read at the equal flat-step point:
@@ -98,25 +100,41 @@ def by_round(records: list[dict], run_dir: Path, heldout_curve: list[list[float]
     return out
 
 
+def at_time(cv: dict, clock: str, when: float) -> int:
+    """The last evaluated round finished by `when` on `clock` (time_to_quality.worst_own_at's round)."""
+    return max(t for t, (x, loss) in enumerate(zip(cv[clock], cv["eval_loss"]))
+               if x <= when + 1e-12 and np.isfinite(loss))
+
+
 def compare(cell: dict, workdir: Path, records: list[dict], clock: str = "work") -> dict:
-    """fedpipe minus lora_hb per round and server (paired), and at the table's equal-work (or flat-step) point."""
+    """fedpipe minus lora_hb, paired on the same held-out examples: every round of lora_hb against fedpipe's last
+    round finished by the same time on `clock` (the same round where both run the same plans), and at the table's
+    equal-time point, LoRA's time to its target over the compute bound, on each method's worst server."""
     m = cell["methods"]
-    curves = {k: m[k]["curve"]["heldout"] for k in ("lora_hb", "fedpipe")}
-    got = {k: by_round(records, workdir / k, curves[k]) for k in curves}
-    rounds = sorted(set(got["lora_hb"]) & set(got["fedpipe"]) - {0})
-    diff = {t: [paired(got["fedpipe"][t][c], got["lora_hb"][t][c]) for c in sorted(got["lora_hb"][t])]
-            for t in rounds}
-    target = m["lora_hb"][f"worst_heldout_at_equal_{clock}"]
-    at = next(t for t, row in enumerate(curves["lora_hb"]) if abs(max(row) - target) < 1e-12)
-    worst = int(np.argmax(curves["lora_hb"][at]))
-    gap, se = diff[at][worst]
-    loss, n = got["lora_hb"][at][worst]
+    cvs = {k: m[k]["curve"] for k in ("lora_hb", "fedpipe")}
+    got = {k: by_round(records, workdir / k, cvs[k]["heldout"]) for k in cvs}
+    lora = m["lora"]["curve"]
+    r_target = next(t for t, loss in enumerate(lora["eval_loss"]) if loss == cell["target"])
+    when = lora[clock][r_target] * cell["equal_time_s"] / cell["t_ref_s"]  # T_R / the compute bound
+    pairs = {t: at_time(cvs["fedpipe"], clock, cvs["lora_hb"][clock][t]) for t in sorted(got["lora_hb"]) if t > 0}
+    pairs = {t: u for t, u in pairs.items() if u in got["fedpipe"]}
+    diff = {t: [paired(got["fedpipe"][u][c], got["lora_hb"][t][c]) for c in sorted(got["lora_hb"][t])]
+            for t, u in pairs.items()}
+    at, at_fp = at_time(cvs["lora_hb"], clock, when), at_time(cvs["fedpipe"], clock, when)
+    worst_hb, worst_fp = (int(np.argmax(cvs[k]["heldout"][r])) for k, r in (("lora_hb", at), ("fedpipe", at_fp)))
+    assert abs(max(cvs["lora_hb"]["heldout"][at]) - m["lora_hb"][f"worst_heldout_at_equal_{clock}"]) < 1e-12
+    worst = {c: paired(got["fedpipe"][at_fp][c], got["lora_hb"][at][c]) for c in {worst_hb, worst_fp}}
+    loss, n = got["lora_hb"][at][worst_hb]
     _, se_one = paired((loss, n), (np.zeros_like(loss), n))  # against a zero loss: one model's own se
-    lower = sum(g < 0 for t in rounds for g, _ in diff[t])
-    return {"rounds": rounds, "diff": {str(t): diff[t] for t in rounds}, "clock": clock, "equal_work_round": at,
-            "worst_server": worst, "lora_hb_worst": max(curves["lora_hb"][at]),
-            "fedpipe_worst": max(curves["fedpipe"][at]), "worst_gap": gap, "worst_gap_se": se,
-            "lora_hb_worst_own_se": se_one, "fedpipe_lower": [lower, sum(len(diff[t]) for t in rounds)]}
+    lower = sum(g < 0 for t in diff for g, _ in diff[t])
+    gap, se = worst[worst_hb]
+    return {"rounds": list(pairs), "fedpipe_round_at": {str(t): u for t, u in pairs.items()},
+            "diff": {str(t): diff[t] for t in diff}, "clock": clock, "equal_work_round": at, "fedpipe_round": at_fp,
+            "worst_server": worst_hb, "fedpipe_worst_server": worst_fp,
+            "lora_hb_worst": max(cvs["lora_hb"]["heldout"][at]), "fedpipe_worst": max(cvs["fedpipe"]["heldout"][at_fp]),
+            "worst_gap": gap, "worst_gap_se": se,
+            "on_servers": {str(c): v for c, v in worst.items()},
+            "lora_hb_worst_own_se": se_one, "fedpipe_lower": [lower, sum(len(d) for d in diff.values())]}
 
 
 def main(argv=None) -> dict:
@@ -129,6 +147,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "heldout_pairs.json"))
     ap.add_argument("--clock", choices=["work", "flat"], default="work",
                     help="the equal-time point compared: work units (the recorded table) or flat steps")
+    ap.add_argument("--report-only", action="store_true", help="compare the runs and records in --workdir; run nothing")
     ap.add_argument("extra", nargs="*", help="more dotted overrides for every run (after --)")
     a = ap.parse_args(argv)
     if not a.stories_path or not (Path(a.stories_path) / "models" / "stories260K-hf").is_dir():
@@ -144,19 +163,22 @@ def main(argv=None) -> dict:
                        PYTHONPATH=os.pathsep.join([str(REPO / "benchmarks" / "_hooks"),
                                                    os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
             ttq_json = cell_dir / "time_to_quality.json"
-            subprocess.run([sys.executable, str(REPO / "benchmarks" / "time_to_quality.py"), "--stories-path",
-                            a.stories_path, "--profiles", "p4", "--methods", "lora", "lora_hb", "fedpipe", "--alpha",
-                            f"{alpha:g}", "--seeds", str(seed), "--stop-clocks", "work", "flat", "--workdir",
-                            str(cell_dir / "runs"), "--out", str(ttq_json), *a.extra], env=env, check=True, cwd=REPO)
+            if not a.report_only:
+                cmd = [sys.executable, str(REPO / "benchmarks" / "time_to_quality.py"), "--stories-path",
+                       a.stories_path, "--profiles", "p4", "--methods", "lora", "lora_hb", "fedpipe", "--alpha",
+                       f"{alpha:g}", "--seeds", str(seed), "--stop-clocks", "work", "flat", "--workdir",
+                       str(cell_dir / "runs"), "--out", str(ttq_json), *a.extra]
+                subprocess.run(cmd, env=env, check=True, cwd=REPO)
             cell = json.loads(ttq_json.read_text())["profiles"][f"p4-alpha{alpha:g}"]["seeds"][str(seed)]
             records = [pickle.load(open(f, "rb")) for f in sorted(glob.glob(str(dump / "*.pkl")))]
             res = compare(cell, cell_dir / "runs" / f"p4-alpha{alpha:g}" / f"seed{seed}", records, a.clock)
             doc["cells"][f"alpha{alpha:g}/seed{seed}"] = res
-            print(f"[alpha {alpha:g} seed {seed}] equal-{a.clock} round {res['equal_work_round']}, worst server "
-                  f"{res['worst_server']}: lora_hb {res['lora_hb_worst']:.4f}, fedpipe {res['fedpipe_worst']:.4f}; "
+            print(f"[alpha {alpha:g} seed {seed}] equal {a.clock}: lora_hb round {res['equal_work_round']}, fedpipe "
+                  f"round {res['fedpipe_round']}, worst server {res['worst_server']} / {res['fedpipe_worst_server']}: "
+                  f"lora_hb {res['lora_hb_worst']:.4f}, fedpipe {res['fedpipe_worst']:.4f}; "
                   f"paired difference {res['worst_gap']:+.4f} (se {res['worst_gap_se']:.4f}; one model's se "
                   f"{res['lora_hb_worst_own_se']:.4f}); fedpipe lower on {res['fedpipe_lower'][0]} of "
-                  f"{res['fedpipe_lower'][1]} (round, server) pairs", file=sys.stderr, flush=True)
+                  f"{res['fedpipe_lower'][1]} (round, server) pairs at equal {a.clock}", file=sys.stderr, flush=True)
             write_json(a.out, doc)  # after every cell: nothing lost
     return doc
 

@@ -40,6 +40,30 @@ def test_records_are_matched_to_rounds_by_their_held_out_means(bench, tmp_path):
     assert sorted(got) == [0, 1] and got[1] is ex  # round 2 has no record; b's record is another run's
 
 
+def test_runs_with_different_plans_are_paired_at_equal_time_not_at_equal_round(bench, tmp_path):
+    """fedpipe's rounds cost half of lora_hb's on the flat clock: lora_hb's round t is paired with fedpipe's round 2t,
+    and the equal-time point (LoRA's flat time to target over the bound) picks each method's own round there."""
+    def ex(v):  # two servers, two one-token examples each, losses v and v + 1
+        return {0: (np.array([v, v]), np.ones(2)), 1: (np.array([v + 1, v + 1]), np.ones(2))}
+
+    held = {"lora_hb": [[3.0, 4.0], [2.0, 3.0], [1.5, 2.5]],
+            "fedpipe": [[3.0, 4.0], [2.5, 3.5], [2.2, 3.2], [1.8, 2.8], [1.2, 2.2]]}
+    records, methods = [], {}
+    for k, rows in held.items():
+        step = 2.0 if k == "lora_hb" else 1.0
+        records += [{"dir": str((tmp_path / k).resolve()), "heldout": np.array(r), "examples": ex(r[0])} for r in rows]
+        methods[k] = {"curve": {"flat": [step * t for t in range(len(rows))], "eval_loss": [1.0] * len(rows),
+                                "heldout": rows}}
+    methods["lora_hb"]["worst_heldout_at_equal_flat"] = 3.0  # its round 1 (flat 2.0 <= 4.0 / 1.6 = 2.5)
+    methods["lora"] = {"curve": {"flat": [0.0, 2.0, 4.0], "eval_loss": [3.0, 2.0, 1.0]}}
+    cell = {"target": 1.0, "t_ref_s": 8.0, "equal_time_s": 5.0, "methods": methods}  # bound 1.6
+    res = bench.compare(cell, tmp_path, records, clock="flat")
+    assert res["fedpipe_round_at"] == {"1": 2, "2": 4} and (res["equal_work_round"], res["fedpipe_round"]) == (1, 2)
+    assert res["worst_server"] == res["fedpipe_worst_server"] == 1
+    assert res["worst_gap"] == pytest.approx(3.2 - 3.0) and res["fedpipe_worst"] == 3.2
+    assert res["fedpipe_lower"] == [2, 4]  # round 2 against fedpipe's 4: lower on both servers; round 1: higher
+
+
 def test_the_hook_records_the_engines_held_out_losses(bench, tmp_path):
     from fedpipe_dist.runtime import setup
 
