@@ -116,7 +116,9 @@ def compare(cell: dict, workdir: Path, records: list[dict], clock: str = "work")
     lora = m["lora"]["curve"]
     r_target = next(t for t, loss in enumerate(lora["eval_loss"]) if loss == cell["target"])
     when = lora[clock][r_target] * cell["equal_time_s"] / cell["t_ref_s"]  # T_R / the compute bound
-    pairs = {t: at_time(cvs["fedpipe"], clock, cvs["lora_hb"][clock][t]) for t in sorted(got["lora_hb"]) if t > 0}
+    end = cvs["fedpipe"][clock][-1] + 1e-12  # only times fedpipe's run reached (it may stop sooner)
+    pairs = {t: at_time(cvs["fedpipe"], clock, cvs["lora_hb"][clock][t]) for t in sorted(got["lora_hb"])
+             if 0 < t and cvs["lora_hb"][clock][t] <= end}
     pairs = {t: u for t, u in pairs.items() if u in got["fedpipe"]}
     diff = {t: [paired(got["fedpipe"][u][c], got["lora_hb"][t][c]) for c in sorted(got["lora_hb"][t])]
             for t, u in pairs.items()}
