@@ -121,19 +121,21 @@ class LoRAAdapters(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def shared_initial_adapter(sites: list[Site], rank: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def shared_initial_adapter(sites: list[Site], rank: int, seed: int, device="cpu"
+                           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One initial adapter for every server of a job (FedAvg-LoRA as the field's code runs it: OpenFedLLM's
     main_sft.py copies one peft state dict to every client before round 1): site.key -> (B' = 0 [out, rank],
     A [rank, in]) with A drawn as peft draws it (kaiming-uniform), from the job's seed alone, so every rank
     draws the same adapter without a broadcast. Each site has a generator of its own and the draw fills A row
     by row, so the adapter at rank r is the first r rows of the one at any larger rank: a server of rank r
-    takes A[:r], and every method and the centralized limit start from the same A whatever their top rank."""
+    takes A[:r], and every method and the centralized limit start from the same A whatever their top rank.
+    Drawn on the CPU (the same numbers on any device), returned on `device` (where the run's factors live)."""
     out = {}
     for i, s in enumerate(sites):  # find_sites order: the same on every rank
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0x1A17, i]).generate_state(1)[0]))
         a = torch.empty(rank, s.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-        out[s.key] = (torch.zeros(s.out_features, rank), a)
+        out[s.key] = (torch.zeros(s.out_features, rank, device=device), a.to(device))
     return out
 
 

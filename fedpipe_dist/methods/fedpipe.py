@@ -19,7 +19,6 @@ from ..algorithm.aggregation.fedpipe import kept_adapter_step, shared_a_delta, s
 from ..algorithm.aggregation.ft import weighted_sum
 from ..errors import UserInputError
 from ..runtime.exchange import factored_exchange, fedavg_exchange, update_meta
-from ..runtime.trees import tree_to
 from .base import Exchanged, register_method, require
 from .lora import LoRAMethod
 
@@ -72,7 +71,7 @@ class FedPipe(LoRAMethod):
             # a rank past a weight's full rank min(out, in) adds nothing, and would only cost memory here
             self.full_rank = max(min(x.out_features, x.in_features) for x in run.sites)
             self.top = min(max([*cfg.lora.ranks, cfg.lora.rank]), self.full_rank)
-            self.initial = tree_to(shared_initial_adapter(run.sites, self.top, cfg.seed), run.comm.device)
+            self.initial = shared_initial_adapter(run.sites, self.top, cfg.seed, device=run.comm.device)
 
     def global_adapter(self) -> dict:
         return self.global_state or self.initial

@@ -75,8 +75,7 @@ class LoRAMethod(Method):
         if self.aggregator.keeps_global_adapter:
             cfg = self.cfg
             top = max([*cfg.lora.ranks, cfg.lora.rank, *(cfg.lora.client_ranks or [])])
-            # drawn on the CPU (the same numbers on any device), then kept where the exchange's factors live
-            self.initial = tree_to(shared_initial_adapter(run.sites, top, cfg.seed), run.comm.device)
+            self.initial = shared_initial_adapter(run.sites, top, cfg.seed, device=run.comm.device)
 
     # ---- local training ----------------------------------------------------------------------------------
     def trainable(self, adapters) -> list:
