@@ -121,21 +121,22 @@ part6() {
 
 part7() {
   echo "== 7. every method and switch, 2 rounds of the quickstart on $device, side by side" >&2
-  local -A over=([lora]="method=lora" [lora_hb]="method=lora_hb" [fedpipe]="method=fedpipe"
-    [paper]="method=fedpipe plan.variant=paper" [ft]="method=ft" [fedadapter]="method=fedadapter"
-    [flora]="method=flora" [flexlora]="method=flexlora" [hetlora]="method=hetlora" [central]="method=lora central=true"
-    [shared_a]="method=fedpipe lora.carry=shared_a" [moments]="method=lora_hb train.optimizer_state=kept"
-    [fedadam]="method=fedpipe aggregation.server_opt=fedadam" [dense]="method=fedpipe plan.variant=paper aggregation.transport=dense"
-    [bf16]="method=fedpipe aggregation.wire=bf16" [measured]="method=fedpipe plan.step_cost=measured")
-  local n
+  local n ov rows
+  # the benchmarks' method rows (benchmarks/_jobs.py) and the centralized limit, then the state-keeping switches
+  rows=$("$py" -c 'import sys; sys.path.insert(0, "benchmarks"); from _jobs import CENTRAL, METHODS
+for name, ov in {**METHODS, "central": CENTRAL}.items(): print(name, *ov)')
+  rows+=$'\nshared_a method=fedpipe lora.carry=shared_a\nmoments method=lora_hb train.optimizer_state=kept'
+  rows+=$'\nfedadam method=fedpipe aggregation.server_opt=fedadam'
+  rows+=$'\ndense method=fedpipe plan.variant=paper aggregation.transport=dense'
+  rows+=$'\nbf16 method=fedpipe aggregation.wire=bf16\nmeasured method=fedpipe plan.step_cost=measured'
   mkdir -p "$out/methods"
-  for n in "${!over[@]}"; do
+  while read -r n ov; do
     # shellcheck disable=SC2086  # the overrides split on spaces
-    "$py" -m fedpipe_dist run jobs/quickstart.yaml "${small[@]}" ${over[$n]} "output.dir=$out/methods/$n" \
+    "$py" -m fedpipe_dist run jobs/quickstart.yaml "${small[@]}" $ov "output.dir=$out/methods/$n" \
       --no-progress > /dev/null 2> "$out/methods/$n.log" &
-  done
+  done <<< "$rows"
   wait
-  for n in $(printf '%s\n' "${!over[@]}" | sort); do
+  for n in $(cut -d' ' -f1 <<< "$rows" | sort); do
     if grep -q '^done:' "$out/methods/$n.log"; then
       echo "method $n: ok: $(grep '^done:' "$out/methods/$n.log")"
     else
