@@ -200,16 +200,17 @@ def test_mpirun_across_two_nodes_equals_one_host(nodes, tmp_path, twins):
     _assert_twins(done, twins(4))
 
 
-def _lose_node_1(name, ns, out, bound_s, *extra, per_node, elastic=False):
-    """Start the pair; once round 2 is done, cut node 1's link and kill every process on it (a node that loses
-    power). Returns node 0's (rc, log) and the seconds from the loss to node 0's launcher's exit."""
+def _lose_node_1(name, ns, out, bound_s, *extra, per_node, elastic=False, after_round=2):
+    """Start the pair; once rank 0 has logged round `after_round`, cut node 1's link and kill every process on it
+    (a node that loses power). Returns node 0's (rc, log) and the seconds from the loss to node 0's launcher's
+    exit."""
     import signal
     import time
 
     procs, logs = _start_pair(name, ns, out, *extra, per_node=per_node, elastic=elastic)
     try:
         deadline = time.monotonic() + 240
-        while "round 2/" not in open(logs[0].name).read():
+        while f"round {after_round}/" not in open(logs[0].name).read():
             assert time.monotonic() < deadline and procs[0].poll() is None, open(logs[0].name).read()[-3000:]
             time.sleep(0.2)
         subprocess.run(["bash", str(NODES), "cut", name, "1"], check=True)
@@ -246,14 +247,18 @@ def test_a_lost_node_ends_every_surviving_rank_within_the_bound(nodes, tmp_path)
 
 
 def test_elastic_torchrun_continues_on_the_surviving_node(nodes, tmp_path):
-    """torchrun --nnodes=1:2 --max-restarts=2 on both nodes; node 1 is lost after round 2. The agent on node 0
-    restarts its 2 workers, the job resumes from its newest checkpoint with world size 2 (elastic resume composes
-    the 4-rank state) and finishes. It must equal a run that changed world size at that round: 4 ranks on one host
-    to that round, then resume=true on 2 ranks."""
+    """torchrun --nnodes=1:2 --max-restarts=2 on both nodes; node 1 is lost once rank 0 has logged round 4. The
+    agent on node 0 restarts its 2 workers, the job resumes from its newest checkpoint with world size 2 (elastic
+    resume composes the 4-rank state) and finishes. It must equal a run that changed world size at that round: 4
+    ranks on one host to that round, then resume=true on 2 ranks.
+    Why round 4: round t's checkpoint is written in the background while round t+1 trains, and every rank has
+    it whole only once round t+1's collective check has passed, i.e. once rank 0 logs round t+2 (CI once lost
+    node 1 right after round 2's line, before node 1's ranks had written round 2, and the job rightly resumed
+    from round 1). So at round 4's line round 2 is whole on every rank: the resume point is 2 or later."""
     name, ns = nodes
     out = tmp_path / "elastic"
     job = ["rounds=12", "comm.timeout_s=15"]
-    (rc, text), _ = _lose_node_1(name, ns, out, 15 + 120, *job, per_node=2, elastic=True)
+    (rc, text), _ = _lose_node_1(name, ns, out, 15 + 120, *job, per_node=2, elastic=True, after_round=4)
     assert rc == 0, text[-3000:]
     done = Results(out / "results.h5")
     assert done.attrs["finished"] and done.n_rounds == 12
