@@ -70,7 +70,7 @@ from fedpipe_dist.algorithm.cost import (  # noqa: E402
     memory_bytes,
     model_shape,
 )
-from fedpipe_dist.algorithm.importance import sensitivity_of  # noqa: E402
+from fedpipe_dist.algorithm.importance import SensitivitySum  # noqa: E402
 from fedpipe_dist.algorithm.planner import uniform_plan  # noqa: E402
 from fedpipe_dist.config import JobConfig  # noqa: E402
 from fedpipe_dist.data import format_example  # noqa: E402
@@ -236,6 +236,8 @@ class Trainer:
                                      weight_decay=cfg.train.weight_decay)
         self.batches = batch_indices(len(data), self.plan.batch_size, np.random.default_rng(seed))
         self.data, self.cfg, self.pad_id = data, cfg, pad_id
+        self.sensitivity = SensitivitySum([[self.adapters.A[_pkey(s)], self.adapters.B[_pkey(s)]]
+                                           for s in self.adapters.sites])
 
     def step(self, model) -> tuple[float, float, float]:
         """One step of train_client's loop (adapters attached): (forward, backward, update) seconds."""
@@ -245,8 +247,7 @@ class Trainer:
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        for s in self.adapters.sites:  # Eqn 4, as train_client does every step
-            sensitivity_of([self.adapters.A[_pkey(s)], self.adapters.B[_pkey(s)]])
+        self.sensitivity.add()  # Eqn 4, as train_client does every step
         if self.cfg.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.adapters.parameters(), self.cfg.train.max_grad_norm)
         self.opt.step()

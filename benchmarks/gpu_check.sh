@@ -9,7 +9,8 @@
 # 2. the quickstart with NF4 bases through bitsandbytes (quant.backend=bitsandbytes) on CUDA;
 # 3. benchmarks/step_vs_peft.py: the engine's step vs peft on the 34M/29M models, then on a random-init Llama of
 #    about 1.1B parameters (fp32), then that model's NF4 base: the engine's vs peft + bitsandbytes QLoRA;
-#    tokens/s, GFLOP/s against the measured matmul peak, peak memory;
+#    tokens/s, GFLOP/s against the measured matmul peak, peak memory; first the operators and CUDA kernels each
+#    step launches, engine and peft (step_vs_peft.py --ops: what a launch-bound step's time follows);
 # 4. benchmarks/scale_7b.py --micro-only: one LLaMA-2-7B layer's merge, its fidelity check and the importance
 #    measurement, timed on the device (what scale_7b.py's A100 column estimates from the CPU);
 # 5. the cost model's memory prediction for the quickstart plans, next to the measured peak;
@@ -84,6 +85,8 @@ part2() {
 
 part3() {
   echo "== 3. step vs peft ($device)" >&2
+  "$py" benchmarks/step_vs_peft.py --device "$device" --ops --only llama-34M gpt2-29M --out "$out/step_ops.json" \
+    > /dev/null
   "$py" benchmarks/step_vs_peft.py --device "$device" "${steps[@]}" --out "$out/step_vs_peft.json"
   if [[ ${#big[@]} -gt 0 ]]; then
     "$py" benchmarks/step_vs_peft.py --device "$device" "${big[@]}" --out "$out/step_vs_peft_1b.json"

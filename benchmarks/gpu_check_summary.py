@@ -33,6 +33,13 @@ def checks(out: Path) -> None:
         pred, meas = r.clients["pred_mem_bytes"][1:], r.clients["peak_mem_bytes"][1:]
         print(f"{name}: final eval loss {r.last_eval_loss():.4f}; peak memory measured / predicted per server: "
               + ", ".join(f"{m / 2**20:.0f}/{p / 2**20:.0f} MiB" for m, p in zip(meas[-1], pred[-1])))
+    if (out / "step_ops.json").exists():
+        d = json.loads((out / "step_ops.json").read_text())
+        for m, v in d["models"].items():
+            e, p = v["engine"], v["peft"]
+            kernels = (f", CUDA kernels {e['cuda_kernels']:.0f} vs {p['cuda_kernels']:.0f}"
+                       if e.get("cuda_kernels") is not None else "")
+            print(f"step_ops {m}: engine {e['aten_ops']:.0f} ops per step vs peft {p['aten_ops']:.0f}{kernels}")
     for f in sorted(out.glob("step_vs_peft*.json")):
         d = json.loads(f.read_text())
         for m, v in d["models"].items():

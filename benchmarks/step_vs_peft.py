@@ -15,6 +15,10 @@ adapter weights) per token; the machine's matmul peak is measured here (runtime/
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_vs_peft.py --stories-path ../shared/data \\
         [--repeats 3] [--steps 8]
 
+--ops counts instead of timing: the operators each step dispatches (top-level aten ops, torch.profiler; on
+CUDA also the kernels launched), engine and peft, the difference by operator. On a GPU a small model's step is
+launch-bound, so this count is what its time follows; it is deterministic, so it can be read on a CPU.
+
 Output: a Markdown table on stdout and JSON at --out (default benchmarks/out/step_vs_peft.json).
 """
 
@@ -151,6 +155,53 @@ def peft_step(model, data, steps: int, device) -> float:
     return seconds
 
 
+def ops_per_step(step, model, data, device, sites=None) -> dict:
+    """What one step of `step` (engine_step or peft_step) dispatches: the difference between a 5-step and a
+    1-step run, over 4 (what happens once per call, building the optimizer or attaching adapters, cancels)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    counted = []
+    for steps in (1, 5):
+        args = (model, data, steps, device) + ((sites,) if step is engine_step else ())
+        with profile(activities=acts) as prof:
+            step(*args)
+        events = prof.events()
+        top = Counter(e.name for e in events if e.name.startswith("aten::") and (
+            e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+        kernels = sum(1 for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+        counted.append((top, kernels))
+    (top1, k1), (top5, k5) = counted
+    by_op = {k: (top5[k] - top1[k]) / 4 for k in set(top5) | set(top1) if top5[k] != top1[k]}
+    return {"aten_ops": sum(by_op.values()), "cuda_kernels": (k5 - k1) / 4 if device.type == "cuda" else None,
+            "by_op": by_op}
+
+
+def count_ops(models, device, out: str) -> None:
+    """--ops: the table of operators (and kernels) per step, engine against peft."""
+    doc = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "batch": BATCH,
+           "seq": SEQ, "rank": RANK, "models": {}}
+    print("| model | engine ops / step | peft ops / step | engine / peft | kernels / step (engine, peft) | "
+          "largest differences (engine - peft per step) |")
+    print("|---|---|---|---|---|---|")
+    for name, build in models:
+        model = build().to(device)
+        model.requires_grad_(False)
+        data = _data(model.config.vocab_size)
+        engine_step(model, data, 1, device)  # warm-up
+        peft_step(model, data, 1, device)
+        e, p = ops_per_step(engine_step, model, data, device), ops_per_step(peft_step, model, data, device)
+        diff = {k: e["by_op"].get(k, 0) - p["by_op"].get(k, 0) for k in set(e["by_op"]) | set(p["by_op"])}
+        big = sorted((k for k in diff if diff[k]), key=lambda k: -abs(diff[k]))[:4]
+        doc["models"][name] = {"engine": e, "peft": p}
+        kernels = f"{e['cuda_kernels']:.0f}, {p['cuda_kernels']:.0f}" if device.type == "cuda" else "-"
+        print(f"| {name} | {e['aten_ops']:.0f} | {p['aten_ops']:.0f} | {e['aten_ops'] / p['aten_ops']:.3f} | "
+              f"{kernels} | {', '.join(f'{k[6:]} {diff[k]:+.0f}' for k in big)} |")
+    write_json(out, doc)
+
+
 def flops_per_token(model) -> float:
     from fedpipe_dist.adapters.sites import find_sites
     from fedpipe_dist.algorithm.cost import flops_per_sample, model_shape
@@ -169,11 +220,17 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="a random-init Llama of about 1.1B parameters only")
     ap.add_argument("--qlora", action="store_true", help="NF4 bases: the engine's (bitsandbytes) vs peft QLoRA "
                     "(CUDA only)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "step_vs_peft.json"))
+    ap.add_argument("--ops", action="store_true", help="count the operators (and CUDA kernels) per step instead "
+                    "of timing (out: benchmarks/out/step_ops.json unless --out)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/out/step_vs_peft.json)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
+    if args.ops:
+        models = [(n, b) for n, b in _models(args.stories_path, big=args.big) if not args.only or n in args.only]
+        return count_ops(models, device, args.out or str(REPO / "benchmarks" / "out" / "step_ops.json"))
+    args.out = args.out or str(REPO / "benchmarks" / "out" / "step_vs_peft.json")
     from fedpipe_dist.runtime.heterogeneity import measure_tflops
 
     # the best of a few sizes: a small matmul understates what the models' larger ones reach

@@ -53,6 +53,11 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     m = d["models"]["llama-34M"]
     assert m["params"] > 20e6 and m["median_tokens_per_s"]["engine"] > 0 and m["median_tokens_per_s"]["peft"] > 0
     assert "step_vs_peft llama-34M: engine" in p.stdout and "gpu_check: done" in p.stderr
+    ops = json.loads((tmp_path / "step_ops.json").read_text())["models"]
+    assert set(ops) == {"llama-34M", "gpt2-29M"} and all(v["engine"]["aten_ops"] > 100 for v in ops.values())
+    # the same adapters on q, k, v, o: the engine's step dispatches no more than 5 % more operators than peft's
+    assert ops["llama-34M"]["engine"]["aten_ops"] <= 1.05 * ops["llama-34M"]["peft"]["aten_ops"], ops["llama-34M"]
+    assert "step_ops llama-34M: engine" in p.stdout
     micro = json.loads((tmp_path / "scale_7b_micro.json").read_text())  # 2048 wide: the sampled check
     assert micro["merge_s"] > 0 and micro["copy_bw"] > 0 and micro["stack_rank"] == 60, micro
     assert "scale_7b micro (cpu, 2048 wide" in p.stdout

@@ -61,3 +61,24 @@ def test_scores_normalize_each_term_and_fill_unmeasured_with_mean():
     # phi all zero carries no information: only sv shares count: 0.8, 0.2, then the mean 0.5
     np.testing.assert_allclose(s, [[0.8, 0.2, 0.5, 0.5]])
     assert (combine_scores(np.full((2, 4), np.nan), np.full((2, 4), np.nan)) == 0).all()  # round 1: ties
+
+
+def test_sensitivity_sum_is_each_adapters_mean_summed_over_steps():
+    """SensitivitySum (every adapter at once, a few multi-tensor ops per step) gives each adapter's Eqn 4 as
+    the per-tensor form does, summed over the steps it saw; a tensor without a gradient (a frozen A) counts its
+    entries with zero sensitivity."""
+    from fedpipe_dist.algorithm.importance import SensitivitySum
+
+    g = torch.Generator().manual_seed(0)
+    groups = [[torch.randn(4, 16, generator=g), torch.randn(32, 4, generator=g)] for _ in range(3)]
+    groups.append([torch.randn(2, 8, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g)])
+    meter = SensitivitySum(groups)
+    expect = torch.zeros(len(groups), dtype=torch.float64)
+    for step in range(2):
+        for i, grp in enumerate(groups):
+            for j, p in enumerate(grp):
+                p.grad = None if (i, j, step) == (1, 0, 1) else torch.randn(p.shape, generator=g, dtype=p.dtype)
+            expect[i] += sum(float((p * p.grad).abs().sum()) for p in grp if p.grad is not None) / sum(
+                p.numel() for p in grp)
+        meter.add()
+    torch.testing.assert_close(meter.total.double(), expect, rtol=1e-6, atol=0)

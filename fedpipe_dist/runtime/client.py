@@ -13,7 +13,7 @@ import torch
 from ..adapters.lora import FixedUpdates, LoRAAdapters, _pkey
 from ..adapters.sites import KIND_INDEX, Site, n_layers
 from ..algorithm.aggregation import ClientUpdate
-from ..algorithm.importance import mean_singular_value, sensitivity_of
+from ..algorithm.importance import SensitivitySum, mean_singular_value
 from ..algorithm.planner import ClientPlan
 from ..config import JobConfig
 from ..data.tokenize import TokenizedSet, collate
@@ -231,11 +231,8 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
                             device=device, init=start)
     reset_ok = _budget_memory(device, mem_budget_bytes)
     L = n_layers(sites)
-    sens_sum = {s.key: torch.zeros((), device=device) for s in adapters.sites}  # Eqn 4, summed over steps
-
-    def measure_sensitivity():  # Eqn 4 on the raw gradients, before clipping and the update
-        for s in adapters.sites:
-            sens_sum[s.key] += sensitivity_of([adapters.A[_pkey(s)], adapters.B[_pkey(s)]])
+    # Eqn 4 on the raw gradients (after each backward, before clipping and the update), summed over steps
+    sens_sum = SensitivitySum([[adapters.A[_pkey(s)], adapters.B[_pkey(s)]] for s in adapters.sites], device=device)
 
     extra = (lambda: prune[1] * _prune_term(adapters, prune[0])) if prune is not None and prune[1] > 0 else None
     t0 = time.perf_counter()
@@ -243,13 +240,14 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
         params = list(adapters.parameters()) if trainable is None else trainable(adapters)
         ran = _run_steps(model, params, data, plan, tr, seed=seed, pad_id=pad_id, device=device,
                          slowdown=slowdown, deadline_s=deadline_s, extra_loss=extra,
-                         after_backward=measure_sensitivity, opt_memory=opt_memory)
+                         after_backward=sens_sum.add, opt_memory=opt_memory)
     sensitivity = np.full((L, 4), np.nan)
     singular = np.full((L, 4), np.nan)
     factors = adapters.factors()
-    for s in adapters.sites if ran.losses else []:  # no step ran (deadline already passed): nothing measured
+    summed = sens_sum.total.tolist()
+    for i, s in enumerate(adapters.sites if ran.losses else []):  # no step ran (deadline passed): nothing measured
         j = KIND_INDEX[s.kind]
-        sensitivity[s.layer, j] = float(sens_sum[s.key]) / len(ran.losses)
+        sensitivity[s.layer, j] = summed[i] / len(ran.losses)
         singular[s.layer, j] = mean_singular_value(*factors[s.key])
     prune_norm = float(_prune_term(adapters, prune[0]).detach()) if prune is not None else float("nan")
     stats = _stats(plan, ran, t0, device, reset_ok, sum(p.numel() for p in params))
