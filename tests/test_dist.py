@@ -148,3 +148,15 @@ def test_sixteen_virtual_servers_on_four_ranks_fifteen_sampled(tmp_path):
     assert (r.clients["trainable_params"][1:][sel == 0] == 0).all()
     assert (r.rounds["agg_peak_bytes"][1:] > 0).all()
     assert r.rounds["eval_loss"][-1] < r.rounds["eval_loss"][0]
+
+
+def test_cuda_caps_a_process_at_its_servers_budget_only_when_it_is_one_server():
+    """CUDA's allocation cap is per process: a rank that is one server is held to that server's budget, a rank
+    hosting several is not capped (one budget would hold them all), and CPU processes never are."""
+    from fedpipe_dist.runtime.client import allocator_cap
+
+    gib = 2**30
+    assert allocator_cap(torch.device("cuda", 0), 1, 8 * gib) == 8 * gib
+    assert allocator_cap(torch.device("cuda", 0), 4, 8 * gib) is None
+    assert allocator_cap(torch.device("cpu"), 1, 8 * gib) is None
+    assert allocator_cap(torch.device("cuda", 0), 1, None) is None

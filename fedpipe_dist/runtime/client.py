@@ -199,9 +199,18 @@ def _restore_moments(opt, params, memory: dict) -> None:
             opt.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in memory[i].items()}
 
 
+def allocator_cap(device: torch.device, n_hosted: int, mem_budget_bytes: int | None) -> int | None:
+    """The cap on this process's CUDA allocations while one of its servers trains: the server's budget where the
+    process is that one server (an OOM is then a real failure), none where it hosts several. CUDA's cap is per
+    process, and a process hosting several servers holds all of their state (every precision's base view, their
+    kept adapters and moments), so one server's budget would cap the others' memory too; their plans still fit
+    their budgets by the memory model (algorithm/cost.memory_bytes), and each server's peak is still measured."""
+    return mem_budget_bytes if device.type == "cuda" and n_hosted == 1 else None
+
+
 def _budget_memory(device: torch.device, mem_budget_bytes: int | None) -> bool:
-    """On CUDA, cap this process's allocations at the server's budget (an OOM is a real failure); then
-    start a fresh peak-memory measurement."""
+    """On CUDA, cap this process's allocations at `mem_budget_bytes` (allocator_cap); then start a fresh
+    peak-memory measurement."""
     if device.type == "cuda" and mem_budget_bytes:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, mem_budget_bytes / total), device)

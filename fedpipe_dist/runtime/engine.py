@@ -32,7 +32,7 @@ from ..io.space import DiskError, disk_errors, require_space, tensor_bytes
 from ..methods import Exchanged, Report
 from .agreement import agree, raise_on_all_ranks
 from .chain import BaseChain
-from .client import peak_mem, reset_peak_mem
+from .client import allocator_cap, peak_mem, reset_peak_mem
 from .launch import idle_ranks_warning, raise_if_stopped
 from .outputs import RunSummary, check_output_dir, check_shared_dir, finish, open_results
 from .record import Laps, Log, RankRecord, client_arrays, own_losses, round_row
@@ -241,7 +241,7 @@ def _train(run: Run, t: int, plans, runnable: list[int]):
         updates[c], stats[c] = run.method.train(
             c, plans[c], run.shards[c], round_idx=t, pad_id=run.pad_id, device=run.comm.device,
             slowdown=run.profiles[c].slowdown, deadline_s=cfg.train.deadline_s,
-            mem_budget_bytes=run.profiles[c].mem_budget_bytes)
+            mem_budget_bytes=allocator_cap(run.comm.device, len(run.my_clients), run.profiles[c].mem_budget_bytes))
     return updates, stats
 
 

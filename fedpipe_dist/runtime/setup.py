@@ -10,6 +10,7 @@ every rank scores a strided slice of it and the sums are all-gathered.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,11 @@ def set_up(cfg: JobConfig, comm: Communicator, log, point=None) -> Run:
     if cfg.plan.step_cost == "auto" and run.planner.measures and comm.rank == 0:
         log("plan.step_cost=auto: every rank trains on a GPU, so the planner times the steps and fits their "
             "fixed cost (plan.step_cost=given plans with plan.step_overhead_s instead)")
+    most = max(Counter(run.owner(c) for c in range(cfg.clients.n)).values())
+    if on_gpu and most > 1:  # runtime/client.allocator_cap
+        log(f"up to {most} servers share a rank's process: clients.memory_gb is planned for by the memory model, not "
+            "enforced by CUDA's per-process allocation cap (one server's budget would cap them all); run one server "
+            "per rank to enforce it")
     _build_bases(run)
     lap("bases")
     run.method.setup(run)
