@@ -38,7 +38,7 @@ def checks(out: Path) -> None:
         for m, v in d["models"].items():
             e, p = v["engine"], v["peft"]
             kernels = (f", CUDA kernels {e['cuda_kernels']:.0f} vs {p['cuda_kernels']:.0f}"
-                       if e.get("cuda_kernels") is not None else "")
+                       if e.get("cuda_kernels") is not None and p.get("cuda_kernels") is not None else "")
             print(f"step_ops {m}: engine {e['aten_ops']:.0f} ops per step vs peft {p['aten_ops']:.0f}{kernels}")
     for f in sorted(out.glob("step_vs_peft*.json")):
         d = json.loads(f.read_text())

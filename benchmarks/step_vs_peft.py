@@ -171,11 +171,13 @@ def ops_per_step(step, model, data, device, sites=None) -> dict:
         events = prof.events()
         top = Counter(e.name for e in events if e.name.startswith("aten::") and (
             e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
-        kernels = sum(1 for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+        # kineto lists each kernel as an event of device type CUDA; older profilers hang them on their op
+        kernels = (sum(1 for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+                   or sum(len(getattr(e, "kernels", ())) for e in events))
         counted.append((top, kernels))
     (top1, k1), (top5, k5) = counted
     by_op = {k: (top5[k] - top1[k]) / 4 for k in set(top5) | set(top1) if top5[k] != top1[k]}
-    return {"aten_ops": sum(by_op.values()), "cuda_kernels": (k5 - k1) / 4 if device.type == "cuda" else None,
+    return {"aten_ops": sum(by_op.values()), "cuda_kernels": (k5 - k1) / 4 if device.type == "cuda" and k5 else None,
             "by_op": by_op}
 
 
@@ -196,7 +198,8 @@ def count_ops(models, device, out: str) -> None:
         diff = {k: e["by_op"].get(k, 0) - p["by_op"].get(k, 0) for k in set(e["by_op"]) | set(p["by_op"])}
         big = sorted((k for k in diff if diff[k]), key=lambda k: -abs(diff[k]))[:4]
         doc["models"][name] = {"engine": e, "peft": p}
-        kernels = f"{e['cuda_kernels']:.0f}, {p['cuda_kernels']:.0f}" if device.type == "cuda" else "-"
+        counted = e["cuda_kernels"] is not None and p["cuda_kernels"] is not None
+        kernels = f"{e['cuda_kernels']:.0f}, {p['cuda_kernels']:.0f}" if counted else "-"
         print(f"| {name} | {e['aten_ops']:.0f} | {p['aten_ops']:.0f} | {e['aten_ops'] / p['aten_ops']:.3f} | "
               f"{kernels} | {', '.join(f'{k[6:]} {diff[k]:+.0f}' for k in big)} |")
     write_json(out, doc)
