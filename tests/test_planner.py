@@ -126,6 +126,26 @@ def test_plans_fit_their_budget_and_are_monotone_in_compute(shape, speeds, seed,
             assert sum(plans[hi].ranks.values()) >= sum(plans[lo].ranks.values())
 
 
+@pytest.mark.parametrize("granularity", ["type", "layer"])
+@pytest.mark.parametrize("rank_alloc", ["greedy", "spread"])
+def test_a_step_time_below_uniform_loras_shrinks_batches_not_adapters_to_none(shape, granularity, rank_alloc):
+    """plan.step_time_s below the default (fixed-rank LoRA's step on the fastest server): before, a_ref < 0 capped
+    every server's adapters at nothing, so every plan "fit" and trained nothing. Now the batches shrink until
+    adapters fit; every server trains some adapter within its budget, and the default's plans are unchanged."""
+    speeds = [1e10, 6.7e9, 5e9, 3.3e9]
+    default, dinfo = _plan(shape, speeds, granularity=granularity, rank_alloc=rank_alloc)
+    tau = dinfo[0].budget_flops / speeds[0]  # the default step time
+    base = base_flops_per_sample(shape, 64)
+    for frac in (0.995, 0.97, 0.8, 0.5):
+        plans, infos = _plan(shape, speeds, step_time_s=frac * tau, granularity=granularity, rank_alloc=rank_alloc)
+        for p, i in zip(plans, infos):
+            assert p.ranks and i.fits, (frac, p, i)
+            assert p.batch_size <= 8 and i.step_flops <= i.budget_flops * (1 + 1e-9)
+        if 8 * base > frac * tau * speeds[0]:  # the frozen model alone at batch 8 is over the step budget
+            assert plans[0].batch_size < 8
+    assert [p.batch_size for p in default] == [8, 5, 4, 2]
+
+
 def test_ablation_switches(shape):
     """plan.importance=fixed keeps the tie order; random redraws it each round; uniform is fixed-rank LoRA.
     The paper's variant: its greedy allocation is what makes the weight choice matter (tuned spreads the

@@ -210,18 +210,27 @@ def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *
     overhead = step_overhead_s * top  # FLOPs' worth of a step's fixed cost, on every server
     if step_time_s is None:
         step_time_s = (overhead + b_max * f_ref) / top
-    a_ref = (top * step_time_s - overhead) / b_max - base
     allocate = RANK_ALLOCATORS[rank_alloc]
 
     def cost(item_sites, r):
         return sum(adapter_flops_per_sample(s, r, seq_len) for s in item_sites)
 
+    # The fastest server's batch: b_max, or under a step time too short for b_max (a plan.step_time_s below the
+    # default), the largest batch that leaves room per sample for the cheapest item at the lowest rank; a_ref is
+    # its per-sample adapter budget. Without this, a_ref < 0 left every server with no adapter at all: plans that
+    # "fit" and train nothing.
+    cheapest = min((cost(item_sites, min(candidate_ranks)) for _, item_sites in items), default=0.0)
+    b_top = b_max
+    while b_top > b_min and (top * step_time_s - overhead) / b_top - base < cheapest * (1 - 1e-9):
+        b_top -= 1
+    a_ref = (top * step_time_s - overhead) / b_top - base
+
     if split == "steps":
-        batches, steps = [b_max] * len(servers), stage1_steps(speeds, local_steps)
+        batches, steps = [b_top] * len(servers), stage1_steps(speeds, local_steps)
     elif split == "auto":
-        batches, steps = stage1_auto(speeds, b_min, b_max, local_steps, overhead / f_ref)
+        batches, steps = stage1_auto(speeds, b_min, b_top, local_steps, overhead / f_ref)
     else:
-        batches, steps = stage1_batch(speeds, b_min, b_max, overhead / f_ref), [local_steps] * len(servers)
+        batches, steps = stage1_batch(speeds, b_min, b_top, overhead / f_ref), [local_steps] * len(servers)
     plans, infos = [], []
     for c, (srv, b, k) in enumerate(zip(servers, batches, steps)):
         # a server's round budget: local_steps steps of tau; per step, what its k steps leave
@@ -235,6 +244,9 @@ def fedpipe_plan(shape, servers: list[ServerBudget], scores: list[np.ndarray], *
             adapter_budget = min((budget - overhead) / b - base, a_ref)
             # budget / b - base cancels most digits (base dominates): tolerate that much rounding
             ranks = allocate(items, importance, candidate_ranks, adapter_budget, cost, tol=1e-9 * (base + a_ref))
+            if not ranks and items and b > b_min:  # no adapter fits beside this batch: a smaller one may
+                b -= 1
+                continue
             mems = {p: memory_bytes(shape, precision=p, ranks=ranks, batch=b, seq_len=seq_len, act_bytes=act_bytes)
                     for p in options}
             prec = next((p for p in options if mems[p] <= srv.mem_bytes), None)
