@@ -104,6 +104,15 @@ ABLATION = {
     # the same, fitted as first built: least squares on round 1's steps only (plan.step_fit=round1)
     "tuned+measured@round1": ["method=fedpipe", "plan.variant=tuned", "plan.step_cost=measured",
                               "plan.step_fit=round1"],
+    # issue 27, importance that matters or an honest no: Algorithm 1's greedy placement per (layer, weight) in
+    # importance order (Eqn 3-7), a seeded random order, or the fixed q, v, k, o order; run them with a step
+    # budget under which only part of the adapters fit (extra overrides: plan.step_time_s=... clients.tflops=...)
+    # beside tuned+carry=adapter (spread: every weight at the rank all fit at)
+    "greedy@layer": ["method=fedpipe", "plan.variant=tuned", "plan.rank_alloc=greedy", "plan.granularity=layer"],
+    "greedy@layer+random": ["method=fedpipe", "plan.variant=tuned", "plan.rank_alloc=greedy",
+                            "plan.granularity=layer", "plan.importance=random"],
+    "greedy@layer+fixed": ["method=fedpipe", "plan.variant=tuned", "plan.rank_alloc=greedy",
+                           "plan.granularity=layer", "plan.importance=fixed"],
 }  # plan.variant=tuned is spread+weights=samples (config.PLAN_VARIANTS)
 
 
