@@ -60,7 +60,7 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout without i
     sys.path.insert(0, str(REPO))
 
 from benchmarks._jobs import write_json  # noqa: E402
-from fedpipe_dist.adapters.lora import LoRAAdapters, _pkey  # noqa: E402
+from fedpipe_dist.adapters.lora import LoRAAdapters  # noqa: E402
 from fedpipe_dist.adapters.sites import KINDS, find_sites  # noqa: E402
 from fedpipe_dist.algorithm.cost import (  # noqa: E402
     activation_bytes,
@@ -236,8 +236,7 @@ class Trainer:
                                      weight_decay=cfg.train.weight_decay)
         self.batches = batch_indices(len(data), self.plan.batch_size, np.random.default_rng(seed))
         self.data, self.cfg, self.pad_id = data, cfg, pad_id
-        self.sensitivity = SensitivitySum([[self.adapters.A[_pkey(s)], self.adapters.B[_pkey(s)]]
-                                           for s in self.adapters.sites])
+        self.sensitivity = SensitivitySum(self.adapters.site_params())
 
     def step(self, model) -> tuple[float, float, float]:
         """One step of train_client's loop (adapters attached): (forward, backward, update) seconds."""

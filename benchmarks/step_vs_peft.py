@@ -155,7 +155,7 @@ def peft_step(model, data, steps: int, device) -> float:
     return seconds
 
 
-def ops_per_step(step, model, data, device, sites=None) -> dict:
+def ops_per_step(step, model, data, device) -> dict:
     """What one step of `step` (engine_step or peft_step) dispatches: the difference between a 5-step and a
     1-step run, over 4 (what happens once per call, building the optimizer or attaching adapters, cancels)."""
     from collections import Counter
@@ -165,9 +165,8 @@ def ops_per_step(step, model, data, device, sites=None) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     counted = []
     for steps in (1, 5):
-        args = (model, data, steps, device) + ((sites,) if step is engine_step else ())
         with profile(activities=acts) as prof:
-            step(*args)
+            step(model, data, steps, device)
         events = prof.events()
         top = Counter(e.name for e in events if e.name.startswith("aten::") and (
             e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))

@@ -109,6 +109,10 @@ class LoRAAdapters(nn.Module):
         return hook
 
     # ---- reading out -----------------------------------------------------------------------------
+    def site_params(self) -> list[list[nn.Parameter]]:
+        """[A, B] of each adapted site, in `sites` order (Eqn 4's groups: importance.SensitivitySum)."""
+        return [[self.A[_pkey(s)], self.B[_pkey(s)]] for s in self.sites]
+
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """site.key -> (B * alpha/r, A), detached fp32: dW = B' @ A exactly (the scaling is folded in)."""
         out = {}

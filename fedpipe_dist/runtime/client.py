@@ -241,7 +241,7 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     reset_ok = _budget_memory(device, mem_budget_bytes)
     L = n_layers(sites)
     # Eqn 4 on the raw gradients (after each backward, before clipping and the update), summed over steps
-    sens_sum = SensitivitySum([[adapters.A[_pkey(s)], adapters.B[_pkey(s)]] for s in adapters.sites], device=device)
+    sens_sum = SensitivitySum(adapters.site_params(), device=device)
 
     extra = (lambda: prune[1] * _prune_term(adapters, prune[0])) if prune is not None and prune[1] > 0 else None
     t0 = time.perf_counter()
