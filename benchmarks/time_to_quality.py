@@ -113,6 +113,14 @@ ABLATION = {
                             "plan.granularity=layer", "plan.importance=random"],
     "greedy@layer+fixed": ["method=fedpipe", "plan.variant=tuned", "plan.rank_alloc=greedy",
                            "plan.granularity=layer", "plan.importance=fixed"],
+    # the default's own allocator (spread) with a budget a little above the default's: every weight at the rank
+    # all fit at, the leftover placed by importance (tuned+carry=adapter), a seeded random order, or the fixed
+    # q, v, k, o order, per weight type or per (layer, weight) (run with plan.step_time_s=... clients.tflops=...)
+    "spread+random": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.importance=random"],
+    "spread+fixed": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.importance=fixed"],
+    "spread@layer": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.granularity=layer"],
+    "spread@layer+random": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.granularity=layer",
+                            "plan.importance=random"],
 }  # plan.variant=tuned is spread+weights=samples (config.PLAN_VARIANTS)
 
 

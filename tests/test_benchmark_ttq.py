@@ -149,3 +149,14 @@ def test_the_step_cost_shape_table(bench):
     old = {0: {"target": 2.2, "methods": {"lora_hb": row}}}
     assert "step-cost shape" not in bench.markdown({"profiles": {"p4": {"slowdown": [1, 2], "compute_bound": 1.5,
                                                                         "seeds": old}}})
+
+
+def test_every_row_is_a_valid_job(bench):
+    """Each method and ablation row's overrides make a job that passes every check (a misspelt key or value
+    would otherwise fail only after the rows before it had trained, up to an hour into a run)."""
+    from fedpipe_dist.job import load_job
+
+    rows = {**bench.METHODS, **bench.ABLATION}
+    for name, overrides in rows.items():
+        cfg = load_job(REPO / "jobs" / "e2e_stories260k.yaml", list(overrides))
+        assert cfg.method in {o.split("=", 1)[1] for o in overrides if o.startswith("method=")} or name == "central"
