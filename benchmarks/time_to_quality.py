@@ -62,6 +62,8 @@ PROFILES = {
 }
 # The rows: LoRA (the reference), the centralized limit of its job, then every other method (_jobs.METHODS).
 METHODS = {"lora": _METHODS["lora"], "central": CENTRAL, **_METHODS}
+# The tuned variant with the kept adapter (FedPipe's default on CPUs); rows that change one more switch extend it.
+KEPT = ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter"]
 # docs/planner.md's switch table: the paper's variant with one switch changed at a time, then combinations.
 ABLATION = {
     "paper": ["method=fedpipe", "plan.variant=paper"],
@@ -84,20 +86,17 @@ ABLATION = {
     # issue 27: what the next round starts from (lora.carry), against the heterogeneity-aware LoRA
     "lora_hb": ["method=lora_hb"],
     "tuned": ["method=fedpipe", "plan.variant=tuned", "lora.carry=none"],
-    "tuned+carry=adapter": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter"],
-    "tuned+carry+moments": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter",
-                            "train.optimizer_state=kept"],
+    "tuned+carry=adapter": [*KEPT],
+    "tuned+carry+moments": [*KEPT, "train.optimizer_state=kept"],
     "lora_hb+moments": ["method=lora_hb", "train.optimizer_state=kept"],
     # non-iid: FedAvg's weights by shard size |D_i| in place of samples trained (slow servers' data not tilted
     # away from); run with --alpha and read the worst server's held-out loss
-    "tuned+weights=data": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter",
-                           "aggregation.weights=data"],
+    "tuned+weights=data": [*KEPT, "aggregation.weights=data"],
     "lora_hb+weights=data": ["method=lora_hb", "aggregation.weights=data"],
     # one frozen A shared by every server, only B trains and travels (B's change at the top rank both ways)
     "tuned+shared_a": ["method=fedpipe", "plan.variant=tuned", "lora.carry=shared_a"],
     # planned for a flat step cost (t0 far above a step's FLOPs time): read its flat-step clock only
-    "carry+auto@flat": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.split=auto",
-                        "plan.step_overhead_s=10"],
+    "carry+auto@flat": [*KEPT, "plan.split=auto", "plan.step_overhead_s=10"],
     # issue 27: the step-cost shape measured in round 1 (plan.step_cost=measured), not given; run it with a
     # simulated fixed step cost (extra override clients.step_delay_s=...) and read the measured clock
     "tuned+measured": ["method=fedpipe", "plan.variant=tuned", "plan.step_cost=measured"],
@@ -116,11 +115,10 @@ ABLATION = {
     # the default's own allocator (spread) with a budget a little above the default's: every weight at the rank
     # all fit at, the leftover placed by importance (tuned+carry=adapter), a seeded random order, or the fixed
     # q, v, k, o order, per weight type or per (layer, weight) (run with plan.step_time_s=... clients.tflops=...)
-    "spread+random": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.importance=random"],
-    "spread+fixed": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.importance=fixed"],
-    "spread@layer": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.granularity=layer"],
-    "spread@layer+random": ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "plan.granularity=layer",
-                            "plan.importance=random"],
+    "spread+random": [*KEPT, "plan.importance=random"],
+    "spread+fixed": [*KEPT, "plan.importance=fixed"],
+    "spread@layer": [*KEPT, "plan.granularity=layer"],
+    "spread@layer+random": [*KEPT, "plan.granularity=layer", "plan.importance=random"],
 }  # plan.variant=tuned is spread+weights=samples (config.PLAN_VARIANTS)
 
 
