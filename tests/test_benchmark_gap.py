@@ -46,3 +46,17 @@ def test_markdown_rows(bench):
 def test_without_the_data_it_says_what_is_missing(tmp_path):
     p = run_without_data(SCRIPT, tmp_path)
     assert p.returncode != 0 and "needs the pretrained stories260K" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_every_run_is_a_valid_job(bench):
+    """Each method, variant and limit's overrides make a job that passes every check (a misspelt key or value
+    would otherwise fail only after the runs before it had trained), and every note names a run the table has."""
+    from fedpipe_dist.job import load_job
+
+    rows = {**bench.RUNS, "central": bench.CENTRAL, "central-ft": ["method=ft", "central=true"]}
+    for name, overrides in rows.items():
+        cfg = load_job(REPO / "jobs" / "e2e_stories260k.yaml", ["train.local_steps=5", *overrides])
+        methods = [o.split("=", 1)[1] for o in overrides if o.startswith("method=")]
+        assert methods and cfg.method == methods[-1], name
+    assert load_job(REPO / "jobs" / "e2e_stories260k.yaml", bench.CENTRAL).central
+    assert set(bench.NOTES) <= set(bench.RUNS) | {"peft-fedavg"}
