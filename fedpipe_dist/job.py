@@ -11,12 +11,13 @@ from pathlib import Path
 
 from .config import JobConfig, build_job, read_job
 from .errors import ConfigError
-from .methods import method_class
+from .methods import REGISTRY, method_class
 
 
 def check_method(cfg: JobConfig) -> None:
     """The job's method checks what only it needs (an unknown method name is a ConfigError naming the known
-    ones); a factor wire format other than fp32 needs a method that sends LoRA factors."""
+    ones); a server optimizer, kept AdamW moments and a factor wire format other than fp32 each need a method
+    that has them."""
     method = method_class(cfg.method)
     method.validate(cfg)
     if cfg.aggregation.server_opt != "none" and not method.takes_server_opt(cfg.lora.carry):
@@ -24,6 +25,11 @@ def check_method(cfg: JobConfig) -> None:
                           f"LoRA factors; method {cfg.method} (with these settings) keeps none. Use it with lora, "
                           "lora_hb or fedpipe with lora.carry=adapter, or set aggregation.server_opt=none",
                           key="aggregation.server_opt")
+    if cfg.train.optimizer_state == "kept" and not method.takes_kept_moments:
+        raise ConfigError(f"train.optimizer_state: method {cfg.method} starts every server's round with a fresh "
+                          f"AdamW; the methods whose servers keep their moments are "
+                          f"{sorted(n for n, m in REGISTRY.items() if m.takes_kept_moments)}. Set "
+                          "train.optimizer_state=fresh", key="train.optimizer_state")
     if cfg.aggregation.wire != "fp32" and not method.trains_lora:
         raise ConfigError(f"aggregation.wire: {cfg.aggregation.wire} is a format for LoRA factors; method {cfg.method} "
                           "sends whole tensors in fp32, so set aggregation.wire=fp32", key="aggregation.wire")

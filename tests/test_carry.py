@@ -155,6 +155,18 @@ def test_the_dense_transport_with_the_kept_adapter_is_refused_naming_both_fixes(
     assert "aggregation.transport=factored" in err and "lora.carry=none" in err
 
 
+@pytest.mark.parametrize("method", ["ft", "fedadapter"])
+def test_kept_moments_for_a_method_without_them_are_refused_naming_the_fix(tmp_path, capsys, method):
+    """ft and fedadapter start every round with a fresh AdamW: train.optimizer_state=kept would be ignored."""
+    from fedpipe_dist.cli import main
+
+    assert main(["run", "jobs/quickstart.yaml", f"method={method}", "train.optimizer_state=kept",
+                 f"output.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "train.optimizer_state=fresh" in err and f"method {method}" in err and "'lora'" in err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 # ---- lora.carry=shared_a: one frozen A for every server; only the B's train and travel --------------------------
 
 

@@ -63,6 +63,7 @@ class Method:
     precision_options: tuple[str, ...] | None = None  # what precision=auto may pick (None: every one that loads)
     checkpoints_base = True  # False: the method checkpoints every parameter itself (ft)
     central_trains = "lora"  # what its centralized limit trains (runtime/central.py): "lora" or "full" (ft)
+    takes_kept_moments = False  # True: its servers can keep their AdamW moments (train.optimizer_state=kept)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -31,6 +31,7 @@ from .base import Exchanged, Method, register_method, require
 
 class LoRAMethod(Method):
     trains_lora = True
+    takes_kept_moments = True  # train.optimizer_state=kept: opt_memory below
     hetero_ranks = False  # True: one rank per server (lora.client_ranks, or by compute), as FLoRA & co. assume
 
     @classmethod
