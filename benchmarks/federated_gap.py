@@ -40,6 +40,7 @@ from _jobs import CENTRAL, METHODS, process_job, write_json  # noqa: E402
 # Variants run only when named in --methods: what a method's gap becomes with one switch changed.
 VARIANTS = {
     "lora+moments": ["method=lora", "train.optimizer_state=kept"],  # each server keeps its AdamW moments
+    "ft+moments": ["method=ft", "train.optimizer_state=kept"],  # the same for every parameter (ft's own limit)
     "fedpipe+shared_a": ["method=fedpipe", "lora.carry=shared_a"],  # one frozen A, only B trains and travels
     # the same at 4x the job's lr (FFA-LoRA trains B alone at a larger lr); the limit stays at the job's lr
     "fedpipe+shared_a+lr4x": ["method=fedpipe", "lora.carry=shared_a", "train.lr=8e-3"],
@@ -62,6 +63,7 @@ NOTES = {
     "hetlora": "ranks differ per server and self-prune; a rank regularizer joins every step",
     "flexlora": "each server restarts from a truncated SVD of the global update",
     "lora+moments": "FedAvg-LoRA whose servers keep their AdamW moments across rounds (train.optimizer_state=kept)",
+    "ft+moments": "full fine-tuning FedAvg whose servers keep their AdamW moments across rounds",
     "fedpipe+shared_a": "one A for every server, frozen; only B trains (lora.carry=shared_a)",
     "fedpipe+shared_a+lr4x": "lora.carry=shared_a at train.lr=8e-3, 4x the job's (the limit at the job's lr)",
     "fedpipe+lr4x": "the default (kept adapter) at train.lr=8e-3, 4x the job's (the limit at the job's lr)",
@@ -73,6 +75,11 @@ NOTES = {
     "peft-fedavg": ("FedAvg-LoRA written with peft (benchmarks/peft_fedavg.py), same samples and initial A; "
                     "se not paired"),
 }
+
+
+def full_ft(name: str) -> bool:
+    """True: the run fine-tunes every parameter, so its limit is ft's (every parameter), not LoRA's."""
+    return [o for o in RUNS[name] if o.startswith("method=")][-1] == "method=ft"
 
 
 def example_losses(final: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +174,7 @@ def main(argv=None) -> dict:
         for S in a.steps:
             t0 = time.perf_counter()
             limits = {"peft": run("central", CENTRAL, seed, S)}
-            if "ft" in a.methods:
+            if any(full_ft(name) for name in a.methods):
                 limits["ft"] = run("central-ft", ["method=ft", "central=true"], seed, S)
             if a.peft_reference:
                 from peft_fedavg import peft_fedavg
@@ -183,7 +190,7 @@ def main(argv=None) -> dict:
                 print(f"[S={S} seed {seed}] peft FedAvg reference loss {loss:.4f}", file=sys.stderr, flush=True)
             for name in a.methods:
                 scored = run(name, RUNS[name], seed, S)
-                gap, se = paired_gap(scored, limits["ft" if name == "ft" else "peft"])
+                gap, se = paired_gap(scored, limits["ft" if full_ft(name) else "peft"])
                 doc["runs"][f"S{S}"][name][str(seed)].update(gap=gap, se=se)
                 print(f"[S={S} seed {seed}] {name:14s} gap {gap:+.4f} (se {se:.4f})", file=sys.stderr, flush=True)
             print(f"[S={S} seed {seed}] {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

@@ -60,3 +60,4 @@ def test_every_run_is_a_valid_job(bench):
         assert methods and cfg.method == methods[-1], name
     assert load_job(REPO / "jobs" / "e2e_stories260k.yaml", bench.CENTRAL).central
     assert set(bench.NOTES) <= set(bench.RUNS) | {"peft-fedavg"}
+    assert [n for n in bench.RUNS if bench.full_ft(n)] == ["ft", "ft+moments"]  # the runs scored against ft's limit

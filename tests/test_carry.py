@@ -155,16 +155,26 @@ def test_the_dense_transport_with_the_kept_adapter_is_refused_naming_both_fixes(
     assert "aggregation.transport=factored" in err and "lora.carry=none" in err
 
 
-@pytest.mark.parametrize("method", ["ft", "fedadapter"])
-def test_kept_moments_for_a_method_without_them_are_refused_naming_the_fix(tmp_path, capsys, method):
-    """ft and fedadapter start every round with a fresh AdamW: train.optimizer_state=kept would be ignored."""
+def test_kept_moments_for_a_method_without_them_are_refused_naming_the_fix(tmp_path, capsys):
+    """fedadapter starts every round with a fresh AdamW: train.optimizer_state=kept would be ignored."""
     from fedpipe_dist.cli import main
 
-    assert main(["run", "jobs/quickstart.yaml", f"method={method}", "train.optimizer_state=kept",
+    assert main(["run", "jobs/quickstart.yaml", "method=fedadapter", "train.optimizer_state=kept",
                  f"output.dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert "train.optimizer_state=fresh" in err and f"method {method}" in err and "'lora'" in err
+    assert "train.optimizer_state=fresh" in err and "method fedadapter" in err and "'ft'" in err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("method", ["lora", "ft"])
+def test_kept_moments_leave_round_1_alone_and_change_round_2(tmp_path, method):
+    """Round 1 has no moments to keep, so it trains as with a fresh AdamW; from round 2 the kept moments damp
+    each server's steps, so its train losses differ."""
+    _, fresh = run_small(tmp_path, "fresh", f"method={method}", "rounds=2")
+    _, kept = run_small(tmp_path, "kept", f"method={method}", "rounds=2", "train.optimizer_state=kept")
+    a, b = kept.clients["train_loss"], fresh.clients["train_loss"]  # [row = round 0, 1, 2; server]
+    np.testing.assert_array_equal(a[1], b[1])
+    assert np.abs(a[2] - b[2]).min() > 1e-6
 
 
 # ---- lora.carry=shared_a: one frozen A for every server; only the B's train and travel --------------------------

@@ -36,6 +36,7 @@ METHOD_ARGS = {
     "flexlora": [],
     "hetlora": ["hetlora.gamma=0.9"],  # rank self-pruning: planner.client_ranks and the pruned norms go on
     "ft": [],
+    "ft+moments": ["train.optimizer_state=kept"],  # each server's AdamW moments of every parameter
     "fedadapter": ["fedadapter.period=2"],  # trial rounds 2 (before the stop) and 4 (after)
 }
 

@@ -283,8 +283,10 @@ def model_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 def train_full(model, plan: ClientPlan, data: TokenizedSet, tr: LocalTraining, *, round_idx: int, pad_id: int,
                device: torch.device, slowdown: float = 1.0, deadline_s: float | None = None,
-               mem_budget_bytes: int | None = None) -> tuple[ClientUpdate, ClientStats]:
+               mem_budget_bytes: int | None = None, opt_memory: dict | None = None
+               ) -> tuple[ClientUpdate, ClientStats]:
     """Full fine-tuning (method ft): every parameter trains; the update is W_local - W_global per parameter.
+    `opt_memory`: the server's AdamW state across rounds (train.optimizer_state=kept; `_run_steps`).
 
     The model is restored to the global weights afterwards, so the next server hosted on this rank starts
     from the same model; the update is dense [shape of the parameter] per parameter name."""
@@ -297,7 +299,7 @@ def train_full(model, plan: ClientPlan, data: TokenizedSet, tr: LocalTraining, *
     t0 = time.perf_counter()
     try:
         ran = _run_steps(model, list(params.values()), data, plan, tr, seed=seed, pad_id=pad_id, device=device,
-                         slowdown=slowdown, deadline_s=deadline_s)
+                         slowdown=slowdown, deadline_s=deadline_s, opt_memory=opt_memory)
         stats = _stats(plan, ran, t0, device, reset_ok, sum(p.numel() for p in params.values()))
         with torch.no_grad():
             delta = {k: (p.detach() - start[k]).float().cpu() for k, p in params.items()}
