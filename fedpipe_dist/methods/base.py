@@ -28,6 +28,7 @@ from ..algorithm.aggregation.base import REGISTRY as AGGREGATORS
 from ..algorithm.sanitize import update_norm
 from ..errors import ConfigError
 from ..runtime.client import LocalTraining
+from ..runtime.trees import tree_to
 
 
 class Report(NamedTuple):
@@ -63,7 +64,7 @@ class Method:
     precision_options: tuple[str, ...] | None = None  # what precision=auto may pick (None: every one that loads)
     checkpoints_base = True  # False: the method checkpoints every parameter itself (ft)
     central_trains = "lora"  # what its centralized limit trains (runtime/central.py): "lora" or "full" (ft)
-    takes_kept_moments = False  # True: its servers can keep their AdamW moments (train.optimizer_state=kept)
+    takes_kept_moments = False  # True: its train() passes kept_moments(c) on (train.optimizer_state=kept)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -71,6 +72,7 @@ class Method:
         self.aggregator = get_aggregator(self.aggregator_name or self.name, weights=cfg.aggregation.weights,
                                          carry=cfg.lora.carry)
         self.run = None
+        self.opt_memory: dict[int, dict] = {}  # train.optimizer_state=kept: each hosted server's AdamW state
 
     # ---- the job ------------------------------------------------------------------------------------------
     @classmethod
@@ -139,13 +141,19 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         """Put state_dict() back (raise UserInputError when it does not fit this job)."""
 
+    def kept_moments(self, c: int) -> dict | None:
+        """Server c's AdamW state to carry through its round (train.optimizer_state=kept; runtime/client's
+        `opt_memory`); None: a fresh AdamW, as the field's FedAvg code starts every round."""
+        return self.opt_memory.setdefault(c, {}) if self.cfg.train.optimizer_state == "kept" else None
+
     def server_states(self) -> dict[int, dict]:
         """Per hosted server, what only that server keeps (its AdamW moments with train.optimizer_state=kept);
         a resume on another number of ranks takes each from the rank that hosted the server."""
-        return {}
+        return {c: {"opt": tree_to(m, "cpu")} for c, m in self.opt_memory.items()}
 
     def load_server_states(self, states: dict[int, dict]) -> None:
         """Put server_states() back."""
+        self.opt_memory = {c: tree_to(st["opt"], "cpu", copy=True) for c, st in states.items()}
 
     # ---- the end ------------------------------------------------------------------------------------------
     def finish(self) -> None:

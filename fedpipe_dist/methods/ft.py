@@ -11,7 +11,6 @@ from ..algorithm.cost import ft_flops_per_sample, ft_memory_bytes
 from ..errors import UserInputError
 from ..runtime.client import model_parameters, train_full
 from ..runtime.exchange import fedavg_exchange, tensor_layout
-from ..runtime.trees import tree_to
 from .base import Exchanged, Method, register_method, require
 
 
@@ -42,11 +41,9 @@ class FullFineTuning(Method):
     def setup(self, run) -> None:
         super().setup(run)
         self.parameters = model_parameters(run.model)
-        self.opt_memory: dict[int, dict] = {}  # train.optimizer_state=kept: each hosted server's AdamW state
 
     def train(self, c, plan, shard, **common):
-        kept = self.opt_memory.setdefault(c, {}) if self.cfg.train.optimizer_state == "kept" else None
-        return train_full(self.run.model, plan, shard, self.training, opt_memory=kept, **common)
+        return train_full(self.run.model, plan, shard, self.training, opt_memory=self.kept_moments(c), **common)
 
     def exchange(self, t, plans, contributors, updates, claims) -> Exchanged:
         run = self.run
@@ -59,12 +56,6 @@ class FullFineTuning(Method):
 
     def state_dict(self) -> dict:
         return {"parameters": {k: p.detach().cpu() for k, p in self.parameters.items()}}
-
-    def server_states(self) -> dict[int, dict]:
-        return {c: {"opt": tree_to(m, "cpu")} for c, m in self.opt_memory.items()}
-
-    def load_server_states(self, states: dict[int, dict]) -> None:
-        self.opt_memory = {c: tree_to(st["opt"], "cpu", copy=True) for c, st in states.items()}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("parameters")

@@ -31,7 +31,7 @@ from .base import Exchanged, Method, register_method, require
 
 class LoRAMethod(Method):
     trains_lora = True
-    takes_kept_moments = True  # train.optimizer_state=kept: opt_memory below
+    takes_kept_moments = True
     hetero_ranks = False  # True: one rank per server (lora.client_ranks, or by compute), as FLoRA & co. assume
 
     @classmethod
@@ -69,7 +69,6 @@ class LoRAMethod(Method):
         super().setup(run)
         self.global_state: dict = {}  # the kept global adapter (LoRA factors or dense dW), the same on every rank
         self.initial: dict = {}  # what every server starts from while there is no global adapter yet (round 1)
-        self.opt_memory: dict[int, dict] = {}  # train.optimizer_state=kept: each hosted server's AdamW state
         ag = self.cfg.aggregation  # aggregation.server_opt: the same state on every rank, stepped alike
         self.server_opt = None if ag.server_opt == "none" else ServerOptimizer(
             ag.server_opt, ag.server_lr, (ag.server_beta1, ag.server_beta2), ag.server_tau)
@@ -107,9 +106,6 @@ class LoRAMethod(Method):
         b0, a0 = self.initial[key]
         return b0[:, :rank], a0[:rank]
 
-    def keeps_moments(self) -> bool:
-        return self.cfg.train.optimizer_state == "kept"
-
     def frozen(self, plan) -> dict | None:
         """Updates on the model while server `plan.client` trains that are not its to train; None: none."""
         return None
@@ -119,7 +115,7 @@ class LoRAMethod(Method):
         update, stats = train_client(run.model, run.sites, plan, shard, self.training,
                                      start=self.client_start(plan), prune=self.prune(), trainable=self.trainable,
                                      frozen=self.frozen(plan),
-                                     opt_memory=self.opt_memory.setdefault(c, {}) if self.keeps_moments() else None,
+                                     opt_memory=self.kept_moments(c),
                                      **common)
         run.planner.observe(c, stats.sensitivity, stats.singular, stats.step_times)
         return update, stats
@@ -158,12 +154,6 @@ class LoRAMethod(Method):
         if self.server_opt is not None:
             state["server_opt"] = self.server_opt.state_dict()
         return state
-
-    def server_states(self) -> dict[int, dict]:
-        return {c: {"opt": tree_to(m, "cpu")} for c, m in self.opt_memory.items()}
-
-    def load_server_states(self, states: dict[int, dict]) -> None:
-        self.opt_memory = {c: tree_to(st["opt"], "cpu", copy=True) for c, st in states.items()}
 
     def load_state_dict(self, state: dict) -> None:
         target = self.run.comm.device if state["global_state_device"] == "cuda" else "cpu"
