@@ -30,6 +30,10 @@ def check_method(cfg: JobConfig) -> None:
                           f"AdamW; the methods whose servers keep their moments are "
                           f"{sorted(n for n, m in REGISTRY.items() if m.takes_kept_moments)}. Set "
                           "train.optimizer_state=fresh", key="train.optimizer_state")
+    if cfg.lora.rebalance != "none" and cfg.method != "fedpipe":
+        raise ConfigError(f"lora.rebalance: {cfg.lora.rebalance} refactors FedPipe's kept global adapter; method "
+                          f"{cfg.method} keeps none of its own. Use it with method fedpipe (lora.carry=adapter), or "
+                          "set lora.rebalance=none", key="lora.rebalance")
     if cfg.aggregation.wire != "fp32" and not method.trains_lora:
         raise ConfigError(f"aggregation.wire: {cfg.aggregation.wire} is a format for LoRA factors; method {cfg.method} "
                           "sends whole tensors in fp32, so set aggregation.wire=fp32", key="aggregation.wire")

@@ -39,18 +39,26 @@ def _model(bg, ag, b, a):
 
 
 @pytest.mark.parametrize("weights", [[0.2, 0.3, 0.5], [0.5, 1.0, 0.25]])  # sums to one; FedNova-like scale
-def test_new_adapter_plus_residual_is_the_exact_average_of_the_servers_models(weights):
+@pytest.mark.parametrize("best", [False, True])
+def test_new_adapter_plus_residual_is_the_exact_average_of_the_servers_models(weights, best):
     gen = torch.Generator().manual_seed(0)
     g = _global(gen)
     ranks = [{"k": 2, "j": 6}, {"k": 4}, {"k": 6, "j": 3}]  # server 1 has no adapter on j
     ups = _trained(gen, ranks)
-    new, residual = kept_adapter_step(g, ups, weights)
+    new, residual = kept_adapter_step(g, ups, weights, best=best)
     for key in ("k", "j"):
         bg, ag = g[key]
         want = bg @ ag + sum(w * (_model(bg, ag, *u[key]) - bg @ ag) for w, u in zip(weights, ups) if key in u)
         got = new[key][0] @ new[key][1] + to_dense(residual[key])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert new[key][0].shape == (OUT, TOP) and new[key][1].shape == (TOP, IN)
+        if best:  # lora.rebalance=best: the adapter is the exact average's best rank-TOP part, balanced
+            s = torch.linalg.svdvals(want)[:TOP]
+            torch.testing.assert_close(torch.linalg.svdvals(new[key][0] @ new[key][1])[:TOP], s, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(new[key][0].norm(dim=0), s.sqrt(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(new[key][1].norm(dim=1), s.sqrt(), rtol=1e-4, atol=1e-5)
+    if best:
+        return
     # weights summing to one: the new adapter is FedAvg of the servers' whole factors (head trained, tail kept)
     if abs(sum(weights) - 1) < 1e-12:
         bg, ag = g["k"]
@@ -175,6 +183,47 @@ def test_kept_moments_leave_round_1_alone_and_change_round_2(tmp_path, method):
     a, b = kept.clients["train_loss"], fresh.clients["train_loss"]  # [row = round 0, 1, 2; server]
     np.testing.assert_array_equal(a[1], b[1])
     assert np.abs(a[2] - b[2]).min() > 1e-6
+
+
+# ---- lora.rebalance=svd: the kept adapter split by its SVD each round ----------------------------------------
+
+
+def test_svd_rebalance_keeps_the_product_balances_the_factors_and_leaves_an_untrained_tail():
+    from fedpipe_dist.algorithm.aggregation.fedpipe import svd_rebalance
+
+    gen = torch.Generator().manual_seed(3)
+    (bg, ag), (bj, aj) = _global(gen).values()
+    bg[:, 4:] = 0  # columns 4-5: no server has trained them yet
+    out = svd_rebalance({"k": (bg, ag), "j": (bj, aj), "z": (torch.zeros(OUT, TOP), ag)})
+    for (b, a), (nb, na) in (((bg, ag), out["k"]), ((bj, aj), out["j"])):
+        torch.testing.assert_close(nb @ na, b @ a, rtol=0, atol=2e-5)
+        head = nb.shape[1] if b[:, 4:].any() else 4
+        s = torch.linalg.svdvals(b @ a)[:head]
+        torch.testing.assert_close(nb[:, :head].norm(dim=0), s.sqrt(), rtol=1e-5, atol=1e-6)  # |B col| = sqrt(s)
+        torch.testing.assert_close(na[:head].norm(dim=1), s.sqrt(), rtol=1e-5, atol=1e-6)  # = |A row|, descending
+    assert torch.equal(out["k"][1][4:], ag[4:]) and not out["k"][0][:, 4:].any()  # the tail's A kept, B still 0
+    assert not out["z"][0].any() and torch.equal(out["z"][1], ag)  # nothing trained: left as it was
+
+
+def test_rebalanced_round_is_the_same_model_and_the_next_round_trains_from_other_factors(tmp_path):
+    """Refactoring changes no product, so after round 1 the global model (its eval loss) is the default's; round 2
+    trains from other factors of it, so the servers' train losses differ."""
+    _, plain = run_small(tmp_path, "plain", *CARRY, "rounds=2")
+    _, svd = run_small(tmp_path, "svd", *CARRY, "rounds=2", "lora.rebalance=svd")
+    np.testing.assert_allclose(svd.rounds["eval_loss"][:2], plain.rounds["eval_loss"][:2], rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(svd.clients["train_loss"][1], plain.clients["train_loss"][1])
+    assert np.abs(svd.clients["train_loss"][2] - plain.clients["train_loss"][2]).min() > 1e-6
+
+
+def test_rebalance_without_a_kept_adapter_is_refused_naming_the_fix(tmp_path, capsys):
+    from fedpipe_dist.cli import main
+
+    assert main(["run", "jobs/quickstart.yaml", "method=fedpipe", "lora.carry=none", "lora.rebalance=svd",
+                 f"output.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.rebalance" in err and "lora.carry=adapter" in err and not any(tmp_path.iterdir())
+    assert main(["run", "jobs/quickstart.yaml", "method=lora", "lora.rebalance=svd", f"output.dir={tmp_path}"]) == 2
+    assert "method fedpipe" in capsys.readouterr().err
 
 
 # ---- lora.carry=shared_a: one frozen A for every server; only the B's train and travel --------------------------
