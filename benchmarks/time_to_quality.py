@@ -89,7 +89,6 @@ ABLATION = {
     "tuned+carry=adapter": [*KEPT],
     "tuned+carry+moments": [*KEPT, "train.optimizer_state=kept"],
     "tuned+svd": [*KEPT, "lora.rebalance=svd"],  # the kept adapter split by its SVD each round (FlexLoRA's split)
-    "tuned+best": [*KEPT, "lora.rebalance=best"],  # the exact average's best rank-r part as the adapter
     "lora_hb+moments": ["method=lora_hb", "train.optimizer_state=kept"],
     # non-iid: FedAvg's weights by shard size |D_i| in place of samples trained (slow servers' data not tilted
     # away from); run with --alpha and read the worst server's held-out loss

@@ -39,26 +39,18 @@ def _model(bg, ag, b, a):
 
 
 @pytest.mark.parametrize("weights", [[0.2, 0.3, 0.5], [0.5, 1.0, 0.25]])  # sums to one; FedNova-like scale
-@pytest.mark.parametrize("best", [False, True])
-def test_new_adapter_plus_residual_is_the_exact_average_of_the_servers_models(weights, best):
+def test_new_adapter_plus_residual_is_the_exact_average_of_the_servers_models(weights):
     gen = torch.Generator().manual_seed(0)
     g = _global(gen)
     ranks = [{"k": 2, "j": 6}, {"k": 4}, {"k": 6, "j": 3}]  # server 1 has no adapter on j
     ups = _trained(gen, ranks)
-    new, residual = kept_adapter_step(g, ups, weights, best=best)
+    new, residual = kept_adapter_step(g, ups, weights)
     for key in ("k", "j"):
         bg, ag = g[key]
         want = bg @ ag + sum(w * (_model(bg, ag, *u[key]) - bg @ ag) for w, u in zip(weights, ups) if key in u)
         got = new[key][0] @ new[key][1] + to_dense(residual[key])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert new[key][0].shape == (OUT, TOP) and new[key][1].shape == (TOP, IN)
-        if best:  # lora.rebalance=best: the adapter is the exact average's best rank-TOP part, balanced
-            s = torch.linalg.svdvals(want)[:TOP]
-            torch.testing.assert_close(torch.linalg.svdvals(new[key][0] @ new[key][1])[:TOP], s, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(new[key][0].norm(dim=0), s.sqrt(), rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(new[key][1].norm(dim=1), s.sqrt(), rtol=1e-4, atol=1e-5)
-    if best:
-        return
     # weights summing to one: the new adapter is FedAvg of the servers' whole factors (head trained, tail kept)
     if abs(sum(weights) - 1) < 1e-12:
         bg, ag = g["k"]

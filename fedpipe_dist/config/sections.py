@@ -211,12 +211,11 @@ class LoraConfig:
     (algorithm/aggregation/fedpipe.kept_adapter_step). shared_a: one A drawn from the job's seed, frozen and shared
     by every server, only B trains and travels; the global B is the weighted average, which is exactly the average
     of the servers' models (algorithm/aggregation/fedpipe.shared_a_delta). null = plan.variant's choice."""
-    rebalance: Literal["none", "svd", "best"] = "none"
+    rebalance: Literal["none", "svd"] = "none"
     """method=fedpipe with lora.carry=adapter, how the kept adapter is factored for the next round. none: the
     averaged factors as they are. svd: the same product B_g A_g split by its SVD, B = U sqrt(S), A = sqrt(S) V^T
-    (FlexLoRA's split; algorithm/aggregation/fedpipe.svd_rebalance), strongest direction first. best: the adapter
-    is the best approximation of the round's exact average at its rank (truncated SVD, split the same way) and
-    the base takes the rest (kept_adapter_step's `best`). The global model is the exact average in all three."""
+    (FlexLoRA's split; algorithm/aggregation/fedpipe.svd_rebalance), strongest direction first. The global model
+    is the same exact average either way; only the next round's starting factors differ."""
     dropout: float = 0.0
 
 

@@ -121,8 +121,7 @@ class FedPipe(LoRAMethod):
         scale = self.aggregator.round_scale(meta) / sum(raw) if sum(raw) > 0 else 0.0
         factors = split_stack(stack, [plans[c].ranks for c in contributors])
         start = self.global_adapter()
-        self.global_state, residual = kept_adapter_step(start, factors, [w * scale for w in raw],
-                                                        best=self.cfg.lora.rebalance == "best")
+        self.global_state, residual = kept_adapter_step(start, factors, [w * scale for w in raw])
         if self.server_opt is not None:
             self.global_state = self.server_opt.step(start, self.global_state)
         if self.cfg.lora.rebalance == "svd":

@@ -177,14 +177,12 @@ def split_stack(stack: Factors, ranks: list[dict[str, int]]) -> list[Factors]:
     return out
 
 
-def kept_adapter_step(global_adapter: Factors, updates: list[Factors], weights: list[float], *,
-                      best: bool = False) -> tuple[Factors, dict]:
+def kept_adapter_step(global_adapter: Factors, updates: list[Factors], weights: list[float]
+                      ) -> tuple[Factors, dict]:
     """(new global adapter, residual to merge into the base) from the global adapter every server started from
     (key -> (B_g [out, R], A_g [R, in]) at the top rank R), the servers' trained factors (key -> (B_i, A_i) at
     their rank r_i <= R) and their weights. The residual is factored (B, A), or dense [out, in] where that is
-    smaller. `best` (lora.rebalance=best): the new adapter's trained head is the best approximation of the exact
-    average at the head's rank (its truncated SVD, split as svd_rebalance splits) instead of the factors'
-    average; the base takes the rest, so the model is the same exact average either way."""
+    smaller."""
     new, residual = dict(global_adapter), {}
     for key, (bg_full, ag_full) in global_adapter.items():
         mine = [(w, u[key]) for w, u in zip(weights, updates) if key in u and w != 0.0]
@@ -195,32 +193,16 @@ def kept_adapter_step(global_adapter: Factors, updates: list[Factors], weights: 
         bt = [torch.cat([b, bg[:, b.shape[1]:]], dim=1) for _, (b, _) in mine]  # B~_i
         at = [torch.cat([a, ag[a.shape[0]:]], dim=0) for _, (_, a) in mine]  # A~_i
         ws = [w for w, _ in mine]
-        rest = 1.0 - sum(ws)  # B_g A_g's share left (0 when the weights sum to one)
-        if best:
-            b_new, a_new = _truncated_split(torch.cat(([rest * bg] if rest != 0.0 else [])
-                                                      + [w * b for w, b in zip(ws, bt)], dim=1),
-                                            torch.cat(([ag] if rest != 0.0 else []) + at, dim=0), h)
-        else:
-            b_new = bg + sum(w * (b - bg) for w, b in zip(ws, bt))
-            a_new = ag + sum(w * (a - ag) for w, a in zip(ws, at))
+        b_new = bg + sum(w * (b - bg) for w, b in zip(ws, bt))
+        a_new = ag + sum(w * (a - ag) for w, a in zip(ws, at))
         new[key] = (torch.cat([b_new, bg_full[:, h:]], dim=1), torch.cat([a_new, ag_full[h:]], dim=0))
+        rest = 1.0 - sum(ws)  # B_g A_g's share left (0 when the weights sum to one)
         bs = ([rest * bg] if rest != 0.0 else []) + [w * b for w, b in zip(ws, bt)] + [-b_new]
         as_ = ([ag] if rest != 0.0 else []) + at + [a_new]
         b_res, a_res = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
         out_f, in_f = b_res.shape[0], a_res.shape[1]
         residual[key] = b_res @ a_res if b_res.shape[1] * (out_f + in_f) > out_f * in_f else (b_res, a_res)
     return new, residual
-
-
-def _truncated_split(b: torch.Tensor, a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-r approximation of b @ a (b [out, k], a [k, in]) as balanced factors U sqrt(S), sqrt(S) V^T,
-    strongest direction first, through QR of both factors: O((out + in) k^2), never the dense product."""
-    qb, rb = torch.linalg.qr(b.double())
-    qa, ra = torch.linalg.qr(a.double().T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    assert r <= s.numel(), "a rank above the product's shape"  # callers keep r <= the top rank <= min(out, in)
-    root = s[:r].sqrt()
-    return ((qb @ u[:, :r]) * root).to(b.dtype), (root[:, None] * (vh[:r] @ qa.T)).to(a.dtype)
 
 
 def svd_rebalance(adapter: Factors) -> Factors:
@@ -236,6 +218,10 @@ def svd_rebalance(adapter: Factors) -> Factors:
         if h == 0:
             out[key] = (b, a)
             continue
-        bh, ah = _truncated_split(b[:, :h], a[:h], h)
+        qb, rb = torch.linalg.qr(b[:, :h].double())
+        qa, ra = torch.linalg.qr(a[:h].double().T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T)
+        root = s.sqrt()
+        bh, ah = ((qb @ u) * root).to(b.dtype), (root[:, None] * (vh @ qa.T)).to(a.dtype)
         out[key] = (torch.cat([bh, b[:, h:]], dim=1), torch.cat([ah, a[h:]], dim=0))
     return out
