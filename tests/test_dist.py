@@ -160,3 +160,31 @@ def test_cuda_caps_a_process_at_its_servers_budget_only_when_it_is_one_server():
     assert allocator_cap(torch.device("cuda", 0), 4, 8 * gib) is None
     assert allocator_cap(torch.device("cpu"), 1, 8 * gib) is None
     assert allocator_cap(torch.device("cuda", 0), 1, None) is None
+
+
+def test_close_waits_for_the_heartbeat_to_leave_the_store(monkeypatch):
+    """The heartbeat thread must be out of the store's C++ call before the process finalizes (a daemon thread
+    still inside it is ended by a forced unwind through noexcept code: SIGABRT). A store whose set() takes 0.3 s
+    stands in for a slow TCPStore; close() (and the atexit hook) returns only once the thread has ended."""
+    import threading
+
+    from fedpipe_dist.comm import torch_dist
+
+    class SlowStore:
+        def __init__(self):
+            self.calls = 0
+
+        def set(self, key, value):
+            self.calls += 1
+            time.sleep(0.3)
+
+    comm = object.__new__(torch_dist.TorchDistComm)
+    comm._store, comm._host, comm.rank, comm._stop = SlowStore(), "h", 0, threading.Event()
+    monkeypatch.setattr(torch_dist, "HEARTBEAT_S", 0.01)
+    comm._beater = threading.Thread(target=comm._beat_loop, daemon=True)
+    comm._beater.start()
+    time.sleep(0.15)  # the thread is inside its first set()
+    t0 = time.perf_counter()
+    comm.stop_heartbeat()
+    assert not comm._beater.is_alive() and comm._store.calls >= 1
+    assert time.perf_counter() - t0 < 5

@@ -8,6 +8,7 @@ the error (CollectiveTimeout).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -69,13 +70,26 @@ class TorchDistComm:
             self._store = None
         self._stop = threading.Event()
         self._host = socket.gethostname()
+        self._beater: threading.Thread | None = None
         if self._store is not None and self.world_size > 1:
             self._beat()
-            threading.Thread(target=self._beat_loop, name="fedpipe-heartbeat", daemon=True).start()
+            self._beater = threading.Thread(target=self._beat_loop, name="fedpipe-heartbeat", daemon=True)
+            self._beater.start()
+            # Stopped and joined before the interpreter finalizes, on every way out: a daemon thread still inside
+            # the store's C++ call then is ended by a forced unwind through noexcept code, which aborts the
+            # process ("terminate called without an active exception", SIGABRT; seen once in CI on a 4-rank run)
+            atexit.register(self.stop_heartbeat)
 
     # ---- heartbeats, to name a dead or stopped peer ------------------------------------------------------
     def _beat(self) -> None:
         self._store.set(f"fedpipe/heartbeat/{self.rank}", f"{time.time()!r} {self._host}")
+
+    def stop_heartbeat(self, timeout_s: float = 10.0) -> None:
+        """Stop the heartbeat thread and wait for it to leave the store (at most `timeout_s`: a store that went
+        away fails its call, which ends the loop)."""
+        self._stop.set()
+        if self._beater is not None and self._beater is not threading.current_thread():
+            self._beater.join(timeout_s)
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -168,6 +182,6 @@ class TorchDistComm:
         """Nothing to do: this rank exits, and torchrun (or srun) stops the others."""
 
     def close(self) -> None:
-        self._stop.set()
+        self.stop_heartbeat()
         if dist.is_initialized():
             dist.destroy_process_group()
