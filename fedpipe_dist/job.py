@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import JobConfig, build_job, read_job
+from .config import PLAN_VARIANTS, JobConfig, build_job, read_job
 from .errors import ConfigError
 from .methods import REGISTRY, method_class
 
@@ -17,7 +17,7 @@ from .methods import REGISTRY, method_class
 def check_method(cfg: JobConfig) -> None:
     """The job's method checks what only it needs (an unknown method name is a ConfigError naming the known
     ones); a server optimizer, kept AdamW moments and a factor wire format other than fp32 each need a method
-    that has them."""
+    that has them, and lora.carry (set to other than plan.variant's choice) and lora.rebalance need FedPipe."""
     method = method_class(cfg.method)
     method.validate(cfg)
     if cfg.aggregation.server_opt != "none" and not method.takes_server_opt(cfg.lora.carry):
@@ -30,7 +30,13 @@ def check_method(cfg: JobConfig) -> None:
                           f"AdamW; the methods whose servers keep their moments are "
                           f"{sorted(n for n, m in REGISTRY.items() if m.takes_kept_moments)}. Set "
                           "train.optimizer_state=fresh", key="train.optimizer_state")
-    if cfg.lora.rebalance != "none" and cfg.method != "fedpipe":
+    preset = PLAN_VARIANTS[cfg.plan.variant]["lora.carry"]
+    if cfg.lora.carry != preset and not method.takes_carry:  # the preset: what a job that leaves it unset holds
+        raise ConfigError(f"lora.carry: {cfg.lora.carry} says what FedPipe's servers start the next round from; method "
+                          f"{cfg.method} has its own rule (docs/methods.md) and would ignore it. Use it with method "
+                          f"fedpipe, or leave lora.carry unset (plan.variant={cfg.plan.variant}'s {preset})",
+                          key="lora.carry")
+    if cfg.lora.rebalance != "none" and not method.takes_carry:
         raise ConfigError(f"lora.rebalance: {cfg.lora.rebalance} refactors FedPipe's kept global adapter; method "
                           f"{cfg.method} keeps none of its own. Use it with method fedpipe (lora.carry=adapter), or "
                           "set lora.rebalance=none", key="lora.rebalance")

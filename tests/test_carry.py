@@ -218,6 +218,26 @@ def test_rebalance_without_a_kept_adapter_is_refused_naming_the_fix(tmp_path, ca
     assert "method fedpipe" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["lora", "lora_hb", "flexlora", "hetlora", "flora", "ft", "fedadapter"])
+def test_carry_set_for_a_method_that_ignores_it_is_refused(method, capsys):
+    """lora.carry is FedPipe's: another method starts its rounds by its own rule, so a value other than
+    plan.variant's preset (which every job holds once loaded, and a results.h5's config_json keeps) is refused
+    rather than silently ignored; the preset, spelled out or left unset, loads."""
+    from fedpipe_dist.errors import ConfigError
+    from fedpipe_dist.job import job_from_dict, load_job
+
+    for variant, other in (("tuned", "none"), ("paper", "adapter"), ("tuned", "shared_a")):
+        with pytest.raises(ConfigError, match="lora.carry") as e:
+            load_job("jobs/quickstart.yaml", [f"method={method}", f"plan.variant={variant}", f"lora.carry={other}"])
+        assert "method fedpipe" in str(e.value) and f"method {method} " in str(e.value)
+    for variant, preset in (("tuned", "adapter"), ("paper", "none")):
+        cfg = load_job("jobs/quickstart.yaml", [f"method={method}", f"plan.variant={variant}"])
+        assert cfg.lora.carry == preset
+        assert job_from_dict(cfg.to_dict()).lora.carry == preset  # a stored run's config loads again
+        load_job("jobs/quickstart.yaml", [f"method={method}", f"plan.variant={variant}", f"lora.carry={preset}"])
+    load_job("jobs/quickstart.yaml", ["method=fedpipe", "plan.variant=tuned", "lora.carry=none"])  # FedPipe's own
+
+
 # ---- lora.carry=shared_a: one frozen A for every server; only the B's train and travel --------------------------
 
 

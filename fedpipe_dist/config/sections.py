@@ -210,7 +210,8 @@ class LoraConfig:
     adapter, the weighted average of the round's factors, and the base takes the rest of the exact average
     (algorithm/aggregation/fedpipe.kept_adapter_step). shared_a: one A drawn from the job's seed, frozen and shared
     by every server, only B trains and travels; the global B is the weighted average, which is exactly the average
-    of the servers' models (algorithm/aggregation/fedpipe.shared_a_delta). null = plan.variant's choice."""
+    of the servers' models (algorithm/aggregation/fedpipe.shared_a_delta). null = plan.variant's choice; another
+    method starts its rounds by its own rule and refuses any other value (job.check_method)."""
     rebalance: Literal["none", "svd"] = "none"
     """method=fedpipe with lora.carry=adapter, how the kept adapter is factored for the next round. none: the
     averaged factors as they are. svd: the same product B_g A_g split by its SVD, B = U sqrt(S), A = sqrt(S) V^T

@@ -26,6 +26,7 @@ from .lora import LoRAMethod
 @register_method
 class FedPipe(LoRAMethod):
     name = "fedpipe"
+    takes_carry = True
 
     @classmethod
     def validate(cls, cfg) -> None:
