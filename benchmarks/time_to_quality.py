@@ -89,6 +89,8 @@ ABLATION = {
     "tuned+carry=adapter": [*KEPT],
     "tuned+carry+moments": [*KEPT, "train.optimizer_state=kept"],
     "tuned+svd": [*KEPT, "lora.rebalance=svd"],  # the kept adapter split by its SVD each round (FlexLoRA's split)
+    "tuned+orth": [*KEPT, "lora.rebalance=orth"],  # the same SVD, A's rows orthonormal at a fresh draw's norm
+    "lora_hb+orth": ["method=lora_hb", "lora.rebalance=orth"],  # the same on lora_hb's global adapter
     "lora_hb+moments": ["method=lora_hb", "train.optimizer_state=kept"],
     # non-iid: FedAvg's weights by shard size |D_i| in place of samples trained (slow servers' data not tilted
     # away from); run with --alpha and read the worst server's held-out loss
@@ -120,6 +122,14 @@ ABLATION = {
     "spread+fixed": [*KEPT, "plan.importance=fixed"],
     "spread@layer": [*KEPT, "plan.granularity=layer"],
     "spread@layer+random": [*KEPT, "plan.granularity=layer", "plan.importance=random"],
+    # capacity: the heterogeneous-rank baselines tier ranks from max(lora.ranks) = 16 (so every equal server
+    # gets 16), the others train lora.rank = 8. The baselines with their top rank at 8, and the default and
+    # lora_hb at rank 16 (the default's budget is uniform LoRA at lora.rank, so spread gives 16 everywhere)
+    "hetlora@r8": ["method=hetlora", "lora.ranks=[8,6,4,2]"],
+    "flexlora@r8": ["method=flexlora", "lora.ranks=[8,6,4,2]"],
+    "flora@r8": ["method=flora", "lora.ranks=[8,6,4,2]"],
+    "tuned@r16": [*KEPT, "lora.rank=16"],
+    "lora_hb@r16": ["method=lora_hb", "lora.rank=16"],
 }  # plan.variant=tuned is spread+weights=samples (config.PLAN_VARIANTS)
 
 

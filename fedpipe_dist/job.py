@@ -17,7 +17,8 @@ from .methods import REGISTRY, method_class
 def check_method(cfg: JobConfig) -> None:
     """The job's method checks what only it needs (an unknown method name is a ConfigError naming the known
     ones); a server optimizer, kept AdamW moments and a factor wire format other than fp32 each need a method
-    that has them, and lora.carry (set to other than plan.variant's choice) and lora.rebalance need FedPipe."""
+    that has them, lora.carry (set to other than plan.variant's choice) needs FedPipe, and lora.rebalance a
+    kept adapter of factors and no kept optimizer state."""
     method = method_class(cfg.method)
     method.validate(cfg)
     if cfg.aggregation.server_opt != "none" and not method.takes_server_opt(cfg.lora.carry):
@@ -36,10 +37,17 @@ def check_method(cfg: JobConfig) -> None:
                           f"{cfg.method} has its own rule (docs/methods.md) and would ignore it. Use it with method "
                           f"fedpipe, or leave lora.carry unset (plan.variant={cfg.plan.variant}'s {preset})",
                           key="lora.carry")
-    if cfg.lora.rebalance != "none" and not method.takes_carry:
-        raise ConfigError(f"lora.rebalance: {cfg.lora.rebalance} refactors FedPipe's kept global adapter; method "
-                          f"{cfg.method} keeps none of its own. Use it with method fedpipe (lora.carry=adapter), or "
-                          "set lora.rebalance=none", key="lora.rebalance")
+    if cfg.lora.rebalance != "none":
+        if not method.takes_rebalance:
+            raise ConfigError(f"lora.rebalance: {cfg.lora.rebalance} refactors a kept global adapter of factors at one "
+                              f"rank; method {cfg.method} keeps none. Use it with method fedpipe (lora.carry=adapter), "
+                              "lora or lora_hb, or set lora.rebalance=none", key="lora.rebalance")
+        for key, value, state in (("aggregation.server_opt", cfg.aggregation.server_opt, "server optimizer's moments"),
+                                  ("train.optimizer_state", cfg.train.optimizer_state, "servers' kept AdamW moments")):
+            if value not in ("none", "fresh"):
+                raise ConfigError(f"lora.rebalance: {cfg.lora.rebalance} refactors the kept adapter every round, which "
+                                  f"would rotate the {state} ({key}={value}) out from under them; use one of the two",
+                                  key="lora.rebalance")
     if cfg.aggregation.wire != "fp32" and not method.trains_lora:
         raise ConfigError(f"aggregation.wire: {cfg.aggregation.wire} is a format for LoRA factors; method {cfg.method} "
                           "sends whole tensors in fp32, so set aggregation.wire=fp32", key="aggregation.wire")

@@ -197,11 +197,33 @@ def test_svd_rebalance_keeps_the_product_balances_the_factors_and_leaves_an_untr
     assert not out["z"][0].any() and torch.equal(out["z"][1], ag)  # nothing trained: left as it was
 
 
-def test_rebalanced_round_is_the_same_model_and_the_next_round_trains_from_other_factors(tmp_path):
+def test_orth_rebalance_keeps_the_product_with_orthogonal_rows_of_a_at_a_fresh_norm():
+    """lora.rebalance=orth: the same SVD, A = c V^T with c a fresh A row's norm, B = U S / c."""
+    from fedpipe_dist.algorithm.aggregation.fedpipe import FRESH_A_ROW_NORM, svd_rebalance
+
+    gen = torch.Generator().manual_seed(4)
+    (bg, ag), _ = _global(gen).values()
+    bg[:, 4:] = 0
+    nb, na = svd_rebalance({"k": (bg, ag)}, FRESH_A_ROW_NORM)["k"]
+    torch.testing.assert_close(nb @ na, bg @ ag, rtol=0, atol=2e-5)
+    s = torch.linalg.svdvals(bg @ ag)[:4]
+    gram = na[:4] @ na[:4].T
+    torch.testing.assert_close(gram, torch.eye(4) / 3, rtol=0, atol=1e-5)  # orthogonal rows of norm 1/sqrt(3)
+    torch.testing.assert_close(nb[:, :4].norm(dim=0), s * 3 ** 0.5, rtol=1e-5, atol=1e-6)  # B holds the scale
+    assert torch.equal(na[4:], ag[4:]) and not nb[:, 4:].any()
+    fresh = torch.empty(4096, 64)
+    torch.nn.init.kaiming_uniform_(fresh, a=5 ** 0.5, generator=gen)
+    assert abs(fresh.norm(dim=1).mean() - FRESH_A_ROW_NORM) < 0.01  # what peft's draw gives a row of A
+
+
+@pytest.mark.parametrize("rebalance,job", [("svd", CARRY), ("orth", CARRY),
+                                           ("orth", ["method=lora_hb", "clients.tflops=[1,2,3,4]"])])
+def test_rebalanced_round_is_the_same_model_and_the_next_round_trains_from_other_factors(tmp_path, rebalance, job):
     """Refactoring changes no product, so after round 1 the global model (its eval loss) is the default's; round 2
-    trains from other factors of it, so the servers' train losses differ."""
-    _, plain = run_small(tmp_path, "plain", *CARRY, "rounds=2")
-    _, svd = run_small(tmp_path, "svd", *CARRY, "rounds=2", "lora.rebalance=svd")
+    trains from other factors of it, so the servers' train losses differ (FedPipe's kept adapter, and FedAvg-LoRA's
+    global one)."""
+    _, plain = run_small(tmp_path, "plain", *job, "rounds=2")
+    _, svd = run_small(tmp_path, "svd", *job, "rounds=2", f"lora.rebalance={rebalance}")
     np.testing.assert_allclose(svd.rounds["eval_loss"][:2], plain.rounds["eval_loss"][:2], rtol=0, atol=2e-5)
     np.testing.assert_array_equal(svd.clients["train_loss"][1], plain.clients["train_loss"][1])
     assert np.abs(svd.clients["train_loss"][2] - plain.clients["train_loss"][2]).min() > 1e-6
@@ -214,8 +236,14 @@ def test_rebalance_without_a_kept_adapter_is_refused_naming_the_fix(tmp_path, ca
                  f"output.dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "lora.rebalance" in err and "lora.carry=adapter" in err and not any(tmp_path.iterdir())
-    assert main(["run", "jobs/quickstart.yaml", "method=lora", "lora.rebalance=svd", f"output.dir={tmp_path}"]) == 2
-    assert "method fedpipe" in capsys.readouterr().err
+    assert main(["run", "jobs/quickstart.yaml", "method=flexlora", "lora.rebalance=svd", f"output.dir={tmp_path}"]) == 2
+    assert "method fedpipe (lora.carry=adapter), lora or lora_hb" in capsys.readouterr().err
+    for moving in ("train.optimizer_state=kept", "aggregation.server_opt=fedadam"):  # moments a rotation would scramble
+        for method in ("fedpipe", "lora_hb"):
+            assert main(["run", "jobs/quickstart.yaml", f"method={method}", "lora.rebalance=orth", moving,
+                         f"output.dir={tmp_path}"]) == 2
+            err = capsys.readouterr().err
+            assert "lora.rebalance" in err and moving in err and not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_hb", "flexlora", "hetlora", "flora", "ft", "fedadapter"])

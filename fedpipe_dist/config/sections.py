@@ -212,11 +212,12 @@ class LoraConfig:
     by every server, only B trains and travels; the global B is the weighted average, which is exactly the average
     of the servers' models (algorithm/aggregation/fedpipe.shared_a_delta). null = plan.variant's choice; another
     method starts its rounds by its own rule and refuses any other value (job.check_method)."""
-    rebalance: Literal["none", "svd"] = "none"
+    rebalance: Literal["none", "svd", "orth"] = "none"
     """method=fedpipe with lora.carry=adapter, how the kept adapter is factored for the next round. none: the
     averaged factors as they are. svd: the same product B_g A_g split by its SVD, B = U sqrt(S), A = sqrt(S) V^T
     (FlexLoRA's split; algorithm/aggregation/fedpipe.svd_rebalance), strongest direction first. The global model
-    is the same exact average either way; only the next round's starting factors differ."""
+    is the same exact average either way; only the next round's starting factors differ. orth: the same SVD with
+    A's rows orthonormal times a fresh A row's norm (1/sqrt(3)) and the singular values in B."""
     dropout: float = 0.0
 
 

@@ -65,7 +65,8 @@ class Method:
     checkpoints_base = True  # False: the method checkpoints every parameter itself (ft)
     central_trains = "lora"  # what its centralized limit trains (runtime/central.py): "lora" or "full" (ft)
     takes_kept_moments = False  # True: its train() passes kept_moments(c) on (train.optimizer_state=kept)
-    takes_carry = False  # True: lora.carry and lora.rebalance say what its next round starts from (fedpipe)
+    takes_carry = False  # True: lora.carry says what its next round starts from (fedpipe)
+    takes_rebalance = False  # True: lora.rebalance can refactor its kept global adapter of factors each round
 
     def __init__(self, cfg):
         self.cfg = cfg

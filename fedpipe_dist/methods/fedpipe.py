@@ -15,7 +15,7 @@ import torch
 
 from ..adapters.lora import shared_initial_adapter
 from ..algorithm.aggregation.base import Aggregate
-from ..algorithm.aggregation.fedpipe import kept_adapter_step, shared_a_delta, split_stack, svd_rebalance
+from ..algorithm.aggregation.fedpipe import kept_adapter_step, shared_a_delta, split_stack
 from ..algorithm.aggregation.ft import weighted_sum
 from ..errors import UserInputError
 from ..runtime.exchange import factored_exchange, fedavg_exchange, update_meta
@@ -27,6 +27,7 @@ from .lora import LoRAMethod
 class FedPipe(LoRAMethod):
     name = "fedpipe"
     takes_carry = True
+    takes_rebalance = True  # with lora.carry=adapter (validate)
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -39,10 +40,6 @@ class FedPipe(LoRAMethod):
         require(cfg.lora.rebalance == "none" or cfg.lora.carry == "adapter", "lora.rebalance",
                 f"lora.rebalance={cfg.lora.rebalance} refactors the kept global adapter, which only lora.carry=adapter "
                 f"keeps (got lora.carry={cfg.lora.carry}); set lora.carry=adapter or lora.rebalance=none")
-        require(cfg.lora.rebalance == "none" or cfg.aggregation.server_opt == "none", "lora.rebalance",
-                f"lora.rebalance={cfg.lora.rebalance} refactors the kept adapter every round, which would rotate the "
-                f"server optimizer's moments (aggregation.server_opt={cfg.aggregation.server_opt}) out from under "
-                "them; use one of the two")
         if cfg.lora.carry == "shared_a":
             require(cfg.aggregation.wire == "fp32" and cfg.aggregation.transport == "factored", "lora.carry",
                     "lora.carry=shared_a sends each server's change of B through a reduce in fp32, its own "
@@ -125,8 +122,7 @@ class FedPipe(LoRAMethod):
         self.global_state, residual = kept_adapter_step(start, factors, [w * scale for w in raw])
         if self.server_opt is not None:
             self.global_state = self.server_opt.step(start, self.global_state)
-        if self.cfg.lora.rebalance == "svd":
-            self.global_state = svd_rebalance(self.global_state)
+        self.global_state = self.rebalanced(self.global_state)
         return Exchanged(residual, traffic, late)
 
     def _exchange_b(self, plans, contributors, updates) -> Exchanged:

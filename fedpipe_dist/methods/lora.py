@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ..adapters.lora import FixedUpdates, shared_initial_adapter
 from ..algorithm.aggregation.base import REGISTRY as AGGREGATORS
+from ..algorithm.aggregation.fedpipe import FRESH_A_ROW_NORM, svd_rebalance
 from ..algorithm.aggregation.lora import WeightedLoRAFedAvg
 from ..algorithm.cost import flops_per_sample, memory_bytes
 from ..algorithm.sanitize import update_norm
@@ -140,9 +141,17 @@ class LoRAMethod(Method):
             if self.server_opt is not None:  # the step from the adapter every client started from
                 start = {k: self.client_start_factors(k, b.shape[1]) for k, (b, _) in result.items()}
                 result = self.server_opt.step(start, result)
-            self.global_state = result  # clients start from it next round; the base stays W0 until the end
+            self.global_state = self.rebalanced(result)  # clients start from it next round; the base stays W0
             return Exchanged({}, traffic, late)
         return Exchanged(result, traffic, late)
+
+    def rebalanced(self, adapter: dict) -> dict:
+        """lora.rebalance: the kept global adapter refactored for the next round (the same products, so the same
+        model); as it is with none."""
+        rebalance = self.cfg.lora.rebalance
+        if rebalance == "none":
+            return adapter
+        return svd_rebalance(adapter, FRESH_A_ROW_NORM if rebalance == "orth" else None)
 
     def attach(self, state=None):
         return FixedUpdates(self.run.sites, self.global_state if state is None else state).attach(self.run.model)
@@ -173,6 +182,7 @@ class LoRAMethod(Method):
 @register_method
 class LoRA(LoRAMethod):
     name = "lora"
+    takes_rebalance = True  # one global adapter of factors at one rank (lora_hb too)
 
 
 @register_method

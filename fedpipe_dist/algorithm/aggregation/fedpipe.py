@@ -205,12 +205,17 @@ def kept_adapter_step(global_adapter: Factors, updates: list[Factors], weights: 
     return new, residual
 
 
-def svd_rebalance(adapter: Factors) -> Factors:
-    """The same adapter products split by their SVD (lora.rebalance=svd): B A = U S V^T -> B = U sqrt(S),
-    A = sqrt(S) V^T, as FlexLoRA splits its global update, so both factors carry each direction alike and the
-    strongest direction comes first (a server of lower rank trains the head). Only the head, up to B's last
-    non-zero column, is refactored: a tail no server has trained yet (B = 0) keeps its A, which its first
-    gradient needs. Through QR of both factors: O((out + in) r^2), never the dense [out, in] product."""
+FRESH_A_ROW_NORM = 3 ** -0.5  # a kaiming-uniform(a = sqrt(5)) row of A (peft's draw): E|row|^2 = in x 1/(3 in)
+
+
+def svd_rebalance(adapter: Factors, a_row_norm: float | None = None) -> Factors:
+    """The same adapter products split by their SVD: B A = U S V^T -> B = U sqrt(S), A = sqrt(S) V^T
+    (lora.rebalance=svd), as FlexLoRA splits its global update, so both factors carry each direction alike and
+    the strongest direction comes first (a server of lower rank trains the head); or, with `a_row_norm` = c,
+    B = U S / c, A = c V^T (lora.rebalance=orth: orthogonal rows of A at a fresh draw's norm, the scale in B).
+    Only the head, up to B's last non-zero column, is refactored: a tail no server has trained yet (B = 0) keeps
+    its A, which its first gradient needs. Through QR of both factors: O((out + in) r^2), never the dense
+    [out, in] product."""
     out = {}
     for key, (b, a) in adapter.items():
         live = torch.nonzero(b.abs().sum(dim=0)).flatten()
@@ -221,7 +226,7 @@ def svd_rebalance(adapter: Factors) -> Factors:
         qb, rb = torch.linalg.qr(b[:, :h].double())
         qa, ra = torch.linalg.qr(a[:h].double().T)
         u, s, vh = torch.linalg.svd(rb @ ra.T)
-        root = s.sqrt()
-        bh, ah = ((qb @ u) * root).to(b.dtype), (root[:, None] * (vh @ qa.T)).to(a.dtype)
+        to_b, to_a = (s.sqrt(), s.sqrt()) if a_row_norm is None else (s / a_row_norm, torch.full_like(s, a_row_norm))
+        bh, ah = ((qb @ u) * to_b).to(b.dtype), (to_a[:, None] * (vh @ qa.T)).to(a.dtype)
         out[key] = (torch.cat([bh, b[:, h:]], dim=1), torch.cat([ah, a[h:]], dim=0))
     return out
