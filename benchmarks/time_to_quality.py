@@ -62,8 +62,9 @@ PROFILES = {
 }
 # The rows: LoRA (the reference), the centralized limit of its job, then every other method (_jobs.METHODS).
 METHODS = {"lora": _METHODS["lora"], "central": CENTRAL, **_METHODS}
-# The tuned variant with the kept adapter (FedPipe's default on CPUs); rows that change one more switch extend it.
-KEPT = ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter"]
+# The tuned variant with the kept adapter as first built (lora.rebalance=none; the default before orth); rows that
+# change one more switch extend it.
+KEPT = ["method=fedpipe", "plan.variant=tuned", "lora.carry=adapter", "lora.rebalance=none"]
 # docs/planner.md's switch table: the paper's variant with one switch changed at a time, then combinations.
 ABLATION = {
     "paper": ["method=fedpipe", "plan.variant=paper"],

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import PLAN_VARIANTS, JobConfig, build_job, read_job
+from .config import PLAN_VARIANTS, REBALANCE_PRESETS, JobConfig, build_job, read_job
 from .errors import ConfigError
 from .methods import REGISTRY, method_class
 
 
 def check_method(cfg: JobConfig) -> None:
     """The job's method checks what only it needs (an unknown method name is a ConfigError naming the known
-    ones); a server optimizer, kept AdamW moments and a factor wire format other than fp32 each need a method
-    that has them, lora.carry (set to other than plan.variant's choice) needs FedPipe, and lora.rebalance a
-    kept adapter of factors and no kept optimizer state."""
+    ones), after filling in lora.rebalance's preset where it applies; a server optimizer, kept AdamW moments and a
+    factor wire format other than fp32 each need a method that has them, lora.carry (set to other than
+    plan.variant's choice) needs FedPipe, and lora.rebalance a kept adapter of factors and no kept optimizer
+    state."""
     method = method_class(cfg.method)
+    if cfg.lora.rebalance is None:  # plan.variant's choice where it applies (FedPipe's kept adapter), none elsewhere
+        applies = (method.takes_carry and cfg.lora.carry == "adapter" and cfg.aggregation.server_opt == "none"
+                   and cfg.train.optimizer_state == "fresh")
+        cfg.lora.rebalance = REBALANCE_PRESETS[cfg.plan.variant] if applies else "none"
     method.validate(cfg)
     if cfg.aggregation.server_opt != "none" and not method.takes_server_opt(cfg.lora.carry):
         raise ConfigError(f"aggregation.server_opt: {cfg.aggregation.server_opt} steps a kept global adapter of "

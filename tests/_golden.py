@@ -29,8 +29,10 @@ CASES: dict[str, tuple[list[str], tuple[int, ...]]] = {
     "fedpipe-mixed-bases": ([*FRESH, "clients.precision=[fp32,fp16,nf8,nf4]"], (1,)),
     "fedpipe-sanitize": ([*FRESH, "aggregation.sanitize=true", "faults.nan_clients=[2]", "faults.scale_clients=[1]",
                           "faults.scale=1000"], (1,)),
-    # the tuned default since issue 27: the kept adapter (lora.carry=adapter), on mixed bases
-    "fedpipe-carry": (["clients.precision=[fp32,fp16,nf8,nf4]"], (1, 4)),
+    # the kept adapter (lora.carry=adapter, issue 27), on mixed bases: the tuned default until orth, then the same
+    # run with lora.rebalance=orth, the tuned default since
+    "fedpipe-carry": (["clients.precision=[fp32,fp16,nf8,nf4]", "lora.rebalance=none"], (1, 4)),
+    "fedpipe-orth": (["clients.precision=[fp32,fp16,nf8,nf4]"], (1, 4)),
     "ft": (["method=ft"], (1, 4)),
     "lora": (["method=lora", "lora.rank=4"], (1, 4)),
     # tiny-gpt2 has 2 layers: depth 1 leaves a deeper trial; period 2 makes round 2 a trial round

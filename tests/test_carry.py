@@ -82,7 +82,8 @@ def test_split_stack_reads_back_each_servers_factors():
             assert torch.equal(u[k][0], v[k][0]) and torch.equal(u[k][1], v[k][1])
 
 
-CARRY = ["method=fedpipe", "lora.carry=adapter", "clients.tflops=[1,2,3,4]"]
+# the kept adapter as first built: its averaged factors kept as they are (the tuned default refactors them: orth)
+CARRY = ["method=fedpipe", "lora.carry=adapter", "lora.rebalance=none", "clients.tflops=[1,2,3,4]"]
 
 
 def test_one_server_carrying_its_adapter_trains_as_fedavg_lora_does(tmp_path):
@@ -90,7 +91,7 @@ def test_one_server_carrying_its_adapter_trains_as_fedavg_lora_does(tmp_path):
     kept adapter and the uniform plan is FedAvg-LoRA: the same start, the same steps, the same eval losses."""
     one = ["clients.n=1", "clients.memory_gb=24", "clients.slowdown=1", "plan.mode=uniform", "lora.rank=4",
            "rounds=3"]
-    _, carry = run_small(tmp_path, "carry", *CARRY[:2], *one)
+    _, carry = run_small(tmp_path, "carry", *CARRY[:3], *one)
     _, lora = run_small(tmp_path, "lora", "method=lora", *one)
     np.testing.assert_allclose(carry.rounds["eval_loss"], lora.rounds["eval_loss"], rtol=1e-5)
     np.testing.assert_allclose(carry.clients["train_loss"], lora.clients["train_loss"], rtol=1e-5)
@@ -244,6 +245,27 @@ def test_rebalance_without_a_kept_adapter_is_refused_naming_the_fix(tmp_path, ca
                          f"output.dir={tmp_path}"]) == 2
             err = capsys.readouterr().err
             assert "lora.rebalance" in err and moving in err and not any(tmp_path.iterdir())
+
+
+def test_the_tuned_default_refactors_fedpipes_kept_adapter_by_orth_where_it_applies():
+    """lora.rebalance left unset: orth for FedPipe's kept adapter under plan.variant=tuned (fresh AdamW, no server
+    optimizer), none for the paper variant, the other carries and every other method (the baselines stay as the
+    field runs them); an explicit value wins and a stored config loads as it ran."""
+    from fedpipe_dist.job import job_from_dict, load_job
+
+    def rebalance(*overrides):
+        return load_job("jobs/quickstart.yaml", list(overrides)).lora.rebalance
+
+    assert rebalance() == rebalance("method=fedpipe", "lora.carry=adapter") == "orth"
+    for unset in (["plan.variant=paper"], ["lora.carry=none"], ["lora.carry=shared_a"], ["train.optimizer_state=kept"],
+                  ["aggregation.server_opt=fedadam"], ["method=lora"], ["method=lora_hb"], ["method=flexlora"]):
+        assert rebalance(*unset) == "none", unset
+    assert rebalance("lora.rebalance=svd") == "svd" and rebalance("method=lora_hb", "lora.rebalance=orth") == "orth"
+    cfg = load_job("jobs/quickstart.yaml", [])
+    assert job_from_dict(cfg.to_dict()).lora.rebalance == "orth"
+    old = cfg.to_dict()
+    old["lora"]["rebalance"] = "none"  # a run recorded before orth was the default resumes as it ran
+    assert job_from_dict(old).lora.rebalance == "none"
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_hb", "flexlora", "hetlora", "flora", "ft", "fedadapter"])

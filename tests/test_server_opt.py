@@ -74,7 +74,7 @@ def test_unknown_optimizer_is_refused():
         ServerOptimizer("adam")
 
 
-@pytest.mark.parametrize("method", [["method=lora"], ["method=fedpipe", "lora.carry=adapter"]])
+@pytest.mark.parametrize("method", [["method=lora"], ["method=fedpipe", "lora.carry=adapter", "lora.rebalance=none"]])
 def test_a_run_with_fedavgm_at_b1_0_is_the_run_without_and_fedadam_is_not(tmp_path, method):
     """Wiring: the pseudo-gradient is taken from the adapter every client started from (the shared initial one
     in round 1), so FedAvgM without momentum reproduces the plain average run for run; FedAdam moves

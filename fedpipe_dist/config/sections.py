@@ -12,6 +12,7 @@ __all__ = [  # what config/ re-exports: the one list of this module's public nam
     "MAX_SYNTHETIC",
     "BNB_BLOCKS",
     "PLAN_VARIANTS",
+    "REBALANCE_PRESETS",
     "ModelConfig",
     "DataConfig",
     "ClientsConfig",
@@ -44,6 +45,9 @@ PLAN_VARIANTS = {
               "plan.step_cost": "auto", "plan.lr_scaling": "none", "aggregation.weights": "samples",
               "lora.carry": "adapter"},
 }
+# lora.rebalance's value per plan.variant where it applies (fedpipe with lora.carry=adapter, fresh AdamW state and
+# no server optimizer); "none" elsewhere. job.check_method fills it in, since whether it applies needs the method.
+REBALANCE_PRESETS = {"paper": "none", "tuned": "orth"}
 
 
 @dataclass(kw_only=True)
@@ -212,12 +216,14 @@ class LoraConfig:
     by every server, only B trains and travels; the global B is the weighted average, which is exactly the average
     of the servers' models (algorithm/aggregation/fedpipe.shared_a_delta). null = plan.variant's choice; another
     method starts its rounds by its own rule and refuses any other value (job.check_method)."""
-    rebalance: Literal["none", "svd", "orth"] = "none"
-    """method=fedpipe with lora.carry=adapter, how the kept adapter is factored for the next round. none: the
+    rebalance: Optional[Literal["none", "svd", "orth"]] = None
+    """How a kept global adapter of factors is factored for the next round (fedpipe with lora.carry=adapter, lora,
+    lora_hb; not beside kept AdamW moments or a server optimizer, whose state it would rotate). none: the
     averaged factors as they are. svd: the same product B_g A_g split by its SVD, B = U sqrt(S), A = sqrt(S) V^T
     (FlexLoRA's split; algorithm/aggregation/fedpipe.svd_rebalance), strongest direction first. The global model
     is the same exact average either way; only the next round's starting factors differ. orth: the same SVD with
-    A's rows orthonormal times a fresh A row's norm (1/sqrt(3)) and the singular values in B."""
+    A's rows orthonormal times a fresh A row's norm (1/sqrt(3)) and the singular values in B. null = plan.variant's
+    choice where it applies (REBALANCE_PRESETS: tuned orth, paper none), none elsewhere (every other method)."""
     dropout: float = 0.0
 
 

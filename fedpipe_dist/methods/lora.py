@@ -149,7 +149,7 @@ class LoRAMethod(Method):
         """lora.rebalance: the kept global adapter refactored for the next round (the same products, so the same
         model); as it is with none."""
         rebalance = self.cfg.lora.rebalance
-        if rebalance == "none":
+        if rebalance not in ("svd", "orth"):  # none (or a config not loaded through job.load_job: unset)
             return adapter
         return svd_rebalance(adapter, FRESH_A_ROW_NORM if rebalance == "orth" else None)
 
