@@ -16,7 +16,8 @@
 # 5. the cost model's memory prediction for the quickstart plans, next to the measured peak;
 # 6. issue 27's GPU clock: benchmarks/time_to_quality.py on p4 and s4 with every server on this GPU and the
 #    measured clock (clients.throttle=clock: each server's synchronized step seconds x its slowdown), rows LoRA,
-#    lora_hb, FedPipe's default and plan.step_cost=measured (which fits t(b) = t0 + c x tokens on this device);
+#    lora_hb, the kept adapter with t0 given and FedPipe's GPU default (plan.step_cost=measured, which fits
+#    t(b) = t0 + c x tokens on this device, and lora.rebalance=orth);
 #    needs FEDPIPE_SHARED_DATA (stories260K-hf and E2E); stopped after GPU_CHECK_CLOCK_S seconds (default 330;
 #    seed by seed, p4 then s4, every finished (seed, profile) is in its JSON). On an H200 one seed of p4 takes
 #    about 200 s: GPU_CHECK_CLOCK="--profiles s4 --seeds 0" picks what one call measures;

@@ -103,6 +103,7 @@ ABLATION = {
     "carry+auto@flat": [*KEPT, "plan.split=auto", "plan.step_overhead_s=10"],
     # issue 27: the step-cost shape measured in round 1 (plan.step_cost=measured), not given; run it with a
     # simulated fixed step cost (extra override clients.step_delay_s=...) and read the measured clock
+    # (the tuned default's lora.rebalance applies: orth since 2026-12-05; the H200 table predates it)
     "tuned+measured": ["method=fedpipe", "plan.variant=tuned", "plan.step_cost=measured"],
     # the same, fitted as first built: least squares on round 1's steps only (plan.step_fit=round1)
     "tuned+measured@round1": ["method=fedpipe", "plan.variant=tuned", "plan.step_cost=measured",
@@ -110,12 +111,13 @@ ABLATION = {
     # issue 27, importance that matters or an honest no: Algorithm 1's greedy placement per (layer, weight) in
     # importance order (Eqn 3-7), a seeded random order, or the fixed q, v, k, o order; run them with a step
     # budget under which only part of the adapters fit (extra overrides: plan.step_time_s=... clients.tflops=...)
-    # beside tuned+carry=adapter (spread: every weight at the rank all fit at)
-    "greedy@layer": ["method=fedpipe", "plan.variant=tuned", "plan.rank_alloc=greedy", "plan.granularity=layer"],
+    # beside tuned+carry=adapter (spread: every weight at the rank all fit at); all at lora.rebalance=none, as measured
+    "greedy@layer": ["method=fedpipe", "plan.variant=tuned", "plan.rank_alloc=greedy", "plan.granularity=layer",
+                     "lora.rebalance=none"],
     "greedy@layer+random": ["method=fedpipe", "plan.variant=tuned", "plan.rank_alloc=greedy",
-                            "plan.granularity=layer", "plan.importance=random"],
+                            "plan.granularity=layer", "plan.importance=random", "lora.rebalance=none"],
     "greedy@layer+fixed": ["method=fedpipe", "plan.variant=tuned", "plan.rank_alloc=greedy",
-                           "plan.granularity=layer", "plan.importance=fixed"],
+                           "plan.granularity=layer", "plan.importance=fixed", "lora.rebalance=none"],
     # the default's own allocator (spread) with a budget a little above the default's: every weight at the rank
     # all fit at, the leftover placed by importance (tuned+carry=adapter), a seeded random order, or the fixed
     # q, v, k, o order, per weight type or per (layer, weight) (run with plan.step_time_s=... clients.tflops=...)
