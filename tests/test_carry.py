@@ -212,6 +212,10 @@ def test_orth_rebalance_keeps_the_product_with_orthogonal_rows_of_a_at_a_fresh_n
     torch.testing.assert_close(gram, torch.eye(4) / 3, rtol=0, atol=1e-5)  # orthogonal rows of norm 1/sqrt(3)
     torch.testing.assert_close(nb[:, :4].norm(dim=0), s * 3 ** 0.5, rtol=1e-5, atol=1e-6)  # B holds the scale
     assert torch.equal(na[4:], ag[4:]) and not nb[:, 4:].any()
+    poisoned = bg.clone()
+    poisoned[0, 0] = float("nan")  # a NaN update let in (aggregation.sanitize=false): left as it is, no SVD error
+    pb, pa = svd_rebalance({"k": (poisoned, ag)}, FRESH_A_ROW_NORM)["k"]
+    assert pb is poisoned and pa is ag
     fresh = torch.empty(4096, 64)
     torch.nn.init.kaiming_uniform_(fresh, a=5 ** 0.5, generator=gen)
     assert abs(fresh.norm(dim=1).mean() - FRESH_A_ROW_NORM) < 0.01  # what peft's draw gives a row of A

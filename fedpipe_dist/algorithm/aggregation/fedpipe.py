@@ -215,12 +215,13 @@ def svd_rebalance(adapter: Factors, a_row_norm: float | None = None) -> Factors:
     B = U S / c, A = c V^T (lora.rebalance=orth: orthogonal rows of A at a fresh draw's norm, the scale in B).
     Only the head, up to B's last non-zero column, is refactored: a tail no server has trained yet (B = 0) keeps
     its A, which its first gradient needs. Through QR of both factors: O((out + in) r^2), never the dense
-    [out, in] product."""
+    [out, in] product. A weight whose factors are not finite (a NaN update let in with aggregation.sanitize=false)
+    is left as it is: there is no SVD to take, and the run goes on to record the NaN losses."""
     out = {}
     for key, (b, a) in adapter.items():
         live = torch.nonzero(b.abs().sum(dim=0)).flatten()
         h = int(live[-1]) + 1 if live.numel() else 0
-        if h == 0:
+        if h == 0 or not (torch.isfinite(b[:, :h]).all() and torch.isfinite(a[:h]).all()):
             out[key] = (b, a)
             continue
         qb, rb = torch.linalg.qr(b[:, :h].double())
