@@ -79,7 +79,7 @@ def test_gpu_check_clock_part_dry_run_on_the_cpu(tmp_path):
     assert set(rows) == {"lora", "lora_hb", "tuned+carry=adapter", "tuned+measured"}, list(rows)
     assert rows["lora"]["speedup"] == 1.0 and all(math.isfinite(v["speedup"]) for v in rows.values()), rows
     s = json.loads((tmp_path / "clock_summary.json").read_text())["p4"]
-    assert set(s["rows"]) == {"LoRA", "lora_hb", "default", "measured"} and s["fits"][0]["t0_s"] >= 0, s
+    assert set(s["rows"]) == {"LoRA", "lora_hb", "kept adapter", "GPU default"} and s["fits"][0]["t0_s"] >= 0, s
     assert "clock p4: 1 seed(s) finished" in p.stdout and "fit t0" in p.stdout, p.stdout
 
 
