@@ -22,9 +22,9 @@ def check_method(cfg: JobConfig) -> None:
     state."""
     method = method_class(cfg.method)
     if cfg.lora.rebalance is None:  # plan.variant's choice where it applies (FedPipe's kept adapter), none elsewhere
-        applies = (method.takes_carry and cfg.lora.carry == "adapter" and cfg.aggregation.server_opt == "none"
-                   and cfg.train.optimizer_state == "fresh")
-        cfg.lora.rebalance = REBALANCE_PRESETS[cfg.plan.variant] if applies else "none"
+        wanted = REBALANCE_PRESETS[cfg.plan.variant]
+        applies = method.takes_carry and rebalance_conflict(cfg, method, wanted) is None
+        cfg.lora.rebalance = wanted if applies else "none"
     method.validate(cfg)
     if cfg.aggregation.server_opt != "none" and not method.takes_server_opt(cfg.lora.carry):
         raise ConfigError(f"aggregation.server_opt: {cfg.aggregation.server_opt} steps a kept global adapter of "
@@ -42,20 +42,28 @@ def check_method(cfg: JobConfig) -> None:
                           f"{cfg.method} has its own rule (docs/methods.md) and would ignore it. Use it with method "
                           f"fedpipe, or leave lora.carry unset (plan.variant={cfg.plan.variant}'s {preset})",
                           key="lora.carry")
-    if cfg.lora.rebalance != "none":
-        if not method.takes_rebalance:
-            raise ConfigError(f"lora.rebalance: {cfg.lora.rebalance} refactors a kept global adapter of factors at one "
-                              f"rank; method {cfg.method} keeps none. Use it with method fedpipe (lora.carry=adapter), "
-                              "lora or lora_hb, or set lora.rebalance=none", key="lora.rebalance")
-        for key, value, state in (("aggregation.server_opt", cfg.aggregation.server_opt, "server optimizer's moments"),
-                                  ("train.optimizer_state", cfg.train.optimizer_state, "servers' kept AdamW moments")):
-            if value not in ("none", "fresh"):
-                raise ConfigError(f"lora.rebalance: {cfg.lora.rebalance} refactors the kept adapter every round, which "
-                                  f"would rotate the {state} ({key}={value}) out from under them; use one of the two",
-                                  key="lora.rebalance")
+    if cfg.lora.rebalance != "none" and (why := rebalance_conflict(cfg, method, cfg.lora.rebalance)):
+        raise ConfigError(f"lora.rebalance: {why}", key="lora.rebalance")
     if cfg.aggregation.wire != "fp32" and not method.trains_lora:
         raise ConfigError(f"aggregation.wire: {cfg.aggregation.wire} is a format for LoRA factors; method {cfg.method} "
                           "sends whole tensors in fp32, so set aggregation.wire=fp32", key="aggregation.wire")
+
+
+def rebalance_conflict(cfg: JobConfig, method, value: str) -> str | None:
+    """Why lora.rebalance=`value` cannot apply to this job, with the fix (None: it can). The one rule both the
+    refusal of an explicit value and the tuned preset's "where it applies" read."""
+    if not method.takes_rebalance:
+        return (f"{value} refactors a kept global adapter of factors at one rank; method {cfg.method} keeps none. Use "
+                "it with method fedpipe (lora.carry=adapter), lora or lora_hb, or set lora.rebalance=none")
+    if method.takes_carry and cfg.lora.carry != "adapter":
+        return (f"{value} refactors the kept global adapter, which only lora.carry=adapter keeps (got lora.carry="
+                f"{cfg.lora.carry}); set lora.carry=adapter or lora.rebalance=none")
+    for key, state, moving in (("aggregation.server_opt", "server optimizer's moments", cfg.aggregation.server_opt),
+                               ("train.optimizer_state", "servers' kept AdamW moments", cfg.train.optimizer_state)):
+        if moving not in ("none", "fresh"):
+            return (f"{value} refactors the kept adapter every round, which would rotate the {state} ({key}={moving}) "
+                    "out from under them; use one of the two")
+    return None
 
 
 def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:

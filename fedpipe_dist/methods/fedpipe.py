@@ -27,7 +27,7 @@ from .lora import LoRAMethod
 class FedPipe(LoRAMethod):
     name = "fedpipe"
     takes_carry = True
-    takes_rebalance = True  # with lora.carry=adapter (validate)
+    takes_rebalance = True  # with lora.carry=adapter (job.rebalance_conflict)
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -37,9 +37,6 @@ class FedPipe(LoRAMethod):
                     "lora.carry=adapter (plan.variant=tuned's choice) reads every server's factors back from the "
                     "factored stack, so it needs aggregation.transport=factored; for the dense reduce set "
                     "lora.carry=none (fresh adapters each round, as the paper)")
-        require(cfg.lora.rebalance == "none" or cfg.lora.carry == "adapter", "lora.rebalance",
-                f"lora.rebalance={cfg.lora.rebalance} refactors the kept global adapter, which only lora.carry=adapter "
-                f"keeps (got lora.carry={cfg.lora.carry}); set lora.carry=adapter or lora.rebalance=none")
         if cfg.lora.carry == "shared_a":
             require(cfg.aggregation.wire == "fp32" and cfg.aggregation.transport == "factored", "lora.carry",
                     "lora.carry=shared_a sends each server's change of B through a reduce in fp32, its own "
