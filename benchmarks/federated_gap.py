@@ -54,6 +54,11 @@ VARIANTS = {
     "lora+fedadam+eta1e-2": ["method=lora", "aggregation.server_opt=fedadam", "aggregation.server_lr=1e-2"],
     "lora+fedyogi+eta1e-2": ["method=lora", "aggregation.server_opt=fedyogi", "aggregation.server_lr=1e-2"],
     "fedpipe+fedadam+eta1e-2": ["method=fedpipe", "aggregation.server_opt=fedadam", "aggregation.server_lr=1e-2"],
+    # capacity controls: the heterogeneous-rank baselines give equal servers their top rank max(lora.ranks) = 16,
+    # twice the limit's and the others' 8; at top rank 8, and the default at rank 16 (the limit stays at rank 8)
+    "flexlora@r8": ["method=flexlora", "lora.ranks=[8,6,4,2]"],
+    "hetlora@r8": ["method=hetlora", "lora.ranks=[8,6,4,2]"],
+    "fedpipe@r16": ["method=fedpipe", "lora.rank=16"],
 }
 RUNS = {**METHODS, **VARIANTS}
 
@@ -78,6 +83,9 @@ NOTES = {
     "lora+fedadam+eta1e-2": "FedAvg-LoRA with FedAdam at server eta 1e-2 (tau 1e-3)",
     "lora+fedyogi+eta1e-2": "FedAvg-LoRA with FedYogi at server eta 1e-2 (tau 1e-3)",
     "fedpipe+fedadam+eta1e-2": "the default (kept adapter) with FedAdam on its factors at server eta 1e-2",
+    "flexlora@r8": "FlexLoRA with its top rank at the limit's 8 (lora.ranks=[8,6,4,2]; equal servers get it)",
+    "hetlora@r8": "HetLoRA with its top rank at the limit's 8 (lora.ranks=[8,6,4,2])",
+    "fedpipe@r16": "the default at lora.rank=16, the heterogeneous-rank baselines' top rank (the limit at 8)",
     "peft-fedavg": ("FedAvg-LoRA written with peft (benchmarks/peft_fedavg.py), same samples and initial A; "
                     "se not paired"),
 }

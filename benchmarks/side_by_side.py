@@ -15,7 +15,8 @@ the same work, so the ratio of their step times is the cost of what differs betw
 Each run is time_to_quality's job for the profile (the same overrides, clients.throttle=clock) for --rounds
 rounds, evaluated after the last only (pass eval.every=1 to evaluate every round as time_to_quality does). Per
 pair: B's / A's seconds per sample trained on each server (local time over samples x slowdown, rounds 1 on,
-averaged over rounds) and B's / A's measured clock (the summed round times, time_to_quality's time_s).
+averaged over rounds) and B's / A's measured clock (the summed round times, time_to_quality's time_s; B's over
+its first --b-rounds rounds where it reaches the target sooner than A).
 Reported: those ratios per pair, their geometric mean and range, each job's eval loss after the last round, and,
 for scale, how far apart the two cores were (A's clock on the second core over A's clock on the first, mean over
 the pairs). With --rounds set to the round at which both jobs first reach a target loss (time_to_quality's
@@ -63,9 +64,11 @@ def per_sample_s(r: Results) -> np.ndarray:
     return np.nanmean(local / (np.asarray(c["samples"][1:], dtype=float) * slow[None, :]), axis=0)
 
 
-def clock_s(r: Results) -> float:
-    """The measured clock: the summed round times (time_to_quality's time_s)."""
-    return float(np.sum(round_train_s(r)))
+def clock_s(r: Results, rounds: int | None = None) -> float:
+    """The measured clock: the summed round times (time_to_quality's time_s), over the first `rounds` rounds
+    (all when None)."""
+    t = np.asarray(round_train_s(r), dtype=float)  # row 0 is the base (no training)
+    return float(np.sum(t if rounds is None else t[:rounds + 1]))
 
 
 def main(argv=None) -> dict:
@@ -77,6 +80,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--b", default="fedpipe", choices=list(ROWS), help="the job measured against it")
     ap.add_argument("--pairs", type=int, default=4, help="pairs run (cores swap every pair; use an even number)")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--b-rounds", type=int, default=None,
+                    help="B's clock over its first N rounds only (default --rounds): where B reaches the target "
+                         "sooner than A, the round it reaches it, so that A's clock over B's is its speedup")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cores", nargs=2, type=int, default=[0, 1])
     ap.add_argument("--workdir", default=str(REPO / "benchmarks" / "out" / "side_by_side"))
@@ -88,6 +94,8 @@ def main(argv=None) -> dict:
                          "(the folder holding models/stories260K-hf and e2e/) or set FEDPIPE_SHARED_DATA")
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("side_by_side: needs two cores (one per job of a pair)")
+    if a.b_rounds is not None and not 1 <= a.b_rounds <= a.rounds:
+        raise SystemExit(f"side_by_side: --b-rounds {a.b_rounds} must lie in 1..--rounds ({a.rounds})")
     data = Path(a.stories_path).resolve()
     common = [*job_args(data, a.profile), f"seed={a.seed}", f"rounds={a.rounds}", f"eval.every={a.rounds}",
               "output.overwrite=true", *a.extra]  # the extra overrides last: they win
@@ -105,7 +113,7 @@ def main(argv=None) -> dict:
             if p.wait() != 0:
                 raise SystemExit(f"side_by_side: {name} failed (exit {p.returncode}); see {outs[name] / 'stderr.log'}")
         ra, rb = (Results(outs[n] / "results.h5") for n in (a.a, a.b))
-        sa, sb, ca, cb = per_sample_s(ra), per_sample_s(rb), clock_s(ra), clock_s(rb)
+        sa, sb, ca, cb = per_sample_s(ra), per_sample_s(rb), clock_s(ra), clock_s(rb, a.b_rounds)
         pair = {"cores": {a.a: cores[0], a.b: cores[1]}, "per_sample_s": {a.a: sa.tolist(), a.b: sb.tolist()},
                 "clock_s": {a.a: ca, a.b: cb}, "eval_loss": {a.a: ra.last_eval_loss(), a.b: rb.last_eval_loss()},
                 "step_ratio": (sb / sa).tolist(),

@@ -45,3 +45,22 @@ def test_job_args_are_time_to_qualitys(bench):
     assert len(mem) == 4 and all(m > 0 for m in mem)
     assert not any(x.startswith("data.") and "dirichlet" in x for x in bench.job_args(data, "h4"))
     assert not any(x.startswith("data.own_eval_samples") for x in bench.job_args(data, "h4"))
+
+
+def test_clock_over_the_first_rounds(bench, monkeypatch):
+    # round rows: 0 is the base (no training); --b-rounds 2 sums rounds 1 and 2 only
+    monkeypatch.setattr(bench, "round_train_s", lambda r: np.array([0.0, 3.0, 4.0, 5.0]))
+    assert bench.clock_s(None) == 12.0 and bench.clock_s(None, 2) == 7.0 and bench.clock_s(None, 3) == 12.0
+
+
+def test_b_rounds_past_the_run_is_refused(tmp_path):
+    data = shared_data()
+    if data is None:
+        pytest.skip("needs ../shared/data (the refusal comes after the data check) or FEDPIPE_SHARED_DATA")
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "side_by_side.py"), "--stories-path", str(data),
+                        "--rounds", "4", "--b-rounds", "5", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode != 0 and "--b-rounds 5 must lie in 1..--rounds (4)" in p.stderr
