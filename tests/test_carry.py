@@ -221,6 +221,24 @@ def test_orth_rebalance_keeps_the_product_with_orthogonal_rows_of_a_at_a_fresh_n
     assert abs(fresh.norm(dim=1).mean() - FRESH_A_ROW_NORM) < 0.01  # what peft's draw gives a row of A
 
 
+@pytest.mark.parametrize("row_norm", [None, 3 ** -0.5])
+def test_rebalance_signs_are_fixed_by_the_data_not_by_the_lapack(row_norm):
+    """Every rank refactors the global adapter on its own; a singular pair's sign is the library's choice, so
+    svd_rebalance fixes it (the entry of each A row largest in magnitude is positive): factors that differ only
+    by a sign per direction, as another LAPACK or cuSOLVER may return them, refactor to the same factors."""
+    from fedpipe_dist.algorithm.aggregation.fedpipe import svd_rebalance
+
+    gen = torch.Generator().manual_seed(5)
+    (bg, ag), _ = _global(gen).values()
+    nb, na = svd_rebalance({"k": (bg, ag)}, row_norm)["k"]
+    top = na.gather(1, na.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    assert (top > 0).all()
+    d = torch.tensor([1.0, -1.0] * (TOP // 2))  # the same product, every other direction's pair negated
+    fb, fa = svd_rebalance({"k": (bg * d, d[:, None] * ag)}, row_norm)["k"]
+    torch.testing.assert_close(fb, nb, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fa, na, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("rebalance,job", [("svd", CARRY), ("orth", CARRY),
                                            ("orth", ["method=lora_hb", "clients.tflops=[1,2,3,4]"])])
 def test_rebalanced_round_is_the_same_model_and_the_next_round_trains_from_other_factors(tmp_path, rebalance, job):

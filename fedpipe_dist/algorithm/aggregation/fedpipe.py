@@ -227,7 +227,15 @@ def svd_rebalance(adapter: Factors, a_row_norm: float | None = None) -> Factors:
         qb, rb = torch.linalg.qr(b[:, :h].double())
         qa, ra = torch.linalg.qr(a[:h].double().T)
         u, s, vh = torch.linalg.svd(rb @ ra.T)
+        left, right = qb @ u, vh @ qa.T  # U [out, h], V^T [h, in]
+        # Each direction's sign fixed by the data, not by the LAPACK at hand (a singular pair is defined up to
+        # a sign): its entry of V^T largest in magnitude is positive. Every rank refactors the same global
+        # adapter on its own, and servers on other hardware (cuSOLVER, another BLAS) must start from the same
+        # factors, since the next exchange averages them. Flipping a pair keeps the product and, exactly, the
+        # training that follows.
+        flip = torch.sign(right.gather(1, right.abs().argmax(dim=1, keepdim=True))).squeeze(1)
+        left, right = left * flip, right * flip[:, None]
         to_b, to_a = (s.sqrt(), s.sqrt()) if a_row_norm is None else (s / a_row_norm, torch.full_like(s, a_row_norm))
-        bh, ah = ((qb @ u) * to_b).to(b.dtype), (to_a[:, None] * (vh @ qa.T)).to(a.dtype)
+        bh, ah = (left * to_b).to(b.dtype), (to_a[:, None] * right).to(a.dtype)
         out[key] = (torch.cat([bh, b[:, h:]], dim=1), torch.cat([ah, a[h:]], dim=0))
     return out
