@@ -89,13 +89,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "side_by_side.json"))
     ap.add_argument("extra", nargs="*", help="more dotted overrides for both jobs")
     a = ap.parse_args(argv)
+    if a.b_rounds is not None and not 1 <= a.b_rounds <= a.rounds:
+        raise SystemExit(f"side_by_side: --b-rounds {a.b_rounds} must lie in 1..--rounds ({a.rounds})")
     if not a.stories_path or not (Path(a.stories_path) / "models" / "stories260K-hf").is_dir():
         raise SystemExit("side_by_side: needs the pretrained stories260K and E2E data; pass --stories-path DIR "
                          "(the folder holding models/stories260K-hf and e2e/) or set FEDPIPE_SHARED_DATA")
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("side_by_side: needs two cores (one per job of a pair)")
-    if a.b_rounds is not None and not 1 <= a.b_rounds <= a.rounds:
-        raise SystemExit(f"side_by_side: --b-rounds {a.b_rounds} must lie in 1..--rounds ({a.rounds})")
     data = Path(a.stories_path).resolve()
     common = [*job_args(data, a.profile), f"seed={a.seed}", f"rounds={a.rounds}", f"eval.every={a.rounds}",
               "output.overwrite=true", *a.extra]  # the extra overrides last: they win

@@ -54,13 +54,11 @@ def test_clock_over_the_first_rounds(bench, monkeypatch):
 
 
 def test_b_rounds_past_the_run_is_refused(tmp_path):
-    data = shared_data()
-    if data is None:
-        pytest.skip("needs ../shared/data (the refusal comes after the data check) or FEDPIPE_SHARED_DATA")
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "side_by_side.py"), "--stories-path", str(data),
+    # checked before the data: no --stories-path needed
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "side_by_side.py"),
                         "--rounds", "4", "--b-rounds", "5", "--workdir", str(tmp_path)],
                        capture_output=True, text=True, cwd=REPO)
     assert p.returncode != 0 and "--b-rounds 5 must lie in 1..--rounds (4)" in p.stderr
