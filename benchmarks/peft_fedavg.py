@@ -2,12 +2,13 @@
 
 It follows OpenFedLLM's main_sft.py (rui-ye/OpenFedLLM): `get_peft_model` once, `global_dict =
 get_peft_model_state_dict(model)`, and every round, for every client: `set_peft_model_state_dict(model,
-global_dict)`, a fresh optimizer (their new trainer per round; here torch's AdamW at the job's lr, weight decay
-and gradient clipping), the client's local steps, its `get_peft_model_state_dict` kept; then global_dict =
-the sample-count-weighted average of the clients' state dicts (their fed_global.py for fedavg). Nothing of the
-engine's LoRA (adapters/, methods/, runtime/exchange.py) is used: only the job's data, shards, batch streams and
-eval sample (runtime/setup.set_up, runtime/client.batch_indices), so that both see the same samples, and the
-engine's shared initial A (copied into peft's lora_A), so that both start from the same adapter.
+global_dict)`, a fresh optimizer (their new trainer per round; here torch's AdamW at the job's lr, weight decay and
+gradient clipping; with train.lr_schedule=cosine, their cosine lr across rounds), the client's local steps, its
+`get_peft_model_state_dict` kept; then global_dict = the sample-count-weighted average of the clients' state dicts
+(their fed_global.py for fedavg). Nothing of the engine's LoRA (adapters/, methods/, runtime/exchange.py) is used:
+only the job's data, shards, batch streams and eval sample (runtime/setup.set_up, runtime/client.batch_indices), so
+that both see the same samples, and the engine's shared initial A (copied into peft's lora_A), so that both start
+from the same adapter.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peft_fedavg.py JOB.yaml [overrides]   # eval loss per round, JSON
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -66,13 +68,19 @@ def peft_fedavg(cfg) -> list[float]:
         model.eval()
         return evaluate(model, run.eval_slice, batch_size=cfg.eval.batch_size, pad_id=run.pad_id)["loss"]
 
+    def lr_of_round(t: int) -> float:  # OpenFedLLM's main_sft.py: cosine_learning_rate(round, num_rounds, lr, 1e-6)
+        tr = cfg.train
+        if tr.lr_schedule == "constant":
+            return tr.lr
+        return tr.lr_min + 0.5 * (tr.lr - tr.lr_min) * (1 + math.cos(math.pi * (t - 1) / cfg.rounds))
+
     losses = [eval_loss()]
     for t in range(1, cfg.rounds + 1):
         clients = sample_clients(cfg.clients.n, cfg.clients.fraction, seed=cfg.seed, round_idx=t)
         local, sizes = [], []
         for c in clients:
             set_peft_model_state_dict(model, global_dict)
-            opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+            opt = torch.optim.AdamW(trainable, lr=lr_of_round(t), weight_decay=cfg.train.weight_decay)
             seed = client_seed(cfg.seed, t, c)
             draws = batch_indices(len(run.shards[c]), cfg.train.batch_max, np.random.default_rng(seed))
             model.train()

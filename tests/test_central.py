@@ -146,13 +146,46 @@ def test_the_shared_adapter_at_rank_r_is_the_first_r_rows_of_any_larger_one():
     assert not torch.equal(small[sites[0].key][1], small[sites[1].key][1])  # each site its own draw
 
 
-def test_method_lora_is_fedavg_of_peft_lora_as_the_field_writes_it(tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_method_lora_is_fedavg_of_peft_lora_as_the_field_writes_it(tmp_path, schedule):
     """benchmarks/peft_fedavg.py (peft + OpenFedLLM's loop, none of the engine's LoRA) and method=lora, on a tiny
-    Llama with the same samples and initial A: the same eval loss every round."""
+    Llama with the same samples and initial A: the same eval loss every round, with a constant lr and with
+    OpenFedLLM's cosine across rounds (written on its own there)."""
     pytest.importorskip("peft", reason="peft is not installed")
     ref = load_benchmark("peft_fedavg")
-    extra = ["model.name_or_path=tiny-llama", "lora.rank=4", "method=lora"]
+    extra = ["model.name_or_path=tiny-llama", "lora.rank=4", "method=lora", f"train.lr_schedule={schedule}"]
     want = ref.peft_fedavg(load_job("jobs/quickstart.yaml", [*SMALL_RUN, *extra, f"output.dir={tmp_path / 'ref'}"]))
     _, res = run_small(tmp_path, "engine", *extra)
     np.testing.assert_allclose(res.rounds["eval_loss"], want, rtol=1e-5)
     assert want[-1] < want[0] - 0.5  # it trained
+
+
+def test_the_cosine_schedule_is_openfedllm_s_across_rounds():
+    """OpenFedLLM's utils.cosine_learning_rate(round, num_rounds, lr, 1e-6) at its 0-based round."""
+    lrs = [client_module.round_lr(2e-3, "cosine", 1e-6, t, 4) for t in range(1, 5)]
+    np.testing.assert_allclose(lrs, [2e-3, 1e-6 + 0.5 * (2e-3 - 1e-6) * (1 + np.cos(np.pi / 4)),
+                                     1e-6 + 0.5 * (2e-3 - 1e-6), 1e-6 + 0.5 * (2e-3 - 1e-6) * (1 - np.cos(np.pi / 4))])
+    assert client_module.round_lr(2e-3, "constant", 1e-6, 3, 4) == 2e-3
+
+
+def test_servers_and_their_central_limit_train_at_each_round_s_scheduled_lr(tmp_path, monkeypatch):
+    """train.lr_schedule=cosine: every server's AdamW in round t starts at round t's lr, and the centralized
+    limit steps at the same lr in that round."""
+    made, real = [], torch.optim.AdamW
+
+    def recording(params, lr, **kw):
+        made.append(lr)
+        return real(params, lr=lr, **kw)
+
+    monkeypatch.setattr(client_module.torch.optim, "AdamW", recording)
+    cfg, _ = run_small(tmp_path, "fed", "method=lora", "train.lr_schedule=cosine")
+    want = [client_module.round_lr(cfg.train.lr, "cosine", cfg.train.lr_min, t, cfg.rounds)
+            for t in range(1, cfg.rounds + 1)]
+    assert made == [lr for lr in want for _ in range(cfg.clients.n)] and want[0] > want[1] > want[2]
+
+    stepped, step = [], central_module._Trainer.step
+    monkeypatch.setattr(central_module._Trainer, "step",
+                        lambda self, batch, t, k: stepped.append((t, self.opt.param_groups[0]["lr"]))
+                        or step(self, batch, t, k))
+    run_small(tmp_path, "central", "method=lora", "train.lr_schedule=cosine", "central=true")
+    assert stepped == [(t, want[t - 1]) for t in range(1, cfg.rounds + 1) for _ in range(cfg.train.local_steps)]

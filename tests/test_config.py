@@ -190,6 +190,7 @@ def test_batch_bounds_blame_the_key_that_was_set():
     ("seed=-1", "seed"),
     ("rounds=0", "rounds"),
     ("clients.fraction=1.5", "clients.fraction"),
+    ("train.lr_min=1", "train.lr_min"),  # above train.lr: a cosine that rises
 ])
 def test_out_of_range_values_name_their_key(override, key):
     assert _error(override).startswith(f"{key}: must be")

@@ -185,6 +185,15 @@ def test_resume_with_other_settings_is_refused_naming_them(two_round_run, capsys
     assert "train.lr" in err and "start a new output.dir" in err
 
 
+def test_a_scheduled_run_keeps_its_rounds_on_resume(tmp_path, capsys):
+    """train.lr_schedule=cosine sets every round's lr from `rounds`: more rounds on resume would change them all."""
+    out = tmp_path / "cosine"
+    assert main(_cli(out, "rounds=2", "train.lr_schedule=cosine")) == 0
+    capsys.readouterr()
+    err = _refused(out, capsys, "train.lr_schedule=cosine")
+    assert "rounds: 2 then, 3 now" in err and "train.lr_schedule decays the lr over `rounds`" in err
+
+
 def test_resume_past_the_requested_rounds_is_refused(two_round_run, capsys):
     before = _snapshot(two_round_run)
     assert main(_cli(two_round_run, "resume=true", "rounds=1")) == 2

@@ -201,7 +201,7 @@ def test_lr_scaling():
     from fedpipe_dist.runtime.client import LocalTraining
 
     def lr(*overrides):
-        return LocalTraining.of(load_job(None, ["train.lr=0.1", *overrides])).lr_for(2)
+        return LocalTraining.of(load_job(None, ["train.lr=0.1", *overrides])).lr_for(2, 1)
 
     assert lr("plan.lr_scaling=none") == 0.1
     assert lr("plan.lr_scaling=sqrt", "train.batch_max=8") == pytest.approx(0.05)

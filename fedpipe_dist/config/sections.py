@@ -135,6 +135,12 @@ class TrainConfig:
     batch_max: int = 8
     max_grad_norm: float = 1.0
     """Clip adapter gradients to this norm (0 = off)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """The lr of round t (1-based) of R = rounds: constant keeps train.lr; cosine is OpenFedLLM's schedule across
+    rounds (rui-ye/OpenFedLLM, main_sft.py and utils.cosine_learning_rate): lr_min + (lr - lr_min)(1 + cos(pi
+    (t - 1) / R)) / 2, constant within the round. The centralized limit (central=true) follows it round by round."""
+    lr_min: float = 1.0e-6
+    """The cosine schedule's floor (OpenFedLLM's 1e-6)."""
     optimizer_state: Literal["fresh", "kept"] = "fresh"
     """fresh: every server starts each round with a new AdamW (the field's FedAvg code); kept: each server keeps
     its AdamW moments and step count across rounds for the adapter tensors whose shape did not change."""

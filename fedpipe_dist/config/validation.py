@@ -95,6 +95,7 @@ def validate(cfg) -> None:
     t = cfg.train
     _check(t.local_steps >= 1, "train.local_steps", f"must be >= 1 (got {t.local_steps})")
     _check(t.lr > 0, "train.lr", f"must be > 0 (got {t.lr})")
+    _check(0 <= t.lr_min <= t.lr, "train.lr_min", f"must be in [0, train.lr={t.lr}] (got {t.lr_min})")
     _check(t.batch_min >= 1, "train.batch_min", f"must be >= 1 (got {t.batch_min})")
     _check(t.batch_max >= t.batch_min, "train.batch_max",
            f"must be >= train.batch_min={t.batch_min} (got {t.batch_max}); raise train.batch_max or lower "

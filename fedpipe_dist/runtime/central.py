@@ -9,7 +9,8 @@ baselines, Algorithm 1's batch sizes for FedPipe) give server i a batch b_i and 
 come from the stream server i would draw that round (runtime/client.batch_indices seeded by client_seed(seed,
 t, i)). Central step k trains one batch: step k's batches of every server that trains this round (K_i > k),
 concatenated. So it sees every sample the federation sees, in the same round and as often; one AdamW at
-train.lr runs for the whole job (a centralized run keeps its optimizer). Adapter: for every PEFT method, LoRA
+train.lr runs for the whole job (a centralized run keeps its optimizer), at round t's lr where train.lr_schedule
+decays it. Adapter: for every PEFT method, LoRA
 at lora.rank on lora.targets, from the job's shared initial adapter (the one FedAvg-LoRA starts from); for
 method ft, every parameter. It trains on the base the job evaluates (eval.precision).
 
@@ -35,7 +36,7 @@ from ..errors import UserInputError
 from ..io.checkpoint import CheckpointDir
 from ..metrics.perplexity import lm_loss
 from .agreement import agree
-from .client import batch_indices, client_seed, model_parameters
+from .client import batch_indices, client_seed, model_parameters, round_lr
 from .outputs import RunSummary, check_output_dir, finish, open_results
 from .record import own_losses, round_row
 from .resume import new_run_id
@@ -97,6 +98,7 @@ def run_central(cfg: JobConfig, comm, log, lock):
     for t in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         steps = round_steps(run, t)
+        trainer.set_round_lr(t)
         losses = [trainer.step(union_batch(run, parts), t, k) for k, parts in enumerate(steps)]
         train_s = time.perf_counter() - t0
         ev, t_eval = None, time.perf_counter()
@@ -155,6 +157,12 @@ class _Trainer:
             params = list(self.adapters.parameters())
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    def set_round_lr(self, t: int) -> None:
+        """Round t's lr under train.lr_schedule, the servers' own (runtime/client.round_lr)."""
+        tr = self.cfg.train
+        for group in self.opt.param_groups:
+            group["lr"] = round_lr(tr.lr, tr.lr_schedule, tr.lr_min, t, self.cfg.rounds)
 
     def attached(self):
         """The adapter on the model (nothing to attach for ft, which trains the weights themselves)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from contextlib import nullcontext
@@ -57,6 +58,9 @@ class LocalTraining:
 
     seed: int
     lr: float
+    lr_schedule: str  # train.lr_schedule: constant | cosine (round_lr)
+    lr_min: float
+    rounds: int
     weight_decay: float
     local_steps: int  # a plan's own local_steps, when set, takes precedence
     max_grad_norm: float
@@ -70,15 +74,26 @@ class LocalTraining:
     @classmethod
     def of(cls, cfg: JobConfig) -> "LocalTraining":
         t = cfg.train
-        return cls(seed=cfg.seed, lr=t.lr, weight_decay=t.weight_decay, local_steps=t.local_steps,
+        return cls(seed=cfg.seed, lr=t.lr, lr_schedule=t.lr_schedule, lr_min=t.lr_min, rounds=cfg.rounds,
+                   weight_decay=t.weight_decay, local_steps=t.local_steps,
                    max_grad_norm=t.max_grad_norm, batch_max=t.batch_max, lr_scaling=cfg.plan.lr_scaling,
                    throttle=cfg.clients.throttle, step_delay_s=cfg.clients.step_delay_s,
                    lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout)
 
-    def lr_for(self, batch_size: int) -> float:
-        """plan.lr_scaling: a server training at batch b_i uses train.lr x (b_i / batch_max)^p."""
+    def lr_for(self, batch_size: int, round_idx: int) -> float:
+        """Round round_idx's lr (train.lr_schedule), scaled by plan.lr_scaling: a server training at batch b_i
+        uses it x (b_i / batch_max)^p."""
         p = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[self.lr_scaling]
-        return self.lr * (batch_size / self.batch_max) ** p
+        lr = round_lr(self.lr, self.lr_schedule, self.lr_min, round_idx, self.rounds)
+        return lr * (batch_size / self.batch_max) ** p
+
+
+def round_lr(lr: float, schedule: str, lr_min: float, round_idx: int, rounds: int) -> float:
+    """The lr of round round_idx (1-based) of `rounds` under train.lr_schedule: constant, or OpenFedLLM's cosine
+    across rounds (utils.cosine_learning_rate at its 0-based round), constant within the round."""
+    if schedule == "constant":
+        return lr
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * (round_idx - 1) / rounds))
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
@@ -133,14 +148,14 @@ def _prune_term(adapters: LoRAAdapters, gamma: float) -> torch.Tensor:
 
 
 def _run_steps(model, params: list[torch.Tensor], data: TokenizedSet, plan: ClientPlan, tr: LocalTraining, *,
-               seed: int, pad_id: int, device: torch.device, slowdown: float, deadline_s: float | None,
+               round_idx: int, seed: int, pad_id: int, device: torch.device, slowdown: float, deadline_s: float | None,
                extra_loss=None, after_backward=None, opt_memory: dict | None = None) -> Steps:
     """The local loop every method shares: seeded batches, AdamW on `params`, gradient clipping, the
     server's slowdown (and clients.step_delay_s) and the round deadline. `extra_loss()` joins the objective
     (HetLoRA's regularizer); `after_backward()` sees the raw gradients (FedPipe's sensitivity).
     `opt_memory`: the server's AdamW state of its last round (train.optimizer_state=kept), put back where a
     tensor's shape is the same, and replaced by this round's at the end."""
-    opt = torch.optim.AdamW(params, lr=tr.lr_for(plan.batch_size), weight_decay=tr.weight_decay)
+    opt = torch.optim.AdamW(params, lr=tr.lr_for(plan.batch_size, round_idx), weight_decay=tr.weight_decay)
     if opt_memory:
         _restore_moments(opt, params, opt_memory)
     batches = batch_indices(len(data), plan.batch_size, np.random.default_rng(seed))
@@ -247,8 +262,8 @@ def train_client(model, sites: list[Site], plan: ClientPlan, data: TokenizedSet,
     t0 = time.perf_counter()
     with adapters.attach(model), (FixedUpdates(sites, frozen).attach(model) if frozen else nullcontext()):
         params = list(adapters.parameters()) if trainable is None else trainable(adapters)
-        ran = _run_steps(model, params, data, plan, tr, seed=seed, pad_id=pad_id, device=device,
-                         slowdown=slowdown, deadline_s=deadline_s, extra_loss=extra,
+        ran = _run_steps(model, params, data, plan, tr, round_idx=round_idx, seed=seed, pad_id=pad_id,
+                         device=device, slowdown=slowdown, deadline_s=deadline_s, extra_loss=extra,
                          after_backward=sens_sum.add, opt_memory=opt_memory)
     sensitivity = np.full((L, 4), np.nan)
     singular = np.full((L, 4), np.nan)
@@ -298,8 +313,8 @@ def train_full(model, plan: ClientPlan, data: TokenizedSet, tr: LocalTraining, *
         p.requires_grad_(True)
     t0 = time.perf_counter()
     try:
-        ran = _run_steps(model, list(params.values()), data, plan, tr, seed=seed, pad_id=pad_id, device=device,
-                         slowdown=slowdown, deadline_s=deadline_s, opt_memory=opt_memory)
+        ran = _run_steps(model, list(params.values()), data, plan, tr, round_idx=round_idx, seed=seed,
+                         pad_id=pad_id, device=device, slowdown=slowdown, deadline_s=deadline_s, opt_memory=opt_memory)
         stats = _stats(plan, ran, t0, device, reset_ok, sum(p.numel() for p in params.values()))
         with torch.no_grad():
             delta = {k: (p.detach() - start[k]).float().cpu() for k, p in params.items()}
@@ -324,7 +339,7 @@ def train_houlsby(model, points, state: dict, plan: ClientPlan, data: TokenizedS
     reset_ok = _budget_memory(device, mem_budget_bytes)
     t0 = time.perf_counter()
     with adapters.attach(model):
-        ran = _run_steps(model, list(adapters.parameters()), data, plan, tr, seed=seed, pad_id=pad_id,
-                         device=device, slowdown=slowdown, deadline_s=deadline_s)
+        ran = _run_steps(model, list(adapters.parameters()), data, plan, tr, round_idx=round_idx, seed=seed,
+                         pad_id=pad_id, device=device, slowdown=slowdown, deadline_s=deadline_s)
     stats = _stats(plan, ran, t0, device, reset_ok, adapters.trainable_parameters())
     return ClientUpdate(plan.client, len(data), plan.batch_size, adapters.state()), stats

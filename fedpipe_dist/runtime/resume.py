@@ -58,8 +58,10 @@ def settings_fingerprint(cfg: JobConfig) -> dict[str, str]:
                 flat[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
 
     walk(cfg.to_dict(), "")
+    # a schedule over the rounds (train.lr_schedule=cosine) sets every round's lr from `rounds`: then it is fixed
+    may_change = MAY_CHANGE if cfg.train.lr_schedule == "constant" else tuple(m for m in MAY_CHANGE if m != "rounds")
     return {k: v for k, v in flat.items() if not any(k == m or (m.endswith(".") and k.startswith(m))
-                                                     for m in MAY_CHANGE)}
+                                                     for m in may_change)}
 
 
 @dataclass
@@ -297,9 +299,11 @@ def _mismatch(state: dict, now: dict[str, str]) -> str | None:
     if diff:
         shown = "; ".join(f"{k}: {then.get(k, '(unset)')} then, {now.get(k, '(unset)')} now" for k in diff[:5])
         more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
-        return (f"resume: this job's settings differ from the run's ({shown}{more}); resume with the same job (only "
-                f"{', '.join(m.rstrip('.') + ('.*' if m.endswith('.') else '') for m in MAY_CHANGE)} may change) "
-                "or start a new output.dir")
+        why = (" (train.lr_schedule decays the lr over `rounds`, so a scheduled run keeps its rounds)"
+               if "rounds" in diff else "")
+        return (f"resume: this job's settings differ from the run's ({shown}{more}){why}; resume with the same job "
+                f"(only {', '.join(m.rstrip('.') + ('.*' if m.endswith('.') else '') for m in MAY_CHANGE)} may "
+                "change) or start a new output.dir")
     return None
 
 
