@@ -45,6 +45,7 @@ VARIANTS = {
     "fedpipe+svd": ["method=fedpipe", "lora.rebalance=svd"],  # the kept adapter split by its SVD each round
     "fedpipe+orth": ["method=fedpipe", "lora.rebalance=orth"],  # the same SVD, A's rows at a fresh draw's norm
     "lora+orth": ["method=lora", "lora.rebalance=orth"],  # the same on FedAvg-LoRA's global adapter
+    "fedpipe+no_orth": ["method=fedpipe", "lora.rebalance=none"],  # the kept adapter as it trained (before orth)
     # the same at 4x the job's lr (FFA-LoRA trains B alone at a larger lr); the limit stays at the job's lr
     "fedpipe+shared_a+lr4x": ["method=fedpipe", "lora.carry=shared_a", "train.lr=8e-3"],
     "fedpipe+lr4x": ["method=fedpipe", "train.lr=8e-3"],  # the kept adapter at that lr: shared_a's comparison
@@ -76,6 +77,7 @@ NOTES = {
     "fedpipe+svd": "the default with its kept adapter split by its SVD each round (lora.rebalance=svd)",
     "fedpipe+orth": "the default with its kept adapter refactored each round as A = V^T / sqrt(3), B = U S sqrt(3)",
     "lora+orth": "FedAvg-LoRA with its global adapter refactored each round as fedpipe+orth's",
+    "fedpipe+no_orth": "the default without refactoring: the kept adapter's factors as they trained",
     "fedpipe+shared_a+lr4x": "lora.carry=shared_a at train.lr=8e-3, 4x the job's (the limit at the job's lr)",
     "fedpipe+lr4x": "the default (kept adapter) at train.lr=8e-3, 4x the job's (the limit at the job's lr)",
     "lora+fedavgm": "FedAvg-LoRA with FedAvgM on the global factors (OpenFedLLM's: m = 0.9 m + 0.1 Delta)",
