@@ -271,16 +271,19 @@ def test_rebalance_without_a_kept_adapter_is_refused_naming_the_fix(tmp_path, ca
 
 def test_the_tuned_default_refactors_fedpipes_kept_adapter_by_orth_where_it_applies():
     """lora.rebalance left unset: orth for FedPipe's kept adapter under plan.variant=tuned (fresh AdamW, no server
-    optimizer), none for the paper variant, the other carries and every other method (the baselines stay as the
-    field runs them); an explicit value wins and a stored config loads as it ran."""
+    optimizer, more than one local step), none for the paper variant, at one local step, the other carries and
+    every other method (the baselines stay as the field runs them); an explicit value wins and a stored config
+    loads as it ran."""
     from fedpipe_dist.job import job_from_dict, load_job
 
     def rebalance(*overrides):
         return load_job("jobs/quickstart.yaml", list(overrides)).lora.rebalance
 
     assert rebalance() == rebalance("method=fedpipe", "lora.carry=adapter") == "orth"
+    assert rebalance("train.local_steps=2") == "orth"
     for unset in (["plan.variant=paper"], ["lora.carry=none"], ["lora.carry=shared_a"], ["train.optimizer_state=kept"],
-                  ["aggregation.server_opt=fedadam"], ["method=lora"], ["method=lora_hb"], ["method=flexlora"]):
+                  ["aggregation.server_opt=fedadam"], ["method=lora"], ["method=lora_hb"], ["method=flexlora"],
+                  ["train.local_steps=1"]):
         assert rebalance(*unset) == "none", unset
     assert rebalance("lora.rebalance=svd") == "svd" and rebalance("method=lora_hb", "lora.rebalance=orth") == "orth"
     cfg = load_job("jobs/quickstart.yaml", [])

@@ -45,8 +45,9 @@ PLAN_VARIANTS = {
               "plan.step_cost": "auto", "plan.lr_scaling": "none", "aggregation.weights": "samples",
               "lora.carry": "adapter"},
 }
-# lora.rebalance's value per plan.variant where it applies (fedpipe with lora.carry=adapter, fresh AdamW state and
-# no server optimizer); "none" elsewhere. job.check_method fills it in, since whether it applies needs the method.
+# lora.rebalance's value per plan.variant where it applies (fedpipe with lora.carry=adapter, fresh AdamW state, no
+# server optimizer and more than one local step); "none" elsewhere. job.check_method fills it in, since whether it
+# applies needs the method.
 REBALANCE_PRESETS = {"paper": "none", "tuned": "orth"}
 
 
@@ -229,7 +230,8 @@ class LoraConfig:
     (FlexLoRA's split; algorithm/aggregation/fedpipe.svd_rebalance), strongest direction first. The global model
     is the same exact average either way; only the next round's starting factors differ. orth: the same SVD with
     A's rows orthonormal times a fresh A row's norm (1/sqrt(3)) and the singular values in B. null = plan.variant's
-    choice where it applies (REBALANCE_PRESETS: tuned orth, paper none), none elsewhere (every other method)."""
+    choice where it applies (REBALANCE_PRESETS: tuned orth, paper none; none at train.local_steps=1, where orth
+    measured worse), none elsewhere (every other method)."""
     dropout: float = 0.0
 
 
