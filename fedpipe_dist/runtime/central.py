@@ -10,9 +10,9 @@ come from the stream server i would draw that round (runtime/client.batch_indice
 t, i)). Central step k trains one batch: step k's batches of every server that trains this round (K_i > k),
 concatenated. So it sees every sample the federation sees, in the same round and as often; one AdamW at
 train.lr runs for the whole job (a centralized run keeps its optimizer), at round t's lr where train.lr_schedule
-decays it. Adapter: for every PEFT method, LoRA
-at lora.rank on lora.targets, from the job's shared initial adapter (the one FedAvg-LoRA starts from); for
-method ft, every parameter. It trains on the base the job evaluates (eval.precision).
+decays it. Adapter: for every PEFT method, LoRA at lora.rank on lora.targets, from the job's shared initial
+adapter (the one FedAvg-LoRA starts from); for method ft, every parameter. It trains on the base the job
+evaluates (eval.precision).
 
 Set-up, row 0, evaluation, results.h5 (root attrs method=central, mirrors=the job's method) and final/ are the
 engine's (runtime/setup.py, runtime/outputs.py). It keeps no checkpoints: a central run is a short reference,
